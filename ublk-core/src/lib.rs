@@ -1,0 +1,1 @@
+//! Safe API for ublk.
