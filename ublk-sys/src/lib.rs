@@ -15,6 +15,7 @@
     non_snake_case,
     dead_code,
     missing_docs,
+    missing_debug_implementations,
     clippy::all,
     clippy::undocumented_unsafe_blocks
 )]

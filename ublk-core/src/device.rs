@@ -1,0 +1,554 @@
+//! Device lifecycle: build (ADD_DEV + SET_PARAMS), serve (queue threads + START_DEV), stop
+//! and delete; and re-attaching to a quiesced device (user recovery).
+
+use crate::ctrl::{AddRequest, Ctrl, CtrlError, DevInfo, DevState};
+use crate::flags::DeviceFlags;
+use crate::os::SignalSet;
+use crate::params::DeviceParams;
+use crate::queue::{self, DataMode, QueueConfig, QueueError};
+use crate::target::Target;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Errors of the device lifecycle.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeviceError {
+    /// A control command failed.
+    #[error(transparent)]
+    Ctrl(#[from] CtrlError),
+    /// A queue failed.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    /// Opening `/dev/ublkcN` failed.
+    #[error("failed to open {path}")]
+    CharDev {
+        /// The path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The disk node did not appear.
+    #[error("{0} did not appear after START_DEV")]
+    NoDisk(String),
+    /// Recovery is not possible for this device now.
+    #[error("cannot recover device {dev_id}: {why}")]
+    NotRecoverable {
+        /// Device id.
+        dev_id: u32,
+        /// Reason.
+        why: String,
+    },
+    /// Invalid configuration.
+    #[error("invalid device configuration: {0}")]
+    Config(String),
+    /// A thread could not be spawned or panicked.
+    #[error("queue thread failure: {0}")]
+    Thread(String),
+    /// Signal setup failed.
+    #[error("failed to set up signal handling")]
+    Signals(#[source] io::Error),
+}
+
+/// Result of lifecycle operations.
+pub type Result<T, E = DeviceError> = std::result::Result<T, E>;
+
+/// User recovery policy (`UBLK_F_USER_RECOVERY*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Recovery {
+    /// The device stops when its daemon dies.
+    #[default]
+    None,
+    /// The device quiesces (IO waits) until a new daemon attaches.
+    Quiesce,
+    /// Like `Quiesce`, and requests in flight at the crash are reissued.
+    Reissue,
+    /// While no daemon is attached, IO fails (Linux 6.13).
+    FailIo,
+}
+
+impl Recovery {
+    fn flags(self) -> DeviceFlags {
+        match self {
+            Recovery::None => DeviceFlags::empty(),
+            Recovery::Quiesce => DeviceFlags::USER_RECOVERY,
+            Recovery::Reissue => DeviceFlags::USER_RECOVERY | DeviceFlags::USER_RECOVERY_REISSUE,
+            Recovery::FailIo => DeviceFlags::USER_RECOVERY | DeviceFlags::USER_RECOVERY_FAIL_IO,
+        }
+    }
+}
+
+/// Configures a new device.
+#[derive(Debug, Clone)]
+pub struct DeviceBuilder {
+    dev_id: Option<u32>,
+    queues: u16,
+    depth: u16,
+    max_io_bytes: u32,
+    mode: DataMode,
+    fallback: bool,
+    recovery: Recovery,
+    extra_flags: DeviceFlags,
+    params: DeviceParams,
+    affinity: bool,
+}
+
+impl Default for DeviceBuilder {
+    fn default() -> Self {
+        DeviceBuilder {
+            dev_id: None,
+            queues: 1,
+            depth: 128,
+            max_io_bytes: 512 << 10,
+            mode: DataMode::Copy,
+            fallback: false,
+            recovery: Recovery::None,
+            extra_flags: DeviceFlags::empty(),
+            params: DeviceParams::default(),
+            affinity: true,
+        }
+    }
+}
+
+impl DeviceBuilder {
+    /// A builder with defaults: auto id, 1 queue, depth 128, 512 KiB requests, copy mode.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Device id, or `None` to let the kernel choose.
+    pub fn id(mut self, id: Option<u32>) -> Self {
+        self.dev_id = id;
+        self
+    }
+    /// Number of queues (1..=4096; the kernel caps it at the CPU count).
+    pub fn queues(mut self, n: u16) -> Self {
+        self.queues = n;
+        self
+    }
+    /// Tags per queue (1..=4096).
+    pub fn depth(mut self, n: u16) -> Self {
+        self.depth = n;
+        self
+    }
+    /// Largest request in bytes.
+    pub fn max_io_bytes(mut self, n: u32) -> Self {
+        self.max_io_bytes = n;
+        self
+    }
+    /// Data-transfer mode; with `fallback`, a mode the kernel lacks falls back to copy mode
+    /// with a warning instead of failing.
+    pub fn data_mode(mut self, mode: DataMode, fallback: bool) -> Self {
+        self.mode = mode;
+        self.fallback = fallback;
+        self
+    }
+    /// User recovery policy.
+    pub fn recovery(mut self, r: Recovery) -> Self {
+        self.recovery = r;
+        self
+    }
+    /// Extra `UBLK_F_*` flags.
+    pub fn flags(mut self, f: DeviceFlags) -> Self {
+        self.extra_flags = f;
+        self
+    }
+    /// Block device parameters (size, block sizes, attributes, discard).
+    pub fn params(mut self, p: DeviceParams) -> Self {
+        self.params = p;
+        self
+    }
+    /// Pin queue threads to the CPUs the kernel reports (default on).
+    pub fn affinity(mut self, on: bool) -> Self {
+        self.affinity = on;
+        self
+    }
+
+    /// Adds the device (ADD_DEV) and sets its parameters. The device is deleted again if
+    /// anything fails, or if the returned [`Device`] is dropped without being served.
+    pub fn build(self, mut ctrl: Ctrl) -> Result<Device> {
+        if self.queues == 0 || self.depth == 0 || self.depth > 4096 {
+            return Err(DeviceError::Config(format!(
+                "queues ({}) and depth ({}) must be in 1..=4096",
+                self.queues, self.depth
+            )));
+        }
+        if self.params.size < 512 {
+            return Err(DeviceError::Config(format!("device size {} is too small", self.params.size)));
+        }
+        if !(9..=12).contains(&self.params.logical_bs_shift) {
+            return Err(DeviceError::Config("logical block size must be 512..=4096".into()));
+        }
+        let features = ctrl.features()?;
+        let mut mode = self.mode;
+        if !features.contains(mode.flag()) {
+            if self.fallback {
+                log::warn!("kernel lacks {:?}; falling back to copy mode", mode.flag());
+                mode = DataMode::Copy;
+            } else {
+                ctrl.check_flags(mode.flag())?;
+            }
+        }
+        let flags = mode.flag() | self.recovery.flags() | self.extra_flags;
+        ctrl.check_flags(flags)?;
+        let info = ctrl.add(&AddRequest {
+            dev_id: self.dev_id,
+            nr_hw_queues: self.queues,
+            queue_depth: self.depth,
+            max_io_buf_bytes: self.max_io_bytes,
+            flags,
+        })?;
+        log::info!("added device {} ({:?})", info.dev_id, info.flags);
+        let mut dev = Device {
+            info,
+            params: self.params,
+            mode: DataMode::from_flags(info.flags),
+            affinity: self.affinity,
+            recovering: false,
+            ctrl,
+            served: false,
+        };
+        if !info.flags.contains(flags) {
+            return Err(DeviceError::Config(format!(
+                "kernel granted flags {:?}, not the requested {:?}",
+                info.flags, flags
+            )));
+        }
+        dev.ctrl.set_params(info.dev_id, &self.params, info.max_io_buf_bytes)?;
+        Ok(dev)
+    }
+}
+
+/// Lets another thread ask a running device to stop.
+#[derive(Debug, Clone, Default)]
+pub struct StopHandle(Arc<AtomicBool>);
+
+impl StopHandle {
+    /// A new handle.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Requests the stop; `Device::run` then stops and deletes the device.
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+    fn requested(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Why [`Device::run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// A signal (the number) or a [`StopHandle`] asked us to stop; the device was deleted.
+    Requested(Option<i32>),
+    /// Someone else stopped the device (e.g. `ublk del`); it was left for them to delete.
+    External,
+}
+
+/// Options of [`Device::run`].
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Stop on SIGINT, SIGTERM and SIGHUP (they are blocked and waited for by `run`).
+    pub handle_signals: bool,
+    /// Programmatic stop.
+    pub stop: StopHandle,
+}
+
+/// An added device, ready to be served by [`Device::run`].
+#[derive(Debug)]
+pub struct Device {
+    info: DevInfo,
+    params: DeviceParams,
+    mode: DataMode,
+    affinity: bool,
+    recovering: bool,
+    ctrl: Ctrl,
+    served: bool,
+}
+
+impl Device {
+    /// Prepares a new daemon for a device whose daemon died (state QUIESCED or FAIL_IO):
+    /// START_USER_RECOVERY, reading back the device's geometry and parameters.
+    pub fn recover(mut ctrl: Ctrl, dev_id: u32) -> Result<Device> {
+        let info = ctrl.dev_info(dev_id)?;
+        if !info.flags.contains(DeviceFlags::USER_RECOVERY) {
+            return Err(DeviceError::NotRecoverable {
+                dev_id,
+                why: "it was created without user recovery (add it with -r 1)".into(),
+            });
+        }
+        if !matches!(info.state, DevState::Quiesced | DevState::FailIo) {
+            return Err(DeviceError::NotRecoverable {
+                dev_id,
+                why: format!("its state is {} (needs QUIESCED or FAIL_IO)", info.state.name()),
+            });
+        }
+        // The old daemon's /dev/ublkcN may still be closing: retry EBUSY briefly.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match ctrl.start_recovery(dev_id) {
+                Ok(()) => break,
+                Err(CtrlError::Command { source, .. })
+                    if source.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let (params, _) = ctrl.get_params(dev_id)?;
+        log::info!("recovering device {dev_id}");
+        Ok(Device {
+            info,
+            params,
+            mode: DataMode::from_flags(info.flags),
+            affinity: true,
+            recovering: true,
+            ctrl,
+            served: false,
+        })
+    }
+
+    /// The device as the kernel granted it.
+    pub fn info(&self) -> &DevInfo {
+        &self.info
+    }
+
+    /// The parameters set (or, when recovering, read back).
+    pub fn params(&self) -> &DeviceParams {
+        &self.params
+    }
+
+    /// The negotiated data mode.
+    pub fn data_mode(&self) -> DataMode {
+        self.mode
+    }
+
+    /// Serves the device until it is stopped: opens `/dev/ublkcN`, starts one thread per queue,
+    /// START_DEV (or END_USER_RECOVERY), waits for `/dev/ublkbN`, calls `started`, then waits.
+    ///
+    /// On a stop request it stops and deletes the device. If the device is stopped by someone
+    /// else, it returns [`StopReason::External`] and leaves the deletion to them. On error the
+    /// device is stopped and deleted (unless it is a recovery-enabled device being recovered).
+    pub fn run<T, F>(mut self, target: Arc<T>, opts: RunOptions, started: F) -> Result<StopReason>
+    where
+        T: Target + 'static,
+        F: FnOnce(&DevInfo),
+    {
+        let signals = if opts.handle_signals {
+            Some(SignalSet::block_termination().map_err(DeviceError::Signals)?)
+        } else {
+            None
+        };
+        self.served = true;
+        let id = self.info.dev_id;
+        let path = self.info.char_path();
+        let cdev = Arc::new(open_char_dev(&path)?);
+        let pid = i32::try_from(std::process::id()).unwrap_or(i32::MAX);
+
+        let (ready_tx, ready_rx) = crossbeam_channel::unbounded::<Result<(), QueueError>>();
+        let (exit_tx, exit_rx) = crossbeam_channel::unbounded::<(u16, Result<(), QueueError>)>();
+        let mut threads = Vec::new();
+        let mut setup_err = None;
+        for q in 0..self.info.nr_hw_queues {
+            let cpus = if self.affinity {
+                self.ctrl.queue_affinity(id, q).unwrap_or_else(|e| {
+                    log::warn!("queue {q}: no affinity ({e}); not pinning");
+                    Vec::new()
+                })
+            } else {
+                Vec::new()
+            };
+            let cfg = QueueConfig {
+                q_id: q,
+                depth: self.info.queue_depth,
+                buf_size: self.info.max_io_buf_bytes as usize,
+                desc_size: usize::from(self.info.io_desc_size),
+                mode: self.mode,
+                cdev: cdev.clone(),
+            };
+            let target = target.clone();
+            let (ready_tx, exit_tx) = (ready_tx.clone(), exit_tx.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("ublk{id}-q{q}"))
+                .spawn(move || queue_thread(&*target, cfg, &cpus, ready_tx, exit_tx));
+            match spawned {
+                Ok(h) => threads.push(h),
+                Err(e) => {
+                    setup_err = Some(DeviceError::Thread(e.to_string()));
+                    break;
+                }
+            }
+        }
+        drop((ready_tx, exit_tx));
+        for _ in 0..threads.len() {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    setup_err.get_or_insert(e.into());
+                }
+                Err(_) => {
+                    setup_err.get_or_insert(DeviceError::Thread("queue thread died during setup".into()));
+                }
+            }
+        }
+
+        let start = match setup_err {
+            Some(e) => Err(e),
+            None if self.recovering => self.ctrl.end_recovery(id, pid).map_err(DeviceError::from),
+            None => self.ctrl.start(id, pid).map_err(DeviceError::from),
+        };
+        let started_ok = start.and_then(|()| {
+            let disk = self.info.disk_path();
+            wait_for_path(&disk, Duration::from_secs(10)).then_some(()).ok_or(DeviceError::NoDisk(disk))
+        });
+        if let Err(e) = started_ok {
+            // Abort the queues (their fetches are cancelled by STOP_DEV), then clean up.
+            let _ = self.ctrl.stop(id);
+            join_all(threads);
+            drop(cdev);
+            if !self.recovering {
+                let _ = self.ctrl.del(id);
+            }
+            return Err(e);
+        }
+        if let Ok(info) = self.ctrl.dev_info(id) {
+            self.info = info;
+        }
+        log::info!("device {id} started ({} mode)", self.mode.name());
+        started(&self.info);
+
+        // Serve until a stop request, or until the queues end on their own.
+        let mut reason = StopReason::External;
+        let mut result: Result<()> = Ok(());
+        let mut remaining = threads.len();
+        loop {
+            if let Some(sig) = signals.as_ref().and_then(|s| s.wait(Duration::from_millis(100))) {
+                log::info!("device {id}: signal {sig}, stopping");
+                reason = StopReason::Requested(Some(sig));
+                break;
+            }
+            if signals.is_none() {
+                if let Ok((q, r)) = exit_rx.recv_timeout(Duration::from_millis(100)) {
+                    remaining -= 1;
+                    queue_exited(q, r, &mut result);
+                }
+            }
+            while let Ok((q, r)) = exit_rx.try_recv() {
+                remaining -= 1;
+                queue_exited(q, r, &mut result);
+            }
+            if opts.stop.requested() {
+                reason = StopReason::Requested(None);
+                break;
+            }
+            if remaining == 0 || result.is_err() {
+                break;
+            }
+        }
+        let delete = matches!(reason, StopReason::Requested(_)) || result.is_err();
+        if delete || remaining > 0 {
+            if let Err(e) = self.ctrl.stop(id) {
+                log::warn!("device {id}: STOP_DEV failed: {e}");
+            }
+        }
+        join_all(threads);
+        drop(cdev);
+        if delete {
+            match self.ctrl.del(id) {
+                Ok(()) | Err(CtrlError::NoDevice(_)) => log::info!("device {id} deleted"),
+                Err(e) => log::warn!("device {id}: DEL_DEV failed: {e}"),
+            }
+        }
+        result.map(|()| reason)
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        // A device that was added but never served must not be left behind.
+        if !self.served && !self.recovering {
+            let id = self.info.dev_id;
+            if let Err(e) = self.ctrl.del(id) {
+                log::warn!("device {id}: cleanup DEL_DEV failed: {e}");
+            }
+        }
+    }
+}
+
+fn queue_exited(q: u16, r: Result<(), QueueError>, result: &mut Result<()>) {
+    if let Err(e) = r {
+        log::error!("queue {q} failed: {e}");
+        if result.is_ok() {
+            *result = Err(e.into());
+        }
+    }
+}
+
+fn queue_thread<T: Target>(
+    target: &T,
+    cfg: QueueConfig,
+    cpus: &[usize],
+    ready: crossbeam_channel::Sender<Result<(), QueueError>>,
+    exit: crossbeam_channel::Sender<(u16, Result<(), QueueError>)>,
+) {
+    let q = cfg.q_id;
+    if !cpus.is_empty() {
+        if let Err(e) = crate::os::set_thread_affinity(cpus) {
+            log::warn!("queue {q}: cannot set CPU affinity: {e}");
+        }
+    }
+    if let Err(e) = crate::os::set_io_flusher() {
+        log::warn!("queue {q}: PR_SET_IO_FLUSHER failed: {e}");
+    }
+    let serve = match queue::setup(target, cfg) {
+        Ok(serve) => {
+            let _ = ready.send(Ok(()));
+            serve
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let r = serve();
+    let _ = exit.send((q, r));
+}
+
+fn join_all(threads: Vec<std::thread::JoinHandle<()>>) {
+    for t in threads {
+        if t.join().is_err() {
+            log::error!("a queue thread panicked");
+        }
+    }
+}
+
+fn open_char_dev(path: &str) -> Result<File> {
+    // devtmpfs creates the node right after ADD_DEV, but allow a moment for udev setups.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match OpenOptions::new().read(true).write(true).open(path) {
+            Ok(f) => return Ok(f),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(source) => return Err(DeviceError::CharDev { path: path.into(), source }),
+        }
+    }
+}
+
+fn wait_for_path(path: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if Path::new(path).exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}

@@ -1,0 +1,185 @@
+//! Thin wrappers over the few OS calls the std library lacks: mmap, prctl, CPU affinity,
+//! signal masks and eventfd.
+//!
+//! # Safety
+//!
+//! This module owns every raw libc call of the crate outside io_uring submission. Each wrapper is
+//! safe: arguments are validated or built here, return values are checked, and [`Mmap`] owns its
+//! mapping (unmapped exactly once, on drop). Pointers handed out by [`Mmap::as_ptr`] stay valid
+//! for the life of the `Mmap`; what may be read or written through them is the caller's contract
+//! (see `desc` and `buf`).
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
+use std::time::Duration;
+
+/// An owned memory mapping, unmapped on drop.
+#[derive(Debug)]
+pub(crate) struct Mmap {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; sharing the pointer across threads is
+// governed by the users' own contracts (read-only descriptors, per-tag buffers).
+unsafe impl Send for Mmap {}
+// SAFETY: as above; `Mmap` itself exposes only raw pointers.
+unsafe impl Sync for Mmap {}
+
+impl Mmap {
+    /// Maps `len` bytes of `file` at `offset`, read-only and shared (the ublk descriptor array).
+    pub(crate) fn map_readonly(file: &File, offset: u64, len: usize) -> io::Result<Mmap> {
+        let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: a fresh mapping chosen by the kernel (addr NULL); fd is valid for the call;
+        // the result is checked against MAP_FAILED before use.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                file.as_raw_fd(),
+                off,
+            )
+        };
+        Self::from_raw(p, len)
+    }
+
+    /// Maps `len` bytes of zeroed, private, page-aligned anonymous memory (io buffers).
+    pub(crate) fn anonymous(len: usize) -> io::Result<Mmap> {
+        // SAFETY: anonymous private mapping at a kernel-chosen address; checked below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        Self::from_raw(p, len)
+    }
+
+    fn from_raw(p: *mut libc::c_void, len: usize) -> io::Result<Mmap> {
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
+        Ok(Mmap { ptr, len })
+    }
+
+    pub(crate) fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Drop for Mmap {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len describe a mapping this value created and nobody else unmaps.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// The system page size.
+pub(crate) fn page_size() -> usize {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(v).unwrap_or(4096)
+}
+
+/// Marks the calling thread as an IO flusher (`PR_SET_IO_FLUSHER`, 1), so memory reclaim during
+/// writeback to our own device cannot deadlock it.
+pub(crate) fn set_io_flusher() -> io::Result<()> {
+    const PR_SET_IO_FLUSHER: libc::c_int = 57;
+    // SAFETY: prctl with integer arguments only.
+    let r = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1 as libc::c_ulong, 0, 0, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Pins the calling thread to `cpus`.
+pub(crate) fn set_thread_affinity(cpus: &[usize]) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; an all-zero value is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        if c < libc::CPU_SETSIZE as usize {
+            // SAFETY: c is below CPU_SETSIZE, so the bit is inside `set`.
+            unsafe { libc::CPU_SET(c, &mut set) };
+        }
+    }
+    // SAFETY: pid 0 is the calling thread; `set` is a valid cpu_set_t of the size passed.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The calling thread's kernel task id.
+pub fn gettid() -> i32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() }
+}
+
+/// A set of signals blocked in the calling thread (and inherited by threads it spawns), so that
+/// they are only ever received through [`SignalSet::wait`].
+#[derive(Debug, Clone, Copy)]
+pub struct SignalSet {
+    set: libc::sigset_t,
+}
+
+impl SignalSet {
+    /// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread. Call it before spawning threads.
+    pub fn block_termination() -> io::Result<SignalSet> {
+        // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid, exclusively borrowed sigset_t for each call.
+        unsafe {
+            libc::sigemptyset(&mut set);
+        }
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            // SAFETY: as above; valid signal numbers.
+            unsafe {
+                libc::sigaddset(&mut set, sig);
+            }
+        }
+        // SAFETY: valid set pointer; NULL old-set is allowed.
+        let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        if r != 0 {
+            return Err(io::Error::from_raw_os_error(r));
+        }
+        Ok(SignalSet { set })
+    }
+
+    /// Waits up to `timeout` for one of the blocked signals; returns its number.
+    pub fn wait(&self, timeout: Duration) -> Option<i32> {
+        let ts = libc::timespec {
+            tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+        };
+        // SAFETY: valid set and timespec pointers; NULL siginfo is allowed.
+        let r = unsafe { libc::sigtimedwait(&self.set, std::ptr::null_mut(), &ts) };
+        (r > 0).then_some(r)
+    }
+}
+
+/// Creates a non-blocking, close-on-exec eventfd.
+pub(crate) fn eventfd() -> io::Result<File> {
+    // SAFETY: eventfd with flags only; the result is checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a freshly created descriptor nobody else owns.
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}

@@ -1,0 +1,565 @@
+//! One queue: its io_uring, its tags' state machines, and the loop that serves them.
+//!
+//! Per tag: `Fetching` (a FETCH or COMMIT_AND_FETCH command is parked in the kernel) → the
+//! kernel hands over a request → (`GettingData`: a `NEED_GET_DATA` command brings WRITE data)
+//! → `InTarget` (the target works on it, possibly with io_uring operations of its own) →
+//! COMMIT_AND_FETCH → `Fetching` again. `UBLK_IO_RES_ABORT` moves a tag to `Dead`; the loop
+//! ends when every tag is dead and no operation points into a buffer any more.
+//!
+//! # Safety
+//!
+//! Every SQE pushed here points either at nothing or at the tag's own buffer slot in
+//! [`IoBufs`] (or at `event_buf`, owned by the queue). A slot is only handed to the kernel or
+//! to an io_uring operation while the tag's state says so, and a slice of it is only given to
+//! the target while the tag is `InTarget` with no operation in flight, or for the bounds of an
+//! operation the target itself requested. The ring is dropped (cancelling what is left) before
+//! the buffers.
+#![allow(unsafe_code)]
+
+use crate::buf::IoBufs;
+use crate::desc::DescArea;
+use crate::flags::DeviceFlags;
+use crate::target::{Action, IoRequest, Op, QueueHandler, Target};
+use crossbeam_channel::{Receiver, Sender};
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use ublk_sys as sys;
+
+/// How request data moves between the kernel and the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DataMode {
+    /// The kernel copies data to/from per-tag buffers registered with each command.
+    #[default]
+    Copy,
+    /// Like `Copy`, but WRITE data is fetched on demand (`UBLK_F_NEED_GET_DATA`).
+    NeedGetData,
+    /// The server copies with pread/pwrite on `/dev/ublkcN` (`UBLK_F_USER_COPY`, Linux 6.5).
+    UserCopy,
+}
+
+impl DataMode {
+    /// The device flag the mode needs.
+    pub fn flag(self) -> DeviceFlags {
+        match self {
+            DataMode::Copy => DeviceFlags::empty(),
+            DataMode::NeedGetData => DeviceFlags::NEED_GET_DATA,
+            DataMode::UserCopy => DeviceFlags::USER_COPY,
+        }
+    }
+
+    /// The mode a device with these (negotiated) flags uses.
+    pub fn from_flags(flags: DeviceFlags) -> DataMode {
+        if flags.contains(DeviceFlags::USER_COPY) {
+            DataMode::UserCopy
+        } else if flags.contains(DeviceFlags::NEED_GET_DATA) {
+            DataMode::NeedGetData
+        } else {
+            DataMode::Copy
+        }
+    }
+
+    /// Short name (`copy`, `get_data`, `user_copy`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DataMode::Copy => "copy",
+            DataMode::NeedGetData => "get_data",
+            DataMode::UserCopy => "user_copy",
+        }
+    }
+}
+
+/// Errors of a queue.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QueueError {
+    /// Setting up the queue's io_uring failed.
+    #[error("failed to set up the io_uring of queue {0}")]
+    Ring(u16, #[source] io::Error),
+    /// Mapping the descriptors or allocating buffers failed.
+    #[error("failed to map the descriptors or buffers of queue {0}")]
+    Memory(u16, #[source] io::Error),
+    /// The target could not open the queue.
+    #[error("the target failed to open queue {0}")]
+    Target(u16, #[source] io::Error),
+    /// Submitting or waiting on the ring failed.
+    #[error("io_uring submission failed on queue {0}")]
+    Submit(u16, #[source] io::Error),
+}
+
+// user_data layout: bits 0-15 tag, 16-23 kind, 32-63 target data.
+const KIND_CMD: u64 = 1;
+const KIND_GET_DATA: u64 = 2;
+const KIND_TARGET: u64 = 3;
+const KIND_EVENT: u64 = 4;
+const CDEV: types::Fixed = types::Fixed(0);
+
+fn user_data(kind: u64, tag: u16, data: u32) -> u64 {
+    (u64::from(data) << 32) | (kind << 16) | u64::from(tag)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TagState {
+    Fetching,
+    GettingData,
+    InTarget,
+    Dead,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct TagSlot {
+    state: TagState,
+    /// io_uring operations of the target in flight for this tag.
+    ops: u32,
+    /// A result the target gave while its operations were still in flight.
+    deferred: Option<i32>,
+    req: IoRequest,
+}
+
+/// Sends completions to a queue from any thread (for targets that finish requests elsewhere).
+#[derive(Debug, Clone)]
+pub struct Completer {
+    tx: Sender<(u16, i32)>,
+    event: Arc<File>,
+}
+
+impl Completer {
+    /// Completes `tag` with `res` (bytes or negative errno). Must be called exactly once for a
+    /// request the handler left `Pending` without an io_uring operation of its own.
+    pub fn complete(&self, tag: u16, res: i32) {
+        if self.tx.send((tag, res)).is_ok() {
+            let _ = (&*self.event).write(&1u64.to_ne_bytes());
+        }
+    }
+}
+
+/// What a queue thread needs to know about its device.
+#[derive(Debug, Clone)]
+pub(crate) struct QueueConfig {
+    pub(crate) q_id: u16,
+    pub(crate) depth: u16,
+    pub(crate) buf_size: usize,
+    pub(crate) desc_size: usize,
+    pub(crate) mode: DataMode,
+    pub(crate) cdev: Arc<File>,
+}
+
+/// The target's view of its queue while handling a request.
+pub struct IoCtx<'a> {
+    ring: &'a mut IoUring,
+    bufs: &'a IoBufs,
+    tags: &'a mut [TagSlot],
+    q_id: u16,
+    completer: &'a Completer,
+}
+
+impl std::fmt::Debug for IoCtx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoCtx").field("q_id", &self.q_id).finish_non_exhaustive()
+    }
+}
+
+impl IoCtx<'_> {
+    /// This queue's id.
+    pub fn queue_id(&self) -> u16 {
+        self.q_id
+    }
+
+    /// A handle to complete requests of this queue from another thread.
+    pub fn completer(&self) -> Completer {
+        self.completer.clone()
+    }
+
+    /// The data buffer of request `tag` (`req.len` bytes): WRITE data to consume, or room for
+    /// READ data. Empty if the tag is not with the target or has operations in flight.
+    pub fn buf(&mut self, tag: u16) -> &mut [u8] {
+        let Some(slot) = self.tags.get(usize::from(tag)) else { return &mut [] };
+        if slot.state != TagState::InTarget || slot.ops != 0 {
+            return &mut [];
+        }
+        let len = (slot.req.len as usize).min(self.bufs.buf_size());
+        // SAFETY: the tag is with the target and no operation uses its slot (checked above);
+        // the returned borrow ties up `self`, so no second slice or new operation can be made
+        // while it lives.
+        unsafe { self.bufs.slice(tag, len) }
+    }
+
+    fn check_range(&self, tag: u16, buf_off: u32, len: u32) -> io::Result<*mut u8> {
+        let slot = self.tags.get(usize::from(tag)).ok_or_else(|| einval("bad tag"))?;
+        if slot.state != TagState::InTarget {
+            return Err(einval("tag is not owned by the target"));
+        }
+        let end = u64::from(buf_off) + u64::from(len);
+        if end > u64::from(slot.req.len) || end > self.bufs.buf_size() as u64 {
+            return Err(einval("range outside the request buffer"));
+        }
+        // SAFETY: in bounds of the slot (checked above).
+        Ok(unsafe { self.bufs.addr(tag).add(buf_off as usize) })
+    }
+
+    fn push(&mut self, tag: u16, data: u32, sqe: squeue::Entry) -> io::Result<()> {
+        let sqe = sqe.user_data(user_data(KIND_TARGET, tag, data));
+        // SAFETY: the entry points into the tag's own slot (range-checked by the caller) or at
+        // nothing; the tag stays InTarget with ops > 0 until the completion, so the slot is
+        // neither reused nor freed meanwhile.
+        push_sqe(self.ring, &sqe)?;
+        self.tags[usize::from(tag)].ops += 1;
+        Ok(())
+    }
+
+    /// Reads `len` bytes at `file_off` of `fd` into the request buffer at `buf_off`.
+    /// Completion arrives in [`QueueHandler::on_complete`] with `data`.
+    pub fn read_at(&mut self, tag: u16, fd: BorrowedFd<'_>, file_off: u64, buf_off: u32, len: u32, data: u32) -> io::Result<()> {
+        let p = self.check_range(tag, buf_off, len)?;
+        let sqe = opcode::Read::new(types::Fd(fd.as_raw_fd()), p, len).offset(file_off).build();
+        self.push(tag, data, sqe)
+    }
+
+    /// Writes `len` bytes of the request buffer at `buf_off` to `fd` at `file_off`; `fua`
+    /// makes the write durable before it completes (RWF_DSYNC).
+    #[allow(clippy::too_many_arguments)]
+    pub fn write_at(&mut self, tag: u16, fd: BorrowedFd<'_>, file_off: u64, buf_off: u32, len: u32, fua: bool, data: u32) -> io::Result<()> {
+        let p = self.check_range(tag, buf_off, len)?;
+        let flags = if fua { libc::RWF_DSYNC } else { 0 };
+        let sqe = opcode::Write::new(types::Fd(fd.as_raw_fd()), p, len)
+            .offset(file_off)
+            .rw_flags(flags)
+            .build();
+        self.push(tag, data, sqe)
+    }
+
+    /// `fdatasync` (or `fsync`) of `fd`.
+    pub fn fsync(&mut self, tag: u16, fd: BorrowedFd<'_>, datasync: bool, data: u32) -> io::Result<()> {
+        self.check_range(tag, 0, 0)?;
+        let flags = if datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
+        let sqe = opcode::Fsync::new(types::Fd(fd.as_raw_fd())).flags(flags).build();
+        self.push(tag, data, sqe)
+    }
+
+    /// `fallocate(fd, mode, off, len)`.
+    pub fn fallocate(&mut self, tag: u16, fd: BorrowedFd<'_>, mode: i32, off: u64, len: u64, data: u32) -> io::Result<()> {
+        self.check_range(tag, 0, 0)?;
+        let sqe = opcode::Fallocate::new(types::Fd(fd.as_raw_fd()), len).offset(off).mode(mode).build();
+        self.push(tag, data, sqe)
+    }
+}
+
+fn einval(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg.to_string())
+}
+
+/// Pushes one SQE, submitting first if the submission queue is full.
+///
+/// # Safety
+///
+/// Whatever the entry points to must stay valid until its completion is reaped.
+fn push_sqe(ring: &mut IoUring, sqe: &squeue::Entry) -> io::Result<()> {
+    loop {
+        // SAFETY: the caller's contract (module-level: only the tag's own slot, the queue's
+        // event buffer, or nothing).
+        if unsafe { ring.submission().push(sqe) }.is_ok() {
+            return Ok(());
+        }
+        ring.submit()?;
+    }
+}
+
+/// The running queue.
+struct Queue<H: QueueHandler> {
+    // Drop order: the ring first, so nothing in flight outlives the buffers below.
+    ring: IoUring,
+    handler: H,
+    desc: DescArea,
+    bufs: IoBufs,
+    tags: Vec<TagSlot>,
+    cfg: QueueConfig,
+    completer: Completer,
+    rx: Receiver<(u16, i32)>,
+    event: Arc<File>,
+    event_buf: Box<u64>,
+    cqes: Vec<(u64, i32)>,
+}
+
+/// Sets up queue `cfg.q_id` and submits a FETCH for every tag. The returned closure serves the
+/// queue until the device stops.
+pub(crate) fn setup<T: Target>(target: &T, cfg: QueueConfig) -> Result<impl FnOnce() -> Result<(), QueueError>, QueueError> {
+    let q = cfg.q_id;
+    let entries = (u32::from(cfg.depth) * 2).next_power_of_two().max(32);
+    let ring = IoUring::builder()
+        .setup_coop_taskrun()
+        .setup_single_issuer()
+        .build(entries)
+        .or_else(|_| IoUring::new(entries))
+        .map_err(|e| QueueError::Ring(q, e))?;
+    ring.submitter()
+        .register_files(&[cfg.cdev.as_raw_fd()])
+        .map_err(|e| QueueError::Ring(q, e))?;
+    let desc = DescArea::map(&cfg.cdev, q, cfg.depth, cfg.desc_size).map_err(|e| QueueError::Memory(q, e))?;
+    let bufs = IoBufs::new(cfg.depth, cfg.buf_size).map_err(|e| QueueError::Memory(q, e))?;
+    let handler = target.open_queue(q).map_err(|e| QueueError::Target(q, e))?;
+    let event = Arc::new(crate::os::eventfd().map_err(|e| QueueError::Ring(q, e))?);
+    let (tx, rx) = crossbeam_channel::bounded(usize::from(cfg.depth));
+    let completer = Completer { tx, event: event.clone() };
+    let idle = TagSlot {
+        state: TagState::Fetching,
+        ops: 0,
+        deferred: None,
+        req: IoRequest::from_raw(0, 0, 0, 0),
+    };
+    let mut queue = Queue {
+        ring,
+        handler,
+        desc,
+        bufs,
+        tags: vec![idle; usize::from(cfg.depth)],
+        cqes: Vec::with_capacity(entries as usize * 2),
+        cfg,
+        completer,
+        rx,
+        event,
+        event_buf: Box::new(0),
+    };
+    for tag in 0..queue.cfg.depth {
+        queue.submit_cmd(sys::UBLK_U_IO_FETCH_REQ, tag, 0).map_err(|e| QueueError::Submit(q, e))?;
+    }
+    queue.arm_event().map_err(|e| QueueError::Submit(q, e))?;
+    queue.ring.submit().map_err(|e| QueueError::Submit(q, e))?;
+    Ok(move || queue.run())
+}
+
+impl<H: QueueHandler> Queue<H> {
+    fn buf_addr(&self, tag: u16) -> u64 {
+        match self.cfg.mode {
+            DataMode::UserCopy => 0,
+            DataMode::Copy | DataMode::NeedGetData => self.bufs.addr(tag) as u64,
+        }
+    }
+
+    fn submit_cmd(&mut self, op: u32, tag: u16, result: i32) -> io::Result<()> {
+        let cmd = sys::ublksrv_io_cmd {
+            q_id: self.cfg.q_id,
+            tag,
+            result,
+            __bindgen_anon_1: sys::ublksrv_io_cmd__bindgen_ty_1 { addr: self.buf_addr(tag) },
+        };
+        // SAFETY: ublksrv_io_cmd is a 16-byte repr(C) POD; reading its bytes is defined.
+        let raw: [u8; 16] = unsafe { std::mem::transmute(cmd) };
+        let kind = if op == sys::UBLK_U_IO_NEED_GET_DATA { KIND_GET_DATA } else { KIND_CMD };
+        let sqe = opcode::UringCmd16::new(CDEV, op).cmd(raw).build().user_data(user_data(kind, tag, 0));
+        // SAFETY: the command's addr is the tag's own slot, handed to the kernel together
+        // with the tag (state Fetching/GettingData), or 0 in user-copy mode.
+        push_sqe(&mut self.ring, &sqe)
+    }
+
+    fn arm_event(&mut self) -> io::Result<()> {
+        let p: *mut u64 = &mut *self.event_buf;
+        let sqe = opcode::Read::new(types::Fd(self.event.as_raw_fd()), p.cast(), 8)
+            .build()
+            .user_data(user_data(KIND_EVENT, 0, 0));
+        // SAFETY: event_buf is a heap cell owned by the queue that outlives the ring.
+        push_sqe(&mut self.ring, &sqe)
+    }
+
+    fn live(&self) -> bool {
+        self.tags.iter().any(|t| t.state != TagState::Dead || t.ops != 0)
+    }
+
+    fn run(mut self) -> Result<(), QueueError> {
+        let q = self.cfg.q_id;
+        while self.live() {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) => return Err(QueueError::Submit(q, e)),
+            }
+            let mut cqes = std::mem::take(&mut self.cqes);
+            cqes.extend(self.ring.completion().map(|c: cqueue::Entry| (c.user_data(), c.result())));
+            for &(ud, res) in &cqes {
+                self.on_cqe(ud, res);
+            }
+            cqes.clear();
+            self.cqes = cqes;
+        }
+        log::debug!("queue {q}: all tags aborted, exiting");
+        Ok(())
+    }
+
+    fn on_cqe(&mut self, ud: u64, res: i32) {
+        let tag = (ud & 0xffff) as u16;
+        let kind = (ud >> 16) & 0xff;
+        let data = (ud >> 32) as u32;
+        match kind {
+            KIND_CMD | KIND_GET_DATA => self.on_cmd(tag, kind, res),
+            KIND_TARGET => self.on_target(tag, data, res),
+            KIND_EVENT => {
+                while let Ok((tag, res)) = self.rx.try_recv() {
+                    self.finish(tag, Action::Done(res));
+                }
+                if self.live() {
+                    if let Err(e) = self.arm_event() {
+                        log::error!("queue {}: cannot re-arm completion event: {e}", self.cfg.q_id);
+                    }
+                }
+            }
+            _ => log::error!("queue {}: unexpected completion {ud:#x}", self.cfg.q_id),
+        }
+    }
+
+    fn on_cmd(&mut self, tag: u16, kind: u64, res: i32) {
+        let q = self.cfg.q_id;
+        let Some(slot) = self.tags.get_mut(usize::from(tag)) else { return };
+        let expect = if kind == KIND_CMD { TagState::Fetching } else { TagState::GettingData };
+        if slot.state != expect {
+            log::error!("queue {q} tag {tag}: completion in state {:?}", slot.state);
+            return;
+        }
+        match res {
+            0 => self.dispatch(tag),
+            1 if kind == KIND_CMD && self.cfg.mode == DataMode::NeedGetData => {
+                self.tags[usize::from(tag)].state = TagState::GettingData;
+                if let Err(e) = self.submit_cmd(sys::UBLK_U_IO_NEED_GET_DATA, tag, 0) {
+                    log::error!("queue {q} tag {tag}: NEED_GET_DATA submission failed: {e}");
+                    self.tags[usize::from(tag)].state = TagState::Dead;
+                }
+            }
+            r if r == -libc::ENODEV => {
+                log::trace!("queue {q} tag {tag}: aborted");
+                slot.state = TagState::Dead;
+            }
+            r => {
+                log::error!("queue {q} tag {tag}: io command failed: {}", io::Error::from_raw_os_error(-r));
+                slot.state = TagState::Dead;
+            }
+        }
+    }
+
+    /// A request arrived for `tag`: bring its data in (user copy) and hand it to the target.
+    fn dispatch(&mut self, tag: u16) {
+        let req = self.desc.request(tag);
+        let slot = &mut self.tags[usize::from(tag)];
+        slot.state = TagState::InTarget;
+        slot.req = req;
+        slot.deferred = None;
+        if req.len as usize > self.bufs.buf_size() && matches!(req.op, Op::Read | Op::Write) {
+            log::error!("queue {} tag {tag}: request of {} bytes exceeds the buffer", self.cfg.q_id, req.len);
+            return self.finish(tag, Action::Done(-libc::EINVAL));
+        }
+        if self.cfg.mode == DataMode::UserCopy && req.has_write_data() {
+            // SAFETY: the tag is InTarget with no operation in flight; the slice is dropped
+            // before the target sees the tag.
+            let buf = unsafe { self.bufs.slice(tag, req.len as usize) };
+            if let Err(e) = self.cfg.cdev.read_exact_at(buf, user_copy_offset(self.cfg.q_id, tag)) {
+                log::error!("queue {} tag {tag}: user copy of WRITE data failed: {e}", self.cfg.q_id);
+                return self.finish(tag, Action::Done(-libc::EIO));
+            }
+        }
+        let action = self.handler.handle_io(&mut ctx!(self), &req);
+        self.finish(tag, action);
+    }
+
+    fn on_target(&mut self, tag: u16, data: u32, res: i32) {
+        let Some(slot) = self.tags.get_mut(usize::from(tag)) else { return };
+        if slot.state != TagState::InTarget || slot.ops == 0 {
+            log::error!("queue {} tag {tag}: stray target completion", self.cfg.q_id);
+            return;
+        }
+        slot.ops -= 1;
+        let req = slot.req;
+        if let Some(res) = slot.deferred {
+            if slot.ops == 0 {
+                self.commit(tag, res);
+            }
+            return;
+        }
+        let action = self.handler.on_complete(&mut ctx!(self), &req, data, res);
+        self.finish(tag, action);
+    }
+
+    /// Applies the handler's decision for `tag`.
+    fn finish(&mut self, tag: u16, action: Action) {
+        let Action::Done(res) = action else { return };
+        let Some(slot) = self.tags.get_mut(usize::from(tag)) else {
+            log::error!("queue {}: completion for unknown tag {tag}", self.cfg.q_id);
+            return;
+        };
+        if slot.state != TagState::InTarget || slot.deferred.is_some() {
+            log::error!("queue {} tag {tag}: completed twice or not in flight", self.cfg.q_id);
+            return;
+        }
+        if slot.ops > 0 {
+            // Operations still point into the buffer: commit once they are done.
+            slot.deferred = Some(res);
+            return;
+        }
+        self.commit(tag, res);
+    }
+
+    fn commit(&mut self, tag: u16, mut res: i32) {
+        let req = self.tags[usize::from(tag)].req;
+        if self.cfg.mode == DataMode::UserCopy && req.op == Op::Read && res > 0 {
+            let len = (res as usize).min(req.len as usize);
+            // SAFETY: the tag is InTarget with no operation in flight.
+            let buf = unsafe { self.bufs.slice(tag, len) };
+            if let Err(e) = self.cfg.cdev.write_all_at(buf, user_copy_offset(self.cfg.q_id, tag)) {
+                log::error!("queue {} tag {tag}: user copy of READ data failed: {e}", self.cfg.q_id);
+                res = -libc::EIO;
+            }
+        }
+        let slot = &mut self.tags[usize::from(tag)];
+        slot.state = TagState::Fetching;
+        slot.deferred = None;
+        if let Err(e) = self.submit_cmd(sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, res) {
+            log::error!("queue {} tag {tag}: commit submission failed: {e}", self.cfg.q_id);
+            self.tags[usize::from(tag)].state = TagState::Dead;
+        }
+    }
+}
+
+/// Builds the target's context from the queue's fields (disjoint borrows).
+macro_rules! ctx {
+    ($q:ident) => {
+        IoCtx {
+            ring: &mut $q.ring,
+            bufs: &$q.bufs,
+            tags: &mut $q.tags,
+            q_id: $q.cfg.q_id,
+            completer: &$q.completer,
+        }
+    };
+}
+use ctx;
+
+/// The `/dev/ublkcN` file offset of `(q, tag)`'s data in user-copy mode.
+pub fn user_copy_offset(q: u16, tag: u16) -> u64 {
+    u64::from(sys::UBLKSRV_IO_BUF_OFFSET)
+        + (u64::from(q) << sys::UBLK_QID_OFF)
+        + (u64::from(tag) << sys::UBLK_TAG_OFF)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_user_copy_offset_is_additive() {
+        assert_eq!(user_copy_offset(0, 0), 0x8000_0000);
+        // 0x80000000 overlaps the tag field: the kernel subtracts it, so we must add.
+        assert_eq!(user_copy_offset(0, 64), 0x8000_0000 + (64 << 25));
+        assert_eq!(user_copy_offset(1, 3), 0x8000_0000 + (1 << 41) + (3 << 25));
+        let off = user_copy_offset(5, 4095) - 0x8000_0000;
+        assert_eq!((off >> 25) & 0xffff, 4095);
+        assert_eq!((off >> 41) & 0xfff, 5);
+    }
+
+    #[test]
+    fn test_user_data_roundtrip() {
+        let ud = user_data(KIND_TARGET, 4095, 0xdead_beef);
+        assert_eq!(ud & 0xffff, 4095);
+        assert_eq!((ud >> 16) & 0xff, KIND_TARGET);
+        assert_eq!((ud >> 32) as u32, 0xdead_beef);
+    }
+}

@@ -1,0 +1,238 @@
+//! The loop target: a regular file or a block device as backing store.
+//!
+//! Reads and writes go through the queue's io_uring, with O_DIRECT by default (falling back to
+//! buffered IO, with a warning, where the backing file system refuses it). FLUSH becomes
+//! `fdatasync`, FUA writes use `RWF_DSYNC`, DISCARD punches a hole, WRITE_ZEROES zeroes the
+//! range (punching when the kernel allows unmapping).
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use ublk_core::{Action, Attrs, DeviceParams, DiscardParams, IoCtx, IoFlags, IoRequest, Op, QueueHandler, Target};
+
+/// Errors opening a loop backing file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoopError {
+    /// The backing file does not exist.
+    #[error("backing file {0} does not exist")]
+    NotFound(PathBuf),
+    /// The backing file could not be opened.
+    #[error("cannot open backing file {path}")]
+    Open {
+        /// The path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The backing file is neither a regular file nor a block device, or is empty.
+    #[error("backing file {path} is unusable: {why}")]
+    Unusable {
+        /// The path.
+        path: PathBuf,
+        /// Reason.
+        why: String,
+    },
+}
+
+/// How to open the backing file.
+#[derive(Debug, Clone)]
+pub struct LoopConfig {
+    /// Backing file or block device.
+    pub path: PathBuf,
+    /// Buffered IO instead of O_DIRECT.
+    pub buffered: bool,
+    /// Expose a read-only device.
+    pub read_only: bool,
+}
+
+/// A loop device's backing store, shared by all queues.
+#[derive(Debug)]
+pub struct LoopTarget {
+    file: Arc<File>,
+    params: DeviceParams,
+    direct: bool,
+    block_device: bool,
+}
+
+const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
+const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
+const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
+
+impl LoopTarget {
+    /// Opens the backing file and derives the device parameters from it.
+    pub fn open(cfg: &LoopConfig) -> Result<LoopTarget, LoopError> {
+        let path = &cfg.path;
+        let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => LoopError::NotFound(path.clone()),
+            _ => LoopError::Open { path: path.clone(), source: e },
+        })?;
+        let block_device = meta.file_type().is_block_device();
+        if !block_device && !meta.is_file() {
+            return Err(LoopError::Unusable {
+                path: path.clone(),
+                why: "not a regular file or block device".into(),
+            });
+        }
+        let open = |direct: bool| {
+            let mut o = OpenOptions::new();
+            o.read(true).write(!cfg.read_only);
+            if direct {
+                o.custom_flags(libc::O_DIRECT);
+            }
+            o.open(path)
+        };
+        let mut direct = !cfg.buffered;
+        let mut file = match open(direct) {
+            Ok(f) => f,
+            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                log::warn!("{}: O_DIRECT refused by the file system; using buffered IO", path.display());
+                direct = false;
+                open(false).map_err(|e| LoopError::Open { path: path.clone(), source: e })?
+            }
+            Err(e) => return Err(LoopError::Open { path: path.clone(), source: e }),
+        };
+        let size = file
+            .seek(SeekFrom::End(0))
+            .map_err(|e| LoopError::Open { path: path.clone(), source: e })?;
+        let lbs = if block_device { sysfs_block_size(meta.rdev()).unwrap_or(512) } else { 512 };
+        let lbs_shift = lbs.trailing_zeros() as u8;
+        if size < lbs {
+            return Err(LoopError::Unusable {
+                path: path.clone(),
+                why: format!("size {size} is smaller than one {lbs}-byte block"),
+            });
+        }
+        let mut attrs = Attrs::VOLATILE_CACHE | Attrs::FUA;
+        if cfg.read_only {
+            attrs |= Attrs::READ_ONLY;
+        }
+        let params = DeviceParams {
+            size,
+            logical_bs_shift: lbs_shift,
+            physical_bs_shift: lbs_shift.max(12),
+            io_min_shift: lbs_shift,
+            io_opt_shift: 12,
+            attrs,
+            discard: (!cfg.read_only).then_some(DiscardParams {
+                alignment: 0,
+                granularity: 4096,
+                max_discard_sectors: u32::MAX >> 9,
+                max_write_zeroes_sectors: u32::MAX >> 9,
+            }),
+            ..DeviceParams::default()
+        };
+        log::info!(
+            "loop: {} ({} bytes, {}, {})",
+            path.display(),
+            size,
+            if direct { "direct" } else { "buffered" },
+            if block_device { "block device" } else { "file" }
+        );
+        Ok(LoopTarget { file: Arc::new(file), params, direct, block_device })
+    }
+
+    /// The device parameters matching the backing file.
+    pub fn params(&self) -> DeviceParams {
+        self.params
+    }
+
+    /// Whether O_DIRECT is in use.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// Whether the backing store is a block device.
+    pub fn is_block_device(&self) -> bool {
+        self.block_device
+    }
+}
+
+fn sysfs_block_size(rdev: u64) -> Option<u64> {
+    let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & !0xfff);
+    let minor = (rdev & 0xff) | ((rdev >> 12) & !0xff);
+    let p = format!("/sys/dev/block/{major}:{minor}/queue/logical_block_size");
+    let v: u64 = std::fs::read_to_string(Path::new(&p)).ok()?.trim().parse().ok()?;
+    (v.is_power_of_two() && (512..=4096).contains(&v)).then_some(v)
+}
+
+impl Target for LoopTarget {
+    type Queue = LoopQueue;
+    fn open_queue(&self, _q_id: u16) -> io::Result<LoopQueue> {
+        Ok(LoopQueue { file: self.file.clone() })
+    }
+}
+
+/// The per-queue handler of [`LoopTarget`].
+#[derive(Debug)]
+pub struct LoopQueue {
+    file: Arc<File>,
+}
+
+impl LoopQueue {
+    /// Starts (or continues, after a short transfer) the data transfer of `req` at `done`.
+    fn transfer(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest, done: u32) -> Action {
+        let fd = self.file.as_fd();
+        let (off, len) = (req.offset + u64::from(done), req.len - done);
+        let r = match req.op {
+            Op::Read => ctx.read_at(req.tag, fd, off, done, len, done),
+            _ => ctx.write_at(req.tag, fd, off, done, len, req.flags.contains(IoFlags::FUA), done),
+        };
+        match r {
+            Ok(()) => Action::Pending,
+            Err(e) => Action::from_error(&e),
+        }
+    }
+}
+
+impl QueueHandler for LoopQueue {
+    fn handle_io(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest) -> Action {
+        let fd = self.file.as_fd();
+        let r = match req.op {
+            Op::Read | Op::Write => return self.transfer(ctx, req, 0),
+            Op::Flush => ctx.fsync(req.tag, fd, true, 0),
+            Op::Discard => {
+                ctx.fallocate(req.tag, fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, req.offset, req.len.into(), 0)
+            }
+            Op::WriteZeroes => {
+                let mode = if req.flags.contains(IoFlags::NOUNMAP) {
+                    FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
+                } else {
+                    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+                };
+                ctx.fallocate(req.tag, fd, mode, req.offset, req.len.into(), 0)
+            }
+            _ => return Action::Done(-libc::EOPNOTSUPP),
+        };
+        match r {
+            Ok(()) => Action::Pending,
+            Err(e) => Action::from_error(&e),
+        }
+    }
+
+    fn on_complete(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest, done: u32, res: i32) -> Action {
+        if res < 0 {
+            return Action::Done(res);
+        }
+        if !matches!(req.op, Op::Read | Op::Write) {
+            return Action::Done(0);
+        }
+        let total = done.saturating_add(res as u32);
+        if total >= req.len {
+            return Action::Done(req.len as i32);
+        }
+        if res == 0 {
+            if req.op == Op::Write {
+                return Action::Done(-libc::EIO);
+            }
+            // Reading past the end of a file that shrank: the rest is zeros.
+            ctx.buf(req.tag)[total as usize..].fill(0);
+            return Action::Done(req.len as i32);
+        }
+        self.transfer(ctx, req, total)
+    }
+}
