@@ -1,1 +1,164 @@
-fn main() {}
+//! `ublk`: create, list, delete and recover ublk block devices.
+//!
+//! Flag spelling follows the kernel selftests' `kublk` and ublksrv, so commands from the kernel
+//! documentation work unchanged.
+#![forbid(unsafe_code)]
+
+mod add;
+mod del;
+mod list;
+mod logger;
+mod size;
+mod state;
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(name = "ublk", version, about = "Userspace block devices over Linux ublk")]
+struct Cli {
+    /// More log output (-v info, -vv debug, -vvv trace).
+    #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Add a device and serve it (in the background unless --foreground).
+    Add(AddArgs),
+    /// Stop and delete devices.
+    Del(DelArgs),
+    /// Show devices.
+    List(ListArgs),
+    /// Attach a new daemon to a device whose daemon died (needs `add -r 1`).
+    Recover(RecoverArgs),
+    /// Show the ublk features of the running kernel.
+    Features,
+}
+
+/// Target types.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum TargetType {
+    /// Completes every request at once.
+    Null,
+    /// A file or block device as backing store.
+    Loop,
+}
+
+#[derive(Args, Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct AddArgs {
+    /// Target type.
+    #[arg(short = 't', long = "type")]
+    pub(crate) target: TargetType,
+    /// Device id (default: the kernel picks one).
+    #[arg(short = 'n', long = "number")]
+    pub(crate) id: Option<u32>,
+    /// Number of queues.
+    #[arg(short = 'q', long = "queues", default_value_t = 1)]
+    pub(crate) queues: u16,
+    /// Queue depth.
+    #[arg(short = 'd', long = "depth", default_value_t = 128)]
+    pub(crate) depth: u16,
+    /// NEED_GET_DATA mode: WRITE data is fetched on demand.
+    #[arg(short = 'g', long = "need-get-data")]
+    pub(crate) need_get_data: bool,
+    /// USER_COPY mode: data moved with pread/pwrite on /dev/ublkcN (Linux 6.5).
+    #[arg(short = 'u', long = "user-copy")]
+    pub(crate) user_copy: bool,
+    /// Zero copy (Linux 6.15); not implemented yet.
+    #[arg(short = 'z', long = "zero-copy")]
+    pub(crate) zero_copy: bool,
+    /// Fall back to copy mode (with a warning) when the kernel lacks the requested mode.
+    #[arg(long)]
+    pub(crate) fallback: bool,
+    /// User recovery: the device survives its daemon (1) or stops with it (0).
+    #[arg(short = 'r', long = "recovery", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub(crate) recovery: u8,
+    /// With recovery: fail IO while no daemon is attached (Linux 6.13).
+    #[arg(short = 'e', long = "recovery-fail-io", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub(crate) fail_io: u8,
+    /// With recovery: reissue requests that were in flight when the daemon died.
+    #[arg(short = 'i', long = "recovery-reissue", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub(crate) reissue: u8,
+    /// Stay in the foreground (for systemd and debugging).
+    #[arg(long)]
+    pub(crate) foreground: bool,
+    /// Backing file or block device (loop).
+    #[arg(short = 'f', long = "file")]
+    pub(crate) file: Option<PathBuf>,
+    /// Buffered IO on the backing file instead of O_DIRECT (loop).
+    #[arg(long)]
+    pub(crate) buffered: bool,
+    /// Expose a read-only device.
+    #[arg(long = "read-only")]
+    pub(crate) read_only: bool,
+    /// Device size, e.g. 1G, 512M (null; default 250G).
+    #[arg(long, value_parser = size::parse_size)]
+    pub(crate) size: Option<u64>,
+    /// Largest request, e.g. 512K, 1M.
+    #[arg(long = "max-io-size", value_parser = size::parse_size)]
+    pub(crate) max_io_size: Option<u64>,
+    /// Do not pin queue threads to the CPUs the kernel suggests.
+    #[arg(long = "no-affinity")]
+    pub(crate) no_affinity: bool,
+    /// Internal: re-attach to this device instead of adding one.
+    #[arg(long, hide = true)]
+    pub(crate) recover_id: Option<u32>,
+}
+
+#[derive(Args, Debug)]
+struct DelArgs {
+    /// Device id.
+    #[arg(short = 'n', long = "number", conflicts_with = "all", required_unless_present = "all")]
+    id: Option<u32>,
+    /// Delete every device.
+    #[arg(short = 'a', long = "all")]
+    all: bool,
+}
+
+#[derive(Args, Debug)]
+struct ListArgs {
+    /// Only this device.
+    #[arg(short = 'n', long = "number")]
+    id: Option<u32>,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct RecoverArgs {
+    /// Device id.
+    #[arg(short = 'n', long = "number")]
+    id: u32,
+    /// Stay in the foreground.
+    #[arg(long)]
+    foreground: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logger::init(cli.verbose);
+    let r = match cli.cmd {
+        Cmd::Add(a) => add::run(a),
+        Cmd::Del(d) => del::run(d.id, d.all),
+        Cmd::List(l) => list::run(l.id, l.json),
+        Cmd::Recover(r) => add::recover(r.id, r.foreground),
+        Cmd::Features => list::features(),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = format!("ublk: {e}");
+            for cause in e.chain().skip(1) {
+                msg.push_str(&format!(": {cause}"));
+            }
+            eprintln!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! `ublk add` and `ublk recover`: build the target, add (or re-attach to) the device, serve it.
+
+use crate::state::{self, DevState};
+use crate::{list, AddArgs, TargetType};
+use anyhow::{anyhow, bail, Context, Result};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use ublk_core::{
+    kernel_release, Ctrl, DataMode, DevInfo, Device, DeviceBuilder, DeviceParams, Recovery, RunOptions, StopReason, Target,
+};
+use ublk_targets::loop_::{LoopConfig, LoopTarget};
+use ublk_targets::null::NullTarget;
+
+/// Marker the daemon prints once the device is up; the parent stops reading there.
+const READY: &str = "@@ublk-ready@@";
+/// Set in the daemon's environment by the parent.
+const NOTIFY_ENV: &str = "UBLK_NOTIFY_READY";
+
+impl AddArgs {
+    /// The arguments again as a command line (for the daemon and for recovery).
+    fn to_argv(&self) -> Vec<String> {
+        let mut v = vec!["add".to_string(), "-t".into(), format!("{:?}", self.target).to_lowercase()];
+        let mut opt = |k: &str, val: String| {
+            v.push(k.into());
+            v.push(val);
+        };
+        if let Some(id) = self.id {
+            opt("-n", id.to_string());
+        }
+        opt("-q", self.queues.to_string());
+        opt("-d", self.depth.to_string());
+        opt("-r", self.recovery.to_string());
+        opt("-e", self.fail_io.to_string());
+        opt("-i", self.reissue.to_string());
+        if let Some(f) = &self.file {
+            opt("-f", f.display().to_string());
+        }
+        if let Some(s) = self.size {
+            opt("--size", s.to_string());
+        }
+        if let Some(s) = self.max_io_size {
+            opt("--max-io-size", s.to_string());
+        }
+        if let Some(id) = self.recover_id {
+            opt("--recover-id", id.to_string());
+        }
+        for (on, flag) in [
+            (self.need_get_data, "-g"),
+            (self.user_copy, "-u"),
+            (self.zero_copy, "-z"),
+            (self.fallback, "--fallback"),
+            (self.buffered, "--buffered"),
+            (self.read_only, "--read-only"),
+            (self.no_affinity, "--no-affinity"),
+            (self.foreground, "--foreground"),
+        ] {
+            if on {
+                v.push(flag.into());
+            }
+        }
+        v
+    }
+
+    fn data_mode(&self) -> Result<DataMode> {
+        if self.zero_copy {
+            bail!(
+                "zero copy (-z) is not implemented yet (it needs Linux 6.15; this kernel is {})",
+                kernel_release()
+            );
+        }
+        match (self.need_get_data, self.user_copy) {
+            (true, true) => bail!("-g (NEED_GET_DATA) and -u (USER_COPY) exclude each other"),
+            (true, false) => Ok(DataMode::NeedGetData),
+            (false, true) => Ok(DataMode::UserCopy),
+            (false, false) => Ok(DataMode::Copy),
+        }
+    }
+
+    fn recovery(&self) -> Recovery {
+        match (self.recovery == 1 || self.fail_io == 1 || self.reissue == 1, self.fail_io == 1, self.reissue == 1) {
+            (false, _, _) => Recovery::None,
+            (true, true, _) => Recovery::FailIo,
+            (true, false, true) => Recovery::Reissue,
+            (true, false, false) => Recovery::Quiesce,
+        }
+    }
+}
+
+/// `ublk add`.
+pub(crate) fn run(a: AddArgs) -> Result<()> {
+    a.data_mode()?;
+    if a.fail_io == 1 && a.reissue == 1 {
+        bail!("-e 1 (fail io) and -i 1 (reissue) exclude each other");
+    }
+    match a.target {
+        TargetType::Loop => {
+            let f = a.file.as_ref().ok_or_else(|| anyhow!("the loop target needs a backing file: -f FILE"))?;
+            if !f.exists() {
+                bail!("backing file {} does not exist", f.display());
+            }
+        }
+        TargetType::Null => {
+            if a.file.is_some() {
+                bail!("the null target takes no backing file (-f)");
+            }
+        }
+    }
+    if a.foreground {
+        serve(a)
+    } else {
+        spawn_daemon(&a)
+    }
+}
+
+/// `ublk recover -n ID`: start a daemon like the one that died, re-attaching to the device.
+pub(crate) fn recover(id: u32, foreground: bool) -> Result<()> {
+    let st = state::load(id).ok_or_else(|| {
+        anyhow!("no saved state for device {id} in /run/ublk: it was not added by this tool, or the machine rebooted")
+    })?;
+    let mut a = st.args;
+    a.id = Some(id);
+    a.recover_id = Some(id);
+    a.foreground = foreground;
+    if foreground {
+        serve(a)
+    } else {
+        spawn_daemon(&a)
+    }
+}
+
+/// Re-runs this program in the foreground as a detached daemon and returns once it reports the
+/// device ready, relaying what it printed (or its error).
+fn spawn_daemon(a: &AddArgs) -> Result<()> {
+    let exe = std::env::current_exe().context("cannot find the ublk executable")?;
+    let mut argv = a.to_argv();
+    argv.push("--foreground".into());
+    let mut child = Command::new(exe)
+        .args(&argv)
+        .env(NOTIFY_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .context("cannot start the ublk daemon")?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut out = String::new();
+    for line in BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        if line == READY {
+            print!("{out}");
+            return Ok(());
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    let status = child.wait().context("waiting for the ublk daemon")?;
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    let err = err.trim();
+    // The daemon already printed "ublk: <error>": pass it on as is.
+    let msg = err.lines().rev().find(|l| l.starts_with("ublk: ")).map(|l| l.trim_start_matches("ublk: "));
+    match msg {
+        Some(m) => bail!("{m}"),
+        None if !err.is_empty() => bail!("the daemon failed ({status}): {err}"),
+        None => bail!("the daemon exited ({status}) before the device was ready"),
+    }
+}
+
+fn serve(a: AddArgs) -> Result<()> {
+    match a.target {
+        TargetType::Null => {
+            let size = a.size.unwrap_or(250 << 30);
+            let params = DeviceParams { size, ..DeviceParams::default() };
+            let json = serde_json::json!({"name": "null", "dev_size": size});
+            serve_target(a, Arc::new(NullTarget), params, json)
+        }
+        TargetType::Loop => {
+            let path = a.file.clone().ok_or_else(|| anyhow!("the loop target needs -f FILE"))?;
+            let t = LoopTarget::open(&LoopConfig { path: path.clone(), buffered: a.buffered, read_only: a.read_only })?;
+            let params = t.params();
+            let json = serde_json::json!({
+                "name": "loop",
+                "backing_file": path,
+                "dev_size": params.size,
+                "direct_io": u8::from(t.is_direct()),
+            });
+            serve_target(a, Arc::new(t), params, json)
+        }
+    }
+}
+
+fn serve_target<T: Target + 'static>(a: AddArgs, target: Arc<T>, params: DeviceParams, json: serde_json::Value) -> Result<()> {
+    let ctrl = Ctrl::open()?;
+    let dev = match a.recover_id {
+        Some(id) => Device::recover(ctrl, id)?,
+        None => {
+            let mut b = DeviceBuilder::new()
+                .id(a.id)
+                .queues(a.queues)
+                .depth(a.depth)
+                .data_mode(a.data_mode()?, a.fallback)
+                .recovery(a.recovery())
+                .params(params)
+                .affinity(!a.no_affinity);
+            if let Some(m) = a.max_io_size {
+                let m = u32::try_from(m).map_err(|_| anyhow!("--max-io-size is too large"))?;
+                b = b.max_io_bytes(m);
+            }
+            b.build(ctrl)?
+        }
+    };
+    let notify = std::env::var_os(NOTIFY_ENV).is_some();
+    let mut saved = a.clone();
+    saved.foreground = false;
+    saved.recover_id = None;
+    let started = |info: &DevInfo| {
+        saved.id = Some(info.dev_id);
+        state::save(info.dev_id, &DevState { args: saved.clone(), pid: std::process::id(), target: json.clone() });
+        let text = list::describe(info.dev_id).unwrap_or_else(|e| format!("dev id {}: {e}\n", info.dev_id));
+        let mut out = std::io::stdout().lock();
+        let _ = write!(out, "{text}");
+        if notify {
+            let _ = writeln!(out, "{READY}");
+        }
+        let _ = out.flush();
+    };
+    let opts = RunOptions { handle_signals: true, ..RunOptions::default() };
+    let id = dev.info().dev_id;
+    let reason = dev.run(target, opts, started)?;
+    if let StopReason::Requested(_) = reason {
+        state::remove(id);
+    }
+    Ok(())
+}

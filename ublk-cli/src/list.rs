@@ -1,0 +1,100 @@
+//! `ublk list` and `ublk features`, in the text layout of ublksrv and kublk.
+
+use crate::state;
+use anyhow::Result;
+use ublk_core::{kernel_release, Ctrl, DeviceFlags};
+
+/// One device as ublksrv prints it.
+pub(crate) fn describe(id: u32) -> Result<String> {
+    let mut ctrl = Ctrl::open()?;
+    let v = device_json(&mut ctrl, id)?;
+    Ok(format_text(&v))
+}
+
+fn device_json(ctrl: &mut Ctrl, id: u32) -> Result<serde_json::Value> {
+    let info = ctrl.dev_info(id)?;
+    let (params, numbers) = ctrl.get_params(id).unwrap_or_else(|e| {
+        log::debug!("device {id}: GET_PARAMS failed: {e}");
+        Default::default()
+    });
+    let target = state::load(id).map(|s| s.target).unwrap_or(serde_json::Value::Null);
+    Ok(serde_json::json!({
+        "dev_id": info.dev_id,
+        "nr_hw_queues": info.nr_hw_queues,
+        "queue_depth": info.queue_depth,
+        "block_size": 1u32 << params.logical_bs_shift,
+        "dev_capacity": params.size >> 9,
+        "max_rq_size": info.max_io_buf_bytes,
+        "daemon_pid": info.daemon_pid,
+        "flags": info.flags.bits(),
+        "flag_names": info.flags.names(),
+        "state": info.state.name(),
+        "ublkc": format!("{}:{}", numbers.char_dev.0, numbers.char_dev.1),
+        "ublkb": format!("{}:{}", numbers.disk_dev.0, numbers.disk_dev.1),
+        "owner": format!("{}:{}", info.owner_uid, info.owner_gid),
+        "target": target,
+    }))
+}
+
+fn format_text(v: &serde_json::Value) -> String {
+    let mut s = format!(
+        "dev id {}: nr_hw_queues {} queue_depth {} block size {} dev_capacity {}\n",
+        v["dev_id"], v["nr_hw_queues"], v["queue_depth"], v["block_size"], v["dev_capacity"]
+    );
+    s += &format!(
+        "\tmax rq size {} daemon pid {} flags {:#x} state {}\n",
+        v["max_rq_size"],
+        v["daemon_pid"],
+        v["flags"].as_u64().unwrap_or(0),
+        v["state"].as_str().unwrap_or("?")
+    );
+    s += &format!(
+        "\tublkc: {} ublkb: {} owner: {}\n",
+        v["ublkc"].as_str().unwrap_or("?"),
+        v["ublkb"].as_str().unwrap_or("?"),
+        v["owner"].as_str().unwrap_or("?")
+    );
+    if !v["target"].is_null() {
+        s += &format!("\ttarget {}\n", v["target"]);
+    }
+    s
+}
+
+pub(crate) fn run(id: Option<u32>, json: bool) -> Result<()> {
+    let mut ctrl = Ctrl::open()?;
+    let explicit = id.is_some();
+    let ids = match id {
+        Some(id) => vec![id],
+        None => Ctrl::list(),
+    };
+    let mut devs = Vec::new();
+    for id in ids {
+        match device_json(&mut ctrl, id) {
+            Ok(v) => devs.push(v),
+            Err(e) if explicit => return Err(e),
+            Err(e) => log::warn!("device {id}: {e}"),
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&devs)?);
+    } else {
+        for d in &devs {
+            print!("{}", format_text(d));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn features() -> Result<()> {
+    let mut ctrl = Ctrl::open()?;
+    let f = ctrl.features()?;
+    println!("ublk features of Linux {}: {:#x}", kernel_release(), f.bits());
+    for bit in 0..64 {
+        let flag = DeviceFlags::from_bits_retain(1 << bit);
+        if f.contains(flag) {
+            let name = flag.flag_name().map_or(format!("bit{bit}"), |n| format!("UBLK_F_{n}"));
+            println!("\t{name:<32} (since Linux {})", flag.since().unwrap_or("?"));
+        }
+    }
+    Ok(())
+}
