@@ -5,10 +5,15 @@
 //! * `vm-shell`: an interactive guest with `ublk` and the test tools, for trying things out.
 
 mod bindgen;
+mod initramfs;
+mod kernel;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "ublk-rs project automation")]
@@ -25,6 +30,41 @@ enum Cmd {
         #[arg(long)]
         check: bool,
     },
+    /// Boot Debian kernels under qemu and run `ublk-vm-tests` inside (see xtask/src/vm.rs).
+    ///
+    /// Prints one `PASS|FAIL|SKIP <kernel> <test> ...` line per test and closes with
+    /// `N passed, M failed, K skipped`.
+    TestVm {
+        /// Kernel(s): 6.12, 7.3, a comma-separated list, or all.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+        /// Run only tests whose name contains PATTERN (comma-separated alternatives).
+        #[arg(long)]
+        filter: Option<String>,
+        /// Boot into an interactive shell instead of running the tests.
+        #[arg(long)]
+        shell: bool,
+        /// Host-side limit for one boot, in seconds.
+        #[arg(long, default_value_t = vm::DEFAULT_TIMEOUT_SECS)]
+        timeout: u64,
+        /// Do not stream the guest console (it is still saved to target/vm/<kernel>.log).
+        #[arg(long)]
+        quiet: bool,
+        /// Use the binaries already in target/release instead of running cargo build.
+        #[arg(long)]
+        no_build: bool,
+    },
+    /// Boot one kernel into an interactive shell with ublk and the test tools (Ctrl-A X quits).
+    VmShell {
+        /// Kernel: 6.12 or 7.3.
+        #[arg(long, default_value = "7.3")]
+        kernel: String,
+        /// Use the binaries already in target/release instead of running cargo build.
+        #[arg(long)]
+        no_build: bool,
+    },
+    /// Print the Debian packages the host needs for test-vm / vm-shell.
+    VmHostPackages,
 }
 
 /// The workspace root (the parent of this crate's directory).
@@ -35,8 +75,28 @@ pub(crate) fn project_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn main() -> Result<()> {
+fn main() -> Result<ExitCode> {
     match Cli::parse().cmd {
-        Cmd::Bindgen { check } => bindgen::run(check),
+        Cmd::Bindgen { check } => bindgen::run(check).map(|()| ExitCode::SUCCESS),
+        Cmd::TestVm {
+            kernel,
+            filter,
+            shell,
+            timeout,
+            quiet,
+            no_build,
+        } => vm::test(&vm::TestOptions {
+            kernels: vm::parse_kernels(&kernel)?,
+            filter,
+            shell,
+            timeout: Duration::from_secs(timeout),
+            quiet,
+            no_build,
+        }),
+        Cmd::VmShell { kernel, no_build } => vm::shell(kernel::spec(&kernel)?, None, no_build),
+        Cmd::VmHostPackages => {
+            println!("{}", vm::HOST_PACKAGES.join(" "));
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

@@ -1,0 +1,690 @@
+//! The test table.
+
+use crate::util::*;
+use crate::{Outcome, Test};
+use anyhow::{bail, ensure, Context, Result};
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+fn test(name: &str, secs: u64, f: impl Fn() -> Result<Outcome> + 'static) -> Test {
+    Test {
+        name: name.to_string(),
+        timeout: Duration::from_secs(secs),
+        run: Box::new(f),
+    }
+}
+
+/// Every test, in run order.
+pub fn all() -> Vec<Test> {
+    let mut v = vec![
+        test("kernel_smoke", 60, smoke),
+        test("kernel_features", 60, features),
+        test("kernel_lifecycle", 90, lifecycle),
+        test("kernel_bad_backing_path", 60, bad_backing_path),
+        test("kernel_unsupported_mode_error", 60, unsupported_mode),
+        test("kernel_null_fio_randread", 90, null_fio),
+        test("kernel_del_during_fio", 120, del_during_fio),
+        test("kernel_kill_daemon_no_recovery", 90, kill_no_recovery),
+        test("kernel_kill_daemon_recovery", 120, kill_recovery),
+    ];
+    for (mode, flag) in [
+        ("copy", None),
+        ("getdata", Some("-g")),
+        ("usercopy", Some("-u")),
+    ] {
+        for queues in [1u32, 2] {
+            for depth in [1u32, 128] {
+                let name = format!("kernel_loop_verify_{mode}_q{queues}_d{depth}");
+                v.push(test(&name, 180, move || loop_verify(flag, queues, depth)));
+            }
+        }
+    }
+    v.extend([
+        test("kernel_ext4_readd", 180, ext4_readd),
+        test("kernel_flush_reaches_backing", 90, flush_reaches_backing),
+        test("kernel_discard_punches_holes", 120, discard_punches_holes),
+    ]);
+    v
+}
+
+const MIB: u64 = 1 << 20;
+
+/// Add a loop device over `file` with extra `args`.
+fn add_loop(file: &Path, args: &[&str]) -> Result<DevInfo> {
+    let f = file.to_string_lossy().into_owned();
+    let mut a = vec!["-t", "loop", "-f", &f];
+    a.extend_from_slice(args);
+    ublk_add(&a)
+}
+
+fn dd(args: &[&str]) -> Result<()> {
+    let mut a = args.to_vec();
+    a.push("status=none");
+    check_cmd(Command::new("dd").args(&a), Duration::from_secs(120))?;
+    Ok(())
+}
+
+/// 1. The infrastructure itself: modules, control device, the kernel the host meant to boot,
+///    the tools in /opt/bin.
+fn smoke() -> Result<Outcome> {
+    ensure!(
+        Path::new("/dev/ublk-control").exists(),
+        "/dev/ublk-control missing"
+    );
+    for m in ["ublk_drv", "null_blk", "loop", "configfs"] {
+        ensure!(
+            Path::new(&format!("/sys/module/{m}")).exists(),
+            "module {m} not loaded"
+        );
+    }
+    let rel = read_trim("/proc/sys/kernel/osrelease")?;
+    let uname = sh("uname", &["-r"])?;
+    ensure!(uname.trim() == rel, "uname -r {uname:?} != {rel:?}");
+    match std::env::var("UBLK_VM_KERNEL") {
+        Ok(label) => ensure!(
+            rel.starts_with(&format!("{label}.")),
+            "booted kernel {rel} does not match requested {label}"
+        ),
+        Err(_) => println!("UBLK_VM_KERNEL not set; not checking the kernel version"),
+    }
+    ensure!(Path::new(&ublk_bin()).exists(), "{} missing", ublk_bin());
+    sh(&opt_bin("fio"), &["--version"])?;
+    let r = run_timeout(Command::new(opt_bin("mkfs.ext4")).arg("-V"), CMD_TIMEOUT)?;
+    ensure!(r.stderr.contains("mke2fs"), "mkfs.ext4 -V: {r:?}");
+    sh(&opt_bin("blkdiscard"), &["--version"])?;
+    sh(&opt_bin("losetup"), &["--version"])?;
+    ensure!(
+        Path::new("/sys/kernel/config").read_dir().is_ok(),
+        "configfs not mounted"
+    );
+    println!("kernel {rel}, /dev/ublk-control present");
+    Ok(Outcome::Pass)
+}
+
+/// `ublk features` talks to the kernel and prints something.
+fn features() -> Result<Outcome> {
+    let r = ublk_ok(&["features"])?;
+    ensure!(
+        !r.stdout.trim().is_empty(),
+        "`ublk features` printed nothing"
+    );
+    println!("{}", r.stdout.trim());
+    Ok(Outcome::Pass)
+}
+
+/// 2. add (auto id), list, del; add -n 7, list -n 7, del -n 7; list --json.
+fn lifecycle() -> Result<Outcome> {
+    ensure!(
+        ublk_char_devs().is_empty(),
+        "devices present before the test: {:?}",
+        ublk_char_devs()
+    );
+    let d = ublk_add(&["-t", "null", "-q", "2", "-d", "64"])?;
+    ensure!(
+        d.queues == 2 && d.depth == 64,
+        "add reported queues {} depth {}, wanted 2/64",
+        d.queues,
+        d.depth
+    );
+    ensure!(d.state == "LIVE", "add reported state {:?}", d.state);
+    ensure!(d.pid > 0 && alive(d.pid), "daemon pid {} not alive", d.pid);
+    ensure!(Path::new(&d.cdev()).exists(), "{} missing", d.cdev());
+
+    let all = parse_devs(&ublk_ok(&["list"])?.stdout);
+    let l = all
+        .iter()
+        .find(|x| x.id == d.id)
+        .with_context(|| format!("`ublk list` lacks dev {}: {all:?}", d.id))?;
+    ensure!(
+        l.state == "LIVE" && l.queues == 2 && l.depth == 64,
+        "`ublk list` shows {l:?}"
+    );
+    let one = ublk_list_one(d.id)?;
+    ensure!(
+        one.state == "LIVE" && one.pid == d.pid,
+        "`ublk list -n {}` shows {one:?}",
+        d.id
+    );
+
+    let json = ublk_ok(&["list", "--json"])?.stdout;
+    let v: serde_json::Value = serde_json::from_str(json.trim())
+        .with_context(|| format!("`ublk list --json` is not JSON: {json:?}"))?;
+    ensure!(v.is_array() || v.is_object(), "`ublk list --json` gave {v}");
+    ensure!(
+        json.contains(&d.id.to_string()),
+        "`ublk list --json` does not mention dev {}: {json}",
+        d.id
+    );
+
+    ublk_del(d.id)?;
+    wait_for("daemon to exit", Duration::from_secs(10), || !alive(d.pid))?;
+    let all = parse_devs(&ublk_ok(&["list"])?.stdout);
+    ensure!(
+        all.iter().all(|x| x.id != d.id),
+        "dev {} still listed after del: {all:?}",
+        d.id
+    );
+
+    let d7 = ublk_add(&["-t", "null", "-n", "7"])?;
+    ensure!(d7.id == 7, "`ublk add -n 7` created dev {}", d7.id);
+    let l7 = ublk_list_one(7)?;
+    ensure!(l7.state == "LIVE", "`ublk list -n 7` shows {l7:?}");
+    ublk_del(7)?;
+    let r = ublk(&["list", "-n", "7"])?;
+    ensure!(
+        !r.ok() || parse_devs(&r.stdout).is_empty(),
+        "`ublk list -n 7` after del still shows it: {}",
+        r.stdout
+    );
+    Ok(Outcome::Pass)
+}
+
+/// 10. A missing backing file: clear error naming the path, nothing left behind.
+fn bad_backing_path() -> Result<Outcome> {
+    let r = ublk(&["add", "-t", "loop", "-f", "/nonexistent"])?;
+    ensure!(
+        !r.ok(),
+        "`ublk add -t loop -f /nonexistent` succeeded: {}",
+        r.stdout
+    );
+    ensure!(
+        r.stderr.contains("/nonexistent"),
+        "error message does not mention the path: {:?}",
+        r.stderr
+    );
+    println!("error as expected: {}", r.stderr.trim());
+    sleep(Duration::from_millis(300));
+    ensure!(
+        ublk_char_devs().is_empty(),
+        "left behind: {:?}",
+        ublk_char_devs()
+    );
+    Ok(Outcome::Pass)
+}
+
+/// 9. USER_RECOVERY_FAIL_IO needs 6.13: a clear error before, success after.
+fn unsupported_mode() -> Result<Outcome> {
+    let (major, minor) = kernel_version()?;
+    let r = ublk(&["add", "-t", "null", "-r", "1", "-e", "1"])?;
+    if (major, minor) < (6, 13) {
+        ensure!(
+            !r.ok(),
+            "`ublk add -r 1 -e 1` succeeded on {major}.{minor}: {}",
+            r.stdout
+        );
+        ensure!(
+            r.stderr.contains("6.13"),
+            "error does not mention 6.13: {:?}",
+            r.stderr
+        );
+        println!("error as expected: {}", r.stderr.trim());
+        sleep(Duration::from_millis(300));
+        let list = ublk_ok(&["list"])?;
+        ensure!(
+            list.stdout.trim().is_empty(),
+            "`ublk list` not empty: {}",
+            list.stdout
+        );
+        ensure!(
+            ublk_char_devs().is_empty(),
+            "left behind: {:?}",
+            ublk_char_devs()
+        );
+    } else {
+        ensure!(
+            r.ok(),
+            "`ublk add -r 1 -e 1` failed on {major}.{minor}: {}",
+            r.stderr.trim()
+        );
+        let d = parse_one("ublk add -t null -r 1 -e 1", &r)?;
+        wait_for_path(d.bdev(), Duration::from_secs(5))?;
+        ublk_del(d.id)?;
+    }
+    Ok(Outcome::Pass)
+}
+
+/// 8. null target under fio: 4k randread QD32, 2 queues, ~5 s.
+fn null_fio() -> Result<Outcome> {
+    let d = ublk_add(&["-t", "null", "-q", "2"])?;
+    let dev = format!("--filename={}", d.bdev());
+    let j = fio(
+        &[
+            "--name=nullrr",
+            &dev,
+            "--rw=randread",
+            "--bs=4k",
+            "--iodepth=32",
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--numjobs=2",
+            "--group_reporting",
+            "--time_based",
+            "--runtime=5",
+        ],
+        Duration::from_secs(60),
+    )?;
+    let iops = j["jobs"][0]["read"]["iops"].as_f64().unwrap_or(0.0);
+    println!("null randread 4k QD32 x2: {iops:.0} IOPS");
+    ensure!(iops > 0.0, "fio reported {iops} IOPS");
+    ublk_del(d.id)?;
+    Ok(Outcome::Pass)
+}
+
+/// 2. `ublk del` while fio is hammering the device.
+fn del_during_fio() -> Result<Outcome> {
+    let wd = workdir()?;
+    let file = wd.join("backing");
+    sparse_file(&file, 256)?;
+    let d = add_loop(&file, &["-q", "2"])?;
+    let log = fs::File::create(wd.join("fio.log"))?;
+    let mut fio = Command::new(opt_bin("fio"))
+        .args([
+            "--name=bg",
+            &format!("--filename={}", d.bdev()),
+            "--rw=randrw",
+            "--bs=4k",
+            "--iodepth=16",
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--time_based",
+            "--runtime=60",
+            "--clocksource=clock_gettime",
+        ])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting fio")?;
+    sleep(Duration::from_secs(2));
+    if let Some(st) = fio.try_wait()? {
+        bail!(
+            "fio ended early ({st}): {}",
+            fs::read_to_string(wd.join("fio.log")).unwrap_or_default()
+        );
+    }
+    let t = Instant::now();
+    let r = run_timeout(
+        Command::new(ublk_bin()).args(["del", "-n", &d.id.to_string()]),
+        Duration::from_secs(30),
+    );
+    let del_secs = t.elapsed().as_secs_f64();
+    let fio_status = wait_child(&mut fio, Duration::from_secs(30))?;
+    let r = r?;
+    ensure!(
+        r.ok(),
+        "`ublk del -n {}` under load failed ({}): {}",
+        d.id,
+        r.status,
+        r.stderr.trim()
+    );
+    println!("del under load took {del_secs:.1}s; fio ended with {fio_status:?}");
+    ensure!(fio_status.is_some(), "fio still running 30s after del");
+    wait_gone(d.bdev(), Duration::from_secs(10))?;
+    wait_gone(d.cdev(), Duration::from_secs(10))?;
+    wait_for(
+        &format!("daemon {} to exit", d.pid),
+        Duration::from_secs(10),
+        || !alive(d.pid),
+    )?;
+    Ok(Outcome::Pass)
+}
+
+/// 3a. kill -9 of a daemon without recovery: the device dies, del cleans it up.
+fn kill_no_recovery() -> Result<Outcome> {
+    let d = ublk_add(&["-t", "null"])?;
+    ensure!(d.pid > 0, "no daemon pid in add output");
+    kill(d.pid, "9")?;
+    let mut last = String::new();
+    wait_for(
+        "device DEAD or gone after kill -9",
+        Duration::from_secs(15),
+        || match ublk(&["list", "-n", &d.id.to_string()]) {
+            Ok(r) if r.ok() => {
+                let devs = parse_devs(&r.stdout);
+                last = format!("{devs:?}");
+                devs.first().is_some_and(|x| x.state == "DEAD")
+            }
+            Ok(r) => {
+                last = r.stderr.clone();
+                !Path::new(&d.cdev()).exists()
+            }
+            Err(e) => {
+                last = format!("{e:#}");
+                false
+            }
+        },
+    )
+    .with_context(|| format!("last `ublk list -n {}`: {last}", d.id))?;
+    wait_gone(d.bdev(), Duration::from_secs(10))?;
+    if Path::new(&d.cdev()).exists() {
+        ublk_del(d.id)?;
+    }
+    ensure!(
+        ublk_char_devs().is_empty(),
+        "left behind: {:?}",
+        ublk_char_devs()
+    );
+    Ok(Outcome::Pass)
+}
+
+/// 3b. kill -9 with user recovery: QUIESCED, `ublk recover` brings it back LIVE, data intact.
+fn kill_recovery() -> Result<Outcome> {
+    let wd = workdir()?;
+    let file = wd.join("backing");
+    sparse_file(&file, 64)?;
+    let pat = wd.join("pattern");
+    write_pattern(&pat, 4 * MIB, 0x5eed)?;
+    let want = sha256(&pat)?;
+    let d = add_loop(&file, &["-r", "1"])?;
+    dd(&[
+        &format!("if={}", pat.display()),
+        &format!("of={}", d.bdev()),
+        "bs=1M",
+        "count=4",
+        "oflag=direct",
+        "conv=fsync",
+    ])?;
+    kill(d.pid, "9")?;
+    let mut last = String::new();
+    wait_for(
+        "state QUIESCED after kill -9",
+        Duration::from_secs(15),
+        || match ublk(&["list", "-n", &d.id.to_string()]) {
+            Ok(r) => {
+                last = format!("{} {}", r.stdout.trim(), r.stderr.trim());
+                parse_devs(&r.stdout)
+                    .first()
+                    .is_some_and(|x| x.state == "QUIESCED")
+            }
+            Err(e) => {
+                last = format!("{e:#}");
+                false
+            }
+        },
+    )
+    .with_context(|| format!("last `ublk list -n {}`: {last}", d.id))?;
+    ensure!(
+        Path::new(&d.bdev()).exists(),
+        "{} vanished while quiesced",
+        d.bdev()
+    );
+
+    let r = ublk_ok(&["recover", "-n", &d.id.to_string()])?;
+    let n = parse_one("ublk recover", &r)?;
+    ensure!(n.id == d.id, "recover printed dev {}", n.id);
+    let now = ublk_list_one(d.id)?;
+    ensure!(now.state == "LIVE", "state after recover: {now:?}");
+    ensure!(
+        now.pid > 0 && now.pid != d.pid && alive(now.pid),
+        "new daemon pid {} (old {})",
+        now.pid,
+        d.pid
+    );
+
+    let rb = wd.join("readback");
+    dd(&[
+        &format!("if={}", d.bdev()),
+        &format!("of={}", rb.display()),
+        "bs=1M",
+        "count=4",
+        "iflag=direct",
+    ])?;
+    let got = sha256(&rb)?;
+    ensure!(
+        got == want,
+        "data after recovery differs: sha256 {got} != {want}"
+    );
+    // And the recovered daemon serves new I/O.
+    dd(&[
+        &format!("if={}", pat.display()),
+        &format!("of={}", d.bdev()),
+        "bs=1M",
+        "count=4",
+        "seek=8",
+        "oflag=direct",
+        "conv=fsync",
+    ])?;
+    dd(&[
+        &format!("if={}", d.bdev()),
+        &format!("of={}", rb.display()),
+        "bs=1M",
+        "count=4",
+        "skip=8",
+        "iflag=direct",
+    ])?;
+    ensure!(
+        sha256(&rb)? == want,
+        "write after recovery reads back differently"
+    );
+    ublk_del(d.id)?;
+    Ok(Outcome::Pass)
+}
+
+/// 4. fio verify (random 4k and sequential 128k writes) on loop over a 256 MiB file.
+fn loop_verify(mode: Option<&str>, queues: u32, depth: u32) -> Result<Outcome> {
+    let wd = workdir()?;
+    let file = wd.join("backing");
+    zero_file(&file, 256)?;
+    let (q, dp) = (queues.to_string(), depth.to_string());
+    let mut args = vec!["-q", &q, "-d", &dp];
+    args.extend(mode);
+    let d = add_loop(&file, &args)?;
+    ensure!(
+        d.queues == queues && d.depth == depth,
+        "device has {} queues / depth {}",
+        d.queues,
+        d.depth
+    );
+    let dev = format!("--filename={}", d.bdev());
+    let iod = format!("--iodepth={depth}");
+    for (rw, bs, size) in [("randwrite", "4k", "32M"), ("write", "128k", "64M")] {
+        let t = Instant::now();
+        fio(
+            &[
+                "--name=verify",
+                &dev,
+                &format!("--rw={rw}"),
+                &format!("--bs={bs}"),
+                &format!("--size={size}"),
+                &iod,
+                "--ioengine=io_uring",
+                "--direct=1",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+            ],
+            Duration::from_secs(150),
+        )
+        .with_context(|| format!("fio {rw} bs={bs} verify"))?;
+        println!(
+            "verify {rw} bs={bs} size={size} iodepth={depth}: ok in {:.1}s",
+            t.elapsed().as_secs_f64()
+        );
+    }
+    ublk_del(d.id)?;
+    Ok(Outcome::Pass)
+}
+
+/// 5. ext4 on a loop device survives del + re-add on the same backing file.
+fn ext4_readd() -> Result<Outcome> {
+    let wd = workdir()?;
+    let file = wd.join("backing");
+    sparse_file(&file, 256)?;
+    let d = add_loop(&file, &[])?;
+    sh(&opt_bin("mkfs.ext4"), &["-F", "-q", &d.bdev()])?;
+    let mnt = format!("{MNT_BASE}/ext4");
+    fs::create_dir_all(&mnt)?;
+    sh("mount", &["-t", "ext4", &d.bdev(), &mnt])?;
+    let sizes: [u64; 8] = [0, 1, 4095, 4096, 65537, MIB, 3 * MIB + 123, 9 * MIB];
+    let mut sums = Vec::new();
+    for (i, size) in sizes.iter().enumerate() {
+        let p = format!("{mnt}/file{i}");
+        write_pattern(&p, *size, 1000 + i as u64)?;
+        sums.push((p.clone(), sha256(&p)?));
+    }
+    fs::create_dir_all(format!("{mnt}/dir/sub"))?;
+    fs::write(format!("{mnt}/dir/sub/small"), b"hello ublk\n")?;
+    sh("umount", &[&mnt])?;
+    ublk_del(d.id)?;
+
+    let d2 = add_loop(&file, &[])?;
+    sh("mount", &["-t", "ext4", &d2.bdev(), &mnt])?;
+    for (p, want) in &sums {
+        let got = sha256(p)?;
+        ensure!(
+            &got == want,
+            "{p}: sha256 {got} after re-add, {want} before"
+        );
+    }
+    ensure!(
+        fs::read(format!("{mnt}/dir/sub/small"))? == b"hello ublk\n",
+        "small file differs"
+    );
+    sh("umount", &[&mnt])?;
+    let r = run_timeout(
+        Command::new(opt_bin("e2fsck")).args(["-fn", &d2.bdev()]),
+        Duration::from_secs(120),
+    )?;
+    ensure!(
+        r.ok(),
+        "e2fsck -fn found problems ({}): {} {}",
+        r.status,
+        r.stdout.trim(),
+        r.stderr.trim()
+    );
+    ublk_del(d2.id)?;
+    Ok(Outcome::Pass)
+}
+
+/// 6. A FLUSH on the ublk disk becomes an fsync SQE submitted by the loop daemon.
+fn flush_reaches_backing() -> Result<Outcome> {
+    let tr = Path::new("/sys/kernel/tracing");
+    let ev_dir = ["io_uring_submit_req", "io_uring_submit_sqe"]
+        .iter()
+        .map(|e| tr.join("events/io_uring").join(e))
+        .find(|p| p.join("enable").exists());
+    let wd = workdir()?;
+    let file = wd.join("backing");
+    zero_file(&file, 16)?;
+    let d = add_loop(&file, &[])?;
+    let wc = read_trim(format!("/sys/block/ublkb{}/queue/write_cache", d.id))?;
+    ensure!(
+        wc == "write back",
+        "write_cache is {wc:?}, want \"write back\""
+    );
+    let Some(ev_dir) = ev_dir else {
+        return Ok(Outcome::Skip(
+            "tracefs event io_uring_submit_req not available".into(),
+        ));
+    };
+    println!("using {}", ev_dir.display());
+    fs::write(tr.join("trace"), "")?;
+    fs::write(ev_dir.join("enable"), "1")?;
+    fs::write(tr.join("tracing_on"), "1")?;
+    let res = (|| -> Result<()> {
+        let mut f = fs::OpenOptions::new().write(true).open(d.bdev())?;
+        f.write_all(&[0xabu8; 4096])?;
+        f.sync_all()?;
+        Ok(())
+    })();
+    fs::write(ev_dir.join("enable"), "0")?;
+    res.context("write + fsync on the ublk device")?;
+    let trace = fs::read_to_string(tr.join("trace"))?;
+    let fsyncs: Vec<&str> = trace
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.contains("opcode FSYNC") || l.contains("opcode 3,"))
+        .collect();
+    let submits = trace.lines().filter(|l| !l.starts_with('#')).count();
+    let by_ublk: Vec<&&str> = fsyncs
+        .iter()
+        .filter(|l| l.trim_start().starts_with("ublk"))
+        .collect();
+    println!(
+        "{submits} io_uring submissions traced, {} FSYNC, {} from ublk tasks",
+        fsyncs.len(),
+        by_ublk.len()
+    );
+    for l in fsyncs.iter().take(5) {
+        println!("  {l}");
+    }
+    if by_ublk.is_empty() {
+        let sample: Vec<&str> = trace
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .take(5)
+            .collect();
+        bail!(
+            "no FSYNC submitted by a ublk task after fsync on {} ({submits} submissions traced; FSYNC lines: {fsyncs:?}; sample: {sample:?})",
+            d.bdev()
+        );
+    }
+    ublk_del(d.id)?;
+    Ok(Outcome::Pass)
+}
+
+/// 7. blkdiscard on a loop device punches holes in the backing file and reads back zeros.
+fn discard_punches_holes() -> Result<Outcome> {
+    let wd = workdir()?;
+    let file = wd.join("backing");
+    write_pattern(&file, 64 * MIB, 0xd15c)?;
+    let d = add_loop(&file, &[])?;
+    let max = read_trim(format!("/sys/block/ublkb{}/queue/discard_max_bytes", d.id))?;
+    ensure!(
+        max != "0",
+        "device does not advertise discard (discard_max_bytes 0)"
+    );
+    let before = allocated_bytes(&file)?;
+    check_cmd(
+        Command::new(opt_bin("blkdiscard")).args([
+            "-o",
+            "0",
+            "-l",
+            &(32 * MIB).to_string(),
+            &d.bdev(),
+        ]),
+        Duration::from_secs(60),
+    )?;
+    let after = allocated_bytes(&file)?;
+    println!(
+        "backing file allocated: {} MiB before, {} MiB after discard",
+        before / MIB,
+        after / MIB
+    );
+    ensure!(
+        before >= after + 30 * MIB,
+        "allocation dropped by {} KiB only ({before} -> {after} bytes)",
+        before.saturating_sub(after) / 1024
+    );
+    let rb = wd.join("readback");
+    dd(&[
+        &format!("if={}", d.bdev()),
+        &format!("of={}", rb.display()),
+        "bs=1M",
+        "count=64",
+        "iflag=direct",
+    ])?;
+    let data = fs::read(&rb)?;
+    ensure!(
+        data.len() as u64 == 64 * MIB,
+        "read back {} bytes",
+        data.len()
+    );
+    let (lo, hi) = data.split_at((32 * MIB) as usize);
+    if let Some(pos) = lo.iter().position(|&b| b != 0) {
+        bail!("discarded range not zero at byte {pos}");
+    }
+    let orig = wd.join("orig");
+    write_pattern(&orig, 64 * MIB, 0xd15c)?;
+    let orig = fs::read(&orig)?;
+    ensure!(
+        &orig[(32 * MIB) as usize..] == hi,
+        "data after the discarded range changed"
+    );
+    ublk_del(d.id)?;
+    Ok(Outcome::Pass)
+}

@@ -1,0 +1,604 @@
+//! Helpers for the in-guest tests: running tools with timeouts, waiting, checksums, parsing
+//! `ublk` output, cleaning up.
+
+use anyhow::{anyhow, bail, Context, Result};
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Default limit for one tool invocation.
+pub const CMD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Path of the `ublk` binary (`UBLK_BIN` overrides, for running outside the VM).
+pub fn ublk_bin() -> String {
+    std::env::var("UBLK_BIN").unwrap_or_else(|_| "/opt/bin/ublk".to_string())
+}
+
+/// A tool from the initramfs' `/opt/bin` (busybox sh would prefer its own applets otherwise).
+pub fn opt_bin(name: &str) -> String {
+    let p = format!("/opt/bin/{name}");
+    if Path::new(&p).exists() {
+        p
+    } else {
+        name.to_string()
+    }
+}
+
+/// Human-readable form of a command line.
+pub fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+/// Output of a finished command, as text.
+#[derive(Debug)]
+pub struct Run {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn ok(&self) -> bool {
+        self.status.success()
+    }
+}
+
+fn read_pipe<R: Read + Send + 'static>(r: Option<R>) -> thread::JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut v = Vec::new();
+        if let Some(mut r) = r {
+            let _ = r.read_to_end(&mut v);
+        }
+        v
+    })
+}
+
+/// Wait for `child` up to `timeout`; kill it (and report the timeout) when it takes longer.
+pub fn wait_child(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>> {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait()? {
+            return Ok(Some(st));
+        }
+        if start.elapsed() >= timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Run `cmd` with a timeout, capturing stdout and stderr. Fails only on spawn errors and timeouts.
+pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Result<Run> {
+    let desc = describe(cmd);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run `{desc}`"))?;
+    let out = read_pipe(child.stdout.take());
+    let err = read_pipe(child.stderr.take());
+    let status = wait_child(&mut child, timeout)?;
+    let stdout = String::from_utf8_lossy(&out.join().unwrap_or_default()).into_owned();
+    let stderr = String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned();
+    match status {
+        Some(status) => Ok(Run {
+            status,
+            stdout,
+            stderr,
+        }),
+        None => bail!(
+            "`{desc}` timed out after {}s (killed); stdout: {:?}; stderr: {:?}",
+            timeout.as_secs(),
+            tail(&stdout),
+            tail(&stderr)
+        ),
+    }
+}
+
+fn tail(s: &str) -> String {
+    let s = s.trim();
+    let cut = s.char_indices().rev().nth(600).map(|(i, _)| i).unwrap_or(0);
+    s[cut..].to_string()
+}
+
+/// Run `cmd` and require success; the error names the command, status, stderr and stdout.
+pub fn check_cmd(cmd: &mut Command, timeout: Duration) -> Result<Run> {
+    let desc = describe(cmd);
+    let r = run_timeout(cmd, timeout)?;
+    if !r.ok() {
+        bail!(
+            "`{desc}` failed ({}); stderr: {:?}; stdout: {:?}",
+            r.status,
+            tail(&r.stderr),
+            tail(&r.stdout)
+        );
+    }
+    Ok(r)
+}
+
+/// `check_cmd` for a program and arguments, with the default timeout; returns stdout.
+pub fn sh(prog: &str, args: &[&str]) -> Result<String> {
+    Ok(check_cmd(Command::new(prog).args(args), CMD_TIMEOUT)?.stdout)
+}
+
+/// Poll `cond` every 50 ms until it holds or `timeout` passes.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return Ok(());
+        }
+        if start.elapsed() >= timeout {
+            bail!(
+                "timed out after {:.1}s waiting for {what}",
+                timeout.as_secs_f64()
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn wait_for_path(path: impl AsRef<Path>, timeout: Duration) -> Result<()> {
+    let p = path.as_ref();
+    wait_for(&format!("{} to appear", p.display()), timeout, || {
+        p.exists()
+    })
+}
+
+pub fn wait_gone(path: impl AsRef<Path>, timeout: Duration) -> Result<()> {
+    let p = path.as_ref();
+    wait_for(&format!("{} to disappear", p.display()), timeout, || {
+        !p.exists()
+    })
+}
+
+/// sha256 of a file, via busybox `sha256sum`.
+pub fn sha256(path: impl AsRef<Path>) -> Result<String> {
+    let p = path.as_ref().to_string_lossy().into_owned();
+    let out = check_cmd(Command::new("sha256sum").arg(&p), Duration::from_secs(120))?.stdout;
+    out.split_whitespace()
+        .next()
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("sha256sum {p}: empty output"))
+}
+
+/// Write `size` bytes of a seeded pseudo-random (never all-zero) pattern to `path`.
+pub fn write_pattern(path: impl AsRef<Path>, size: u64, seed: u64) -> Result<()> {
+    let mut f = fs::File::create(path.as_ref())
+        .with_context(|| format!("create {}", path.as_ref().display()))?;
+    let mut x = seed | 1;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        for chunk in buf.chunks_mut(8) {
+            // xorshift64
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+        }
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+/// A file of `mib` MiB of zeros written with dd (allocated, not sparse).
+pub fn zero_file(path: impl AsRef<Path>, mib: u64) -> Result<()> {
+    let p = path.as_ref().to_string_lossy().into_owned();
+    sh(
+        "dd",
+        &[
+            "if=/dev/zero",
+            &format!("of={p}"),
+            "bs=1M",
+            &format!("count={mib}"),
+            "status=none",
+        ],
+    )?;
+    Ok(())
+}
+
+/// A sparse file of `mib` MiB.
+pub fn sparse_file(path: impl AsRef<Path>, mib: u64) -> Result<()> {
+    let f = fs::File::create(path.as_ref())?;
+    f.set_len(mib << 20)?;
+    Ok(())
+}
+
+/// The test's scratch directory (`/tmp/ublk-test`, removed by [`cleanup`]).
+pub fn workdir() -> Result<PathBuf> {
+    let d = PathBuf::from("/tmp/ublk-test");
+    fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+/// Mount points used by tests live below this directory.
+pub const MNT_BASE: &str = "/mnt/ublk-test";
+
+/// One device as printed by `ublk add|list|recover`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DevInfo {
+    pub id: u32,
+    pub queues: u32,
+    pub depth: u32,
+    pub block_size: u64,
+    /// In 512-byte sectors.
+    pub capacity: u64,
+    pub max_rq: u64,
+    pub pid: i64,
+    pub flags: u64,
+    pub state: String,
+}
+
+impl DevInfo {
+    pub fn bdev(&self) -> String {
+        format!("/dev/ublkb{}", self.id)
+    }
+    pub fn cdev(&self) -> String {
+        format!("/dev/ublkc{}", self.id)
+    }
+}
+
+fn after<'a>(words: &[&'a str], key: &[&str]) -> Option<&'a str> {
+    words
+        .windows(key.len() + 1)
+        .find(|w| w[..key.len()] == *key)
+        .map(|w| w[key.len()].trim_end_matches([':', ',']))
+}
+
+fn num<T: std::str::FromStr>(words: &[&str], key: &[&str]) -> Option<T> {
+    after(words, key)?.parse().ok()
+}
+
+/// Parse every `dev id N: ...` block in `text`.
+pub fn parse_devs(text: &str) -> Vec<DevInfo> {
+    let mut devs: Vec<DevInfo> = Vec::new();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if line.trim_start().starts_with("dev id ") {
+            let Some(id) = num(&words, &["dev", "id"]) else {
+                continue;
+            };
+            devs.push(DevInfo {
+                id,
+                queues: num(&words, &["nr_hw_queues"]).unwrap_or(0),
+                depth: num(&words, &["queue_depth"]).unwrap_or(0),
+                block_size: num(&words, &["block", "size"]).unwrap_or(0),
+                capacity: num(&words, &["dev_capacity"]).unwrap_or(0),
+                ..DevInfo::default()
+            });
+        } else if let Some(d) = devs.last_mut() {
+            if let Some(v) = num(&words, &["max", "rq", "size"]) {
+                d.max_rq = v;
+            }
+            if let Some(v) = num(&words, &["daemon", "pid"]) {
+                d.pid = v;
+            }
+            if let Some(v) = after(&words, &["flags"]) {
+                d.flags = u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap_or(0);
+            }
+            if let Some(v) = after(&words, &["state"]) {
+                d.state = v.to_string();
+            }
+        }
+    }
+    devs
+}
+
+/// Parse the one device `ublk add|recover` printed.
+pub fn parse_one(what: &str, r: &Run) -> Result<DevInfo> {
+    let devs = parse_devs(&r.stdout);
+    match devs.as_slice() {
+        [d] => Ok(d.clone()),
+        _ => bail!(
+            "could not parse one `dev id N: ...` block from `{what}` output (stdout {:?}, stderr {:?})",
+            tail(&r.stdout),
+            tail(&r.stderr)
+        ),
+    }
+}
+
+/// `ublk ARGS` with the default timeout, not requiring success.
+pub fn ublk(args: &[&str]) -> Result<Run> {
+    run_timeout(Command::new(ublk_bin()).args(args), CMD_TIMEOUT)
+}
+
+/// `ublk ARGS`, requiring success.
+pub fn ublk_ok(args: &[&str]) -> Result<Run> {
+    check_cmd(Command::new(ublk_bin()).args(args), CMD_TIMEOUT)
+}
+
+/// `ublk add ARGS`: the new device, after checking its block device exists.
+pub fn ublk_add(args: &[&str]) -> Result<DevInfo> {
+    let mut full = vec!["add"];
+    full.extend_from_slice(args);
+    let r = ublk_ok(&full)?;
+    let d = parse_one(&format!("ublk {}", full.join(" ")), &r)?;
+    wait_for_path(d.bdev(), Duration::from_secs(5))
+        .context("`ublk add` returned before the block device existed")?;
+    println!(
+        "added {} (pid {}, flags {:#x}, state {})",
+        d.bdev(),
+        d.pid,
+        d.flags,
+        d.state
+    );
+    Ok(d)
+}
+
+/// `ublk list -n ID`.
+pub fn ublk_list_one(id: u32) -> Result<DevInfo> {
+    let r = ublk_ok(&["list", "-n", &id.to_string()])?;
+    parse_one(&format!("ublk list -n {id}"), &r)
+}
+
+/// `ublk del -n ID`, then wait for both device nodes to go away.
+pub fn ublk_del(id: u32) -> Result<()> {
+    ublk_ok(&["del", "-n", &id.to_string()])?;
+    wait_gone(format!("/dev/ublkb{id}"), Duration::from_secs(10))?;
+    wait_gone(format!("/dev/ublkc{id}"), Duration::from_secs(10))?;
+    Ok(())
+}
+
+/// All `/dev/ublkc*` nodes.
+pub fn ublk_char_devs() -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir("/dev")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("ublkc"))
+                .map(|n| format!("/dev/{n}"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// `(major, minor)` of the running kernel.
+pub fn kernel_version() -> Result<(u32, u32)> {
+    let rel = fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    let mut it = rel.trim().split(['.', '-', '+']);
+    let major = it.next().and_then(|s| s.parse().ok());
+    let minor = it.next().and_then(|s| s.parse().ok());
+    match (major, minor) {
+        (Some(a), Some(b)) => Ok((a, b)),
+        _ => bail!("cannot parse kernel release {rel:?}"),
+    }
+}
+
+/// Is `pid` a live (not zombie) process?
+pub fn alive(pid: i64) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => {
+            s.rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().next())
+                != Some("Z")
+        }
+        Err(_) => false,
+    }
+}
+
+/// `kill -SIG pid` via the kill applet.
+pub fn kill(pid: i64, sig: &str) -> Result<()> {
+    sh("kill", &[&format!("-{sig}"), &pid.to_string()]).map(|_| ())
+}
+
+/// Pids of processes running `exe` (from /proc/PID/exe).
+pub fn pids_of_exe(exe: &str) -> Vec<i64> {
+    procs()
+        .into_iter()
+        .filter(|(_, e, _)| e == exe)
+        .map(|(p, _, _)| p)
+        .collect()
+}
+
+/// (pid, exe, process group) of every process.
+fn procs() -> Vec<(i64, String, i64)> {
+    let mut v = Vec::new();
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return v;
+    };
+    for e in rd.filter_map(|e| e.ok()) {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i64>() else {
+            continue;
+        };
+        let exe = fs::read_link(format!("/proc/{pid}/exe"))
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let pgrp = fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, r)| r.split_whitespace().nth(2)?.parse().ok())
+            })
+            .unwrap_or(0);
+        v.push((pid, exe, pgrp));
+    }
+    v
+}
+
+/// SIGKILL every process in process group `pgrp`.
+pub fn kill_group(pgrp: i64) {
+    for (pid, _, g) in procs() {
+        if g == pgrp && pid != std::process::id() as i64 {
+            let _ = kill(pid, "9");
+        }
+    }
+}
+
+/// Undo whatever a test left behind. Returns notes about what had to be cleaned.
+pub fn cleanup() -> Vec<String> {
+    let mut notes = Vec::new();
+    // 1. Unmount test file systems and anything on a ublk disk.
+    if let Ok(mounts) = fs::read_to_string("/proc/mounts") {
+        let mut targets: Vec<String> = mounts
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                let (src, dst) = (w.next()?, w.next()?);
+                (src.starts_with("/dev/ublkb") || dst.starts_with(MNT_BASE))
+                    .then(|| dst.to_string())
+            })
+            .collect();
+        targets.reverse();
+        for t in targets {
+            notes.push(format!("unmounted {t}"));
+            if !run_timeout(Command::new("umount").arg(&t), Duration::from_secs(20))
+                .map(|r| r.ok())
+                .unwrap_or(false)
+            {
+                let _ = run_timeout(
+                    Command::new("umount").args(["-l", &t]),
+                    Duration::from_secs(20),
+                );
+            }
+        }
+    }
+    // 2. Stray fio.
+    for pid in pids_of_exe("/opt/bin/fio") {
+        notes.push(format!("killed fio {pid}"));
+        let _ = kill(pid, "9");
+    }
+    // 3. Devices, then daemons, then devices again (del may hang on a stuck daemon).
+    let had_devs = ublk_char_devs();
+    if !had_devs.is_empty() {
+        notes.push(format!("devices left: {}", had_devs.join(" ")));
+        if let Err(e) = ublk(&["del", "-a"]) {
+            notes.push(format!("ublk del -a: {e:#}"));
+        }
+    }
+    let daemons = pids_of_exe(&ublk_bin());
+    if !daemons.is_empty() {
+        notes.push(format!("killed ublk processes {daemons:?}"));
+        for pid in &daemons {
+            let _ = kill(*pid, "9");
+        }
+        let _ = wait_for("ublk processes to exit", Duration::from_secs(5), || {
+            daemons.iter().all(|p| !alive(*p))
+        });
+    }
+    if !ublk_char_devs().is_empty() {
+        let _ = ublk(&["del", "-a"]);
+        let _ = wait_for("ublk devices to go", Duration::from_secs(5), || {
+            ublk_char_devs().is_empty()
+        });
+        let left = ublk_char_devs();
+        if !left.is_empty() {
+            notes.push(format!(
+                "WARNING: devices still present after cleanup: {}",
+                left.join(" ")
+            ));
+        }
+    }
+    // 4. Tracing left on by a failed test.
+    let ev = Path::new("/sys/kernel/tracing/events/io_uring/enable");
+    if ev.exists() {
+        let _ = fs::write(ev, "0");
+    }
+    // 5. Scratch files.
+    let _ = fs::remove_dir_all("/tmp/ublk-test");
+    let _ = fs::remove_dir_all(MNT_BASE);
+    notes
+}
+
+/// Run fio with `args` (plus `--output-format=json --clocksource=clock_gettime`); require exit 0
+/// and no job errors; return the parsed JSON.
+pub fn fio(args: &[&str], timeout: Duration) -> Result<serde_json::Value> {
+    let mut cmd = Command::new(opt_bin("fio"));
+    cmd.args(["--output-format=json", "--clocksource=clock_gettime"])
+        .args(args);
+    let desc = describe(&cmd);
+    let r = run_timeout(&mut cmd, timeout)?;
+    let json = r
+        .stdout
+        .find('{')
+        .and_then(|i| serde_json::from_str::<serde_json::Value>(&r.stdout[i..]).ok());
+    if !r.ok() {
+        bail!(
+            "`{desc}` failed ({}); stderr: {:?}; stdout: {:?}",
+            r.status,
+            tail(&r.stderr),
+            tail(&r.stdout)
+        );
+    }
+    let json = json.ok_or_else(|| anyhow!("`{desc}`: no JSON in output {:?}", tail(&r.stdout)))?;
+    for job in json["jobs"].as_array().into_iter().flatten() {
+        let err = job["error"].as_i64().unwrap_or(0);
+        if err != 0 {
+            bail!(
+                "`{desc}`: job {} error {err}; stderr: {:?}",
+                job["jobname"],
+                tail(&r.stderr)
+            );
+        }
+    }
+    Ok(json)
+}
+
+/// A file of `sysfs` as a trimmed string.
+pub fn read_trim(path: impl AsRef<Path>) -> Result<String> {
+    let p = path.as_ref();
+    Ok(fs::read_to_string(p)
+        .with_context(|| format!("reading {}", p.display()))?
+        .trim()
+        .to_string())
+}
+
+/// Allocated bytes of a file (`stat -c '%b %B'`).
+pub fn allocated_bytes(path: impl AsRef<Path>) -> Result<u64> {
+    let p = path.as_ref().to_string_lossy().into_owned();
+    let out = sh("stat", &["-c", "%b %B", &p])?;
+    let mut w = out.split_whitespace().map(|s| s.parse::<u64>());
+    match (w.next(), w.next()) {
+        (Some(Ok(blocks)), Some(Ok(bsize))) => Ok(blocks * bsize),
+        _ => bail!("cannot parse stat output {out:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_dev_blocks() {
+        let text = "dev id 3: nr_hw_queues 2 queue_depth 128 block size 512 dev_capacity 2097152\n\
+                    \tmax rq size 524288 daemon pid 77 flags 0x42 state LIVE\n\
+                    \tqueue 0: tid 78 affinity(0)\n\
+                    dev id 7: nr_hw_queues 1 queue_depth 64 block size 4096 dev_capacity 8\n\
+                    \tmax rq size 1048576 daemon pid -1 flags 0x2 state DEAD\n";
+        let d = parse_devs(text);
+        assert_eq!(d.len(), 2);
+        assert_eq!(
+            d[0],
+            DevInfo {
+                id: 3,
+                queues: 2,
+                depth: 128,
+                block_size: 512,
+                capacity: 2097152,
+                max_rq: 524288,
+                pid: 77,
+                flags: 0x42,
+                state: "LIVE".into()
+            }
+        );
+        assert_eq!(d[1].id, 7);
+        assert_eq!(d[1].pid, -1);
+        assert_eq!(d[1].state, "DEAD");
+    }
+}

@@ -1,0 +1,339 @@
+//! The guest's initramfs: an uncompressed newc cpio archive written here (no host `cpio` needed).
+//!
+//! Layout inside the guest:
+//! * `/bin/busybox` and its applet symlinks (`busybox --list-full`), `/init` (a busybox sh script);
+//! * `/opt/bin/`: `ublk`, `ublk-vm-tests`, `fio`, `mke2fs` (+ `mkfs.ext4`), `e2fsck`, `blkdiscard`,
+//!   `losetup` (util-linux);
+//! * the shared libraries `ldd` lists for them, at the paths `ldd` prints;
+//! * `/lib/modules/<release>/*.ko`: decompressed modules, loaded by `/init` in dependency order;
+//! * `/dev/console` so that init has a console before devtmpfs is mounted.
+
+use crate::kernel::Kernel;
+use anyhow::{anyhow, bail, Context, Result};
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Host programs copied into the guest's `/opt/bin` (name in guest, candidates on the host).
+const HOST_TOOLS: &[(&str, &[&str])] = &[
+    ("fio", &["/usr/bin/fio"]),
+    ("mke2fs", &["/usr/sbin/mke2fs", "/sbin/mke2fs"]),
+    ("e2fsck", &["/usr/sbin/e2fsck", "/sbin/e2fsck"]),
+    ("blkdiscard", &["/usr/sbin/blkdiscard", "/sbin/blkdiscard"]),
+    ("losetup", &["/usr/sbin/losetup", "/sbin/losetup"]),
+];
+
+const BUSYBOX: &[&str] = &["/usr/bin/busybox", "/bin/busybox"];
+
+/// What `/init` does after setting the guest up.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// Run `/opt/bin/ublk-vm-tests`, print the result marker, power off.
+    Test,
+    /// Interactive shell on the console, power off when it exits.
+    Shell,
+}
+
+/// Marker the guest prints last in test mode: `@@UBLK-VM-RESULT rc=N@@`.
+pub const RESULT_MARKER: &str = "@@UBLK-VM-RESULT rc=";
+
+enum Entry {
+    Dir,
+    File { src: PathBuf, mode: u32 },
+    Data { data: Vec<u8>, mode: u32 },
+    Symlink(String),
+    CharDev { major: u32, minor: u32 },
+}
+
+#[derive(Default)]
+struct Tree {
+    entries: BTreeMap<String, Entry>,
+}
+
+impl Tree {
+    fn dirs_for(&mut self, path: &str) {
+        let mut cur = String::new();
+        let parts: Vec<_> = path.split('/').filter(|p| !p.is_empty()).collect();
+        for p in &parts[..parts.len().saturating_sub(1)] {
+            if !cur.is_empty() {
+                cur.push('/');
+            }
+            cur.push_str(p);
+            self.entries.entry(cur.clone()).or_insert(Entry::Dir);
+        }
+    }
+
+    fn add(&mut self, path: &str, e: Entry) {
+        let path = path.trim_start_matches('/').to_string();
+        self.dirs_for(&path);
+        self.entries.insert(path, e);
+    }
+
+    fn dir(&mut self, path: &str) {
+        self.add(path, Entry::Dir);
+    }
+
+    fn file(&mut self, path: &str, src: &Path) -> Result<()> {
+        let meta = fs::metadata(src)
+            .with_context(|| format!("{} (needed in the guest)", src.display()))?;
+        self.add(
+            path,
+            Entry::File {
+                src: src.to_path_buf(),
+                mode: meta.permissions().mode() & 0o7777,
+            },
+        );
+        Ok(())
+    }
+
+    /// A dynamically linked program and every library it needs.
+    fn program(&mut self, path: &str, src: &Path) -> Result<()> {
+        self.file(path, src)?;
+        for lib in shared_libs(src)? {
+            let key = lib.to_string_lossy().to_string();
+            if !self.entries.contains_key(key.trim_start_matches('/')) {
+                self.file(&key, &lib)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&self, out: &Path) -> Result<()> {
+        let mut w = CpioWriter {
+            out: BufWriter::new(File::create(out)?),
+            ino: 1,
+        };
+        for (path, e) in &self.entries {
+            match e {
+                Entry::Dir => w.entry(path, 0o040755, 0, 0, &[])?,
+                Entry::File { src, mode } => {
+                    let data =
+                        fs::read(src).with_context(|| format!("reading {}", src.display()))?;
+                    w.entry(path, 0o100000 | mode, 0, 0, &data)?
+                }
+                Entry::Data { data, mode } => w.entry(path, 0o100000 | mode, 0, 0, data)?,
+                Entry::Symlink(target) => w.entry(path, 0o120777, 0, 0, target.as_bytes())?,
+                Entry::CharDev { major, minor } => w.entry(path, 0o020600, *major, *minor, &[])?,
+            }
+        }
+        w.entry("TRAILER!!!", 0, 0, 0, &[])?;
+        w.out.flush()?;
+        Ok(())
+    }
+}
+
+struct CpioWriter {
+    out: BufWriter<File>,
+    ino: u32,
+}
+
+impl CpioWriter {
+    /// One newc entry: 110-byte ASCII header, NUL-terminated name, data; both padded to 4 bytes.
+    fn entry(
+        &mut self,
+        name: &str,
+        mode: u32,
+        rmajor: u32,
+        rminor: u32,
+        data: &[u8],
+    ) -> Result<()> {
+        let nlink = if mode & 0o170000 == 0o040000 { 2 } else { 1 };
+        let ino = if name == "TRAILER!!!" { 0 } else { self.ino };
+        self.ino += 1;
+        let fields = [
+            ino,
+            mode,
+            0, // uid
+            0, // gid
+            nlink,
+            0, // mtime
+            u32::try_from(data.len()).context("file too large for cpio")?,
+            0, // devmajor
+            0, // devminor
+            rmajor,
+            rminor,
+            name.len() as u32 + 1,
+            0, // check
+        ];
+        let mut header = String::from("070701");
+        for f in fields {
+            header.push_str(&format!("{f:08x}"));
+        }
+        self.out.write_all(header.as_bytes())?;
+        self.out.write_all(name.as_bytes())?;
+        self.out.write_all(&[0])?;
+        self.pad(110 + name.len() + 1)?;
+        self.out.write_all(data)?;
+        self.pad(data.len())?;
+        Ok(())
+    }
+
+    fn pad(&mut self, len: usize) -> Result<()> {
+        let n = (4 - len % 4) % 4;
+        self.out.write_all(&[0u8; 3][..n])?;
+        Ok(())
+    }
+}
+
+/// Libraries (and the dynamic loader) that `ldd` lists for `bin`; empty for static programs.
+fn shared_libs(bin: &Path) -> Result<Vec<PathBuf>> {
+    let out = Command::new("ldd")
+        .arg(bin)
+        .output()
+        .context("running ldd")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        // "not a dynamic executable"
+        return Ok(Vec::new());
+    }
+    let mut libs = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.contains("not found") {
+            bail!(
+                "{}: shared library missing on the host: {line}",
+                bin.display()
+            );
+        }
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            libs.push(PathBuf::from(p));
+        }
+    }
+    Ok(libs)
+}
+
+fn find_first(candidates: &[&str]) -> Result<PathBuf> {
+    candidates
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .ok_or_else(|| anyhow!("none of {candidates:?} exists; install the host packages listed in xtask/src/vm.rs"))
+}
+
+/// Build `out` for `kernel`. `bins` are workspace binaries placed in `/opt/bin`.
+pub fn build(kernel: &Kernel, bins: &[PathBuf], mode: &Mode, out: &Path) -> Result<()> {
+    let mut t = Tree::default();
+    for d in [
+        "proc", "sys", "dev", "tmp", "run", "mnt", "root", "etc", "opt/bin",
+    ] {
+        t.dir(d);
+    }
+    t.add("dev/console", Entry::CharDev { major: 5, minor: 1 });
+    t.add("dev/null", Entry::CharDev { major: 1, minor: 3 });
+
+    let busybox = find_first(BUSYBOX)?;
+    if !shared_libs(&busybox)?.is_empty() {
+        bail!(
+            "{} is not static; install busybox-static",
+            busybox.display()
+        );
+    }
+    t.file("bin/busybox", &busybox)?;
+    let list = crate::kernel::run(Command::new(&busybox).arg("--list-full"))?;
+    for applet in list
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && *l != "bin/busybox")
+    {
+        t.add(applet, Entry::Symlink("/bin/busybox".into()));
+    }
+
+    for (name, candidates) in HOST_TOOLS {
+        let src = find_first(candidates)?;
+        t.program(&format!("opt/bin/{name}"), &src)?;
+    }
+    t.add("opt/bin/mkfs.ext4", Entry::Symlink("mke2fs".into()));
+    for bin in bins {
+        let name = bin
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| anyhow!("bad binary path"))?;
+        t.program(&format!("opt/bin/{name}"), bin)?;
+    }
+
+    if Path::new("/etc/mke2fs.conf").exists() {
+        t.file("etc/mke2fs.conf", Path::new("/etc/mke2fs.conf"))?;
+    }
+    t.add("etc/mtab", Entry::Symlink("/proc/self/mounts".into()));
+    t.add(
+        "etc/passwd",
+        Entry::Data {
+            data: b"root:x:0:0:root:/root:/bin/sh\n".to_vec(),
+            mode: 0o644,
+        },
+    );
+    t.add(
+        "etc/group",
+        Entry::Data {
+            data: b"root:x:0:\n".to_vec(),
+            mode: 0o644,
+        },
+    );
+
+    let mut insmods = String::new();
+    for m in &kernel.modules {
+        let name = m.file_name().unwrap().to_string_lossy();
+        let guest = format!("lib/modules/{}/{name}", kernel.release);
+        t.file(&guest, m)?;
+        insmods.push_str(&format!(
+            "insmod /{guest} || echo \"init: insmod {name} failed\"\n"
+        ));
+    }
+    t.add(
+        "init",
+        Entry::Data {
+            data: init_script(&insmods, mode).into_bytes(),
+            mode: 0o755,
+        },
+    );
+    t.write(out)
+}
+
+fn init_script(insmods: &str, mode: &Mode) -> String {
+    let tail = match mode {
+        Mode::Test => format!(
+            r#"echo "init: running /opt/bin/ublk-vm-tests (kernel $(uname -r), filter '$UBLK_VM_FILTER')"
+/opt/bin/ublk-vm-tests
+rc=$?
+sync
+echo
+echo "{RESULT_MARKER}$rc@@"
+"#
+        ),
+        Mode::Shell => r#"echo
+echo "ublk VM shell: kernel $(uname -r). Tools in /opt/bin (ublk, ublk-vm-tests, fio, mkfs.ext4, ...)."
+echo "Run 'ublk-vm-tests --list' / 'ublk-vm-tests FILTER'. Exit the shell to power off."
+setsid cttyhack sh -l || sh
+"#
+        .to_string(),
+    };
+    format!(
+        r#"#!/bin/sh
+export PATH=/opt/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export HOME=/root
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+mount -t tmpfs -o mode=755 tmpfs /run
+mount -t tmpfs -o mode=1777 tmpfs /dev/shm
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
+if [ -d /sys/kernel/tracing ]; then
+    mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
+fi
+{insmods}mount -t configfs configfs /sys/kernel/config
+echo "init: guest ready: $(uname -r), modules: $(cut -d' ' -f1 /proc/modules | tr '\n' ' ')"
+{tail}poweroff -f
+"#
+    )
+}

@@ -1,0 +1,486 @@
+//! `cargo xtask test-vm` / `cargo xtask vm-shell`: boot Debian kernels under qemu (TCG) with an
+//! initramfs holding `ublk`, the in-guest test runner `ublk-vm-tests` and the tools it drives.
+//!
+//! Guest protocol (printed on the serial console by `ublk-vm-tests`):
+//! `@@TEST START name@@`, `@@TEST PASS name secs@@`, `@@TEST FAIL name secs reason@@`,
+//! `@@TEST SKIP name secs reason@@`, and finally by `/init`: `@@UBLK-VM-RESULT rc=N@@`.
+//! Kernel command-line words pass parameters to the guest: `UBLK_VM_KERNEL=<label>`,
+//! `UBLK_VM_FILTER=<pattern>`.
+
+use crate::initramfs::{self, Mode, RESULT_MARKER};
+use crate::kernel::{self, Kernel, KernelSpec};
+use anyhow::{bail, Context, Result};
+use std::fs::{self, File};
+use std::io::{BufWriter, Read, Write};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Debian packages the host needs for `test-vm` / `vm-shell` (CI installs these with apt-get).
+pub const HOST_PACKAGES: &[&str] = &[
+    "qemu-system-x86",        // qemu-system-x86_64
+    "busybox-static",         // the guest's shell and core utilities
+    "fio",                    // guest I/O load and verification
+    "e2fsprogs",              // mke2fs, e2fsck for the guest
+    "util-linux",             // blkdiscard, losetup for the guest
+    "kmod",                   // modinfo: module dependencies
+    "xz-utils",               // decompress .ko.xz
+    "zstd",                   // decompress .ko.zst (newer Debian kernels)
+    "dpkg",                   // dpkg-deb -x
+    "apt",                    // apt-get download with a private configuration
+    "debian-archive-keyring", // signed-by for the private sources
+    "libc-bin",               // ldd
+];
+
+/// Default host-side limit for one boot in test mode.
+pub const DEFAULT_TIMEOUT_SECS: u64 = 1500;
+
+#[derive(Debug)]
+pub struct TestOptions {
+    pub kernels: Vec<&'static KernelSpec>,
+    pub filter: Option<String>,
+    pub shell: bool,
+    pub timeout: Duration,
+    pub quiet: bool,
+    pub no_build: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Pass,
+    Fail,
+    Skip,
+}
+
+#[derive(Debug, Clone)]
+struct TestResult {
+    kernel: String,
+    name: String,
+    status: Status,
+    secs: Option<f64>,
+    reason: String,
+}
+
+impl TestResult {
+    fn line(&self) -> String {
+        let secs = self.secs.map(|s| format!("{s:.1}s"));
+        match self.status {
+            Status::Pass => format!(
+                "PASS {} {} ({})",
+                self.kernel,
+                self.name,
+                secs.unwrap_or_default()
+            ),
+            Status::Fail => match secs {
+                Some(s) => format!("FAIL {} {} ({s}): {}", self.kernel, self.name, self.reason),
+                None => format!("FAIL {} {}: {}", self.kernel, self.name, self.reason),
+            },
+            Status::Skip => format!("SKIP {} {} ({})", self.kernel, self.name, self.reason),
+        }
+    }
+}
+
+pub fn parse_kernels(arg: &str) -> Result<Vec<&'static KernelSpec>> {
+    if arg == "all" {
+        return Ok(kernel::KERNELS.iter().collect());
+    }
+    arg.split(',').map(|l| kernel::spec(l.trim())).collect()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::project_root().join("target"))
+}
+
+/// Build the workspace binaries that go into the guest and return the ones that exist.
+fn build_binaries(no_build: bool) -> Result<Vec<PathBuf>> {
+    if !no_build {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "ublk-cli",
+                "-p",
+                "ublk-vm-tests",
+            ])
+            .current_dir(crate::project_root())
+            .status()
+            .context("running cargo build")?;
+        if !status.success() {
+            bail!("cargo build --release -p ublk-cli -p ublk-vm-tests failed");
+        }
+    }
+    let release = target_dir().join("release");
+    let runner = release.join("ublk-vm-tests");
+    if !runner.exists() {
+        bail!("{} missing", runner.display());
+    }
+    let mut bins = vec![runner];
+    let ublk = release.join("ublk");
+    if ublk.exists() {
+        bins.push(ublk);
+    } else {
+        eprintln!(
+            "warning: {} does not exist; the guest has no `ublk`",
+            ublk.display()
+        );
+    }
+    Ok(bins)
+}
+
+fn prepare(spec: &KernelSpec, bins: &[PathBuf], mode: &Mode) -> Result<(Kernel, PathBuf)> {
+    let kernel = kernel::fetch(spec)?;
+    let suffix = match mode {
+        Mode::Test => "test",
+        Mode::Shell => "shell",
+    };
+    let initrd = target_dir().join(format!("vm/initramfs-{}-{suffix}.cpio", spec.label));
+    fs::create_dir_all(initrd.parent().unwrap())?;
+    let t = Instant::now();
+    initramfs::build(&kernel, bins, mode, &initrd)?;
+    let size = fs::metadata(&initrd)?.len();
+    eprintln!(
+        "xtask: initramfs {} ({} MiB) built in {:.1}s",
+        initrd.display(),
+        size >> 20,
+        t.elapsed().as_secs_f64()
+    );
+    Ok((kernel, initrd))
+}
+
+fn qemu_command(kernel: &Kernel, initrd: &std::path::Path, append: &str, serial: &str) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args([
+        "-accel",
+        "tcg,thread=multi",
+        "-cpu",
+        "max,erms=off,fsrm=off",
+        "-smp",
+        "2",
+        "-m",
+        "2G",
+    ])
+    .args([
+        "-nodefaults",
+        "-display",
+        "none",
+        "-serial",
+        serial,
+        "-no-reboot",
+    ])
+    .arg("-kernel")
+    .arg(&kernel.vmlinuz)
+    .arg("-initrd")
+    .arg(initrd)
+    .arg("-append")
+    .arg(append);
+    c
+}
+
+fn append_line(label: &str, filter: Option<&str>, mode: &Mode) -> Result<String> {
+    let mut a = format!("console=ttyS0 panic=-1 quiet UBLK_VM_KERNEL={label}");
+    if let Some(f) = filter.filter(|f| !f.is_empty()) {
+        if f.chars()
+            .any(|c| c.is_whitespace() || c == '"' || c == '\'')
+        {
+            bail!("--filter must not contain whitespace or quotes: {f:?}");
+        }
+        a.push_str(&format!(" UBLK_VM_FILTER={f}"));
+    }
+    if matches!(mode, Mode::Shell) {
+        a.push_str(" UBLK_VM_MODE=shell");
+    }
+    Ok(a)
+}
+
+/// Interactive guest: serial console multiplexed with the qemu monitor (Ctrl-A X quits).
+pub fn shell(spec: &KernelSpec, filter: Option<&str>, no_build: bool) -> Result<ExitCode> {
+    let bins = build_binaries(no_build)?;
+    let (kernel, initrd) = prepare(spec, &bins, &Mode::Shell)?;
+    let append = append_line(spec.label, filter, &Mode::Shell)?;
+    eprintln!(
+        "xtask: booting {} ({}); exit the shell or press Ctrl-A X to quit",
+        spec.label, kernel.release
+    );
+    let status = qemu_command(&kernel, &initrd, &append, "mon:stdio")
+        .status()
+        .context("running qemu-system-x86_64 (install qemu-system-x86)")?;
+    Ok(if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+pub fn test(opts: &TestOptions) -> Result<ExitCode> {
+    if opts.shell {
+        // One interactive boot: the last selected kernel (the newest with the default `all`).
+        let spec = opts.kernels.last().context("no kernel selected")?;
+        return shell(spec, opts.filter.as_deref(), opts.no_build);
+    }
+    let bins = build_binaries(opts.no_build)?;
+    let mut results = Vec::new();
+    let mut boot_notes = Vec::new();
+    for spec in &opts.kernels {
+        let (kernel, initrd) = prepare(spec, &bins, &Mode::Test)?;
+        let (mut r, note) = boot_and_test(spec, &kernel, &initrd, opts)?;
+        boot_notes.push(note);
+        results.append(&mut r);
+    }
+
+    println!();
+    println!("==== ublk VM test results ====");
+    for n in &boot_notes {
+        println!("{n}");
+    }
+    for r in &results {
+        println!("{}", r.line());
+    }
+    let count = |s| results.iter().filter(|r| r.status == s).count();
+    let (passed, failed, skipped) = (
+        count(Status::Pass),
+        count(Status::Fail),
+        count(Status::Skip),
+    );
+    let ran = passed + failed + skipped;
+    if ran == 0 {
+        println!(
+            "no test ran (filter {:?})",
+            opts.filter.as_deref().unwrap_or("")
+        );
+    }
+    println!("{passed} passed, {failed} failed, {skipped} skipped");
+    Ok(if failed == 0 && ran > 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Boot `kernel` once in test mode; returns the per-test results (including synthetic failures
+/// for a crash, a hang or a bad exit status) and a one-line note about the boot.
+fn boot_and_test(
+    spec: &KernelSpec,
+    kernel: &Kernel,
+    initrd: &std::path::Path,
+    opts: &TestOptions,
+) -> Result<(Vec<TestResult>, String)> {
+    let label = spec.label;
+    let append = append_line(label, opts.filter.as_deref(), &Mode::Test)?;
+    let log_path = target_dir().join(format!("vm/{label}.log"));
+    let mut log = BufWriter::new(File::create(&log_path)?);
+    eprintln!(
+        "xtask: booting {label} ({}), console log in {}",
+        kernel.release,
+        log_path.display()
+    );
+
+    let start = Instant::now();
+    let mut child = qemu_command(kernel, initrd, &append, "stdio")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("running qemu-system-x86_64 (install qemu-system-x86)")?;
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let mut line = Vec::new();
+        loop {
+            match stdout.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    for &b in &buf[..n] {
+                        match b {
+                            b'\r' => {}
+                            b'\n' => {
+                                let l = String::from_utf8_lossy(&line).into_owned();
+                                line.clear();
+                                if tx.send(l).is_err() {
+                                    return;
+                                }
+                            }
+                            _ => line.push(b),
+                        }
+                    }
+                }
+            }
+        }
+        if !line.is_empty() {
+            let _ = tx.send(String::from_utf8_lossy(&line).into_owned());
+        }
+    });
+
+    let mut deadline = start + opts.timeout;
+    let mut results = Vec::new();
+    let mut running: Option<String> = None;
+    let mut rc: Option<i32> = None;
+    let mut booted: Option<f64> = None;
+    let mut timed_out = false;
+    let out = std::io::stdout();
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            timed_out = rc.is_none();
+            break;
+        }
+        let line = match rx.recv_timeout(deadline - now) {
+            Ok(l) => l,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                timed_out = rc.is_none();
+                break;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        writeln!(log, "{line}")?;
+        if !opts.quiet {
+            let mut o = out.lock();
+            writeln!(o, "{label}| {line}")?;
+            o.flush()?;
+        }
+        if booted.is_none() && line.contains("init: guest ready") {
+            booted = Some(start.elapsed().as_secs_f64());
+        }
+        if let Some(rest) = line.split(RESULT_MARKER).nth(1) {
+            rc = rest.split("@@").next().and_then(|s| s.trim().parse().ok());
+            // The guest powers off right after; do not wait long for it.
+            deadline = deadline.min(Instant::now() + Duration::from_secs(30));
+            continue;
+        }
+        if let Some(ev) = parse_test_line(&line) {
+            match ev {
+                Event::Start(name) => running = Some(name),
+                Event::Done(status, name, secs, reason) => {
+                    running = None;
+                    let r = TestResult {
+                        kernel: label.to_string(),
+                        name,
+                        status,
+                        secs,
+                        reason,
+                    };
+                    println!("{}", r.line());
+                    results.push(r);
+                }
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = reader.join();
+    log.flush()?;
+    let total = start.elapsed().as_secs_f64();
+
+    let boot_name = "<boot>".to_string();
+    let fail = |name: String, reason: String| TestResult {
+        kernel: label.to_string(),
+        name,
+        status: Status::Fail,
+        secs: None,
+        reason,
+    };
+    let mut extra = Vec::new();
+    if let Some(name) = running.take() {
+        let why = if timed_out {
+            format!(
+                "guest timed out after {}s while running this test",
+                opts.timeout.as_secs()
+            )
+        } else {
+            "guest died while running this test (see the console log)".to_string()
+        };
+        extra.push(fail(name, why));
+    }
+    match rc {
+        None if timed_out => extra.push(fail(
+            boot_name,
+            format!(
+                "no result marker: host timeout after {}s (log: {})",
+                opts.timeout.as_secs(),
+                log_path.display()
+            ),
+        )),
+        None => extra.push(fail(
+            boot_name,
+            format!(
+                "no result marker: guest crashed or powered off early (log: {})",
+                log_path.display()
+            ),
+        )),
+        Some(0) => {}
+        Some(n) if !results.iter().any(|r| r.status == Status::Fail) => extra.push(fail(
+            boot_name,
+            format!("ublk-vm-tests exited with status {n}"),
+        )),
+        Some(_) => {}
+    }
+    for r in &extra {
+        println!("{}", r.line());
+    }
+    results.extend(extra);
+    let note = format!(
+        "kernel {label} ({}): {}, whole run {total:.1}s",
+        kernel.release,
+        match booted {
+            Some(b) => format!("guest ready after {b:.1}s"),
+            None => "guest never became ready".to_string(),
+        }
+    );
+    Ok((results, note))
+}
+
+enum Event {
+    Start(String),
+    Done(Status, String, Option<f64>, String),
+}
+
+/// Parse `@@TEST START name@@` / `@@TEST PASS|FAIL|SKIP name secs [reason]@@` anywhere in a line.
+fn parse_test_line(line: &str) -> Option<Event> {
+    let body = line.split("@@TEST ").nth(1)?;
+    let body = &body[..body.rfind("@@")?];
+    let mut it = body.splitn(4, ' ');
+    let kind = it.next()?;
+    let name = it.next()?.to_string();
+    if kind == "START" {
+        return Some(Event::Start(name));
+    }
+    let status = match kind {
+        "PASS" => Status::Pass,
+        "FAIL" => Status::Fail,
+        "SKIP" => Status::Skip,
+        _ => return None,
+    };
+    let secs = it.next().and_then(|s| s.parse().ok());
+    let reason = it.next().unwrap_or("").trim().to_string();
+    Some(Event::Done(status, name, secs, reason))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_guest_lines() {
+        assert!(
+            matches!(parse_test_line("@@TEST START kernel_smoke@@"), Some(Event::Start(n)) if n == "kernel_smoke")
+        );
+        match parse_test_line("x @@TEST FAIL kernel_a 1.5 ublk add failed: no such file@@") {
+            Some(Event::Done(Status::Fail, n, Some(s), r)) => {
+                assert_eq!(n, "kernel_a");
+                assert_eq!(s, 1.5);
+                assert_eq!(r, "ublk add failed: no such file");
+            }
+            _ => panic!("bad parse"),
+        }
+        assert!(matches!(
+            parse_test_line("@@TEST PASS kernel_b 0.2@@"),
+            Some(Event::Done(Status::Pass, _, Some(_), _))
+        ));
+        assert!(parse_test_line("nothing here").is_none());
+    }
+}
