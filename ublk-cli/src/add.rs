@@ -8,7 +8,8 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use ublk_core::{
-    kernel_release, Ctrl, DataMode, DevInfo, Device, DeviceBuilder, DeviceParams, Recovery, RunOptions, StopReason, Target,
+    kernel_release, Ctrl, DataMode, DevInfo, Device, DeviceBuilder, DeviceParams, Recovery,
+    RunOptions, StopReason, Target,
 };
 use ublk_targets::loop_::{LoopConfig, LoopTarget};
 use ublk_targets::null::NullTarget;
@@ -21,7 +22,11 @@ const NOTIFY_ENV: &str = "UBLK_NOTIFY_READY";
 impl AddArgs {
     /// The arguments again as a command line (for the daemon and for recovery).
     fn to_argv(&self) -> Vec<String> {
-        let mut v = vec!["add".to_string(), "-t".into(), format!("{:?}", self.target).to_lowercase()];
+        let mut v = vec![
+            "add".to_string(),
+            "-t".into(),
+            format!("{:?}", self.target).to_lowercase(),
+        ];
         let mut opt = |k: &str, val: String| {
             v.push(k.into());
             v.push(val);
@@ -79,7 +84,11 @@ impl AddArgs {
     }
 
     fn recovery(&self) -> Recovery {
-        match (self.recovery == 1 || self.fail_io == 1 || self.reissue == 1, self.fail_io == 1, self.reissue == 1) {
+        match (
+            self.recovery == 1 || self.fail_io == 1 || self.reissue == 1,
+            self.fail_io == 1,
+            self.reissue == 1,
+        ) {
             (false, _, _) => Recovery::None,
             (true, true, _) => Recovery::FailIo,
             (true, false, true) => Recovery::Reissue,
@@ -96,7 +105,10 @@ pub(crate) fn run(a: AddArgs) -> Result<()> {
     }
     match a.target {
         TargetType::Loop => {
-            let f = a.file.as_ref().ok_or_else(|| anyhow!("the loop target needs a backing file: -f FILE"))?;
+            let f = a
+                .file
+                .as_ref()
+                .ok_or_else(|| anyhow!("the loop target needs a backing file: -f FILE"))?;
             if !f.exists() {
                 bail!("backing file {} does not exist", f.display());
             }
@@ -163,7 +175,11 @@ fn spawn_daemon(a: &AddArgs) -> Result<()> {
     }
     let err = err.trim();
     // The daemon already printed "ublk: <error>": pass it on as is.
-    let msg = err.lines().rev().find(|l| l.starts_with("ublk: ")).map(|l| l.trim_start_matches("ublk: "));
+    let msg = err
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("ublk: "))
+        .map(|l| l.trim_start_matches("ublk: "));
     match msg {
         Some(m) => bail!("{m}"),
         None if !err.is_empty() => bail!("the daemon failed ({status}): {err}"),
@@ -175,13 +191,23 @@ fn serve(a: AddArgs) -> Result<()> {
     match a.target {
         TargetType::Null => {
             let size = a.size.unwrap_or(250 << 30);
-            let params = DeviceParams { size, ..DeviceParams::default() };
+            let params = DeviceParams {
+                size,
+                ..DeviceParams::default()
+            };
             let json = serde_json::json!({"name": "null", "dev_size": size});
             serve_target(a, Arc::new(NullTarget), params, json)
         }
         TargetType::Loop => {
-            let path = a.file.clone().ok_or_else(|| anyhow!("the loop target needs -f FILE"))?;
-            let t = LoopTarget::open(&LoopConfig { path: path.clone(), buffered: a.buffered, read_only: a.read_only })?;
+            let path = a
+                .file
+                .clone()
+                .ok_or_else(|| anyhow!("the loop target needs -f FILE"))?;
+            let t = LoopTarget::open(&LoopConfig {
+                path: path.clone(),
+                buffered: a.buffered,
+                read_only: a.read_only,
+            })?;
             let params = t.params();
             let json = serde_json::json!({
                 "name": "loop",
@@ -194,7 +220,12 @@ fn serve(a: AddArgs) -> Result<()> {
     }
 }
 
-fn serve_target<T: Target + 'static>(a: AddArgs, target: Arc<T>, params: DeviceParams, json: serde_json::Value) -> Result<()> {
+fn serve_target<T: Target + 'static>(
+    a: AddArgs,
+    target: Arc<T>,
+    params: DeviceParams,
+    json: serde_json::Value,
+) -> Result<()> {
     let ctrl = Ctrl::open()?;
     let dev = match a.recover_id {
         Some(id) => Device::recover(ctrl, id)?,
@@ -220,8 +251,16 @@ fn serve_target<T: Target + 'static>(a: AddArgs, target: Arc<T>, params: DeviceP
     saved.recover_id = None;
     let started = |info: &DevInfo| {
         saved.id = Some(info.dev_id);
-        state::save(info.dev_id, &DevState { args: saved.clone(), pid: std::process::id(), target: json.clone() });
-        let text = list::describe(info.dev_id).unwrap_or_else(|e| format!("dev id {}: {e}\n", info.dev_id));
+        state::save(
+            info.dev_id,
+            &DevState {
+                args: saved.clone(),
+                pid: std::process::id(),
+                target: json.clone(),
+            },
+        );
+        let text = list::describe(info.dev_id)
+            .unwrap_or_else(|e| format!("dev id {}: {e}\n", info.dev_id));
         let mut out = std::io::stdout().lock();
         let _ = write!(out, "{text}");
         if notify {
@@ -229,7 +268,10 @@ fn serve_target<T: Target + 'static>(a: AddArgs, target: Arc<T>, params: DeviceP
         }
         let _ = out.flush();
     };
-    let opts = RunOptions { handle_signals: true, ..RunOptions::default() };
+    let opts = RunOptions {
+        handle_signals: true,
+        ..RunOptions::default()
+    };
     let id = dev.info().dev_id;
     let reason = dev.run(target, opts, started)?;
     if let StopReason::Requested(_) = reason {

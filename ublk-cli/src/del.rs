@@ -7,7 +7,11 @@ use ublk_core::Ctrl;
 
 pub(crate) fn run(id: Option<u32>, all: bool) -> Result<()> {
     let mut ctrl = Ctrl::open()?;
-    let ids = if all { Ctrl::list() } else { id.into_iter().collect() };
+    let ids = if all {
+        Ctrl::list()
+    } else {
+        id.into_iter().collect()
+    };
     let mut first_err = None;
     for id in ids {
         if let Err(e) = del_one(&mut ctrl, id) {
@@ -23,7 +27,8 @@ pub(crate) fn run(id: Option<u32>, all: bool) -> Result<()> {
 
 fn del_one(ctrl: &mut Ctrl, id: u32) -> Result<()> {
     let info = ctrl.dev_info(id)?;
-    ctrl.stop(id).with_context(|| format!("cannot stop device {id}"))?;
+    ctrl.stop(id)
+        .with_context(|| format!("cannot stop device {id}"))?;
     if info.daemon_pid > 0 && !wait_exit(info.daemon_pid, Duration::from_secs(20)) {
         log::warn!("daemon {} of device {id} is still running", info.daemon_pid);
     }

@@ -17,7 +17,9 @@ fn device_json(ctrl: &mut Ctrl, id: u32) -> Result<serde_json::Value> {
         log::debug!("device {id}: GET_PARAMS failed: {e}");
         Default::default()
     });
-    let target = state::load(id).map(|s| s.target).unwrap_or(serde_json::Value::Null);
+    let target = state::load(id)
+        .map(|s| s.target)
+        .unwrap_or(serde_json::Value::Null);
     Ok(serde_json::json!({
         "dev_id": info.dev_id,
         "nr_hw_queues": info.nr_hw_queues,
@@ -88,11 +90,17 @@ pub(crate) fn run(id: Option<u32>, json: bool) -> Result<()> {
 pub(crate) fn features() -> Result<()> {
     let mut ctrl = Ctrl::open()?;
     let f = ctrl.features()?;
-    println!("ublk features of Linux {}: {:#x}", kernel_release(), f.bits());
+    println!(
+        "ublk features of Linux {}: {:#x}",
+        kernel_release(),
+        f.bits()
+    );
     for bit in 0..64 {
         let flag = DeviceFlags::from_bits_retain(1 << bit);
         if f.contains(flag) {
-            let name = flag.flag_name().map_or(format!("bit{bit}"), |n| format!("UBLK_F_{n}"));
+            let name = flag
+                .flag_name()
+                .map_or(format!("bit{bit}"), |n| format!("UBLK_F_{n}"));
             println!("\t{name:<32} (since Linux {})", flag.since().unwrap_or("?"));
         }
     }

@@ -18,7 +18,12 @@ impl Log for Stderr {
                 Level::Debug => "debug",
                 Level::Trace => "trace",
             };
-            let _ = writeln!(std::io::stderr(), "ublk[{}]: {lvl}: {}", std::process::id(), r.args());
+            let _ = writeln!(
+                std::io::stderr(),
+                "ublk[{}]: {lvl}: {}",
+                std::process::id(),
+                r.args()
+            );
         }
     }
     fn flush(&self) {}
@@ -28,7 +33,9 @@ static LOGGER: Stderr = Stderr;
 
 /// `-v` count → level; `UBLK_LOG=debug` etc. overrides.
 pub(crate) fn init(verbose: u8) {
-    let from_env = std::env::var("UBLK_LOG").ok().and_then(|v| v.parse::<LevelFilter>().ok());
+    let from_env = std::env::var("UBLK_LOG")
+        .ok()
+        .and_then(|v| v.parse::<LevelFilter>().ok());
     let level = from_env.unwrap_or(match verbose {
         0 => LevelFilter::Warn,
         1 => LevelFilter::Info,

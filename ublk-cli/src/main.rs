@@ -16,7 +16,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
-#[command(name = "ublk", version, about = "Userspace block devices over Linux ublk")]
+#[command(
+    name = "ublk",
+    version,
+    about = "Userspace block devices over Linux ublk"
+)]
 struct Cli {
     /// More log output (-v info, -vv debug, -vvv trace).
     #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count, global = true)]
@@ -40,7 +44,9 @@ enum Cmd {
 }
 
 /// Target types.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum TargetType {
     /// Completes every request at once.
@@ -113,7 +119,12 @@ pub(crate) struct AddArgs {
 #[derive(Args, Debug)]
 struct DelArgs {
     /// Device id.
-    #[arg(short = 'n', long = "number", conflicts_with = "all", required_unless_present = "all")]
+    #[arg(
+        short = 'n',
+        long = "number",
+        conflicts_with = "all",
+        required_unless_present = "all"
+    )]
     id: Option<u32>,
     /// Delete every device.
     #[arg(short = 'a', long = "all")]

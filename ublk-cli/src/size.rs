@@ -3,7 +3,10 @@
 /// Parses a size with an optional binary suffix.
 pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
     let (num, shift) = match t.chars().last() {
         Some('k' | 'K') => (&t[..t.len() - 1], 10),
         Some('m' | 'M') => (&t[..t.len() - 1], 20),
@@ -11,10 +14,9 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
         Some('t' | 'T') => (&t[..t.len() - 1], 40),
         _ => (t, 0),
     };
-    let n: u64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("bad size '{s}': expected a number with an optional K/M/G/T suffix"))?;
+    let n: u64 = num.trim().parse().map_err(|_| {
+        format!("bad size '{s}': expected a number with an optional K/M/G/T suffix")
+    })?;
     n.checked_mul(1u64 << shift)
         .filter(|&v| v > 0)
         .ok_or_else(|| format!("bad size '{s}': zero or too large"))

@@ -25,7 +25,10 @@ pub(crate) fn save(id: u32, st: &DevState) {
     let write = || -> std::io::Result<()> {
         std::fs::create_dir_all(DIR)?;
         let tmp = path(id).with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(st).map_err(std::io::Error::other)?)?;
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(st).map_err(std::io::Error::other)?,
+        )?;
         std::fs::rename(tmp, path(id))
     };
     if let Err(e) = write() {

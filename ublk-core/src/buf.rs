@@ -26,7 +26,11 @@ impl IoBufs {
         let page = page_size();
         let buf_size = buf_size.div_ceil(page) * page;
         let map = Mmap::anonymous(buf_size * usize::from(depth))?;
-        Ok(IoBufs { map, buf_size, depth })
+        Ok(IoBufs {
+            map,
+            buf_size,
+            depth,
+        })
     }
 
     pub(crate) fn buf_size(&self) -> usize {

@@ -169,7 +169,11 @@ impl DevInfo {
             flags: DeviceFlags::from_bits_retain(i.flags),
             owner_uid: i.owner_uid,
             owner_gid: i.owner_gid,
-            io_desc_size: if i.io_desc_size == 0 { 24 } else { i.io_desc_size },
+            io_desc_size: if i.io_desc_size == 0 {
+                24
+            } else {
+                i.io_desc_size
+            },
             server_flags: i.ublksrv_flags,
         }
     }
@@ -249,7 +253,10 @@ pub struct Ctrl {
 
 impl std::fmt::Debug for Ctrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ctrl").field("timeout", &self.timeout).field("poisoned", &self.poisoned).finish_non_exhaustive()
+        f.debug_struct("Ctrl")
+            .field("timeout", &self.timeout)
+            .field("poisoned", &self.poisoned)
+            .finish_non_exhaustive()
     }
 }
 
@@ -300,7 +307,9 @@ impl Ctrl {
         }
         let len = payload.as_ref().map_or(0, |p| p.len());
         if len > PAYLOAD_MAX {
-            return Err(CtrlError::Invalid(format!("{name}: payload of {len} bytes")));
+            return Err(CtrlError::Invalid(format!(
+                "{name}: payload of {len} bytes"
+            )));
         }
         if let Some(p) = payload.as_ref() {
             self.payload[..len].copy_from_slice(p);
@@ -309,7 +318,11 @@ impl Ctrl {
             dev_id,
             queue_id,
             len: len as u16,
-            addr: if len > 0 { self.payload.as_ptr() as u64 } else { 0 },
+            addr: if len > 0 {
+                self.payload.as_ptr() as u64
+            } else {
+                0
+            },
             data: [data],
             ..Default::default()
         };
@@ -332,15 +345,26 @@ impl Ctrl {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 // The kernel may still write into the payload: leak it, refuse further use.
-                std::mem::forget(std::mem::replace(&mut self.payload, Box::new([0; PAYLOAD_MAX])));
+                std::mem::forget(std::mem::replace(
+                    &mut self.payload,
+                    Box::new([0; PAYLOAD_MAX]),
+                ));
                 self.poisoned = true;
-                return Err(CtrlError::Timeout { cmd: name, dev_id, timeout: self.timeout });
+                return Err(CtrlError::Timeout {
+                    cmd: name,
+                    dev_id,
+                    timeout: self.timeout,
+                });
             }
             let ts = types::Timespec::from(left.min(Duration::from_millis(500)));
             let args = types::SubmitArgs::new().timespec(&ts);
             match self.ring.submitter().submit_with_args(1, &args) {
                 Ok(_) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                    ) => {}
                 Err(e) => return Err(CtrlError::Open(e)),
             }
         };
@@ -359,9 +383,17 @@ impl Ctrl {
             return CtrlError::NoDevice(dev_id);
         }
         if matches!(errno, libc::EOPNOTSUPP | libc::ENOTTY) {
-            return CtrlError::Unsupported { what: name.into(), since, running: kernel_release() };
+            return CtrlError::Unsupported {
+                what: name.into(),
+                since,
+                running: kernel_release(),
+            };
         }
-        CtrlError::Command { cmd: name, dev_id, source: io::Error::from_raw_os_error(errno) }
+        CtrlError::Command {
+            cmd: name,
+            dev_id,
+            source: io::Error::from_raw_os_error(errno),
+        }
     }
 
     /// Returns `Unsupported` unless the kernel has `flag`.
@@ -386,8 +418,12 @@ impl Ctrl {
         let mut buf = [0u8; 8];
         let f = match self.cmd(sys::UBLK_U_CMD_GET_FEATURES, NO_DEV, 0, 0, Some(&mut buf)) {
             Ok(_) => DeviceFlags::from_bits_retain(u64::from_ne_bytes(buf)),
-            Err(CtrlError::Command { .. } | CtrlError::Unsupported { .. } | CtrlError::NoDevice(_)) => {
-                log::warn!("GET_FEATURES unsupported (kernel older than 6.5); assuming the base set");
+            Err(
+                CtrlError::Command { .. } | CtrlError::Unsupported { .. } | CtrlError::NoDevice(_),
+            ) => {
+                log::warn!(
+                    "GET_FEATURES unsupported (kernel older than 6.5); assuming the base set"
+                );
                 DeviceFlags::URING_CMD_COMP_IN_TASK
                     | DeviceFlags::NEED_GET_DATA
                     | DeviceFlags::USER_RECOVERY
@@ -433,7 +469,9 @@ impl Ctrl {
         let mut buf = as_bytes(&info).to_vec();
         self.cmd(sys::UBLK_U_CMD_ADD_DEV, id, u16::MAX, 0, Some(&mut buf))
             .map_err(|e| match e {
-                CtrlError::Command { source, .. } if source.raw_os_error() == Some(libc::EEXIST) => {
+                CtrlError::Command { source, .. }
+                    if source.raw_os_error() == Some(libc::EEXIST) =>
+                {
                     CtrlError::Invalid(format!("device id {id} is already in use"))
                 }
                 e => e,
@@ -444,25 +482,29 @@ impl Ctrl {
     /// Deletes a device; waits until the kernel has released it.
     #[doc(alias = "UBLK_U_CMD_DEL_DEV")]
     pub fn del(&mut self, dev_id: u32) -> Result<()> {
-        self.cmd(sys::UBLK_U_CMD_DEL_DEV, dev_id, 0, 0, None).map(drop)
+        self.cmd(sys::UBLK_U_CMD_DEL_DEV, dev_id, 0, 0, None)
+            .map(drop)
     }
 
     /// Deletes a device without waiting for its last user (Linux 6.9).
     #[doc(alias = "UBLK_U_CMD_DEL_DEV_ASYNC")]
     pub fn del_async(&mut self, dev_id: u32) -> Result<()> {
-        self.cmd(sys::UBLK_U_CMD_DEL_DEV_ASYNC, dev_id, 0, 0, None).map(drop)
+        self.cmd(sys::UBLK_U_CMD_DEL_DEV_ASYNC, dev_id, 0, 0, None)
+            .map(drop)
     }
 
     /// Starts a device whose queues have fetched every tag; `pid` is the serving process.
     #[doc(alias = "UBLK_U_CMD_START_DEV")]
     pub fn start(&mut self, dev_id: u32, pid: i32) -> Result<()> {
-        self.cmd(sys::UBLK_U_CMD_START_DEV, dev_id, 0, pid as u64, None).map(drop)
+        self.cmd(sys::UBLK_U_CMD_START_DEV, dev_id, 0, pid as u64, None)
+            .map(drop)
     }
 
     /// Stops a device: removes the disk and aborts the queues' pending commands.
     #[doc(alias = "UBLK_U_CMD_STOP_DEV")]
     pub fn stop(&mut self, dev_id: u32) -> Result<()> {
-        self.cmd(sys::UBLK_U_CMD_STOP_DEV, dev_id, 0, 0, None).map(drop)
+        self.cmd(sys::UBLK_U_CMD_STOP_DEV, dev_id, 0, 0, None)
+            .map(drop)
     }
 
     /// Stops a device only if nobody has it open (Linux 7.0); `Ok(false)` when busy.
@@ -471,17 +513,27 @@ impl Ctrl {
         self.require(DeviceFlags::SAFE_STOP_DEV, "TRY_STOP_DEV")?;
         match self.cmd(sys::UBLK_U_CMD_TRY_STOP_DEV, dev_id, 0, 0, None) {
             Ok(_) => Ok(true),
-            Err(CtrlError::Command { source, .. }) if source.raw_os_error() == Some(libc::EBUSY) => Ok(false),
+            Err(CtrlError::Command { source, .. })
+                if source.raw_os_error() == Some(libc::EBUSY) =>
+            {
+                Ok(false)
+            }
             Err(e) => Err(e),
         }
     }
 
     /// Sets the parameters (before START_DEV).
     #[doc(alias = "UBLK_U_CMD_SET_PARAMS")]
-    pub fn set_params(&mut self, dev_id: u32, params: &DeviceParams, max_io_buf_bytes: u32) -> Result<()> {
+    pub fn set_params(
+        &mut self,
+        dev_id: u32,
+        params: &DeviceParams,
+        max_io_buf_bytes: u32,
+    ) -> Result<()> {
         let p = params.to_sys(max_io_buf_bytes);
         let mut buf = as_bytes(&p)[..p.len as usize].to_vec();
-        self.cmd(sys::UBLK_U_CMD_SET_PARAMS, dev_id, 0, 0, Some(&mut buf)).map(drop)
+        self.cmd(sys::UBLK_U_CMD_SET_PARAMS, dev_id, 0, 0, Some(&mut buf))
+            .map(drop)
     }
 
     /// Reads the parameters and device numbers.
@@ -489,7 +541,10 @@ impl Ctrl {
     pub fn get_params(&mut self, dev_id: u32) -> Result<(DeviceParams, DevNumbers)> {
         // The length of the 6.0 layout (basic, discard, devt, zoned) is accepted by all kernels.
         let len = std::mem::offset_of!(sys::ublk_params, dma);
-        let mut p = sys::ublk_params { len: len as u32, ..Default::default() };
+        let mut p = sys::ublk_params {
+            len: len as u32,
+            ..Default::default()
+        };
         let mut buf = as_bytes(&p)[..len].to_vec();
         self.cmd(sys::UBLK_U_CMD_GET_PARAMS, dev_id, 0, 0, Some(&mut buf))?;
         as_bytes_mut(&mut p)[..len].copy_from_slice(&buf);
@@ -513,34 +568,52 @@ impl Ctrl {
     #[doc(alias = "UBLK_U_CMD_GET_QUEUE_AFFINITY")]
     pub fn queue_affinity(&mut self, dev_id: u32, q: u16) -> Result<Vec<usize>> {
         let mut buf = vec![0u8; 128];
-        self.cmd(sys::UBLK_U_CMD_GET_QUEUE_AFFINITY, dev_id, 0, u64::from(q), Some(&mut buf))?;
-        Ok((0..buf.len() * 8).filter(|&c| buf[c / 8] & (1 << (c % 8)) != 0).collect())
+        self.cmd(
+            sys::UBLK_U_CMD_GET_QUEUE_AFFINITY,
+            dev_id,
+            0,
+            u64::from(q),
+            Some(&mut buf),
+        )?;
+        Ok((0..buf.len() * 8)
+            .filter(|&c| buf[c / 8] & (1 << (c % 8)) != 0)
+            .collect())
     }
 
     /// First step of re-attaching a daemon to a quiesced device.
     #[doc(alias = "UBLK_U_CMD_START_USER_RECOVERY")]
     pub fn start_recovery(&mut self, dev_id: u32) -> Result<()> {
-        self.cmd(sys::UBLK_U_CMD_START_USER_RECOVERY, dev_id, 0, 0, None).map(drop)
+        self.cmd(sys::UBLK_U_CMD_START_USER_RECOVERY, dev_id, 0, 0, None)
+            .map(drop)
     }
 
     /// Last step of recovery, once every tag is fetched again; `pid` is the new daemon.
     #[doc(alias = "UBLK_U_CMD_END_USER_RECOVERY")]
     pub fn end_recovery(&mut self, dev_id: u32, pid: i32) -> Result<()> {
-        self.cmd(sys::UBLK_U_CMD_END_USER_RECOVERY, dev_id, 0, pid as u64, None).map(drop)
+        self.cmd(
+            sys::UBLK_U_CMD_END_USER_RECOVERY,
+            dev_id,
+            0,
+            pid as u64,
+            None,
+        )
+        .map(drop)
     }
 
     /// Changes the capacity of a live device (Linux 6.16).
     #[doc(alias = "UBLK_U_CMD_UPDATE_SIZE")]
     pub fn update_size(&mut self, dev_id: u32, bytes: u64) -> Result<()> {
         self.require(DeviceFlags::UPDATE_SIZE, "UPDATE_SIZE")?;
-        self.cmd(sys::UBLK_U_CMD_UPDATE_SIZE, dev_id, 0, bytes >> 9, None).map(drop)
+        self.cmd(sys::UBLK_U_CMD_UPDATE_SIZE, dev_id, 0, bytes >> 9, None)
+            .map(drop)
     }
 
     /// Quiesces a device for a planned daemon upgrade (Linux 6.16); 0 waits forever.
     #[doc(alias = "UBLK_U_CMD_QUIESCE_DEV")]
     pub fn quiesce(&mut self, dev_id: u32, timeout_ms: u64) -> Result<()> {
         self.require(DeviceFlags::QUIESCE, "QUIESCE_DEV")?;
-        self.cmd(sys::UBLK_U_CMD_QUIESCE_DEV, dev_id, 0, timeout_ms, None).map(drop)
+        self.cmd(sys::UBLK_U_CMD_QUIESCE_DEV, dev_id, 0, timeout_ms, None)
+            .map(drop)
     }
 
     /// Ids of the existing devices, ascending.
@@ -603,7 +676,10 @@ mod tests {
 
     #[test]
     fn test_cmd_names() {
-        assert_eq!(cmd_info(sys::UBLK_U_CMD_UPDATE_SIZE), ("UPDATE_SIZE", "6.16"));
+        assert_eq!(
+            cmd_info(sys::UBLK_U_CMD_UPDATE_SIZE),
+            ("UPDATE_SIZE", "6.16")
+        );
         assert_eq!(cmd_info(sys::UBLK_U_CMD_ADD_DEV).0, "ADD_DEV");
     }
 }

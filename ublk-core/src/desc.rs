@@ -37,7 +37,11 @@ impl DescArea {
         let page = page_size();
         let len = (usize::from(depth) * desc_size).div_ceil(page) * page;
         let map = Mmap::map_readonly(cdev, queue_offset(q, desc_size), len)?;
-        Ok(DescArea { map, desc_size, depth })
+        Ok(DescArea {
+            map,
+            desc_size,
+            depth,
+        })
     }
 
     /// Decodes the descriptor of `tag` (which the kernel just handed to the server).

@@ -178,10 +178,15 @@ impl DeviceBuilder {
             )));
         }
         if self.params.size < 512 {
-            return Err(DeviceError::Config(format!("device size {} is too small", self.params.size)));
+            return Err(DeviceError::Config(format!(
+                "device size {} is too small",
+                self.params.size
+            )));
         }
         if !(9..=12).contains(&self.params.logical_bs_shift) {
-            return Err(DeviceError::Config("logical block size must be 512..=4096".into()));
+            return Err(DeviceError::Config(
+                "logical block size must be 512..=4096".into(),
+            ));
         }
         let features = ctrl.features()?;
         let mut mode = self.mode;
@@ -218,7 +223,8 @@ impl DeviceBuilder {
                 info.flags, flags
             )));
         }
-        dev.ctrl.set_params(info.dev_id, &self.params, info.max_io_buf_bytes)?;
+        dev.ctrl
+            .set_params(info.dev_id, &self.params, info.max_io_buf_bytes)?;
         Ok(dev)
     }
 }
@@ -285,7 +291,10 @@ impl Device {
         if !matches!(info.state, DevState::Quiesced | DevState::FailIo) {
             return Err(DeviceError::NotRecoverable {
                 dev_id,
-                why: format!("its state is {} (needs QUIESCED or FAIL_IO)", info.state.name()),
+                why: format!(
+                    "its state is {} (needs QUIESCED or FAIL_IO)",
+                    info.state.name()
+                ),
             });
         }
         // The old daemon's /dev/ublkcN may still be closing: retry EBUSY briefly.
@@ -393,7 +402,9 @@ impl Device {
                     setup_err.get_or_insert(e.into());
                 }
                 Err(_) => {
-                    setup_err.get_or_insert(DeviceError::Thread("queue thread died during setup".into()));
+                    setup_err.get_or_insert(DeviceError::Thread(
+                        "queue thread died during setup".into(),
+                    ));
                 }
             }
         }
@@ -405,7 +416,9 @@ impl Device {
         };
         let started_ok = start.and_then(|()| {
             let disk = self.info.disk_path();
-            wait_for_path(&disk, Duration::from_secs(10)).then_some(()).ok_or(DeviceError::NoDisk(disk))
+            wait_for_path(&disk, Duration::from_secs(10))
+                .then_some(())
+                .ok_or(DeviceError::NoDisk(disk))
         });
         if let Err(e) = started_ok {
             // Abort the queues (their fetches are cancelled by STOP_DEV), then clean up.
@@ -428,7 +441,10 @@ impl Device {
         let mut result: Result<()> = Ok(());
         let mut remaining = threads.len();
         loop {
-            if let Some(sig) = signals.as_ref().and_then(|s| s.wait(Duration::from_millis(100))) {
+            if let Some(sig) = signals
+                .as_ref()
+                .and_then(|s| s.wait(Duration::from_millis(100)))
+            {
                 log::info!("device {id}: signal {sig}, stopping");
                 reason = StopReason::Requested(Some(sig));
                 break;
@@ -537,7 +553,12 @@ fn open_char_dev(path: &str) -> Result<File> {
             Err(e) if e.kind() == io::ErrorKind::NotFound && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(10));
             }
-            Err(source) => return Err(DeviceError::CharDev { path: path.into(), source }),
+            Err(source) => {
+                return Err(DeviceError::CharDev {
+                    path: path.into(),
+                    source,
+                })
+            }
         }
     }
 }

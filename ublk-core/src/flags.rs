@@ -57,20 +57,36 @@ bitflags! {
 /// `(flag, name, first mainline release)`, in bit order.
 const TIMELINE: &[(DeviceFlags, &str, &str)] = &[
     (DeviceFlags::SUPPORT_ZERO_COPY, "SUPPORT_ZERO_COPY", "6.15"),
-    (DeviceFlags::URING_CMD_COMP_IN_TASK, "URING_CMD_COMP_IN_TASK", "6.0"),
+    (
+        DeviceFlags::URING_CMD_COMP_IN_TASK,
+        "URING_CMD_COMP_IN_TASK",
+        "6.0",
+    ),
     (DeviceFlags::NEED_GET_DATA, "NEED_GET_DATA", "6.0"),
     (DeviceFlags::USER_RECOVERY, "USER_RECOVERY", "6.1"),
-    (DeviceFlags::USER_RECOVERY_REISSUE, "USER_RECOVERY_REISSUE", "6.1"),
+    (
+        DeviceFlags::USER_RECOVERY_REISSUE,
+        "USER_RECOVERY_REISSUE",
+        "6.1",
+    ),
     (DeviceFlags::UNPRIVILEGED_DEV, "UNPRIVILEGED_DEV", "6.3"),
     (DeviceFlags::CMD_IOCTL_ENCODE, "CMD_IOCTL_ENCODE", "6.4"),
     (DeviceFlags::USER_COPY, "USER_COPY", "6.5"),
     (DeviceFlags::ZONED, "ZONED", "6.6"),
-    (DeviceFlags::USER_RECOVERY_FAIL_IO, "USER_RECOVERY_FAIL_IO", "6.13"),
+    (
+        DeviceFlags::USER_RECOVERY_FAIL_IO,
+        "USER_RECOVERY_FAIL_IO",
+        "6.13",
+    ),
     (DeviceFlags::UPDATE_SIZE, "UPDATE_SIZE", "6.16"),
     (DeviceFlags::AUTO_BUF_REG, "AUTO_BUF_REG", "6.16"),
     (DeviceFlags::QUIESCE, "QUIESCE", "6.16"),
     (DeviceFlags::PER_IO_DAEMON, "PER_IO_DAEMON", "6.16"),
-    (DeviceFlags::BUF_REG_OFF_DAEMON, "BUF_REG_OFF_DAEMON", "6.17"),
+    (
+        DeviceFlags::BUF_REG_OFF_DAEMON,
+        "BUF_REG_OFF_DAEMON",
+        "6.17",
+    ),
     (DeviceFlags::BATCH_IO, "BATCH_IO", "7.0"),
     (DeviceFlags::INTEGRITY, "INTEGRITY", "7.0"),
     (DeviceFlags::SAFE_STOP_DEV, "SAFE_STOP_DEV", "7.0"),
@@ -82,12 +98,18 @@ const TIMELINE: &[(DeviceFlags, &str, &str)] = &[
 impl DeviceFlags {
     /// The kernel name (without `UBLK_F_`) of a single flag, or `None` for an unknown bit.
     pub fn flag_name(self) -> Option<&'static str> {
-        TIMELINE.iter().find(|(f, _, _)| *f == self).map(|(_, n, _)| *n)
+        TIMELINE
+            .iter()
+            .find(|(f, _, _)| *f == self)
+            .map(|(_, n, _)| *n)
     }
 
     /// The first mainline Linux release that has this single flag.
     pub fn since(self) -> Option<&'static str> {
-        TIMELINE.iter().find(|(f, _, _)| *f == self).map(|(_, _, v)| *v)
+        TIMELINE
+            .iter()
+            .find(|(f, _, _)| *f == self)
+            .map(|(_, _, v)| *v)
     }
 
     /// Names of every set flag, unknown bits as `bitN`.
@@ -117,7 +139,10 @@ mod tests {
     #[test]
     fn test_names_and_unknown_bits() {
         let f = DeviceFlags::USER_COPY | DeviceFlags::from_bits_retain(1 << 40);
-        assert_eq!(f.names(), vec!["USER_COPY".to_string(), "bit40".to_string()]);
+        assert_eq!(
+            f.names(),
+            vec!["USER_COPY".to_string(), "bit40".to_string()]
+        );
         assert_eq!(DeviceFlags::USER_RECOVERY_FAIL_IO.since(), Some("6.13"));
         // 6.12's GET_FEATURES answer.
         assert_eq!(

@@ -24,7 +24,9 @@ pub mod queue;
 pub mod target;
 
 pub use ctrl::{kernel_release, Ctrl, CtrlError, DevInfo, DevState};
-pub use device::{Device, DeviceBuilder, DeviceError, Recovery, RunOptions, StopHandle, StopReason};
+pub use device::{
+    Device, DeviceBuilder, DeviceError, Recovery, RunOptions, StopHandle, StopReason,
+};
 pub use flags::DeviceFlags;
 pub use os::{gettid, SignalSet};
 pub use params::{Attrs, DevNumbers, DeviceParams, DiscardParams};

@@ -32,7 +32,8 @@ unsafe impl Sync for Mmap {}
 impl Mmap {
     /// Maps `len` bytes of `file` at `offset`, read-only and shared (the ublk descriptor array).
     pub(crate) fn map_readonly(file: &File, offset: u64, len: usize) -> io::Result<Mmap> {
-        let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: a fresh mapping chosen by the kernel (addr NULL); fd is valid for the call;
         // the result is checked against MAP_FAILED before use.
         let p = unsafe {
@@ -68,7 +69,8 @@ impl Mmap {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
+        let ptr = NonNull::new(p.cast::<u8>())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
         Ok(Mmap { ptr, len })
     }
 

@@ -175,10 +175,17 @@ mod tests {
             ..p
         };
         let s = d.to_sys(512 << 10);
-        assert_eq!(s.len, 8 + 32 + 24);
-        assert_eq!(s.types, sys::UBLK_PARAM_TYPE_BASIC | sys::UBLK_PARAM_TYPE_DISCARD);
+        assert_eq!(s.len, 8 + 32 + 20);
+        assert_eq!(
+            s.types,
+            sys::UBLK_PARAM_TYPE_BASIC | sys::UBLK_PARAM_TYPE_DISCARD
+        );
         assert_eq!(s.discard.max_discard_segments, 1);
-        assert_eq!(s.basic.dev_sectors, (1 << 20) / 512, "rounded down to 4k blocks");
+        assert_eq!(
+            s.basic.dev_sectors,
+            (1 << 20) / 512,
+            "rounded down to 4k blocks"
+        );
         assert_eq!(DeviceParams::from_sys(&s).discard, d.discard);
     }
 }

@@ -158,7 +158,9 @@ pub struct IoCtx<'a> {
 
 impl std::fmt::Debug for IoCtx<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IoCtx").field("q_id", &self.q_id).finish_non_exhaustive()
+        f.debug_struct("IoCtx")
+            .field("q_id", &self.q_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -176,7 +178,9 @@ impl IoCtx<'_> {
     /// The data buffer of request `tag` (`req.len` bytes): WRITE data to consume, or room for
     /// READ data. Empty if the tag is not with the target or has operations in flight.
     pub fn buf(&mut self, tag: u16) -> &mut [u8] {
-        let Some(slot) = self.tags.get(usize::from(tag)) else { return &mut [] };
+        let Some(slot) = self.tags.get(usize::from(tag)) else {
+            return &mut [];
+        };
         if slot.state != TagState::InTarget || slot.ops != 0 {
             return &mut [];
         }
@@ -188,7 +192,10 @@ impl IoCtx<'_> {
     }
 
     fn check_range(&self, tag: u16, buf_off: u32, len: u32) -> io::Result<*mut u8> {
-        let slot = self.tags.get(usize::from(tag)).ok_or_else(|| einval("bad tag"))?;
+        let slot = self
+            .tags
+            .get(usize::from(tag))
+            .ok_or_else(|| einval("bad tag"))?;
         if slot.state != TagState::InTarget {
             return Err(einval("tag is not owned by the target"));
         }
@@ -212,16 +219,35 @@ impl IoCtx<'_> {
 
     /// Reads `len` bytes at `file_off` of `fd` into the request buffer at `buf_off`.
     /// Completion arrives in [`QueueHandler::on_complete`] with `data`.
-    pub fn read_at(&mut self, tag: u16, fd: BorrowedFd<'_>, file_off: u64, buf_off: u32, len: u32, data: u32) -> io::Result<()> {
+    pub fn read_at(
+        &mut self,
+        tag: u16,
+        fd: BorrowedFd<'_>,
+        file_off: u64,
+        buf_off: u32,
+        len: u32,
+        data: u32,
+    ) -> io::Result<()> {
         let p = self.check_range(tag, buf_off, len)?;
-        let sqe = opcode::Read::new(types::Fd(fd.as_raw_fd()), p, len).offset(file_off).build();
+        let sqe = opcode::Read::new(types::Fd(fd.as_raw_fd()), p, len)
+            .offset(file_off)
+            .build();
         self.push(tag, data, sqe)
     }
 
     /// Writes `len` bytes of the request buffer at `buf_off` to `fd` at `file_off`; `fua`
     /// makes the write durable before it completes (RWF_DSYNC).
     #[allow(clippy::too_many_arguments)]
-    pub fn write_at(&mut self, tag: u16, fd: BorrowedFd<'_>, file_off: u64, buf_off: u32, len: u32, fua: bool, data: u32) -> io::Result<()> {
+    pub fn write_at(
+        &mut self,
+        tag: u16,
+        fd: BorrowedFd<'_>,
+        file_off: u64,
+        buf_off: u32,
+        len: u32,
+        fua: bool,
+        data: u32,
+    ) -> io::Result<()> {
         let p = self.check_range(tag, buf_off, len)?;
         let flags = if fua { libc::RWF_DSYNC } else { 0 };
         let sqe = opcode::Write::new(types::Fd(fd.as_raw_fd()), p, len)
@@ -232,17 +258,40 @@ impl IoCtx<'_> {
     }
 
     /// `fdatasync` (or `fsync`) of `fd`.
-    pub fn fsync(&mut self, tag: u16, fd: BorrowedFd<'_>, datasync: bool, data: u32) -> io::Result<()> {
+    pub fn fsync(
+        &mut self,
+        tag: u16,
+        fd: BorrowedFd<'_>,
+        datasync: bool,
+        data: u32,
+    ) -> io::Result<()> {
         self.check_range(tag, 0, 0)?;
-        let flags = if datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
-        let sqe = opcode::Fsync::new(types::Fd(fd.as_raw_fd())).flags(flags).build();
+        let flags = if datasync {
+            types::FsyncFlags::DATASYNC
+        } else {
+            types::FsyncFlags::empty()
+        };
+        let sqe = opcode::Fsync::new(types::Fd(fd.as_raw_fd()))
+            .flags(flags)
+            .build();
         self.push(tag, data, sqe)
     }
 
     /// `fallocate(fd, mode, off, len)`.
-    pub fn fallocate(&mut self, tag: u16, fd: BorrowedFd<'_>, mode: i32, off: u64, len: u64, data: u32) -> io::Result<()> {
+    pub fn fallocate(
+        &mut self,
+        tag: u16,
+        fd: BorrowedFd<'_>,
+        mode: i32,
+        off: u64,
+        len: u64,
+        data: u32,
+    ) -> io::Result<()> {
         self.check_range(tag, 0, 0)?;
-        let sqe = opcode::Fallocate::new(types::Fd(fd.as_raw_fd()), len).offset(off).mode(mode).build();
+        let sqe = opcode::Fallocate::new(types::Fd(fd.as_raw_fd()), len)
+            .offset(off)
+            .mode(mode)
+            .build();
         self.push(tag, data, sqe)
     }
 }
@@ -285,7 +334,10 @@ struct Queue<H: QueueHandler> {
 
 /// Sets up queue `cfg.q_id` and submits a FETCH for every tag. The returned closure serves the
 /// queue until the device stops.
-pub(crate) fn setup<T: Target>(target: &T, cfg: QueueConfig) -> Result<impl FnOnce() -> Result<(), QueueError>, QueueError> {
+pub(crate) fn setup<T: Target>(
+    target: &T,
+    cfg: QueueConfig,
+) -> Result<impl FnOnce() -> Result<(), QueueError>, QueueError> {
     let q = cfg.q_id;
     let entries = (u32::from(cfg.depth) * 2).next_power_of_two().max(32);
     let ring = IoUring::builder()
@@ -297,12 +349,16 @@ pub(crate) fn setup<T: Target>(target: &T, cfg: QueueConfig) -> Result<impl FnOn
     ring.submitter()
         .register_files(&[cfg.cdev.as_raw_fd()])
         .map_err(|e| QueueError::Ring(q, e))?;
-    let desc = DescArea::map(&cfg.cdev, q, cfg.depth, cfg.desc_size).map_err(|e| QueueError::Memory(q, e))?;
+    let desc = DescArea::map(&cfg.cdev, q, cfg.depth, cfg.desc_size)
+        .map_err(|e| QueueError::Memory(q, e))?;
     let bufs = IoBufs::new(cfg.depth, cfg.buf_size).map_err(|e| QueueError::Memory(q, e))?;
     let handler = target.open_queue(q).map_err(|e| QueueError::Target(q, e))?;
     let event = Arc::new(crate::os::eventfd().map_err(|e| QueueError::Ring(q, e))?);
     let (tx, rx) = crossbeam_channel::bounded(usize::from(cfg.depth));
-    let completer = Completer { tx, event: event.clone() };
+    let completer = Completer {
+        tx,
+        event: event.clone(),
+    };
     let idle = TagSlot {
         state: TagState::Fetching,
         ops: 0,
@@ -323,7 +379,9 @@ pub(crate) fn setup<T: Target>(target: &T, cfg: QueueConfig) -> Result<impl FnOn
         event_buf: Box::new(0),
     };
     for tag in 0..queue.cfg.depth {
-        queue.submit_cmd(sys::UBLK_U_IO_FETCH_REQ, tag, 0).map_err(|e| QueueError::Submit(q, e))?;
+        queue
+            .submit_cmd(sys::UBLK_U_IO_FETCH_REQ, tag, 0)
+            .map_err(|e| QueueError::Submit(q, e))?;
     }
     queue.arm_event().map_err(|e| QueueError::Submit(q, e))?;
     queue.ring.submit().map_err(|e| QueueError::Submit(q, e))?;
@@ -343,12 +401,21 @@ impl<H: QueueHandler> Queue<H> {
             q_id: self.cfg.q_id,
             tag,
             result,
-            __bindgen_anon_1: sys::ublksrv_io_cmd__bindgen_ty_1 { addr: self.buf_addr(tag) },
+            __bindgen_anon_1: sys::ublksrv_io_cmd__bindgen_ty_1 {
+                addr: self.buf_addr(tag),
+            },
         };
         // SAFETY: ublksrv_io_cmd is a 16-byte repr(C) POD; reading its bytes is defined.
         let raw: [u8; 16] = unsafe { std::mem::transmute(cmd) };
-        let kind = if op == sys::UBLK_U_IO_NEED_GET_DATA { KIND_GET_DATA } else { KIND_CMD };
-        let sqe = opcode::UringCmd16::new(CDEV, op).cmd(raw).build().user_data(user_data(kind, tag, 0));
+        let kind = if op == sys::UBLK_U_IO_NEED_GET_DATA {
+            KIND_GET_DATA
+        } else {
+            KIND_CMD
+        };
+        let sqe = opcode::UringCmd16::new(CDEV, op)
+            .cmd(raw)
+            .build()
+            .user_data(user_data(kind, tag, 0));
         // SAFETY: the command's addr is the tag's own slot, handed to the kernel together
         // with the tag (state Fetching/GettingData), or 0 in user-copy mode.
         push_sqe(&mut self.ring, &sqe)
@@ -364,7 +431,9 @@ impl<H: QueueHandler> Queue<H> {
     }
 
     fn live(&self) -> bool {
-        self.tags.iter().any(|t| t.state != TagState::Dead || t.ops != 0)
+        self.tags
+            .iter()
+            .any(|t| t.state != TagState::Dead || t.ops != 0)
     }
 
     fn run(mut self) -> Result<(), QueueError> {
@@ -377,7 +446,11 @@ impl<H: QueueHandler> Queue<H> {
                 Err(e) => return Err(QueueError::Submit(q, e)),
             }
             let mut cqes = std::mem::take(&mut self.cqes);
-            cqes.extend(self.ring.completion().map(|c: cqueue::Entry| (c.user_data(), c.result())));
+            cqes.extend(
+                self.ring
+                    .completion()
+                    .map(|c: cqueue::Entry| (c.user_data(), c.result())),
+            );
             for &(ud, res) in &cqes {
                 self.on_cqe(ud, res);
             }
@@ -401,7 +474,10 @@ impl<H: QueueHandler> Queue<H> {
                 }
                 if self.live() {
                     if let Err(e) = self.arm_event() {
-                        log::error!("queue {}: cannot re-arm completion event: {e}", self.cfg.q_id);
+                        log::error!(
+                            "queue {}: cannot re-arm completion event: {e}",
+                            self.cfg.q_id
+                        );
                     }
                 }
             }
@@ -411,8 +487,14 @@ impl<H: QueueHandler> Queue<H> {
 
     fn on_cmd(&mut self, tag: u16, kind: u64, res: i32) {
         let q = self.cfg.q_id;
-        let Some(slot) = self.tags.get_mut(usize::from(tag)) else { return };
-        let expect = if kind == KIND_CMD { TagState::Fetching } else { TagState::GettingData };
+        let Some(slot) = self.tags.get_mut(usize::from(tag)) else {
+            return;
+        };
+        let expect = if kind == KIND_CMD {
+            TagState::Fetching
+        } else {
+            TagState::GettingData
+        };
         if slot.state != expect {
             log::error!("queue {q} tag {tag}: completion in state {:?}", slot.state);
             return;
@@ -431,7 +513,10 @@ impl<H: QueueHandler> Queue<H> {
                 slot.state = TagState::Dead;
             }
             r => {
-                log::error!("queue {q} tag {tag}: io command failed: {}", io::Error::from_raw_os_error(-r));
+                log::error!(
+                    "queue {q} tag {tag}: io command failed: {}",
+                    io::Error::from_raw_os_error(-r)
+                );
                 slot.state = TagState::Dead;
             }
         }
@@ -445,15 +530,26 @@ impl<H: QueueHandler> Queue<H> {
         slot.req = req;
         slot.deferred = None;
         if req.len as usize > self.bufs.buf_size() && matches!(req.op, Op::Read | Op::Write) {
-            log::error!("queue {} tag {tag}: request of {} bytes exceeds the buffer", self.cfg.q_id, req.len);
+            log::error!(
+                "queue {} tag {tag}: request of {} bytes exceeds the buffer",
+                self.cfg.q_id,
+                req.len
+            );
             return self.finish(tag, Action::Done(-libc::EINVAL));
         }
         if self.cfg.mode == DataMode::UserCopy && req.has_write_data() {
             // SAFETY: the tag is InTarget with no operation in flight; the slice is dropped
             // before the target sees the tag.
             let buf = unsafe { self.bufs.slice(tag, req.len as usize) };
-            if let Err(e) = self.cfg.cdev.read_exact_at(buf, user_copy_offset(self.cfg.q_id, tag)) {
-                log::error!("queue {} tag {tag}: user copy of WRITE data failed: {e}", self.cfg.q_id);
+            if let Err(e) = self
+                .cfg
+                .cdev
+                .read_exact_at(buf, user_copy_offset(self.cfg.q_id, tag))
+            {
+                log::error!(
+                    "queue {} tag {tag}: user copy of WRITE data failed: {e}",
+                    self.cfg.q_id
+                );
                 return self.finish(tag, Action::Done(-libc::EIO));
             }
         }
@@ -462,7 +558,9 @@ impl<H: QueueHandler> Queue<H> {
     }
 
     fn on_target(&mut self, tag: u16, data: u32, res: i32) {
-        let Some(slot) = self.tags.get_mut(usize::from(tag)) else { return };
+        let Some(slot) = self.tags.get_mut(usize::from(tag)) else {
+            return;
+        };
         if slot.state != TagState::InTarget || slot.ops == 0 {
             log::error!("queue {} tag {tag}: stray target completion", self.cfg.q_id);
             return;
@@ -487,7 +585,10 @@ impl<H: QueueHandler> Queue<H> {
             return;
         };
         if slot.state != TagState::InTarget || slot.deferred.is_some() {
-            log::error!("queue {} tag {tag}: completed twice or not in flight", self.cfg.q_id);
+            log::error!(
+                "queue {} tag {tag}: completed twice or not in flight",
+                self.cfg.q_id
+            );
             return;
         }
         if slot.ops > 0 {
@@ -504,8 +605,15 @@ impl<H: QueueHandler> Queue<H> {
             let len = (res as usize).min(req.len as usize);
             // SAFETY: the tag is InTarget with no operation in flight.
             let buf = unsafe { self.bufs.slice(tag, len) };
-            if let Err(e) = self.cfg.cdev.write_all_at(buf, user_copy_offset(self.cfg.q_id, tag)) {
-                log::error!("queue {} tag {tag}: user copy of READ data failed: {e}", self.cfg.q_id);
+            if let Err(e) = self
+                .cfg
+                .cdev
+                .write_all_at(buf, user_copy_offset(self.cfg.q_id, tag))
+            {
+                log::error!(
+                    "queue {} tag {tag}: user copy of READ data failed: {e}",
+                    self.cfg.q_id
+                );
                 res = -libc::EIO;
             }
         }
@@ -513,7 +621,10 @@ impl<H: QueueHandler> Queue<H> {
         slot.state = TagState::Fetching;
         slot.deferred = None;
         if let Err(e) = self.submit_cmd(sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, res) {
-            log::error!("queue {} tag {tag}: commit submission failed: {e}", self.cfg.q_id);
+            log::error!(
+                "queue {} tag {tag}: commit submission failed: {e}",
+                self.cfg.q_id
+            );
             self.tags[usize::from(tag)].state = TagState::Dead;
         }
     }

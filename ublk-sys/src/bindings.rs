@@ -120,24 +120,16 @@ pub struct ublk_shmem_buf_reg {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    [
-        "Size of ublk_shmem_buf_reg",
-    ][::core::mem::size_of::<ublk_shmem_buf_reg>() - 24usize];
-    [
-        "Alignment of ublk_shmem_buf_reg",
-    ][::core::mem::align_of::<ublk_shmem_buf_reg>() - 8usize];
-    [
-        "Offset of field: ublk_shmem_buf_reg::addr",
-    ][::core::mem::offset_of!(ublk_shmem_buf_reg, addr) - 0usize];
-    [
-        "Offset of field: ublk_shmem_buf_reg::len",
-    ][::core::mem::offset_of!(ublk_shmem_buf_reg, len) - 8usize];
-    [
-        "Offset of field: ublk_shmem_buf_reg::flags",
-    ][::core::mem::offset_of!(ublk_shmem_buf_reg, flags) - 16usize];
-    [
-        "Offset of field: ublk_shmem_buf_reg::reserved",
-    ][::core::mem::offset_of!(ublk_shmem_buf_reg, reserved) - 20usize];
+    ["Size of ublk_shmem_buf_reg"][::core::mem::size_of::<ublk_shmem_buf_reg>() - 24usize];
+    ["Alignment of ublk_shmem_buf_reg"][::core::mem::align_of::<ublk_shmem_buf_reg>() - 8usize];
+    ["Offset of field: ublk_shmem_buf_reg::addr"]
+        [::core::mem::offset_of!(ublk_shmem_buf_reg, addr) - 0usize];
+    ["Offset of field: ublk_shmem_buf_reg::len"]
+        [::core::mem::offset_of!(ublk_shmem_buf_reg, len) - 8usize];
+    ["Offset of field: ublk_shmem_buf_reg::flags"]
+        [::core::mem::offset_of!(ublk_shmem_buf_reg, flags) - 16usize];
+    ["Offset of field: ublk_shmem_buf_reg::reserved"]
+        [::core::mem::offset_of!(ublk_shmem_buf_reg, reserved) - 20usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
@@ -154,33 +146,23 @@ pub struct ublksrv_ctrl_cmd {
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of ublksrv_ctrl_cmd"][::core::mem::size_of::<ublksrv_ctrl_cmd>() - 32usize];
-    [
-        "Alignment of ublksrv_ctrl_cmd",
-    ][::core::mem::align_of::<ublksrv_ctrl_cmd>() - 8usize];
-    [
-        "Offset of field: ublksrv_ctrl_cmd::dev_id",
-    ][::core::mem::offset_of!(ublksrv_ctrl_cmd, dev_id) - 0usize];
-    [
-        "Offset of field: ublksrv_ctrl_cmd::queue_id",
-    ][::core::mem::offset_of!(ublksrv_ctrl_cmd, queue_id) - 4usize];
-    [
-        "Offset of field: ublksrv_ctrl_cmd::len",
-    ][::core::mem::offset_of!(ublksrv_ctrl_cmd, len) - 6usize];
-    [
-        "Offset of field: ublksrv_ctrl_cmd::addr",
-    ][::core::mem::offset_of!(ublksrv_ctrl_cmd, addr) - 8usize];
-    [
-        "Offset of field: ublksrv_ctrl_cmd::data",
-    ][::core::mem::offset_of!(ublksrv_ctrl_cmd, data) - 16usize];
-    [
-        "Offset of field: ublksrv_ctrl_cmd::dev_path_len",
-    ][::core::mem::offset_of!(ublksrv_ctrl_cmd, dev_path_len) - 24usize];
-    [
-        "Offset of field: ublksrv_ctrl_cmd::pad",
-    ][::core::mem::offset_of!(ublksrv_ctrl_cmd, pad) - 26usize];
-    [
-        "Offset of field: ublksrv_ctrl_cmd::reserved",
-    ][::core::mem::offset_of!(ublksrv_ctrl_cmd, reserved) - 28usize];
+    ["Alignment of ublksrv_ctrl_cmd"][::core::mem::align_of::<ublksrv_ctrl_cmd>() - 8usize];
+    ["Offset of field: ublksrv_ctrl_cmd::dev_id"]
+        [::core::mem::offset_of!(ublksrv_ctrl_cmd, dev_id) - 0usize];
+    ["Offset of field: ublksrv_ctrl_cmd::queue_id"]
+        [::core::mem::offset_of!(ublksrv_ctrl_cmd, queue_id) - 4usize];
+    ["Offset of field: ublksrv_ctrl_cmd::len"]
+        [::core::mem::offset_of!(ublksrv_ctrl_cmd, len) - 6usize];
+    ["Offset of field: ublksrv_ctrl_cmd::addr"]
+        [::core::mem::offset_of!(ublksrv_ctrl_cmd, addr) - 8usize];
+    ["Offset of field: ublksrv_ctrl_cmd::data"]
+        [::core::mem::offset_of!(ublksrv_ctrl_cmd, data) - 16usize];
+    ["Offset of field: ublksrv_ctrl_cmd::dev_path_len"]
+        [::core::mem::offset_of!(ublksrv_ctrl_cmd, dev_path_len) - 24usize];
+    ["Offset of field: ublksrv_ctrl_cmd::pad"]
+        [::core::mem::offset_of!(ublksrv_ctrl_cmd, pad) - 26usize];
+    ["Offset of field: ublksrv_ctrl_cmd::reserved"]
+        [::core::mem::offset_of!(ublksrv_ctrl_cmd, reserved) - 28usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
@@ -202,54 +184,37 @@ pub struct ublksrv_ctrl_dev_info {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    [
-        "Size of ublksrv_ctrl_dev_info",
-    ][::core::mem::size_of::<ublksrv_ctrl_dev_info>() - 64usize];
-    [
-        "Alignment of ublksrv_ctrl_dev_info",
-    ][::core::mem::align_of::<ublksrv_ctrl_dev_info>() - 8usize];
-    [
-        "Offset of field: ublksrv_ctrl_dev_info::nr_hw_queues",
-    ][::core::mem::offset_of!(ublksrv_ctrl_dev_info, nr_hw_queues) - 0usize];
-    [
-        "Offset of field: ublksrv_ctrl_dev_info::queue_depth",
-    ][::core::mem::offset_of!(ublksrv_ctrl_dev_info, queue_depth) - 2usize];
-    [
-        "Offset of field: ublksrv_ctrl_dev_info::state",
-    ][::core::mem::offset_of!(ublksrv_ctrl_dev_info, state) - 4usize];
-    [
-        "Offset of field: ublksrv_ctrl_dev_info::io_desc_size",
-    ][::core::mem::offset_of!(ublksrv_ctrl_dev_info, io_desc_size) - 6usize];
-    [
-        "Offset of field: ublksrv_ctrl_dev_info::max_io_buf_bytes",
-    ][::core::mem::offset_of!(ublksrv_ctrl_dev_info, max_io_buf_bytes) - 8usize];
-    [
-        "Offset of field: ublksrv_ctrl_dev_info::dev_id",
-    ][::core::mem::offset_of!(ublksrv_ctrl_dev_info, dev_id) - 12usize];
-    [
-        "Offset of field: ublksrv_ctrl_dev_info::ublksrv_pid",
-    ][::core::mem::offset_of!(ublksrv_ctrl_dev_info, ublksrv_pid) - 16usize];
-    [
-        "Offset of field: ublksrv_ctrl_dev_info::pad1",
-    ][::core::mem::offset_of!(ublksrv_ctrl_dev_info, pad1) - 20usize];
-    [
-        "Offset of field: ublksrv_ctrl_dev_info::flags",
-    ][::core::mem::offset_of!(ublksrv_ctrl_dev_info, flags) - 24usize];
-    [
-        "Offset of field: ublksrv_ctrl_dev_info::ublksrv_flags",
-    ][::core::mem::offset_of!(ublksrv_ctrl_dev_info, ublksrv_flags) - 32usize];
-    [
-        "Offset of field: ublksrv_ctrl_dev_info::owner_uid",
-    ][::core::mem::offset_of!(ublksrv_ctrl_dev_info, owner_uid) - 40usize];
-    [
-        "Offset of field: ublksrv_ctrl_dev_info::owner_gid",
-    ][::core::mem::offset_of!(ublksrv_ctrl_dev_info, owner_gid) - 44usize];
-    [
-        "Offset of field: ublksrv_ctrl_dev_info::reserved1",
-    ][::core::mem::offset_of!(ublksrv_ctrl_dev_info, reserved1) - 48usize];
-    [
-        "Offset of field: ublksrv_ctrl_dev_info::reserved2",
-    ][::core::mem::offset_of!(ublksrv_ctrl_dev_info, reserved2) - 56usize];
+    ["Size of ublksrv_ctrl_dev_info"][::core::mem::size_of::<ublksrv_ctrl_dev_info>() - 64usize];
+    ["Alignment of ublksrv_ctrl_dev_info"]
+        [::core::mem::align_of::<ublksrv_ctrl_dev_info>() - 8usize];
+    ["Offset of field: ublksrv_ctrl_dev_info::nr_hw_queues"]
+        [::core::mem::offset_of!(ublksrv_ctrl_dev_info, nr_hw_queues) - 0usize];
+    ["Offset of field: ublksrv_ctrl_dev_info::queue_depth"]
+        [::core::mem::offset_of!(ublksrv_ctrl_dev_info, queue_depth) - 2usize];
+    ["Offset of field: ublksrv_ctrl_dev_info::state"]
+        [::core::mem::offset_of!(ublksrv_ctrl_dev_info, state) - 4usize];
+    ["Offset of field: ublksrv_ctrl_dev_info::io_desc_size"]
+        [::core::mem::offset_of!(ublksrv_ctrl_dev_info, io_desc_size) - 6usize];
+    ["Offset of field: ublksrv_ctrl_dev_info::max_io_buf_bytes"]
+        [::core::mem::offset_of!(ublksrv_ctrl_dev_info, max_io_buf_bytes) - 8usize];
+    ["Offset of field: ublksrv_ctrl_dev_info::dev_id"]
+        [::core::mem::offset_of!(ublksrv_ctrl_dev_info, dev_id) - 12usize];
+    ["Offset of field: ublksrv_ctrl_dev_info::ublksrv_pid"]
+        [::core::mem::offset_of!(ublksrv_ctrl_dev_info, ublksrv_pid) - 16usize];
+    ["Offset of field: ublksrv_ctrl_dev_info::pad1"]
+        [::core::mem::offset_of!(ublksrv_ctrl_dev_info, pad1) - 20usize];
+    ["Offset of field: ublksrv_ctrl_dev_info::flags"]
+        [::core::mem::offset_of!(ublksrv_ctrl_dev_info, flags) - 24usize];
+    ["Offset of field: ublksrv_ctrl_dev_info::ublksrv_flags"]
+        [::core::mem::offset_of!(ublksrv_ctrl_dev_info, ublksrv_flags) - 32usize];
+    ["Offset of field: ublksrv_ctrl_dev_info::owner_uid"]
+        [::core::mem::offset_of!(ublksrv_ctrl_dev_info, owner_uid) - 40usize];
+    ["Offset of field: ublksrv_ctrl_dev_info::owner_gid"]
+        [::core::mem::offset_of!(ublksrv_ctrl_dev_info, owner_gid) - 44usize];
+    ["Offset of field: ublksrv_ctrl_dev_info::reserved1"]
+        [::core::mem::offset_of!(ublksrv_ctrl_dev_info, reserved1) - 48usize];
+    ["Offset of field: ublksrv_ctrl_dev_info::reserved2"]
+        [::core::mem::offset_of!(ublksrv_ctrl_dev_info, reserved2) - 56usize];
 };
 #[repr(C)]
 #[derive(Copy, Clone)]
@@ -267,18 +232,14 @@ pub union ublksrv_io_desc__bindgen_ty_1 {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    [
-        "Size of ublksrv_io_desc__bindgen_ty_1",
-    ][::core::mem::size_of::<ublksrv_io_desc__bindgen_ty_1>() - 4usize];
-    [
-        "Alignment of ublksrv_io_desc__bindgen_ty_1",
-    ][::core::mem::align_of::<ublksrv_io_desc__bindgen_ty_1>() - 4usize];
-    [
-        "Offset of field: ublksrv_io_desc__bindgen_ty_1::nr_sectors",
-    ][::core::mem::offset_of!(ublksrv_io_desc__bindgen_ty_1, nr_sectors) - 0usize];
-    [
-        "Offset of field: ublksrv_io_desc__bindgen_ty_1::nr_zones",
-    ][::core::mem::offset_of!(ublksrv_io_desc__bindgen_ty_1, nr_zones) - 0usize];
+    ["Size of ublksrv_io_desc__bindgen_ty_1"]
+        [::core::mem::size_of::<ublksrv_io_desc__bindgen_ty_1>() - 4usize];
+    ["Alignment of ublksrv_io_desc__bindgen_ty_1"]
+        [::core::mem::align_of::<ublksrv_io_desc__bindgen_ty_1>() - 4usize];
+    ["Offset of field: ublksrv_io_desc__bindgen_ty_1::nr_sectors"]
+        [::core::mem::offset_of!(ublksrv_io_desc__bindgen_ty_1, nr_sectors) - 0usize];
+    ["Offset of field: ublksrv_io_desc__bindgen_ty_1::nr_zones"]
+        [::core::mem::offset_of!(ublksrv_io_desc__bindgen_ty_1, nr_zones) - 0usize];
 };
 impl Default for ublksrv_io_desc__bindgen_ty_1 {
     fn default() -> Self {
@@ -292,18 +253,13 @@ impl Default for ublksrv_io_desc__bindgen_ty_1 {
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of ublksrv_io_desc"][::core::mem::size_of::<ublksrv_io_desc>() - 24usize];
-    [
-        "Alignment of ublksrv_io_desc",
-    ][::core::mem::align_of::<ublksrv_io_desc>() - 8usize];
-    [
-        "Offset of field: ublksrv_io_desc::op_flags",
-    ][::core::mem::offset_of!(ublksrv_io_desc, op_flags) - 0usize];
-    [
-        "Offset of field: ublksrv_io_desc::start_sector",
-    ][::core::mem::offset_of!(ublksrv_io_desc, start_sector) - 8usize];
-    [
-        "Offset of field: ublksrv_io_desc::addr",
-    ][::core::mem::offset_of!(ublksrv_io_desc, addr) - 16usize];
+    ["Alignment of ublksrv_io_desc"][::core::mem::align_of::<ublksrv_io_desc>() - 8usize];
+    ["Offset of field: ublksrv_io_desc::op_flags"]
+        [::core::mem::offset_of!(ublksrv_io_desc, op_flags) - 0usize];
+    ["Offset of field: ublksrv_io_desc::start_sector"]
+        [::core::mem::offset_of!(ublksrv_io_desc, start_sector) - 8usize];
+    ["Offset of field: ublksrv_io_desc::addr"]
+        [::core::mem::offset_of!(ublksrv_io_desc, addr) - 16usize];
 };
 impl Default for ublksrv_io_desc {
     fn default() -> Self {
@@ -325,21 +281,15 @@ pub struct ublk_auto_buf_reg {
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of ublk_auto_buf_reg"][::core::mem::size_of::<ublk_auto_buf_reg>() - 8usize];
-    [
-        "Alignment of ublk_auto_buf_reg",
-    ][::core::mem::align_of::<ublk_auto_buf_reg>() - 4usize];
-    [
-        "Offset of field: ublk_auto_buf_reg::index",
-    ][::core::mem::offset_of!(ublk_auto_buf_reg, index) - 0usize];
-    [
-        "Offset of field: ublk_auto_buf_reg::flags",
-    ][::core::mem::offset_of!(ublk_auto_buf_reg, flags) - 2usize];
-    [
-        "Offset of field: ublk_auto_buf_reg::reserved0",
-    ][::core::mem::offset_of!(ublk_auto_buf_reg, reserved0) - 3usize];
-    [
-        "Offset of field: ublk_auto_buf_reg::reserved1",
-    ][::core::mem::offset_of!(ublk_auto_buf_reg, reserved1) - 4usize];
+    ["Alignment of ublk_auto_buf_reg"][::core::mem::align_of::<ublk_auto_buf_reg>() - 4usize];
+    ["Offset of field: ublk_auto_buf_reg::index"]
+        [::core::mem::offset_of!(ublk_auto_buf_reg, index) - 0usize];
+    ["Offset of field: ublk_auto_buf_reg::flags"]
+        [::core::mem::offset_of!(ublk_auto_buf_reg, flags) - 2usize];
+    ["Offset of field: ublk_auto_buf_reg::reserved0"]
+        [::core::mem::offset_of!(ublk_auto_buf_reg, reserved0) - 3usize];
+    ["Offset of field: ublk_auto_buf_reg::reserved1"]
+        [::core::mem::offset_of!(ublk_auto_buf_reg, reserved1) - 4usize];
 };
 #[repr(C)]
 #[derive(Copy, Clone)]
@@ -357,18 +307,14 @@ pub union ublksrv_io_cmd__bindgen_ty_1 {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    [
-        "Size of ublksrv_io_cmd__bindgen_ty_1",
-    ][::core::mem::size_of::<ublksrv_io_cmd__bindgen_ty_1>() - 8usize];
-    [
-        "Alignment of ublksrv_io_cmd__bindgen_ty_1",
-    ][::core::mem::align_of::<ublksrv_io_cmd__bindgen_ty_1>() - 8usize];
-    [
-        "Offset of field: ublksrv_io_cmd__bindgen_ty_1::addr",
-    ][::core::mem::offset_of!(ublksrv_io_cmd__bindgen_ty_1, addr) - 0usize];
-    [
-        "Offset of field: ublksrv_io_cmd__bindgen_ty_1::zone_append_lba",
-    ][::core::mem::offset_of!(ublksrv_io_cmd__bindgen_ty_1, zone_append_lba) - 0usize];
+    ["Size of ublksrv_io_cmd__bindgen_ty_1"]
+        [::core::mem::size_of::<ublksrv_io_cmd__bindgen_ty_1>() - 8usize];
+    ["Alignment of ublksrv_io_cmd__bindgen_ty_1"]
+        [::core::mem::align_of::<ublksrv_io_cmd__bindgen_ty_1>() - 8usize];
+    ["Offset of field: ublksrv_io_cmd__bindgen_ty_1::addr"]
+        [::core::mem::offset_of!(ublksrv_io_cmd__bindgen_ty_1, addr) - 0usize];
+    ["Offset of field: ublksrv_io_cmd__bindgen_ty_1::zone_append_lba"]
+        [::core::mem::offset_of!(ublksrv_io_cmd__bindgen_ty_1, zone_append_lba) - 0usize];
 };
 impl Default for ublksrv_io_cmd__bindgen_ty_1 {
     fn default() -> Self {
@@ -383,15 +329,11 @@ impl Default for ublksrv_io_cmd__bindgen_ty_1 {
 const _: () = {
     ["Size of ublksrv_io_cmd"][::core::mem::size_of::<ublksrv_io_cmd>() - 16usize];
     ["Alignment of ublksrv_io_cmd"][::core::mem::align_of::<ublksrv_io_cmd>() - 8usize];
-    [
-        "Offset of field: ublksrv_io_cmd::q_id",
-    ][::core::mem::offset_of!(ublksrv_io_cmd, q_id) - 0usize];
-    [
-        "Offset of field: ublksrv_io_cmd::tag",
-    ][::core::mem::offset_of!(ublksrv_io_cmd, tag) - 2usize];
-    [
-        "Offset of field: ublksrv_io_cmd::result",
-    ][::core::mem::offset_of!(ublksrv_io_cmd, result) - 4usize];
+    ["Offset of field: ublksrv_io_cmd::q_id"]
+        [::core::mem::offset_of!(ublksrv_io_cmd, q_id) - 0usize];
+    ["Offset of field: ublksrv_io_cmd::tag"][::core::mem::offset_of!(ublksrv_io_cmd, tag) - 2usize];
+    ["Offset of field: ublksrv_io_cmd::result"]
+        [::core::mem::offset_of!(ublksrv_io_cmd, result) - 4usize];
 };
 impl Default for ublksrv_io_cmd {
     fn default() -> Self {
@@ -412,18 +354,13 @@ pub struct ublk_elem_header {
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of ublk_elem_header"][::core::mem::size_of::<ublk_elem_header>() - 8usize];
-    [
-        "Alignment of ublk_elem_header",
-    ][::core::mem::align_of::<ublk_elem_header>() - 4usize];
-    [
-        "Offset of field: ublk_elem_header::tag",
-    ][::core::mem::offset_of!(ublk_elem_header, tag) - 0usize];
-    [
-        "Offset of field: ublk_elem_header::buf_index",
-    ][::core::mem::offset_of!(ublk_elem_header, buf_index) - 2usize];
-    [
-        "Offset of field: ublk_elem_header::result",
-    ][::core::mem::offset_of!(ublk_elem_header, result) - 4usize];
+    ["Alignment of ublk_elem_header"][::core::mem::align_of::<ublk_elem_header>() - 4usize];
+    ["Offset of field: ublk_elem_header::tag"]
+        [::core::mem::offset_of!(ublk_elem_header, tag) - 0usize];
+    ["Offset of field: ublk_elem_header::buf_index"]
+        [::core::mem::offset_of!(ublk_elem_header, buf_index) - 2usize];
+    ["Offset of field: ublk_elem_header::result"]
+        [::core::mem::offset_of!(ublk_elem_header, result) - 4usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
@@ -439,24 +376,17 @@ pub struct ublk_batch_io {
 const _: () = {
     ["Size of ublk_batch_io"][::core::mem::size_of::<ublk_batch_io>() - 16usize];
     ["Alignment of ublk_batch_io"][::core::mem::align_of::<ublk_batch_io>() - 8usize];
-    [
-        "Offset of field: ublk_batch_io::q_id",
-    ][::core::mem::offset_of!(ublk_batch_io, q_id) - 0usize];
-    [
-        "Offset of field: ublk_batch_io::flags",
-    ][::core::mem::offset_of!(ublk_batch_io, flags) - 2usize];
-    [
-        "Offset of field: ublk_batch_io::nr_elem",
-    ][::core::mem::offset_of!(ublk_batch_io, nr_elem) - 4usize];
-    [
-        "Offset of field: ublk_batch_io::elem_bytes",
-    ][::core::mem::offset_of!(ublk_batch_io, elem_bytes) - 6usize];
-    [
-        "Offset of field: ublk_batch_io::reserved",
-    ][::core::mem::offset_of!(ublk_batch_io, reserved) - 7usize];
-    [
-        "Offset of field: ublk_batch_io::reserved2",
-    ][::core::mem::offset_of!(ublk_batch_io, reserved2) - 8usize];
+    ["Offset of field: ublk_batch_io::q_id"][::core::mem::offset_of!(ublk_batch_io, q_id) - 0usize];
+    ["Offset of field: ublk_batch_io::flags"]
+        [::core::mem::offset_of!(ublk_batch_io, flags) - 2usize];
+    ["Offset of field: ublk_batch_io::nr_elem"]
+        [::core::mem::offset_of!(ublk_batch_io, nr_elem) - 4usize];
+    ["Offset of field: ublk_batch_io::elem_bytes"]
+        [::core::mem::offset_of!(ublk_batch_io, elem_bytes) - 6usize];
+    ["Offset of field: ublk_batch_io::reserved"]
+        [::core::mem::offset_of!(ublk_batch_io, reserved) - 7usize];
+    ["Offset of field: ublk_batch_io::reserved2"]
+        [::core::mem::offset_of!(ublk_batch_io, reserved2) - 8usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
@@ -474,36 +404,25 @@ pub struct ublk_param_basic {
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of ublk_param_basic"][::core::mem::size_of::<ublk_param_basic>() - 32usize];
-    [
-        "Alignment of ublk_param_basic",
-    ][::core::mem::align_of::<ublk_param_basic>() - 8usize];
-    [
-        "Offset of field: ublk_param_basic::attrs",
-    ][::core::mem::offset_of!(ublk_param_basic, attrs) - 0usize];
-    [
-        "Offset of field: ublk_param_basic::logical_bs_shift",
-    ][::core::mem::offset_of!(ublk_param_basic, logical_bs_shift) - 4usize];
-    [
-        "Offset of field: ublk_param_basic::physical_bs_shift",
-    ][::core::mem::offset_of!(ublk_param_basic, physical_bs_shift) - 5usize];
-    [
-        "Offset of field: ublk_param_basic::io_opt_shift",
-    ][::core::mem::offset_of!(ublk_param_basic, io_opt_shift) - 6usize];
-    [
-        "Offset of field: ublk_param_basic::io_min_shift",
-    ][::core::mem::offset_of!(ublk_param_basic, io_min_shift) - 7usize];
-    [
-        "Offset of field: ublk_param_basic::max_sectors",
-    ][::core::mem::offset_of!(ublk_param_basic, max_sectors) - 8usize];
-    [
-        "Offset of field: ublk_param_basic::chunk_sectors",
-    ][::core::mem::offset_of!(ublk_param_basic, chunk_sectors) - 12usize];
-    [
-        "Offset of field: ublk_param_basic::dev_sectors",
-    ][::core::mem::offset_of!(ublk_param_basic, dev_sectors) - 16usize];
-    [
-        "Offset of field: ublk_param_basic::virt_boundary_mask",
-    ][::core::mem::offset_of!(ublk_param_basic, virt_boundary_mask) - 24usize];
+    ["Alignment of ublk_param_basic"][::core::mem::align_of::<ublk_param_basic>() - 8usize];
+    ["Offset of field: ublk_param_basic::attrs"]
+        [::core::mem::offset_of!(ublk_param_basic, attrs) - 0usize];
+    ["Offset of field: ublk_param_basic::logical_bs_shift"]
+        [::core::mem::offset_of!(ublk_param_basic, logical_bs_shift) - 4usize];
+    ["Offset of field: ublk_param_basic::physical_bs_shift"]
+        [::core::mem::offset_of!(ublk_param_basic, physical_bs_shift) - 5usize];
+    ["Offset of field: ublk_param_basic::io_opt_shift"]
+        [::core::mem::offset_of!(ublk_param_basic, io_opt_shift) - 6usize];
+    ["Offset of field: ublk_param_basic::io_min_shift"]
+        [::core::mem::offset_of!(ublk_param_basic, io_min_shift) - 7usize];
+    ["Offset of field: ublk_param_basic::max_sectors"]
+        [::core::mem::offset_of!(ublk_param_basic, max_sectors) - 8usize];
+    ["Offset of field: ublk_param_basic::chunk_sectors"]
+        [::core::mem::offset_of!(ublk_param_basic, chunk_sectors) - 12usize];
+    ["Offset of field: ublk_param_basic::dev_sectors"]
+        [::core::mem::offset_of!(ublk_param_basic, dev_sectors) - 16usize];
+    ["Offset of field: ublk_param_basic::virt_boundary_mask"]
+        [::core::mem::offset_of!(ublk_param_basic, virt_boundary_mask) - 24usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
@@ -517,30 +436,20 @@ pub struct ublk_param_discard {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    [
-        "Size of ublk_param_discard",
-    ][::core::mem::size_of::<ublk_param_discard>() - 20usize];
-    [
-        "Alignment of ublk_param_discard",
-    ][::core::mem::align_of::<ublk_param_discard>() - 4usize];
-    [
-        "Offset of field: ublk_param_discard::discard_alignment",
-    ][::core::mem::offset_of!(ublk_param_discard, discard_alignment) - 0usize];
-    [
-        "Offset of field: ublk_param_discard::discard_granularity",
-    ][::core::mem::offset_of!(ublk_param_discard, discard_granularity) - 4usize];
-    [
-        "Offset of field: ublk_param_discard::max_discard_sectors",
-    ][::core::mem::offset_of!(ublk_param_discard, max_discard_sectors) - 8usize];
-    [
-        "Offset of field: ublk_param_discard::max_write_zeroes_sectors",
-    ][::core::mem::offset_of!(ublk_param_discard, max_write_zeroes_sectors) - 12usize];
-    [
-        "Offset of field: ublk_param_discard::max_discard_segments",
-    ][::core::mem::offset_of!(ublk_param_discard, max_discard_segments) - 16usize];
-    [
-        "Offset of field: ublk_param_discard::reserved0",
-    ][::core::mem::offset_of!(ublk_param_discard, reserved0) - 18usize];
+    ["Size of ublk_param_discard"][::core::mem::size_of::<ublk_param_discard>() - 20usize];
+    ["Alignment of ublk_param_discard"][::core::mem::align_of::<ublk_param_discard>() - 4usize];
+    ["Offset of field: ublk_param_discard::discard_alignment"]
+        [::core::mem::offset_of!(ublk_param_discard, discard_alignment) - 0usize];
+    ["Offset of field: ublk_param_discard::discard_granularity"]
+        [::core::mem::offset_of!(ublk_param_discard, discard_granularity) - 4usize];
+    ["Offset of field: ublk_param_discard::max_discard_sectors"]
+        [::core::mem::offset_of!(ublk_param_discard, max_discard_sectors) - 8usize];
+    ["Offset of field: ublk_param_discard::max_write_zeroes_sectors"]
+        [::core::mem::offset_of!(ublk_param_discard, max_write_zeroes_sectors) - 12usize];
+    ["Offset of field: ublk_param_discard::max_discard_segments"]
+        [::core::mem::offset_of!(ublk_param_discard, max_discard_segments) - 16usize];
+    ["Offset of field: ublk_param_discard::reserved0"]
+        [::core::mem::offset_of!(ublk_param_discard, reserved0) - 18usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
@@ -553,21 +462,15 @@ pub struct ublk_param_devt {
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of ublk_param_devt"][::core::mem::size_of::<ublk_param_devt>() - 16usize];
-    [
-        "Alignment of ublk_param_devt",
-    ][::core::mem::align_of::<ublk_param_devt>() - 4usize];
-    [
-        "Offset of field: ublk_param_devt::char_major",
-    ][::core::mem::offset_of!(ublk_param_devt, char_major) - 0usize];
-    [
-        "Offset of field: ublk_param_devt::char_minor",
-    ][::core::mem::offset_of!(ublk_param_devt, char_minor) - 4usize];
-    [
-        "Offset of field: ublk_param_devt::disk_major",
-    ][::core::mem::offset_of!(ublk_param_devt, disk_major) - 8usize];
-    [
-        "Offset of field: ublk_param_devt::disk_minor",
-    ][::core::mem::offset_of!(ublk_param_devt, disk_minor) - 12usize];
+    ["Alignment of ublk_param_devt"][::core::mem::align_of::<ublk_param_devt>() - 4usize];
+    ["Offset of field: ublk_param_devt::char_major"]
+        [::core::mem::offset_of!(ublk_param_devt, char_major) - 0usize];
+    ["Offset of field: ublk_param_devt::char_minor"]
+        [::core::mem::offset_of!(ublk_param_devt, char_minor) - 4usize];
+    ["Offset of field: ublk_param_devt::disk_major"]
+        [::core::mem::offset_of!(ublk_param_devt, disk_major) - 8usize];
+    ["Offset of field: ublk_param_devt::disk_minor"]
+        [::core::mem::offset_of!(ublk_param_devt, disk_minor) - 12usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
@@ -580,21 +483,15 @@ pub struct ublk_param_zoned {
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of ublk_param_zoned"][::core::mem::size_of::<ublk_param_zoned>() - 32usize];
-    [
-        "Alignment of ublk_param_zoned",
-    ][::core::mem::align_of::<ublk_param_zoned>() - 4usize];
-    [
-        "Offset of field: ublk_param_zoned::max_open_zones",
-    ][::core::mem::offset_of!(ublk_param_zoned, max_open_zones) - 0usize];
-    [
-        "Offset of field: ublk_param_zoned::max_active_zones",
-    ][::core::mem::offset_of!(ublk_param_zoned, max_active_zones) - 4usize];
-    [
-        "Offset of field: ublk_param_zoned::max_zone_append_sectors",
-    ][::core::mem::offset_of!(ublk_param_zoned, max_zone_append_sectors) - 8usize];
-    [
-        "Offset of field: ublk_param_zoned::reserved",
-    ][::core::mem::offset_of!(ublk_param_zoned, reserved) - 12usize];
+    ["Alignment of ublk_param_zoned"][::core::mem::align_of::<ublk_param_zoned>() - 4usize];
+    ["Offset of field: ublk_param_zoned::max_open_zones"]
+        [::core::mem::offset_of!(ublk_param_zoned, max_open_zones) - 0usize];
+    ["Offset of field: ublk_param_zoned::max_active_zones"]
+        [::core::mem::offset_of!(ublk_param_zoned, max_active_zones) - 4usize];
+    ["Offset of field: ublk_param_zoned::max_zone_append_sectors"]
+        [::core::mem::offset_of!(ublk_param_zoned, max_zone_append_sectors) - 8usize];
+    ["Offset of field: ublk_param_zoned::reserved"]
+        [::core::mem::offset_of!(ublk_param_zoned, reserved) - 12usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
@@ -604,18 +501,12 @@ pub struct ublk_param_dma_align {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    [
-        "Size of ublk_param_dma_align",
-    ][::core::mem::size_of::<ublk_param_dma_align>() - 8usize];
-    [
-        "Alignment of ublk_param_dma_align",
-    ][::core::mem::align_of::<ublk_param_dma_align>() - 4usize];
-    [
-        "Offset of field: ublk_param_dma_align::alignment",
-    ][::core::mem::offset_of!(ublk_param_dma_align, alignment) - 0usize];
-    [
-        "Offset of field: ublk_param_dma_align::pad",
-    ][::core::mem::offset_of!(ublk_param_dma_align, pad) - 4usize];
+    ["Size of ublk_param_dma_align"][::core::mem::size_of::<ublk_param_dma_align>() - 8usize];
+    ["Alignment of ublk_param_dma_align"][::core::mem::align_of::<ublk_param_dma_align>() - 4usize];
+    ["Offset of field: ublk_param_dma_align::alignment"]
+        [::core::mem::offset_of!(ublk_param_dma_align, alignment) - 0usize];
+    ["Offset of field: ublk_param_dma_align::pad"]
+        [::core::mem::offset_of!(ublk_param_dma_align, pad) - 4usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
@@ -627,24 +518,16 @@ pub struct ublk_param_segment {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    [
-        "Size of ublk_param_segment",
-    ][::core::mem::size_of::<ublk_param_segment>() - 16usize];
-    [
-        "Alignment of ublk_param_segment",
-    ][::core::mem::align_of::<ublk_param_segment>() - 8usize];
-    [
-        "Offset of field: ublk_param_segment::seg_boundary_mask",
-    ][::core::mem::offset_of!(ublk_param_segment, seg_boundary_mask) - 0usize];
-    [
-        "Offset of field: ublk_param_segment::max_segment_size",
-    ][::core::mem::offset_of!(ublk_param_segment, max_segment_size) - 8usize];
-    [
-        "Offset of field: ublk_param_segment::max_segments",
-    ][::core::mem::offset_of!(ublk_param_segment, max_segments) - 12usize];
-    [
-        "Offset of field: ublk_param_segment::pad",
-    ][::core::mem::offset_of!(ublk_param_segment, pad) - 14usize];
+    ["Size of ublk_param_segment"][::core::mem::size_of::<ublk_param_segment>() - 16usize];
+    ["Alignment of ublk_param_segment"][::core::mem::align_of::<ublk_param_segment>() - 8usize];
+    ["Offset of field: ublk_param_segment::seg_boundary_mask"]
+        [::core::mem::offset_of!(ublk_param_segment, seg_boundary_mask) - 0usize];
+    ["Offset of field: ublk_param_segment::max_segment_size"]
+        [::core::mem::offset_of!(ublk_param_segment, max_segment_size) - 8usize];
+    ["Offset of field: ublk_param_segment::max_segments"]
+        [::core::mem::offset_of!(ublk_param_segment, max_segments) - 12usize];
+    ["Offset of field: ublk_param_segment::pad"]
+        [::core::mem::offset_of!(ublk_param_segment, pad) - 14usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
@@ -660,36 +543,24 @@ pub struct ublk_param_integrity {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    [
-        "Size of ublk_param_integrity",
-    ][::core::mem::size_of::<ublk_param_integrity>() - 16usize];
-    [
-        "Alignment of ublk_param_integrity",
-    ][::core::mem::align_of::<ublk_param_integrity>() - 4usize];
-    [
-        "Offset of field: ublk_param_integrity::flags",
-    ][::core::mem::offset_of!(ublk_param_integrity, flags) - 0usize];
-    [
-        "Offset of field: ublk_param_integrity::max_integrity_segments",
-    ][::core::mem::offset_of!(ublk_param_integrity, max_integrity_segments) - 4usize];
-    [
-        "Offset of field: ublk_param_integrity::interval_exp",
-    ][::core::mem::offset_of!(ublk_param_integrity, interval_exp) - 6usize];
-    [
-        "Offset of field: ublk_param_integrity::metadata_size",
-    ][::core::mem::offset_of!(ublk_param_integrity, metadata_size) - 7usize];
-    [
-        "Offset of field: ublk_param_integrity::pi_offset",
-    ][::core::mem::offset_of!(ublk_param_integrity, pi_offset) - 8usize];
-    [
-        "Offset of field: ublk_param_integrity::csum_type",
-    ][::core::mem::offset_of!(ublk_param_integrity, csum_type) - 9usize];
-    [
-        "Offset of field: ublk_param_integrity::tag_size",
-    ][::core::mem::offset_of!(ublk_param_integrity, tag_size) - 10usize];
-    [
-        "Offset of field: ublk_param_integrity::pad",
-    ][::core::mem::offset_of!(ublk_param_integrity, pad) - 11usize];
+    ["Size of ublk_param_integrity"][::core::mem::size_of::<ublk_param_integrity>() - 16usize];
+    ["Alignment of ublk_param_integrity"][::core::mem::align_of::<ublk_param_integrity>() - 4usize];
+    ["Offset of field: ublk_param_integrity::flags"]
+        [::core::mem::offset_of!(ublk_param_integrity, flags) - 0usize];
+    ["Offset of field: ublk_param_integrity::max_integrity_segments"]
+        [::core::mem::offset_of!(ublk_param_integrity, max_integrity_segments) - 4usize];
+    ["Offset of field: ublk_param_integrity::interval_exp"]
+        [::core::mem::offset_of!(ublk_param_integrity, interval_exp) - 6usize];
+    ["Offset of field: ublk_param_integrity::metadata_size"]
+        [::core::mem::offset_of!(ublk_param_integrity, metadata_size) - 7usize];
+    ["Offset of field: ublk_param_integrity::pi_offset"]
+        [::core::mem::offset_of!(ublk_param_integrity, pi_offset) - 8usize];
+    ["Offset of field: ublk_param_integrity::csum_type"]
+        [::core::mem::offset_of!(ublk_param_integrity, csum_type) - 9usize];
+    ["Offset of field: ublk_param_integrity::tag_size"]
+        [::core::mem::offset_of!(ublk_param_integrity, tag_size) - 10usize];
+    ["Offset of field: ublk_param_integrity::pad"]
+        [::core::mem::offset_of!(ublk_param_integrity, pad) - 11usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
@@ -708,31 +579,15 @@ pub struct ublk_params {
 const _: () = {
     ["Size of ublk_params"][::core::mem::size_of::<ublk_params>() - 152usize];
     ["Alignment of ublk_params"][::core::mem::align_of::<ublk_params>() - 8usize];
-    [
-        "Offset of field: ublk_params::len",
-    ][::core::mem::offset_of!(ublk_params, len) - 0usize];
-    [
-        "Offset of field: ublk_params::types",
-    ][::core::mem::offset_of!(ublk_params, types) - 4usize];
-    [
-        "Offset of field: ublk_params::basic",
-    ][::core::mem::offset_of!(ublk_params, basic) - 8usize];
-    [
-        "Offset of field: ublk_params::discard",
-    ][::core::mem::offset_of!(ublk_params, discard) - 40usize];
-    [
-        "Offset of field: ublk_params::devt",
-    ][::core::mem::offset_of!(ublk_params, devt) - 60usize];
-    [
-        "Offset of field: ublk_params::zoned",
-    ][::core::mem::offset_of!(ublk_params, zoned) - 76usize];
-    [
-        "Offset of field: ublk_params::dma",
-    ][::core::mem::offset_of!(ublk_params, dma) - 108usize];
-    [
-        "Offset of field: ublk_params::seg",
-    ][::core::mem::offset_of!(ublk_params, seg) - 120usize];
-    [
-        "Offset of field: ublk_params::integrity",
-    ][::core::mem::offset_of!(ublk_params, integrity) - 136usize];
+    ["Offset of field: ublk_params::len"][::core::mem::offset_of!(ublk_params, len) - 0usize];
+    ["Offset of field: ublk_params::types"][::core::mem::offset_of!(ublk_params, types) - 4usize];
+    ["Offset of field: ublk_params::basic"][::core::mem::offset_of!(ublk_params, basic) - 8usize];
+    ["Offset of field: ublk_params::discard"]
+        [::core::mem::offset_of!(ublk_params, discard) - 40usize];
+    ["Offset of field: ublk_params::devt"][::core::mem::offset_of!(ublk_params, devt) - 60usize];
+    ["Offset of field: ublk_params::zoned"][::core::mem::offset_of!(ublk_params, zoned) - 76usize];
+    ["Offset of field: ublk_params::dma"][::core::mem::offset_of!(ublk_params, dma) - 108usize];
+    ["Offset of field: ublk_params::seg"][::core::mem::offset_of!(ublk_params, seg) - 120usize];
+    ["Offset of field: ublk_params::integrity"]
+        [::core::mem::offset_of!(ublk_params, integrity) - 136usize];
 };

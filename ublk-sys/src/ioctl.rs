@@ -125,9 +125,15 @@ mod tests {
     #[test]
     fn test_nr_matches_legacy_constants() {
         assert_eq!(UBLK_U_IO_FETCH_REQ & 0xff, crate::UBLK_IO_FETCH_REQ);
-        assert_eq!(UBLK_U_IO_COMMIT_AND_FETCH_REQ & 0xff, crate::UBLK_IO_COMMIT_AND_FETCH_REQ);
+        assert_eq!(
+            UBLK_U_IO_COMMIT_AND_FETCH_REQ & 0xff,
+            crate::UBLK_IO_COMMIT_AND_FETCH_REQ
+        );
         assert_eq!(UBLK_U_IO_NEED_GET_DATA & 0xff, crate::UBLK_IO_NEED_GET_DATA);
         assert_eq!(UBLK_U_CMD_ADD_DEV & 0xff, crate::UBLK_CMD_ADD_DEV);
-        assert_eq!(UBLK_U_CMD_GET_DEV_INFO2 & 0xff, crate::UBLK_CMD_GET_DEV_INFO2);
+        assert_eq!(
+            UBLK_U_CMD_GET_DEV_INFO2 & 0xff,
+            crate::UBLK_CMD_GET_DEV_INFO2
+        );
     }
 }

@@ -11,7 +11,9 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use ublk_core::{Action, Attrs, DeviceParams, DiscardParams, IoCtx, IoFlags, IoRequest, Op, QueueHandler, Target};
+use ublk_core::{
+    Action, Attrs, DeviceParams, DiscardParams, IoCtx, IoFlags, IoRequest, Op, QueueHandler, Target,
+};
 
 /// Errors opening a loop backing file.
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +71,10 @@ impl LoopTarget {
         let path = &cfg.path;
         let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => LoopError::NotFound(path.clone()),
-            _ => LoopError::Open { path: path.clone(), source: e },
+            _ => LoopError::Open {
+                path: path.clone(),
+                source: e,
+            },
         })?;
         let block_device = meta.file_type().is_block_device();
         if !block_device && !meta.is_file() {
@@ -90,16 +95,32 @@ impl LoopTarget {
         let mut file = match open(direct) {
             Ok(f) => f,
             Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                log::warn!("{}: O_DIRECT refused by the file system; using buffered IO", path.display());
+                log::warn!(
+                    "{}: O_DIRECT refused by the file system; using buffered IO",
+                    path.display()
+                );
                 direct = false;
-                open(false).map_err(|e| LoopError::Open { path: path.clone(), source: e })?
+                open(false).map_err(|e| LoopError::Open {
+                    path: path.clone(),
+                    source: e,
+                })?
             }
-            Err(e) => return Err(LoopError::Open { path: path.clone(), source: e }),
+            Err(e) => {
+                return Err(LoopError::Open {
+                    path: path.clone(),
+                    source: e,
+                })
+            }
         };
-        let size = file
-            .seek(SeekFrom::End(0))
-            .map_err(|e| LoopError::Open { path: path.clone(), source: e })?;
-        let lbs = if block_device { sysfs_block_size(meta.rdev()).unwrap_or(512) } else { 512 };
+        let size = file.seek(SeekFrom::End(0)).map_err(|e| LoopError::Open {
+            path: path.clone(),
+            source: e,
+        })?;
+        let lbs = if block_device {
+            sysfs_block_size(meta.rdev()).unwrap_or(512)
+        } else {
+            512
+        };
         let lbs_shift = lbs.trailing_zeros() as u8;
         if size < lbs {
             return Err(LoopError::Unusable {
@@ -133,7 +154,12 @@ impl LoopTarget {
             if direct { "direct" } else { "buffered" },
             if block_device { "block device" } else { "file" }
         );
-        Ok(LoopTarget { file: Arc::new(file), params, direct, block_device })
+        Ok(LoopTarget {
+            file: Arc::new(file),
+            params,
+            direct,
+            block_device,
+        })
     }
 
     /// The device parameters matching the backing file.
@@ -156,14 +182,20 @@ fn sysfs_block_size(rdev: u64) -> Option<u64> {
     let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & !0xfff);
     let minor = (rdev & 0xff) | ((rdev >> 12) & !0xff);
     let p = format!("/sys/dev/block/{major}:{minor}/queue/logical_block_size");
-    let v: u64 = std::fs::read_to_string(Path::new(&p)).ok()?.trim().parse().ok()?;
+    let v: u64 = std::fs::read_to_string(Path::new(&p))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     (v.is_power_of_two() && (512..=4096).contains(&v)).then_some(v)
 }
 
 impl Target for LoopTarget {
     type Queue = LoopQueue;
     fn open_queue(&self, _q_id: u16) -> io::Result<LoopQueue> {
-        Ok(LoopQueue { file: self.file.clone() })
+        Ok(LoopQueue {
+            file: self.file.clone(),
+        })
     }
 }
 
@@ -180,7 +212,15 @@ impl LoopQueue {
         let (off, len) = (req.offset + u64::from(done), req.len - done);
         let r = match req.op {
             Op::Read => ctx.read_at(req.tag, fd, off, done, len, done),
-            _ => ctx.write_at(req.tag, fd, off, done, len, req.flags.contains(IoFlags::FUA), done),
+            _ => ctx.write_at(
+                req.tag,
+                fd,
+                off,
+                done,
+                len,
+                req.flags.contains(IoFlags::FUA),
+                done,
+            ),
         };
         match r {
             Ok(()) => Action::Pending,
@@ -195,9 +235,14 @@ impl QueueHandler for LoopQueue {
         let r = match req.op {
             Op::Read | Op::Write => return self.transfer(ctx, req, 0),
             Op::Flush => ctx.fsync(req.tag, fd, true, 0),
-            Op::Discard => {
-                ctx.fallocate(req.tag, fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, req.offset, req.len.into(), 0)
-            }
+            Op::Discard => ctx.fallocate(
+                req.tag,
+                fd,
+                FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                req.offset,
+                req.len.into(),
+                0,
+            ),
             Op::WriteZeroes => {
                 let mode = if req.flags.contains(IoFlags::NOUNMAP) {
                     FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
