@@ -21,7 +21,7 @@ const NOTIFY_ENV: &str = "UBLK_NOTIFY_READY";
 
 impl AddArgs {
     /// The arguments again as a command line (for the daemon and for recovery).
-    fn to_argv(&self) -> Vec<String> {
+    pub(crate) fn to_argv(&self) -> Vec<String> {
         let mut v = vec![
             "add".to_string(),
             "-t".into(),

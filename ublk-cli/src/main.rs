@@ -173,3 +173,84 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("ublk").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn test_add_kublk_spelling() {
+        let cli = parse(&[
+            "add", "-t", "loop", "-n", "3", "-q", "2", "-d", "64", "-u", "-r", "1", "-i", "1",
+            "-f", "/tmp/x",
+        ])
+        .unwrap();
+        let Cmd::Add(a) = cli.cmd else {
+            panic!("not add")
+        };
+        assert_eq!(a.target, TargetType::Loop);
+        assert_eq!((a.id, a.queues, a.depth), (Some(3), 2, 64));
+        assert!(a.user_copy && !a.need_get_data);
+        assert_eq!((a.recovery, a.reissue, a.fail_io), (1, 1, 0));
+        assert_eq!(a.file.as_deref(), Some(std::path::Path::new("/tmp/x")));
+    }
+
+    #[test]
+    fn test_add_rejects_bad_values() {
+        assert!(parse(&["add", "-t", "floppy"]).is_err());
+        assert!(parse(&["add", "-t", "null", "-r", "2"]).is_err());
+        assert!(parse(&["add", "-t", "null", "--size", "12X"]).is_err());
+        assert!(parse(&["add"]).is_err(), "type is required");
+    }
+
+    #[test]
+    fn test_del_needs_id_or_all() {
+        assert!(parse(&["del"]).is_err());
+        assert!(parse(&["del", "-n", "1", "-a"]).is_err());
+        assert!(matches!(
+            parse(&["del", "-a"]).unwrap().cmd,
+            Cmd::Del(DelArgs { all: true, .. })
+        ));
+        assert!(matches!(
+            parse(&["list", "-n", "2", "--json"]).unwrap().cmd,
+            Cmd::List(ListArgs {
+                id: Some(2),
+                json: true
+            })
+        ));
+    }
+
+    #[test]
+    fn test_daemon_argv_roundtrip() {
+        let cli = parse(&[
+            "add",
+            "-t",
+            "null",
+            "-g",
+            "--size",
+            "1G",
+            "-q",
+            "4",
+            "-e",
+            "1",
+            "--no-affinity",
+        ])
+        .unwrap();
+        let Cmd::Add(a) = cli.cmd else {
+            panic!("not add")
+        };
+        let argv = a.to_argv();
+        let again = Cli::try_parse_from(std::iter::once("ublk".to_string()).chain(argv)).unwrap();
+        let Cmd::Add(b) = again.cmd else {
+            panic!("not add")
+        };
+        assert_eq!(
+            serde_json::to_value(&a).unwrap(),
+            serde_json::to_value(&b).unwrap()
+        );
+    }
+}

@@ -21,6 +21,7 @@ pub mod flags;
 mod os;
 pub mod params;
 pub mod queue;
+mod tags;
 pub mod target;
 
 pub use ctrl::{kernel_release, Ctrl, CtrlError, DevInfo, DevState};

@@ -19,7 +19,8 @@
 use crate::buf::IoBufs;
 use crate::desc::DescArea;
 use crate::flags::DeviceFlags;
-use crate::target::{Action, IoRequest, Op, QueueHandler, Target};
+use crate::tags::{Cmd, CmdOutcome, Finish, Tags};
+use crate::target::{Action, Op, QueueHandler, Target};
 use crossbeam_channel::{Receiver, Sender};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use std::fs::File;
@@ -101,24 +102,6 @@ fn user_data(kind: u64, tag: u16, data: u32) -> u64 {
     (u64::from(data) << 32) | (kind << 16) | u64::from(tag)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TagState {
-    Fetching,
-    GettingData,
-    InTarget,
-    Dead,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct TagSlot {
-    state: TagState,
-    /// io_uring operations of the target in flight for this tag.
-    ops: u32,
-    /// A result the target gave while its operations were still in flight.
-    deferred: Option<i32>,
-    req: IoRequest,
-}
-
 /// Sends completions to a queue from any thread (for targets that finish requests elsewhere).
 #[derive(Debug, Clone)]
 pub struct Completer {
@@ -151,7 +134,7 @@ pub(crate) struct QueueConfig {
 pub struct IoCtx<'a> {
     ring: &'a mut IoUring,
     bufs: &'a IoBufs,
-    tags: &'a mut [TagSlot],
+    tags: &'a mut Tags,
     q_id: u16,
     completer: &'a Completer,
 }
@@ -178,13 +161,14 @@ impl IoCtx<'_> {
     /// The data buffer of request `tag` (`req.len` bytes): WRITE data to consume, or room for
     /// READ data. Empty if the tag is not with the target or has operations in flight.
     pub fn buf(&mut self, tag: u16) -> &mut [u8] {
-        let Some(slot) = self.tags.get(usize::from(tag)) else {
-            return &mut [];
-        };
-        if slot.state != TagState::InTarget || slot.ops != 0 {
+        if !self.tags.owned_by_target(tag, true) {
             return &mut [];
         }
-        let len = (slot.req.len as usize).min(self.bufs.buf_size());
+        let len = self
+            .tags
+            .req(tag)
+            .map_or(0, |r| r.len as usize)
+            .min(self.bufs.buf_size());
         // SAFETY: the tag is with the target and no operation uses its slot (checked above);
         // the returned borrow ties up `self`, so no second slice or new operation can be made
         // while it lives.
@@ -192,15 +176,12 @@ impl IoCtx<'_> {
     }
 
     fn check_range(&self, tag: u16, buf_off: u32, len: u32) -> io::Result<*mut u8> {
-        let slot = self
-            .tags
-            .get(usize::from(tag))
-            .ok_or_else(|| einval("bad tag"))?;
-        if slot.state != TagState::InTarget {
+        if !self.tags.owned_by_target(tag, false) {
             return Err(einval("tag is not owned by the target"));
         }
+        let req_len = self.tags.req(tag).map_or(0, |r| u64::from(r.len));
         let end = u64::from(buf_off) + u64::from(len);
-        if end > u64::from(slot.req.len) || end > self.bufs.buf_size() as u64 {
+        if end > req_len.max(u64::from(len == 0)) || end > self.bufs.buf_size() as u64 {
             return Err(einval("range outside the request buffer"));
         }
         // SAFETY: in bounds of the slot (checked above).
@@ -213,7 +194,7 @@ impl IoCtx<'_> {
         // nothing; the tag stays InTarget with ops > 0 until the completion, so the slot is
         // neither reused nor freed meanwhile.
         push_sqe(self.ring, &sqe)?;
-        self.tags[usize::from(tag)].ops += 1;
+        self.tags.op_submitted(tag);
         Ok(())
     }
 
@@ -323,7 +304,7 @@ struct Queue<H: QueueHandler> {
     handler: H,
     desc: DescArea,
     bufs: IoBufs,
-    tags: Vec<TagSlot>,
+    tags: Tags,
     cfg: QueueConfig,
     completer: Completer,
     rx: Receiver<(u16, i32)>,
@@ -359,18 +340,12 @@ pub(crate) fn setup<T: Target>(
         tx,
         event: event.clone(),
     };
-    let idle = TagSlot {
-        state: TagState::Fetching,
-        ops: 0,
-        deferred: None,
-        req: IoRequest::from_raw(0, 0, 0, 0),
-    };
     let mut queue = Queue {
         ring,
         handler,
         desc,
         bufs,
-        tags: vec![idle; usize::from(cfg.depth)],
+        tags: Tags::new(cfg.depth),
         cqes: Vec::with_capacity(entries as usize * 2),
         cfg,
         completer,
@@ -430,15 +405,9 @@ impl<H: QueueHandler> Queue<H> {
         push_sqe(&mut self.ring, &sqe)
     }
 
-    fn live(&self) -> bool {
-        self.tags
-            .iter()
-            .any(|t| t.state != TagState::Dead || t.ops != 0)
-    }
-
     fn run(mut self) -> Result<(), QueueError> {
         let q = self.cfg.q_id;
-        while self.live() {
+        while self.tags.live() {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
@@ -472,7 +441,7 @@ impl<H: QueueHandler> Queue<H> {
                 while let Ok((tag, res)) = self.rx.try_recv() {
                     self.finish(tag, Action::Done(res));
                 }
-                if self.live() {
+                if self.tags.live() {
                     if let Err(e) = self.arm_event() {
                         log::error!(
                             "queue {}: cannot re-arm completion event: {e}",
@@ -487,37 +456,33 @@ impl<H: QueueHandler> Queue<H> {
 
     fn on_cmd(&mut self, tag: u16, kind: u64, res: i32) {
         let q = self.cfg.q_id;
-        let Some(slot) = self.tags.get_mut(usize::from(tag)) else {
-            return;
-        };
-        let expect = if kind == KIND_CMD {
-            TagState::Fetching
+        let cmd = if kind == KIND_CMD {
+            Cmd::Fetch
         } else {
-            TagState::GettingData
+            Cmd::GetData
         };
-        if slot.state != expect {
-            log::error!("queue {q} tag {tag}: completion in state {:?}", slot.state);
-            return;
-        }
-        match res {
-            0 => self.dispatch(tag),
-            1 if kind == KIND_CMD && self.cfg.mode == DataMode::NeedGetData => {
-                self.tags[usize::from(tag)].state = TagState::GettingData;
+        match self
+            .tags
+            .on_cmd(tag, cmd, res, self.cfg.mode == DataMode::NeedGetData)
+        {
+            CmdOutcome::Dispatch => self.dispatch(tag),
+            CmdOutcome::GetData => {
                 if let Err(e) = self.submit_cmd(sys::UBLK_U_IO_NEED_GET_DATA, tag, 0) {
                     log::error!("queue {q} tag {tag}: NEED_GET_DATA submission failed: {e}");
-                    self.tags[usize::from(tag)].state = TagState::Dead;
+                    self.tags.kill(tag);
                 }
             }
-            r if r == -libc::ENODEV => {
-                log::trace!("queue {q} tag {tag}: aborted");
-                slot.state = TagState::Dead;
-            }
-            r => {
+            CmdOutcome::Aborted => log::trace!("queue {q} tag {tag}: aborted"),
+            CmdOutcome::Failed(errno) => {
                 log::error!(
                     "queue {q} tag {tag}: io command failed: {}",
-                    io::Error::from_raw_os_error(-r)
+                    io::Error::from_raw_os_error(errno)
                 );
-                slot.state = TagState::Dead;
+            }
+            CmdOutcome::Unexpected(state) => {
+                log::error!(
+                    "queue {q} tag {tag}: unexpected completion ({res}) in state {state:?}"
+                );
             }
         }
     }
@@ -525,10 +490,7 @@ impl<H: QueueHandler> Queue<H> {
     /// A request arrived for `tag`: bring its data in (user copy) and hand it to the target.
     fn dispatch(&mut self, tag: u16) {
         let req = self.desc.request(tag);
-        let slot = &mut self.tags[usize::from(tag)];
-        slot.state = TagState::InTarget;
-        slot.req = req;
-        slot.deferred = None;
+        self.tags.begin(tag, req);
         if req.len as usize > self.bufs.buf_size() && matches!(req.op, Op::Read | Op::Write) {
             log::error!(
                 "queue {} tag {tag}: request of {} bytes exceeds the buffer",
@@ -558,49 +520,41 @@ impl<H: QueueHandler> Queue<H> {
     }
 
     fn on_target(&mut self, tag: u16, data: u32, res: i32) {
-        let Some(slot) = self.tags.get_mut(usize::from(tag)) else {
-            return;
-        };
-        if slot.state != TagState::InTarget || slot.ops == 0 {
-            log::error!("queue {} tag {tag}: stray target completion", self.cfg.q_id);
-            return;
-        }
-        slot.ops -= 1;
-        let req = slot.req;
-        if let Some(res) = slot.deferred {
-            if slot.ops == 0 {
-                self.commit(tag, res);
+        match self.tags.op_completed(tag) {
+            None => {
+                let Some(&req) = self.tags.req(tag) else {
+                    return;
+                };
+                let action = self.handler.on_complete(&mut ctx!(self), &req, data, res);
+                self.finish(tag, action);
             }
-            return;
+            Some(Finish::Commit(res)) => self.commit(tag, res),
+            Some(Finish::Deferred) => {}
+            Some(Finish::Invalid) => {
+                log::error!("queue {} tag {tag}: stray target completion", self.cfg.q_id)
+            }
         }
-        let action = self.handler.on_complete(&mut ctx!(self), &req, data, res);
-        self.finish(tag, action);
     }
 
     /// Applies the handler's decision for `tag`.
     fn finish(&mut self, tag: u16, action: Action) {
         let Action::Done(res) = action else { return };
-        let Some(slot) = self.tags.get_mut(usize::from(tag)) else {
-            log::error!("queue {}: completion for unknown tag {tag}", self.cfg.q_id);
-            return;
-        };
-        if slot.state != TagState::InTarget || slot.deferred.is_some() {
-            log::error!(
-                "queue {} tag {tag}: completed twice or not in flight",
-                self.cfg.q_id
-            );
-            return;
+        match self.tags.finish(tag, res) {
+            Finish::Commit(res) => self.commit(tag, res),
+            Finish::Deferred => {}
+            Finish::Invalid => {
+                log::error!(
+                    "queue {} tag {tag}: completed twice or not in flight",
+                    self.cfg.q_id
+                );
+            }
         }
-        if slot.ops > 0 {
-            // Operations still point into the buffer: commit once they are done.
-            slot.deferred = Some(res);
-            return;
-        }
-        self.commit(tag, res);
     }
 
     fn commit(&mut self, tag: u16, mut res: i32) {
-        let req = self.tags[usize::from(tag)].req;
+        let Some(&req) = self.tags.req(tag) else {
+            return;
+        };
         if self.cfg.mode == DataMode::UserCopy && req.op == Op::Read && res > 0 {
             let len = (res as usize).min(req.len as usize);
             // SAFETY: the tag is InTarget with no operation in flight.
@@ -617,16 +571,14 @@ impl<H: QueueHandler> Queue<H> {
                 res = -libc::EIO;
             }
         }
-        let slot = &mut self.tags[usize::from(tag)];
-        slot.state = TagState::Fetching;
-        slot.deferred = None;
-        if let Err(e) = self.submit_cmd(sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, res) {
+        let submitted = self.submit_cmd(sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, res);
+        if let Err(e) = &submitted {
             log::error!(
                 "queue {} tag {tag}: commit submission failed: {e}",
                 self.cfg.q_id
             );
-            self.tags[usize::from(tag)].state = TagState::Dead;
         }
+        self.tags.committed(tag, submitted.is_ok());
     }
 }
 

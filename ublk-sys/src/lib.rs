@@ -27,3 +27,48 @@ pub use ioctl::*;
 
 /// Where the vendored header comes from.
 pub const UAPI_SOURCE: &str = "Linux 7.3.4 (Debian linux-libc-dev 7.3.4-1~bpo13+1)";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{offset_of, size_of};
+
+    /// Sizes and offsets the kernel ABI fixes (bindgen's own layout asserts check the header;
+    /// these pin the header to the ABI the running kernels use).
+    #[test]
+    fn test_uapi_layouts() {
+        assert_eq!(size_of::<ublksrv_ctrl_cmd>(), 32);
+        assert_eq!(offset_of!(ublksrv_ctrl_cmd, addr), 8);
+        assert_eq!(offset_of!(ublksrv_ctrl_cmd, data), 16);
+        assert_eq!(offset_of!(ublksrv_ctrl_cmd, dev_path_len), 24);
+        assert_eq!(size_of::<ublksrv_ctrl_dev_info>(), 64);
+        assert_eq!(offset_of!(ublksrv_ctrl_dev_info, max_io_buf_bytes), 8);
+        assert_eq!(offset_of!(ublksrv_ctrl_dev_info, dev_id), 12);
+        assert_eq!(offset_of!(ublksrv_ctrl_dev_info, ublksrv_pid), 16);
+        assert_eq!(offset_of!(ublksrv_ctrl_dev_info, flags), 24);
+        assert_eq!(offset_of!(ublksrv_ctrl_dev_info, owner_uid), 40);
+        assert_eq!(size_of::<ublksrv_io_desc>(), 24);
+        assert_eq!(offset_of!(ublksrv_io_desc, start_sector), 8);
+        assert_eq!(offset_of!(ublksrv_io_desc, addr), 16);
+        assert_eq!(size_of::<ublksrv_io_cmd>(), 16);
+        assert_eq!(size_of::<ublk_batch_io>(), 16);
+        assert_eq!(size_of::<ublk_elem_header>(), 8);
+        assert_eq!(size_of::<ublk_auto_buf_reg>(), 8);
+        assert_eq!(size_of::<ublk_param_basic>(), 32);
+        assert_eq!(size_of::<ublk_param_discard>(), 20);
+        assert_eq!(size_of::<ublk_param_devt>(), 16);
+        assert_eq!(size_of::<ublk_param_zoned>(), 32);
+        assert_eq!(offset_of!(ublk_params, basic), 8);
+        assert_eq!(offset_of!(ublk_params, discard), 40);
+        assert_eq!(offset_of!(ublk_params, devt), 60);
+        assert_eq!(offset_of!(ublk_params, zoned), 76);
+    }
+
+    #[test]
+    fn test_user_copy_layout_constants() {
+        assert_eq!(UBLKSRV_IO_BUF_OFFSET, 0x8000_0000);
+        assert_eq!(UBLK_TAG_OFF, 25);
+        assert_eq!(UBLK_QID_OFF, 41);
+        assert_eq!(UBLK_FEATURES_LEN, 8);
+    }
+}
