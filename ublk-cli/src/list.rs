@@ -12,7 +12,7 @@ pub(crate) fn describe(id: u32) -> Result<String> {
 }
 
 fn device_json(ctrl: &mut Ctrl, id: u32) -> Result<serde_json::Value> {
-    let info = ctrl.dev_info(id)?;
+    let info = ctrl.dev_info2(id)?;
     let (params, numbers) = ctrl.get_params(id).unwrap_or_else(|e| {
         log::debug!("device {id}: GET_PARAMS failed: {e}");
         Default::default()

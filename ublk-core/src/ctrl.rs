@@ -299,6 +299,20 @@ impl Ctrl {
         data: u64,
         payload: Option<&mut [u8]>,
     ) -> Result<i32> {
+        self.cmd_path(op, dev_id, queue_id, data, payload, 0)
+    }
+
+    /// Like `cmd`; the payload starts with a `dev_path_len`-byte char-device path (the
+    /// unprivileged-device convention of GET_DEV_INFO2).
+    fn cmd_path(
+        &mut self,
+        op: u32,
+        dev_id: u32,
+        queue_id: u16,
+        data: u64,
+        payload: Option<&mut [u8]>,
+        dev_path_len: u16,
+    ) -> Result<i32> {
         let (name, _) = cmd_info(op);
         if self.poisoned {
             return Err(CtrlError::Invalid(format!(
@@ -324,6 +338,7 @@ impl Ctrl {
                 0
             },
             data: [data],
+            dev_path_len,
             ..Default::default()
         };
         let mut raw = [0u8; 80];
@@ -564,6 +579,22 @@ impl Ctrl {
         Ok(DevInfo::from_sys(&from_bytes(&buf)))
     }
 
+    /// Reads the device description with GET_DEV_INFO2 (Linux 6.3), which also works for
+    /// unprivileged devices; falls back to GET_DEV_INFO on older kernels.
+    #[doc(alias = "UBLK_U_CMD_GET_DEV_INFO2")]
+    pub fn dev_info2(&mut self, dev_id: u32) -> Result<DevInfo> {
+        let mut path = format!("/dev/ublkc{dev_id}").into_bytes();
+        path.push(0);
+        let plen = path.len();
+        let mut buf = path;
+        buf.resize(plen + size_of::<sys::ublksrv_ctrl_dev_info>(), 0);
+        match self.cmd_path(sys::UBLK_U_CMD_GET_DEV_INFO2, dev_id, 0, 0, Some(&mut buf), plen as u16) {
+            Ok(_) => Ok(DevInfo::from_sys(&from_bytes(&buf[plen..]))),
+            Err(CtrlError::Unsupported { .. }) => self.dev_info(dev_id),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The CPUs queue `q` should run on.
     #[doc(alias = "UBLK_U_CMD_GET_QUEUE_AFFINITY")]
     pub fn queue_affinity(&mut self, dev_id: u32, q: u16) -> Result<Vec<usize>> {
@@ -672,6 +703,32 @@ mod tests {
         let b = as_bytes(&s).to_vec();
         assert_eq!(b.len(), 64);
         assert_eq!(DevInfo::from_sys(&from_bytes(&b)), i);
+    }
+
+    #[test]
+    fn test_cmd_names_cover_every_opcode() {
+        for op in [
+            sys::UBLK_U_CMD_GET_QUEUE_AFFINITY,
+            sys::UBLK_U_CMD_GET_DEV_INFO,
+            sys::UBLK_U_CMD_ADD_DEV,
+            sys::UBLK_U_CMD_DEL_DEV,
+            sys::UBLK_U_CMD_START_DEV,
+            sys::UBLK_U_CMD_STOP_DEV,
+            sys::UBLK_U_CMD_SET_PARAMS,
+            sys::UBLK_U_CMD_GET_PARAMS,
+            sys::UBLK_U_CMD_START_USER_RECOVERY,
+            sys::UBLK_U_CMD_END_USER_RECOVERY,
+            sys::UBLK_U_CMD_GET_DEV_INFO2,
+            sys::UBLK_U_CMD_GET_FEATURES,
+            sys::UBLK_U_CMD_DEL_DEV_ASYNC,
+            sys::UBLK_U_CMD_UPDATE_SIZE,
+            sys::UBLK_U_CMD_QUIESCE_DEV,
+            sys::UBLK_U_CMD_TRY_STOP_DEV,
+            sys::UBLK_U_CMD_REG_BUF,
+            sys::UBLK_U_CMD_UNREG_BUF,
+        ] {
+            assert_ne!(cmd_info(op).0, "UNKNOWN", "{op:#x}");
+        }
     }
 
     #[test]
