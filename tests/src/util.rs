@@ -505,10 +505,10 @@ pub fn cleanup() -> Vec<String> {
             ));
         }
     }
-    // 4. Tracing left on by a failed test.
-    let ev = Path::new("/sys/kernel/tracing/events/io_uring/enable");
-    if ev.exists() {
-        let _ = fs::write(ev, "0");
+    // 4. Trace recording left on by a failed test (events stay enabled: see flush test).
+    let on = Path::new("/sys/kernel/tracing/tracing_on");
+    if on.exists() {
+        let _ = fs::write(on, "0");
     }
     // 5. Scratch files.
     let _ = fs::remove_dir_all("/tmp/ublk-test");

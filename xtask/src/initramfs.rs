@@ -330,6 +330,8 @@ mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
 if [ -d /sys/kernel/tracing ]; then
     mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
+    # Events named by trace_event= are on; keep the ring buffer quiet until a test wants it.
+    echo 0 > /sys/kernel/tracing/tracing_on 2>/dev/null
 fi
 {insmods}mount -t configfs configfs /sys/kernel/config
 echo "init: guest ready: $(uname -r), modules: $(cut -d' ' -f1 /proc/modules | tr '\n' ' ')"

@@ -33,6 +33,12 @@ pub const HOST_PACKAGES: &[&str] = &[
     "libc-bin",               // ldd
 ];
 
+/// Trace events enabled from the kernel command line (recording stays off until a test turns
+/// `tracing_on` on). Enabling an event at run time patches kernel text while the other vCPU runs,
+/// which qemu's multi-threaded TCG does not survive: the 7.3 guest died with "Oops: int3" in
+/// `ttwu_do_activate` (the sched_wakeup probe that records comms).
+pub const TRACE_EVENTS: &[&str] = &["io_uring:io_uring_submit_req"];
+
 /// Default host-side limit for one boot in test mode.
 pub const DEFAULT_TIMEOUT_SECS: u64 = 1500;
 
@@ -183,6 +189,8 @@ fn qemu_command(kernel: &Kernel, initrd: &std::path::Path, append: &str, serial:
 
 fn append_line(label: &str, filter: Option<&str>, mode: &Mode) -> Result<String> {
     let mut a = format!("console=ttyS0 panic=-1 quiet UBLK_VM_KERNEL={label}");
+    // Enable trace events at boot, never at run time (see TRACE_EVENTS).
+    a.push_str(&format!(" trace_event={}", TRACE_EVENTS.join(",")));
     if let Some(f) = filter.filter(|f| !f.is_empty()) {
         if f.chars()
             .any(|c| c.is_whitespace() || c == '"' || c == '\'')
