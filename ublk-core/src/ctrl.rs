@@ -588,7 +588,14 @@ impl Ctrl {
         let plen = path.len();
         let mut buf = path;
         buf.resize(plen + size_of::<sys::ublksrv_ctrl_dev_info>(), 0);
-        match self.cmd_path(sys::UBLK_U_CMD_GET_DEV_INFO2, dev_id, 0, 0, Some(&mut buf), plen as u16) {
+        match self.cmd_path(
+            sys::UBLK_U_CMD_GET_DEV_INFO2,
+            dev_id,
+            0,
+            0,
+            Some(&mut buf),
+            plen as u16,
+        ) {
             Ok(_) => Ok(DevInfo::from_sys(&from_bytes(&buf[plen..]))),
             Err(CtrlError::Unsupported { .. }) => self.dev_info(dev_id),
             Err(e) => Err(e),

@@ -5,7 +5,7 @@ use crate::ctrl::{AddRequest, Ctrl, CtrlError, DevInfo, DevState};
 use crate::flags::DeviceFlags;
 use crate::os::SignalSet;
 use crate::params::DeviceParams;
-use crate::queue::{self, DataMode, QueueConfig, QueueError};
+use crate::queue::{self, DataMode, QueueConfig, QueueError, QueueWaker};
 use crate::target::Target;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -363,8 +363,17 @@ impl Device {
         let (ready_tx, ready_rx) = crossbeam_channel::unbounded::<Result<(), QueueError>>();
         let (exit_tx, exit_rx) = crossbeam_channel::unbounded::<(u16, Result<(), QueueError>)>();
         let mut threads = Vec::new();
+        let mut wakers = Vec::new();
         let mut setup_err = None;
         for q in 0..self.info.nr_hw_queues {
+            let wake = match QueueWaker::new() {
+                Ok(w) => w,
+                Err(e) => {
+                    setup_err = Some(DeviceError::Queue(QueueError::Ring(q, e)));
+                    break;
+                }
+            };
+            wakers.push(wake.clone());
             let cpus = if self.affinity {
                 self.ctrl.queue_affinity(id, q).unwrap_or_else(|e| {
                     log::warn!("queue {q}: no affinity ({e}); not pinning");
@@ -380,6 +389,7 @@ impl Device {
                 desc_size: usize::from(self.info.io_desc_size),
                 mode: self.mode,
                 cdev: cdev.clone(),
+                wake,
             };
             let target = target.clone();
             let (ready_tx, exit_tx) = (ready_tx.clone(), exit_tx.clone());
@@ -421,8 +431,10 @@ impl Device {
                 .ok_or(DeviceError::NoDisk(disk))
         });
         if let Err(e) = started_ok {
-            // Abort the queues (their fetches are cancelled by STOP_DEV), then clean up.
+            // The kernel may not abort the fetches of a device that never started: make the
+            // queues quit (closing their rings cancels the commands), then clean up.
             let _ = self.ctrl.stop(id);
+            wakers.iter().for_each(QueueWaker::quit);
             join_all(threads);
             drop(cdev);
             if !self.recovering {
@@ -471,6 +483,23 @@ impl Device {
         if delete || remaining > 0 {
             if let Err(e) = self.ctrl.stop(id) {
                 log::warn!("device {id}: STOP_DEV failed: {e}");
+            }
+        }
+        // STOP_DEV aborts every parked command, so the queues end by themselves; a queue that
+        // has not after a grace period (a target stuck on its backing store) is made to quit.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while remaining > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match exit_rx.recv_timeout(left) {
+                Ok((q, r)) => {
+                    remaining -= 1;
+                    queue_exited(q, r, &mut result);
+                }
+                Err(_) => {
+                    log::warn!("device {id}: {remaining} queue(s) did not stop; forcing them");
+                    wakers.iter().for_each(QueueWaker::quit);
+                    break;
+                }
             }
         }
         join_all(threads);

@@ -106,7 +106,7 @@ fn user_data(kind: u64, tag: u16, data: u32) -> u64 {
 #[derive(Debug, Clone)]
 pub struct Completer {
     tx: Sender<(u16, i32)>,
-    event: Arc<File>,
+    wake: QueueWaker,
 }
 
 impl Completer {
@@ -114,7 +114,7 @@ impl Completer {
     /// request the handler left `Pending` without an io_uring operation of its own.
     pub fn complete(&self, tag: u16, res: i32) {
         if self.tx.send((tag, res)).is_ok() {
-            let _ = (&*self.event).write(&1u64.to_ne_bytes());
+            self.wake.wake();
         }
     }
 }
@@ -128,6 +128,39 @@ pub(crate) struct QueueConfig {
     pub(crate) desc_size: usize,
     pub(crate) mode: DataMode,
     pub(crate) cdev: Arc<File>,
+    /// Wakes the queue: cross-thread completions, or a forced quit.
+    pub(crate) wake: QueueWaker,
+}
+
+/// Wakes a queue thread from another thread; [`QueueWaker::quit`] makes it exit at once,
+/// abandoning its tags (closing its ring cancels the commands parked in the kernel). Used when
+/// the kernel will not abort the tags itself, e.g. when setup fails before START_DEV.
+#[derive(Debug, Clone)]
+pub(crate) struct QueueWaker {
+    event: Arc<File>,
+    quit: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl QueueWaker {
+    pub(crate) fn new() -> io::Result<QueueWaker> {
+        Ok(QueueWaker {
+            event: Arc::new(crate::os::eventfd()?),
+            quit: Arc::default(),
+        })
+    }
+
+    fn wake(&self) {
+        let _ = (&*self.event).write(&1u64.to_ne_bytes());
+    }
+
+    pub(crate) fn quit(&self) {
+        self.quit.store(true, std::sync::atomic::Ordering::Release);
+        self.wake();
+    }
+
+    fn quitting(&self) -> bool {
+        self.quit.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 /// The target's view of its queue while handling a request.
@@ -308,7 +341,6 @@ struct Queue<H: QueueHandler> {
     cfg: QueueConfig,
     completer: Completer,
     rx: Receiver<(u16, i32)>,
-    event: Arc<File>,
     event_buf: Box<u64>,
     cqes: Vec<(u64, i32)>,
 }
@@ -334,11 +366,10 @@ pub(crate) fn setup<T: Target>(
         .map_err(|e| QueueError::Memory(q, e))?;
     let bufs = IoBufs::new(cfg.depth, cfg.buf_size).map_err(|e| QueueError::Memory(q, e))?;
     let handler = target.open_queue(q).map_err(|e| QueueError::Target(q, e))?;
-    let event = Arc::new(crate::os::eventfd().map_err(|e| QueueError::Ring(q, e))?);
     let (tx, rx) = crossbeam_channel::bounded(usize::from(cfg.depth));
     let completer = Completer {
         tx,
-        event: event.clone(),
+        wake: cfg.wake.clone(),
     };
     let mut queue = Queue {
         ring,
@@ -350,7 +381,6 @@ pub(crate) fn setup<T: Target>(
         cfg,
         completer,
         rx,
-        event,
         event_buf: Box::new(0),
     };
     for tag in 0..queue.cfg.depth {
@@ -398,7 +428,7 @@ impl<H: QueueHandler> Queue<H> {
 
     fn arm_event(&mut self) -> io::Result<()> {
         let p: *mut u64 = &mut *self.event_buf;
-        let sqe = opcode::Read::new(types::Fd(self.event.as_raw_fd()), p.cast(), 8)
+        let sqe = opcode::Read::new(types::Fd(self.cfg.wake.event.as_raw_fd()), p.cast(), 8)
             .build()
             .user_data(user_data(KIND_EVENT, 0, 0));
         // SAFETY: event_buf is a heap cell owned by the queue that outlives the ring.
@@ -408,6 +438,10 @@ impl<H: QueueHandler> Queue<H> {
     fn run(mut self) -> Result<(), QueueError> {
         let q = self.cfg.q_id;
         while self.tags.live() {
+            if self.cfg.wake.quitting() {
+                log::warn!("queue {q}: forced to quit with tags in flight");
+                break;
+            }
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
