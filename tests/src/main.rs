@@ -134,10 +134,36 @@ fn matches(name: &str, filter: &str) -> bool {
     pats.is_empty() || pats.iter().any(|p| name.contains(p))
 }
 
-fn dmesg_take() -> String {
-    util::run_timeout(Command::new("dmesg").arg("-c"), Duration::from_secs(10))
+fn dmesg() -> String {
+    util::run_timeout(&mut Command::new("dmesg"), Duration::from_secs(10))
         .map(|r| r.stdout)
         .unwrap_or_default()
+}
+
+/// Kernel log lines in `after` that were not in `before` (the log is never cleared, so running
+/// the tests outside the VM does not wipe the host's log).
+fn dmesg_new(before: &str, after: &str) -> String {
+    if let Some(rest) = after.strip_prefix(before) {
+        return rest.to_string();
+    }
+    // The ring buffer wrapped: continue after the last line we had seen.
+    match before
+        .lines()
+        .last()
+        .and_then(|l| after.rfind(l).map(|i| i + l.len()))
+    {
+        Some(i) => after[i..].to_string(),
+        None => after.to_string(),
+    }
+}
+
+/// Per-test timeouts are multiplied by `UBLK_VM_TIMEOUT_SCALE` (default 1) for slow machines.
+fn timeout_scale() -> f64 {
+    std::env::var("UBLK_VM_TIMEOUT_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|s: &f64| *s > 0.0)
+        .unwrap_or(1.0)
 }
 
 fn run_all(tests: &[Test], filter: &str) -> ExitCode {
@@ -158,7 +184,8 @@ fn run_all(tests: &[Test], filter: &str) -> ExitCode {
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);
     for t in selected {
         println!("@@TEST START {}@@", t.name);
-        let _ = dmesg_take();
+        let kmsg_before = dmesg();
+        let timeout = t.timeout.mul_f64(timeout_scale());
         let _ = std::fs::remove_file(RESULT_FILE);
         let start = Instant::now();
         let child = Command::new(&exe)
@@ -169,12 +196,12 @@ fn run_all(tests: &[Test], filter: &str) -> ExitCode {
             Err(e) => Err(format!("cannot start child: {e}")),
             Ok(mut child) => {
                 let pgid = child.id() as i64;
-                let st = util::wait_child(&mut child, t.timeout);
+                let st = util::wait_child(&mut child, timeout);
                 // Whatever the child started in its process group goes with it.
                 util::kill_group(pgid);
                 match st {
                     Ok(Some(st)) => Ok(st),
-                    Ok(None) => Err(format!("timeout after {}s", t.timeout.as_secs())),
+                    Ok(None) => Err(format!("timeout after {:.0}s", timeout.as_secs_f64())),
                     Err(e) => Err(format!("waiting for child: {e}")),
                 }
             }
@@ -192,7 +219,7 @@ fn run_all(tests: &[Test], filter: &str) -> ExitCode {
         if !notes.is_empty() {
             println!("cleanup after {}: {}", t.name, notes.join("; "));
         }
-        let kmsg = dmesg_take();
+        let kmsg = dmesg_new(&kmsg_before, &dmesg());
         if let Some(line) = kmsg.lines().find(|l| SPLATS.iter().any(|s| l.contains(s))) {
             if kind != "FAIL" {
                 kind = "FAIL";

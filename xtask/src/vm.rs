@@ -423,7 +423,10 @@ fn boot_and_test(
         Some(0) => {}
         Some(n) if !results.iter().any(|r| r.status == Status::Fail) => extra.push(fail(
             boot_name,
-            format!("ublk-vm-tests exited with status {n}"),
+            match n {
+                2 => "ublk-vm-tests exited with status 2: no test matches the filter".to_string(),
+                n => format!("ublk-vm-tests exited with status {n}"),
+            },
         )),
         Some(_) => {}
     }
