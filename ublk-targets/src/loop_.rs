@@ -194,6 +194,7 @@ impl Target for LoopTarget {
     type Queue = LoopQueue;
     fn open_queue(&self, _q_id: u16) -> io::Result<LoopQueue> {
         Ok(LoopQueue {
+            zero_range: true,
             file: self.file.clone(),
         })
     }
@@ -203,7 +204,12 @@ impl Target for LoopTarget {
 #[derive(Debug)]
 pub struct LoopQueue {
     file: Arc<File>,
+    /// Cleared once the backing file system refuses FALLOC_FL_ZERO_RANGE (e.g. tmpfs).
+    zero_range: bool,
 }
+
+/// Marks the `data` of a write issued to emulate WRITE_ZEROES; the rest is sectors done before.
+const ZERO_WRITE: u32 = 1 << 31;
 
 impl LoopQueue {
     /// Starts (or continues, after a short transfer) the data transfer of `req` at `done`.
@@ -229,6 +235,69 @@ impl LoopQueue {
     }
 }
 
+impl LoopQueue {
+    /// WRITE_ZEROES by writing zeros from the request buffer, for file systems without
+    /// FALLOC_FL_ZERO_RANGE (or without hole punching). `done` bytes are already zeroed.
+    fn write_zeroes(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest, done: u64) -> Action {
+        let left = u64::from(req.len) - done;
+        if left == 0 {
+            return Action::Done(0);
+        }
+        let buf = ctx.buf(req.tag);
+        if done == 0 {
+            buf.fill(0);
+        }
+        let chunk = left.min(buf.len() as u64) as u32;
+        if chunk == 0 {
+            return Action::Done(-libc::EIO);
+        }
+        let fua = req.flags.contains(IoFlags::FUA);
+        let data = ZERO_WRITE | (done >> 9) as u32;
+        match ctx.write_at(
+            req.tag,
+            self.file.as_fd(),
+            req.offset + done,
+            0,
+            chunk,
+            fua,
+            data,
+        ) {
+            Ok(()) => Action::Pending,
+            Err(e) => Action::from_error(&e),
+        }
+    }
+
+    fn write_zeroes_done(
+        &mut self,
+        ctx: &mut IoCtx<'_>,
+        req: &IoRequest,
+        data: u32,
+        res: i32,
+    ) -> Action {
+        if data & ZERO_WRITE == 0 {
+            // The fallocate finished.
+            if res == -libc::EOPNOTSUPP {
+                if req.flags.contains(IoFlags::NOUNMAP) {
+                    log::info!("loop: backing file system lacks FALLOC_FL_ZERO_RANGE; writing zeros instead");
+                    self.zero_range = false;
+                }
+                return self.write_zeroes(ctx, req, 0);
+            }
+            return Action::Done(res.min(0));
+        }
+        if res <= 0 {
+            return Action::Done(if res == 0 { -libc::EIO } else { res });
+        }
+        let before = u64::from(data & !ZERO_WRITE) << 9;
+        // Progress is kept in sectors; a short write's odd tail is simply written again.
+        let done = (before + res as u64) & !511;
+        if done == before {
+            return Action::Done(-libc::EIO);
+        }
+        self.write_zeroes(ctx, req, done)
+    }
+}
+
 impl QueueHandler for LoopQueue {
     fn handle_io(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest) -> Action {
         let fd = self.file.as_fd();
@@ -245,6 +314,9 @@ impl QueueHandler for LoopQueue {
             ),
             Op::WriteZeroes => {
                 let mode = if req.flags.contains(IoFlags::NOUNMAP) {
+                    if !self.zero_range {
+                        return self.write_zeroes(ctx, req, 0);
+                    }
                     FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
                 } else {
                     FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
@@ -260,6 +332,9 @@ impl QueueHandler for LoopQueue {
     }
 
     fn on_complete(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest, done: u32, res: i32) -> Action {
+        if req.op == Op::WriteZeroes {
+            return self.write_zeroes_done(ctx, req, done, res);
+        }
         if res < 0 {
             return Action::Done(res);
         }
