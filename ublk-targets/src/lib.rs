@@ -5,3 +5,4 @@
 
 pub mod loop_;
 pub mod null;
+pub mod qcow2;

@@ -1,0 +1,595 @@
+//! The qcow2 engine on a plain file: open (with the backing chain), map and read.
+
+use super::cache::{CacheStats, SliceCache};
+use super::decompress::decompress;
+use super::entry::{self, CompressedDescriptor, Mapping};
+use super::error::{Qcow2Error, Result};
+use super::header::{Geometry, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAGIC};
+use std::ffi::OsStr;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// Size of a cached L2 slice in bytes (or the cluster size, if smaller).
+pub const L2_SLICE_BYTES: u64 = 4096;
+
+/// How to open an image.
+#[derive(Debug, Clone)]
+pub struct Qcow2Options {
+    /// Open the top image read-write (backing files are always read-only).
+    pub writable: bool,
+    /// Memory for the L2 slice cache of each image in the chain, in bytes.
+    pub l2_cache_bytes: usize,
+    /// Maximum number of images in the chain, the top one included.
+    pub max_chain_depth: usize,
+    /// Open images marked corrupt (read-only opens only).
+    pub allow_corrupt_read_only: bool,
+}
+
+impl Default for Qcow2Options {
+    fn default() -> Self {
+        Qcow2Options {
+            writable: false,
+            l2_cache_bytes: 1 << 20,
+            max_chain_depth: 64,
+            allow_corrupt_read_only: false,
+        }
+    }
+}
+
+/// A backing file of a qcow2 image.
+#[derive(Debug)]
+pub enum Backing {
+    /// A qcow2 image (itself possibly with a backing file).
+    Qcow2(Box<Qcow2Image>),
+    /// A raw image.
+    Raw {
+        /// Resolved path.
+        path: PathBuf,
+        /// The open file.
+        file: File,
+        /// Its size at open.
+        size: u64,
+    },
+}
+
+impl Backing {
+    /// Virtual size of the backing image.
+    pub fn size(&self) -> u64 {
+        match self {
+            Backing::Qcow2(q) => q.virtual_size(),
+            Backing::Raw { size, .. } => *size,
+        }
+    }
+
+    /// Path of the backing image.
+    pub fn path(&self) -> &Path {
+        match self {
+            Backing::Qcow2(q) => q.path(),
+            Backing::Raw { path, .. } => path,
+        }
+    }
+
+    /// Reads `buf` at `offset`; the part beyond the backing image's end reads as zeros.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let avail = self.size().saturating_sub(offset);
+        let n = (buf.len() as u64).min(avail) as usize;
+        let (head, tail) = buf.split_at_mut(n);
+        tail.fill(0);
+        if head.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Backing::Qcow2(q) => q.read_at(head, offset),
+            Backing::Raw { file, .. } => {
+                read_zero_fill(file, head, offset, "reading raw backing file")
+            }
+        }
+    }
+}
+
+/// Reads `buf` at `offset`, filling whatever lies past the end of the file with zeros (as qemu
+/// does for clusters allocated beyond EOF, e.g. with `preallocation=metadata`).
+pub(crate) fn read_zero_fill(
+    file: &File,
+    buf: &mut [u8],
+    offset: u64,
+    context: &'static str,
+) -> Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                break;
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Qcow2Error::Io { context, source: e }),
+        }
+    }
+    Ok(())
+}
+
+fn read_exact(file: &File, buf: &mut [u8], offset: u64, context: &'static str) -> Result<()> {
+    file.read_exact_at(buf, offset)
+        .map_err(Qcow2Error::io(context))
+}
+
+/// A qcow2 image (and its backing chain) opened on plain files.
+///
+/// All methods take `&self`; the image can be shared between threads. Metadata lookups take
+/// short locks, data I/O runs outside them.
+#[derive(Debug)]
+pub struct Qcow2Image {
+    path: PathBuf,
+    file: File,
+    header: Header,
+    geo: Geometry,
+    read_only: bool,
+    l1: RwLock<Vec<u64>>,
+    l2_cache: SliceCache,
+    /// Entries per cached L2 slice.
+    slice_entries: u64,
+    backing: Option<Backing>,
+    /// The last decompressed cluster, keyed by its descriptor.
+    last_compressed: Mutex<Option<(CompressedDescriptor, Arc<Vec<u8>>)>>,
+}
+
+impl Qcow2Image {
+    /// Opens the image at `path` and its backing chain.
+    pub fn open(path: impl AsRef<Path>, opts: &Qcow2Options) -> Result<Qcow2Image> {
+        let mut chain = Vec::new();
+        Self::open_in_chain(path.as_ref(), opts, opts.writable, &mut chain)
+    }
+
+    fn open_in_chain(
+        path: &Path,
+        opts: &Qcow2Options,
+        writable: bool,
+        chain: &mut Vec<PathBuf>,
+    ) -> Result<Qcow2Image> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|source| Qcow2Error::BackingOpen {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let canonical = std::fs::canonicalize(path).map_err(|source| Qcow2Error::BackingOpen {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if chain.contains(&canonical) {
+            return Err(Qcow2Error::BackingChainLoop { path: canonical });
+        }
+        if chain.len() >= opts.max_chain_depth {
+            return Err(Qcow2Error::BackingChainTooDeep {
+                limit: opts.max_chain_depth,
+            });
+        }
+        chain.push(canonical);
+        let file_size = file
+            .metadata()
+            .map_err(Qcow2Error::io("reading image metadata"))?
+            .len();
+
+        let mut probe = vec![0u8; Header::PROBE_LEN];
+        let n = read_prefix(&file, &mut probe)?;
+        let cluster_bits = Header::probe_cluster_bits(&probe[..n])?;
+        let first = (1u64 << cluster_bits).min(file_size) as usize;
+        let mut cluster0 = vec![0u8; first];
+        let n = read_prefix(&file, &mut cluster0)?;
+        cluster0.truncate(n);
+        let header = Header::parse(&cluster0)?;
+        let allow_corrupt = !writable && opts.allow_corrupt_read_only;
+        let geo = header.validate(file_size, allow_corrupt)?;
+        if header.incompatible_features & INCOMPAT_CORRUPT != 0 {
+            log::warn!(
+                "{}: image is marked corrupt, opened read-only",
+                path.display()
+            );
+        }
+        if writable {
+            if header.incompatible_features & INCOMPAT_DIRTY != 0 {
+                return Err(Qcow2Error::Dirty);
+            }
+            if header.nb_snapshots > 0 {
+                return Err(Qcow2Error::ReadOnly(
+                    "image has internal snapshots (writes would need COW of shared clusters)",
+                ));
+            }
+            if geo.extended_l2 {
+                return Err(Qcow2Error::ReadOnly(
+                    "writing images with extended L2 entries is not supported",
+                ));
+            }
+            return Err(Qcow2Error::ReadOnly(
+                "the write path is not implemented yet",
+            ));
+        }
+        if header.nb_snapshots > 0 {
+            log::info!(
+                "{}: {} internal snapshots; only the active layer is visible and writes are refused",
+                path.display(),
+                header.nb_snapshots
+            );
+        }
+
+        let mut l1_raw = vec![0u8; geo.l1_size as usize * 8];
+        read_exact(
+            &file,
+            &mut l1_raw,
+            header.l1_table_offset,
+            "reading the L1 table",
+        )?;
+        let l1: Vec<u64> = l1_raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+        drop(l1_raw);
+
+        let backing = match &header.backing_file {
+            None => None,
+            Some(name) => Some(Self::open_backing(path, &header, name, opts, chain)?),
+        };
+
+        let slice_bytes = L2_SLICE_BYTES.min(geo.cluster_size);
+        let slices = (opts.l2_cache_bytes as u64 / slice_bytes).max(4) as usize;
+        log::debug!(
+            "{}: qcow2 v{} cluster {} size {} l1 {} extended_l2 {} compression {:?} backing {:?}",
+            path.display(),
+            header.version,
+            geo.cluster_size,
+            geo.size,
+            geo.l1_size,
+            geo.extended_l2,
+            geo.compression,
+            backing.as_ref().map(|b| b.path().to_path_buf())
+        );
+        Ok(Qcow2Image {
+            path: path.to_path_buf(),
+            file,
+            header,
+            geo,
+            read_only: !writable,
+            l1: RwLock::new(l1),
+            l2_cache: SliceCache::new(slices),
+            slice_entries: slice_bytes / geo.l2_entry_bytes,
+            backing,
+            last_compressed: Mutex::new(None),
+        })
+    }
+
+    fn open_backing(
+        path: &Path,
+        header: &Header,
+        name: &[u8],
+        opts: &Qcow2Options,
+        chain: &mut Vec<PathBuf>,
+    ) -> Result<Backing> {
+        let name = Path::new(OsStr::from_bytes(name));
+        let resolved = if name.is_absolute() {
+            name.to_path_buf()
+        } else {
+            path.parent().unwrap_or(Path::new(".")).join(name)
+        };
+        let format = match header.backing_format() {
+            Some(f) => f.to_string(),
+            None => {
+                // No format extension: probe like old qemu did.
+                let f = File::open(&resolved).map_err(|source| Qcow2Error::BackingOpen {
+                    path: resolved.clone(),
+                    source,
+                })?;
+                let mut magic = [0u8; 4];
+                let n = read_prefix(&f, &mut magic)?;
+                let fmt = if n == 4 && u32::from_be_bytes(magic) == MAGIC {
+                    "qcow2"
+                } else {
+                    "raw"
+                };
+                log::warn!(
+                    "{}: backing file {} has no format extension; probed {fmt}",
+                    path.display(),
+                    resolved.display()
+                );
+                fmt.to_string()
+            }
+        };
+        match format.as_str() {
+            "qcow2" => {
+                let img = Self::open_in_chain(&resolved, opts, false, chain)?;
+                Ok(Backing::Qcow2(Box::new(img)))
+            }
+            "raw" | "file" => {
+                let file = File::open(&resolved).map_err(|source| Qcow2Error::BackingOpen {
+                    path: resolved.clone(),
+                    source,
+                })?;
+                let size = file
+                    .metadata()
+                    .map_err(Qcow2Error::io("reading backing file metadata"))?
+                    .len();
+                Ok(Backing::Raw {
+                    path: resolved,
+                    file,
+                    size,
+                })
+            }
+            other => Err(Qcow2Error::UnsupportedBackingFormat(other.to_string())),
+        }
+    }
+
+    /// Path the image was opened with.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Virtual disk size in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        self.geo.size
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.geo.cluster_size
+    }
+
+    /// The decoded header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The derived geometry.
+    pub fn geometry(&self) -> &Geometry {
+        &self.geo
+    }
+
+    /// Whether the image was opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Number of internal snapshots (images with snapshots can only be opened read-only).
+    pub fn snapshot_count(&self) -> u32 {
+        self.header.nb_snapshots
+    }
+
+    /// The backing file, if any.
+    pub fn backing(&self) -> Option<&Backing> {
+        self.backing.as_ref()
+    }
+
+    /// Number of images in the chain (1 without a backing file).
+    pub fn chain_depth(&self) -> usize {
+        match &self.backing {
+            None => 1,
+            Some(Backing::Raw { .. }) => 2,
+            Some(Backing::Qcow2(q)) => 1 + q.chain_depth(),
+        }
+    }
+
+    /// L2 cache counters of this image (not of its backing files).
+    pub fn l2_cache_stats(&self) -> CacheStats {
+        self.l2_cache.stats()
+    }
+
+    fn check_range(&self, offset: u64, len: usize) -> Result<()> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.geo.size => Ok(()),
+            _ => Err(Qcow2Error::OutOfRange {
+                offset,
+                len: len as u64,
+                size: self.geo.size,
+            }),
+        }
+    }
+
+    fn load_l2_slice(&self, key: u64) -> Result<Vec<u64>> {
+        let bytes = self.slice_entries * self.geo.l2_entry_bytes;
+        let mut raw = vec![0u8; bytes as usize];
+        self.file.read_exact_at(&mut raw, key).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                Qcow2Error::Corrupt(format!(
+                    "L2 table slice at {key:#x} lies past the end of the file"
+                ))
+            } else {
+                Qcow2Error::Io {
+                    context: "reading an L2 table",
+                    source: e,
+                }
+            }
+        })?;
+        Ok(raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect())
+    }
+
+    /// The raw L2 entry and (with extended L2) subcluster bitmap of a guest cluster, or None if
+    /// its L2 table is not allocated.
+    fn l2_entry(&self, l1_index: u64, l2_index: u64) -> Result<Option<(u64, Option<u64>)>> {
+        let l1e = {
+            let l1 = self.l1.read().unwrap_or_else(|p| p.into_inner());
+            match l1.get(l1_index as usize) {
+                Some(e) => *e,
+                None => return Ok(None),
+            }
+        };
+        let l2_off =
+            match entry::l1_l2_offset(l1e, self.geo.cluster_bits).map_err(Qcow2Error::Corrupt)? {
+                None => return Ok(None),
+                Some(o) => o,
+            };
+        let slice = l2_index / self.slice_entries;
+        let key = l2_off + slice * self.slice_entries * self.geo.l2_entry_bytes;
+        let i = (l2_index % self.slice_entries) as usize;
+        let ext = self.geo.extended_l2;
+        let r = self.l2_cache.with(
+            key,
+            || self.load_l2_slice(key),
+            |s| {
+                if ext {
+                    (s[2 * i], Some(s[2 * i + 1]))
+                } else {
+                    (s[i], None)
+                }
+            },
+        )?;
+        Ok(Some(r))
+    }
+
+    /// Maps the guest range starting at `guest` (at most `max_len` bytes, within one cluster):
+    /// returns the mapping of its first byte and how many bytes share it.
+    fn map_one(&self, guest: u64, max_len: u64) -> Result<(Mapping, u64)> {
+        let (l1i, l2i, in_cluster) = self.geo.split(guest);
+        let cluster_rest = (self.geo.cluster_size - in_cluster).min(max_len);
+        let Some((l2e, bitmap)) = self.l2_entry(l1i, l2i)? else {
+            return Ok((Mapping::Unallocated, cluster_rest));
+        };
+        let sub_bits = self.geo.cluster_bits - 5;
+        let sub = if bitmap.is_some() {
+            (in_cluster >> sub_bits) as u32
+        } else {
+            0
+        };
+        let m = entry::classify(l2e, bitmap, sub, self.geo.cluster_bits)
+            .map_err(Qcow2Error::Corrupt)?;
+        let len = match (bitmap, m) {
+            (_, Mapping::Compressed(_)) | (None, _) => cluster_rest,
+            (Some(b), _) => {
+                let run = u64::from(entry::subcluster_run(b, sub));
+                let end = (u64::from(sub) + run) << sub_bits;
+                (end - in_cluster).min(max_len)
+            }
+        };
+        let m = match m {
+            Mapping::Data { host, copied } => Mapping::Data {
+                host: host + in_cluster,
+                copied,
+            },
+            other => other,
+        };
+        Ok((m, len))
+    }
+
+    /// Maps `[guest, guest + max_len)` to the longest prefix with one kind of mapping
+    /// (contiguous host ranges for data), merging adjacent clusters.
+    pub fn map_extent(&self, guest: u64, max_len: u64) -> Result<(Mapping, u64)> {
+        let (first, mut len) = self.map_one(guest, max_len)?;
+        if matches!(first, Mapping::Compressed(_)) {
+            return Ok((first, len));
+        }
+        while len < max_len {
+            let (next, n) = self.map_one(guest + len, max_len - len)?;
+            let contiguous = match (first, next) {
+                (Mapping::Unallocated, Mapping::Unallocated) | (Mapping::Zero, Mapping::Zero) => {
+                    true
+                }
+                (
+                    Mapping::Data {
+                        host: a,
+                        copied: ca,
+                    },
+                    Mapping::Data {
+                        host: b,
+                        copied: cb,
+                    },
+                ) => ca == cb && a + len == b,
+                _ => false,
+            };
+            if !contiguous {
+                break;
+            }
+            len += n;
+        }
+        Ok((first, len))
+    }
+
+    /// Reads `buf.len()` bytes of the virtual disk at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len())?;
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let guest = offset + pos as u64;
+            let (m, len) = self.map_extent(guest, (buf.len() - pos) as u64)?;
+            let chunk = &mut buf[pos..pos + len as usize];
+            match m {
+                Mapping::Unallocated => match &self.backing {
+                    None => chunk.fill(0),
+                    Some(b) => b.read_at(chunk, guest)?,
+                },
+                Mapping::Zero => chunk.fill(0),
+                Mapping::Data { host, .. } => {
+                    read_zero_fill(&self.file, chunk, host, "reading guest data")?
+                }
+                Mapping::Compressed(desc) => {
+                    let in_cluster = (guest & (self.geo.cluster_size - 1)) as usize;
+                    let data = self.decompress_cluster(desc)?;
+                    chunk.copy_from_slice(&data[in_cluster..in_cluster + chunk.len()]);
+                }
+            }
+            pos += len as usize;
+        }
+        Ok(())
+    }
+
+    /// Reads and decompresses a compressed cluster (the last one is cached).
+    pub(crate) fn decompress_cluster(&self, desc: CompressedDescriptor) -> Result<Arc<Vec<u8>>> {
+        {
+            let g = self
+                .last_compressed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some((d, data)) = g.as_ref() {
+                if *d == desc {
+                    return Ok(data.clone());
+                }
+            }
+        }
+        let mut input = vec![0u8; desc.max_len as usize];
+        let n = read_prefix_at(&self.file, &mut input, desc.host_offset)?;
+        input.truncate(n);
+        let mut out = vec![0u8; self.geo.cluster_size as usize];
+        decompress(self.geo.compression, &input, &mut out).map_err(|reason| {
+            Qcow2Error::Decompress {
+                host_offset: desc.host_offset,
+                reason,
+            }
+        })?;
+        let out = Arc::new(out);
+        *self
+            .last_compressed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((desc, out.clone()));
+        Ok(out)
+    }
+}
+
+/// Reads as much of `buf` as the file has from offset 0; returns the count.
+fn read_prefix(file: &File, buf: &mut [u8]) -> Result<usize> {
+    read_prefix_at(file, buf, 0)
+}
+
+fn read_prefix_at(file: &File, buf: &mut [u8], offset: u64) -> Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(Qcow2Error::Io {
+                    context: "reading image metadata",
+                    source: e,
+                })
+            }
+        }
+    }
+    Ok(done)
+}

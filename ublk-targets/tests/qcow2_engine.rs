@@ -1,0 +1,859 @@
+//! qcow2 engine against qemu: images made by qemu-img / qemu-io are read whole through
+//! `Qcow2Image` and compared byte for byte with `qemu-img convert -O raw`; malformed images must
+//! fail with a clear `Qcow2Error`. Skipped (with a printed reason) when qemu-utils is missing.
+#![allow(clippy::print_stderr)]
+
+mod util {
+    #![allow(dead_code)]
+    use std::fs::File;
+    use std::io::{Read, Write};
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use ublk_targets::qcow2::{Qcow2Image, Qcow2Options};
+
+    pub const MIB: u64 = 1 << 20;
+
+    /// A unique temporary directory, removed on drop.
+    pub struct TempDir(pub PathBuf);
+
+    impl TempDir {
+        pub fn new(tag: &str) -> TempDir {
+            static N: AtomicU64 = AtomicU64::new(0);
+            let n = N.fetch_add(1, Ordering::Relaxed);
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0);
+            let p = std::env::temp_dir().join(format!(
+                "ublk-qcow2-{tag}-{}-{n}-{nanos}",
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&p).expect("create temp dir");
+            TempDir(p)
+        }
+        pub fn path(&self, name: &str) -> PathBuf {
+            self.0.join(name)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn have(tool: &str) -> bool {
+        Command::new(tool)
+            .arg("--version")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+
+    /// Returns false (after printing why) when qemu-img or qemu-io is missing.
+    pub fn qemu_available() -> bool {
+        for t in ["qemu-img", "qemu-io"] {
+            if !have(t) {
+                eprintln!("SKIPPED: {t} not found (install qemu-utils)");
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Runs a command, panicking with its output on failure.
+    pub fn run(cmd: &str, args: &[&str]) {
+        let out = Command::new(cmd)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("spawn {cmd}: {e}"));
+        assert!(
+            out.status.success(),
+            "{cmd} {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn qemu_img(args: &[&str]) {
+        run("qemu-img", args);
+    }
+
+    /// Runs qemu-io commands on a qcow2 image.
+    pub fn qemu_io(img: &Path, cmds: &[&str]) {
+        let mut args: Vec<&str> = vec!["-f", "qcow2"];
+        for c in cmds {
+            args.push("-c");
+            args.push(c);
+        }
+        args.push(s(img));
+        run("qemu-io", &args);
+    }
+
+    pub fn s(p: &Path) -> &str {
+        p.to_str().expect("utf8 path")
+    }
+
+    /// Deterministic xorshift generator.
+    pub struct Rng(pub u64);
+
+    impl Rng {
+        pub fn next(&mut self) -> u64 {
+            let mut x = self.0;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.0 = x;
+            x
+        }
+        pub fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// Writes a raw file of `size` bytes whose 4 KiB blocks are a mix of random data, repeated
+    /// bytes (compressible), text-like data and zeros.
+    pub fn write_pattern_raw(path: &Path, size: u64, seed: u64) {
+        let mut f = File::create(path).expect("create raw");
+        let mut rng = Rng(seed | 1);
+        let mut block = vec![0u8; 4096];
+        let mut written = 0u64;
+        while written < size {
+            let n = (size - written).min(4096) as usize;
+            match rng.below(5) {
+                0 => block.iter_mut().for_each(|b| *b = rng.next() as u8),
+                1 => block.fill(rng.next() as u8),
+                2 => {
+                    let base = rng.next() as usize;
+                    for (i, b) in block.iter_mut().enumerate() {
+                        *b = b"abcdefgh qcow2 "[(i + base) % 15];
+                    }
+                }
+                3 => block.fill(0),
+                _ => {
+                    for (i, b) in block.iter_mut().enumerate() {
+                        *b = (i as u64 ^ written ^ seed) as u8;
+                    }
+                }
+            }
+            f.write_all(&block[..n]).expect("write raw");
+            written += n as u64;
+        }
+    }
+
+    /// Converts `img` to raw with qemu-img and compares the whole virtual disk as read through
+    /// the engine, in aligned 1 MiB chunks and in pseudo-random unaligned pieces.
+    pub fn assert_same_as_qemu(img: &Path) {
+        assert_same_as_qemu_with(img, &Qcow2Options::default())
+    }
+
+    pub fn assert_same_as_qemu_with(img: &Path, opts: &Qcow2Options) {
+        let q =
+            Qcow2Image::open(img, opts).unwrap_or_else(|e| panic!("open {}: {e}", img.display()));
+        let reference = img.with_extension("ref.raw");
+        qemu_img(&["convert", "-O", "raw", s(img), s(&reference)]);
+        let mut expected = Vec::new();
+        File::open(&reference)
+            .expect("open reference")
+            .read_to_end(&mut expected)
+            .expect("read reference");
+        std::fs::remove_file(&reference).ok();
+        assert_eq!(
+            expected.len() as u64,
+            q.virtual_size(),
+            "virtual size of {}",
+            img.display()
+        );
+        let size = expected.len() as u64;
+        let mut buf = vec![0u8; MIB as usize];
+        let mut off = 0u64;
+        while off < size {
+            let n = (size - off).min(MIB) as usize;
+            q.read_at(&mut buf[..n], off)
+                .unwrap_or_else(|e| panic!("read {} at {off}: {e}", img.display()));
+            let want = &expected[off as usize..off as usize + n];
+            if buf[..n] != *want {
+                let first = (0..n).find(|&i| buf[i] != want[i]).unwrap_or(0);
+                panic!(
+                    "{}: mismatch at guest offset {} (engine {:#04x}, qemu {:#04x})",
+                    img.display(),
+                    off + first as u64,
+                    buf[first],
+                    want[first]
+                );
+            }
+            off += n as u64;
+        }
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ size);
+        for _ in 0..200 {
+            let len = (rng.below(300 * 1024) + 1).min(size);
+            let start = rng.below(size - len + 1);
+            let mut b = vec![0u8; len as usize];
+            q.read_at(&mut b, start).expect("random read");
+            assert!(
+                b == expected[start as usize..(start + len) as usize],
+                "{}: random read mismatch at {start}+{len}",
+                img.display()
+            );
+        }
+    }
+
+    /// qemu-io commands that leave data, zeroed and discarded regions in a 16 MiB+ image,
+    /// including unaligned writes and ranges spanning clusters.
+    pub const MIXED_WRITES: &[&str] = &[
+        "write -P 0x11 0 1M",
+        "write -P 0x22 1536k 777k",
+        "write -P 0x33 3000001 12345",
+        "write -z 512k 256k",
+        "write -z 1600k 64k",
+        "discard 2M 512k",
+        "write -P 0x44 5M 3M",
+        "write -z 6M 100k",
+        "discard 7M 1M",
+        "write -P 0x55 12345678 1000",
+        "write -P 0x66 15M 1M",
+    ];
+}
+
+use std::path::Path;
+use ublk_targets::qcow2::{Qcow2Error, Qcow2Image, Qcow2Options};
+use util::*;
+
+macro_rules! require_qemu {
+    () => {
+        if !qemu_available() {
+            return;
+        }
+    };
+}
+
+/// Creates a 16 MiB image from a pattern raw file with `opts`, then applies the mixed qemu-io
+/// writes.
+fn pattern_image(dir: &TempDir, name: &str, opts: &str) -> std::path::PathBuf {
+    let raw = dir.path(&format!("{name}.src.raw"));
+    write_pattern_raw(&raw, 16 * MIB, name.len() as u64 * 7919);
+    let img = dir.path(&format!("{name}.qcow2"));
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        opts,
+        s(&raw),
+        s(&img),
+    ]);
+    qemu_io(&img, MIXED_WRITES);
+    img
+}
+
+#[test]
+fn test_qcow2_v2_v3_cluster_sizes_match_qemu() {
+    require_qemu!();
+    let dir = TempDir::new("clusters");
+    for compat in ["0.10", "1.1"] {
+        for cs in ["512", "4k", "64k", "2M"] {
+            let name = format!("c{}-{cs}", compat.replace('.', ""));
+            let img = pattern_image(&dir, &name, &format!("compat={compat},cluster_size={cs}"));
+            assert_same_as_qemu(&img);
+            let q = Qcow2Image::open(&img, &Qcow2Options::default()).expect("open");
+            assert_eq!(q.header().version, if compat == "0.10" { 2 } else { 3 });
+        }
+    }
+}
+
+#[test]
+fn test_qcow2_refcount_bits_and_lazy_refcounts_match_qemu() {
+    require_qemu!();
+    let dir = TempDir::new("refbits");
+    for opts in [
+        "refcount_bits=1",
+        "refcount_bits=16",
+        "refcount_bits=64",
+        "lazy_refcounts=on",
+        "refcount_bits=8,lazy_refcounts=on,cluster_size=4k",
+    ] {
+        let img = pattern_image(&dir, &opts.replace([',', '='], "_"), opts);
+        assert_same_as_qemu(&img);
+    }
+}
+
+#[test]
+fn test_qcow2_empty_and_qemu_io_only_images_match_qemu() {
+    require_qemu!();
+    let dir = TempDir::new("empty");
+    let img = dir.path("empty.qcow2");
+    qemu_img(&["create", "-f", "qcow2", s(&img), "20M"]);
+    assert_same_as_qemu(&img);
+    // Unaligned virtual size, writes only through qemu-io.
+    let img2 = dir.path("odd.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        s(&img2),
+        "17000000",
+    ]);
+    qemu_io(
+        &img2,
+        &[
+            "write -P 0xaa 0 3k",
+            "write -P 0xbb 16999424 512",
+            "write -z 4k 8k",
+        ],
+    );
+    assert_same_as_qemu(&img2);
+}
+
+#[test]
+fn test_qcow2_extended_l2_subclusters_match_qemu() {
+    require_qemu!();
+    let dir = TempDir::new("extl2");
+    for cs in ["16k", "64k", "2M"] {
+        // Over a backing file, so unallocated subclusters must come from it.
+        let base = dir.path(&format!("base-{cs}.raw"));
+        write_pattern_raw(&base, 16 * MIB, 4242);
+        let img = dir.path(&format!("ext-{cs}.qcow2"));
+        qemu_img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("extended_l2=on,cluster_size={cs}"),
+            "-b",
+            s(&base),
+            "-F",
+            "raw",
+            s(&img),
+        ]);
+        qemu_io(
+            &img,
+            &[
+                "write -P 0x71 2k 4k",
+                "write -P 0x72 70k 1k",
+                "write -z 128k 8k",
+                "write -P 0x73 131k 1k",
+                "write -z 1M 1M",
+                "write -P 0x74 1100k 3k",
+                "discard 4M 2M",
+                "write -P 0x75 9M 1234567",
+                "write -z 12M 4k",
+            ],
+        );
+        assert_same_as_qemu(&img);
+        // Without a backing file as well.
+        let img2 = pattern_image(
+            &dir,
+            &format!("ext-nb-{cs}"),
+            &format!("extended_l2=on,cluster_size={cs}"),
+        );
+        assert_same_as_qemu(&img2);
+    }
+}
+
+#[test]
+fn test_qcow2_compressed_zlib_and_zstd_match_qemu() {
+    require_qemu!();
+    let dir = TempDir::new("compressed");
+    for ct in ["zlib", "zstd"] {
+        for cs in ["4k", "64k", "2M"] {
+            let raw = dir.path(&format!("{ct}-{cs}.raw"));
+            write_pattern_raw(&raw, 16 * MIB, 99);
+            let img = dir.path(&format!("{ct}-{cs}.qcow2"));
+            qemu_img(&[
+                "convert",
+                "-c",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-o",
+                &format!("compression_type={ct},cluster_size={cs}"),
+                s(&raw),
+                s(&img),
+            ]);
+            assert_same_as_qemu(&img);
+            // Compressed clusters partly overwritten, zeroed and discarded.
+            qemu_io(
+                &img,
+                &[
+                    "write -P 0x99 100k 5k",
+                    "write -z 3M 64k",
+                    "discard 8M 2M",
+                    &format!("write -c -P 0x5a 8M {cs}"), // into the discarded range
+                ],
+            );
+            assert_same_as_qemu(&img);
+            let q = Qcow2Image::open(&img, &Qcow2Options::default()).expect("open");
+            let want = if ct == "zstd" {
+                ublk_targets::qcow2::CompressionType::Zstd
+            } else {
+                ublk_targets::qcow2::CompressionType::Deflate
+            };
+            assert_eq!(q.geometry().compression, want);
+        }
+    }
+}
+
+#[test]
+fn test_qcow2_preallocation_modes_match_qemu() {
+    require_qemu!();
+    let dir = TempDir::new("prealloc");
+    for mode in ["metadata", "falloc", "full"] {
+        for compat in ["0.10", "1.1"] {
+            let img = dir.path(&format!("pre-{mode}-{compat}.qcow2"));
+            qemu_img(&[
+                "create",
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("preallocation={mode},compat={compat}"),
+                s(&img),
+                "16M",
+            ]);
+            assert_same_as_qemu(&img);
+            qemu_io(&img, MIXED_WRITES);
+            assert_same_as_qemu(&img);
+        }
+    }
+}
+
+#[test]
+fn test_qcow2_backing_chains_match_qemu() {
+    require_qemu!();
+    let dir = TempDir::new("chains");
+    // raw base <- qcow2 mid <- qcow2 top (relative backing names), top larger than base.
+    let base = dir.path("base.raw");
+    write_pattern_raw(&base, 8 * MIB, 5);
+    let mid = dir.path("mid.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        s(&mid),
+        "12M",
+    ]);
+    qemu_io(
+        &mid,
+        &[
+            "write -P 0xa1 1M 1M",
+            "write -z 3M 64k",
+            "write -P 0xa2 7M 2M",
+        ],
+    );
+    let top = dir.path("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
+        "16M",
+    ]);
+    qemu_io(
+        &top,
+        &[
+            "write -P 0xb1 1536k 10k",
+            "write -z 7M 4k",
+            "discard 100k 4k",
+            "write -P 0xb2 13M 1M",
+        ],
+    );
+    assert_same_as_qemu(&mid);
+    assert_same_as_qemu(&top);
+    let q = Qcow2Image::open(&top, &Qcow2Options::default()).expect("open top");
+    assert_eq!(q.chain_depth(), 3);
+
+    // qcow2 base (compressed, v2) <- v3 child with extended L2 <- child, all with a smaller base.
+    let qbase = dir.path("qbase.qcow2");
+    let qraw = dir.path("qbase.src.raw");
+    write_pattern_raw(&qraw, 6 * MIB, 77);
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        s(&qraw),
+        s(&qbase),
+    ]);
+    let c1 = dir.path("c1.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on,cluster_size=32k",
+        "-b",
+        "qbase.qcow2",
+        "-F",
+        "qcow2",
+        s(&c1),
+        "10M",
+    ]);
+    qemu_io(
+        &c1,
+        &[
+            "write -P 0xc1 5000 3000",
+            "write -z 2M 5k",
+            "write -P 0xc2 5M 2M",
+        ],
+    );
+    let c2 = dir.path("c2.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        s(&c1),
+        "-F",
+        "qcow2",
+        s(&c2),
+        "12M",
+    ]);
+    qemu_io(&c2, &["write -P 0xd1 6M 100k", "write -z 0 4k"]);
+    assert_same_as_qemu(&c1);
+    assert_same_as_qemu(&c2);
+}
+
+#[test]
+fn test_qcow2_backing_without_format_extension_is_probed() {
+    require_qemu!();
+    let dir = TempDir::new("probe");
+    let base = dir.path("base.qcow2");
+    let raw = dir.path("base.src.raw");
+    write_pattern_raw(&raw, 4 * MIB, 3);
+    qemu_img(&["convert", "-O", "qcow2", s(&raw), s(&base)]);
+    let top = dir.path("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        s(&base),
+        "-F",
+        "qcow2",
+        s(&top),
+    ]);
+    qemu_io(&top, &["write -P 0x12 1M 4k"]);
+    // Drop the backing format extension (qemu-img rebase -u without -F keeps it, so patch
+    // the extension type to an unknown one instead).
+    let mut bytes = std::fs::read(&top).expect("read");
+    let magic = 0xe279_2acau32.to_be_bytes();
+    let at = bytes
+        .windows(4)
+        .position(|w| w == magic)
+        .expect("backing format extension present");
+    bytes[at..at + 4].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    std::fs::write(&top, &bytes).expect("write");
+    let q = Qcow2Image::open(&top, &Qcow2Options::default()).expect("open with probe");
+    assert!(matches!(
+        q.backing(),
+        Some(ublk_targets::qcow2::Backing::Qcow2(_))
+    ));
+    assert_same_as_qemu(&top);
+}
+
+#[test]
+fn test_qcow2_snapshots_allow_read_only_only() {
+    require_qemu!();
+    let dir = TempDir::new("snap");
+    let img = pattern_image(&dir, "snap", "cluster_size=64k");
+    qemu_img(&["snapshot", "-c", "s1", s(&img)]);
+    qemu_io(&img, &["write -P 0xee 0 64k"]);
+    let q = Qcow2Image::open(&img, &Qcow2Options::default()).expect("open ro");
+    assert_eq!(q.snapshot_count(), 1);
+    assert_same_as_qemu(&img);
+    let rw = Qcow2Options {
+        writable: true,
+        ..Default::default()
+    };
+    match Qcow2Image::open(&img, &rw) {
+        Err(Qcow2Error::ReadOnly(_)) => {}
+        other => panic!("expected ReadOnly, got {other:?}"),
+    }
+}
+
+#[test]
+fn test_qcow2_concurrent_readers_share_one_image() {
+    require_qemu!();
+    let dir = TempDir::new("threads");
+    let img = pattern_image(&dir, "threads", "cluster_size=4k");
+    let reference = dir.path("threads.ref");
+    qemu_img(&["convert", "-O", "raw", s(&img), s(&reference)]);
+    let expected = std::fs::read(&reference).expect("read ref");
+    let opts = Qcow2Options {
+        l2_cache_bytes: 8 * 4096, // tiny: constant eviction
+        ..Default::default()
+    };
+    let q = Qcow2Image::open(&img, &opts).expect("open");
+    std::thread::scope(|sc| {
+        for t in 0..4u64 {
+            let q = &q;
+            let expected = &expected;
+            sc.spawn(move || {
+                let mut rng = Rng(t * 1000 + 17);
+                for _ in 0..300 {
+                    let len = rng.below(200_000) + 1;
+                    let start = rng.below(expected.len() as u64 - len);
+                    let mut b = vec![0u8; len as usize];
+                    q.read_at(&mut b, start).expect("read");
+                    assert!(b == expected[start as usize..(start + len) as usize]);
+                }
+            });
+        }
+    });
+    let st = q.l2_cache_stats();
+    assert!(st.len <= 8, "cache holds {} slices", st.len);
+    assert!(st.misses > 0 && st.hits > 0);
+}
+
+#[test]
+fn test_qcow2_out_of_range_read_is_an_error() {
+    require_qemu!();
+    let dir = TempDir::new("range");
+    let img = dir.path("r.qcow2");
+    qemu_img(&["create", "-f", "qcow2", s(&img), "1M"]);
+    let q = Qcow2Image::open(&img, &Qcow2Options::default()).expect("open");
+    let mut b = [0u8; 512];
+    assert!(matches!(
+        q.read_at(&mut b, (1 << 20) - 256),
+        Err(Qcow2Error::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        q.read_at(&mut b, u64::MAX - 10),
+        Err(Qcow2Error::OutOfRange { .. })
+    ));
+    q.read_at(&mut b, (1 << 20) - 512).expect("last sector");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Malformed images: each must fail with a clear error, not a panic or a huge allocation.
+// ---------------------------------------------------------------------------------------------
+
+fn base_image(dir: &TempDir, name: &str) -> std::path::PathBuf {
+    let img = dir.path(name);
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=64k",
+        s(&img),
+        "16M",
+    ]);
+    qemu_io(&img, &["write -P 0x42 0 128k"]);
+    img
+}
+
+fn patch(path: &Path, at: u64, bytes: &[u8]) {
+    let mut b = std::fs::read(path).expect("read");
+    b[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
+    std::fs::write(path, b).expect("write");
+}
+
+fn be64_at(path: &Path, at: usize) -> u64 {
+    let b = std::fs::read(path).expect("read");
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn open_err(path: &Path) -> Qcow2Error {
+    match Qcow2Image::open(path, &Qcow2Options::default()) {
+        Ok(_) => panic!("{} opened but should not", path.display()),
+        Err(e) => {
+            eprintln!(
+                "{}: {e}",
+                path.file_name().and_then(|n| n.to_str()).unwrap_or("?")
+            );
+            e
+        }
+    }
+}
+
+#[test]
+fn test_qcow2_malformed_images_give_clear_errors() {
+    require_qemu!();
+    let dir = TempDir::new("malformed");
+
+    let img = base_image(&dir, "trunc.qcow2");
+    let b = std::fs::read(&img).expect("read");
+    std::fs::write(&img, &b[..50]).expect("truncate");
+    assert!(matches!(open_err(&img), Qcow2Error::Truncated { .. }));
+    std::fs::write(&img, &b[..90]).expect("truncate");
+    assert!(matches!(open_err(&img), Qcow2Error::Truncated { .. }));
+
+    let img = base_image(&dir, "magic.qcow2");
+    patch(&img, 0, b"QFI\0");
+    assert!(matches!(open_err(&img), Qcow2Error::BadMagic(_)));
+
+    let img = base_image(&dir, "version.qcow2");
+    patch(&img, 4, &4u32.to_be_bytes());
+    assert!(matches!(open_err(&img), Qcow2Error::UnsupportedVersion(4)));
+
+    let img = base_image(&dir, "l1eof.qcow2");
+    patch(&img, 40, &(1u64 << 40).to_be_bytes());
+    assert!(matches!(
+        open_err(&img),
+        Qcow2Error::TablePastEof {
+            table: "L1 table",
+            ..
+        }
+    ));
+
+    let img = base_image(&dir, "overlap.qcow2");
+    let l1 = be64_at(&img, 40);
+    patch(&img, 48, &l1.to_be_bytes());
+    assert!(matches!(open_err(&img), Qcow2Error::TablesOverlap { .. }));
+
+    let img = base_image(&dir, "hugel1.qcow2");
+    patch(&img, 36, &u32::MAX.to_be_bytes());
+    assert!(matches!(open_err(&img), Qcow2Error::TooLarge { .. }));
+
+    let img = base_image(&dir, "l1small.qcow2");
+    patch(&img, 24, &(1u64 << 50).to_be_bytes()); // virtual size far beyond what l1_size maps
+    assert!(matches!(open_err(&img), Qcow2Error::InvalidHeader(_)));
+
+    let img = base_image(&dir, "hugert.qcow2");
+    patch(&img, 56, &u32::MAX.to_be_bytes());
+    assert!(matches!(open_err(&img), Qcow2Error::TooLarge { .. }));
+
+    for bits in [8u32, 22, 63, u32::MAX] {
+        let img = base_image(&dir, &format!("cbits{bits}.qcow2"));
+        patch(&img, 20, &bits.to_be_bytes());
+        assert!(matches!(open_err(&img), Qcow2Error::ClusterBits { .. }));
+    }
+
+    let img = base_image(&dir, "rorder.qcow2");
+    patch(&img, 96, &7u32.to_be_bytes());
+    assert!(matches!(open_err(&img), Qcow2Error::RefcountOrder(7)));
+
+    let img = base_image(&dir, "unknown.qcow2");
+    patch(&img, 72, &(1u64 << 9).to_be_bytes());
+    match open_err(&img) {
+        Qcow2Error::UnknownIncompatibleFeatures { bits, names } => {
+            assert_eq!(bits, 1 << 9);
+            assert!(names.contains("bit 9"), "{names}");
+        }
+        e => panic!("unexpected {e:?}"),
+    }
+
+    let img = base_image(&dir, "corrupt.qcow2");
+    patch(&img, 72, &2u64.to_be_bytes());
+    assert!(matches!(open_err(&img), Qcow2Error::MarkedCorrupt));
+    let ro = Qcow2Options {
+        allow_corrupt_read_only: true,
+        ..Default::default()
+    };
+    Qcow2Image::open(&img, &ro).expect("corrupt image opens read-only when allowed");
+
+    let img = base_image(&dir, "extdata.qcow2");
+    patch(&img, 72, &4u64.to_be_bytes());
+    assert!(matches!(open_err(&img), Qcow2Error::ExternalDataFile));
+
+    let img = base_image(&dir, "crypt.qcow2");
+    patch(&img, 32, &1u32.to_be_bytes());
+    assert!(matches!(
+        open_err(&img),
+        Qcow2Error::Encrypted { method: 1 }
+    ));
+
+    let img = base_image(&dir, "hlen.qcow2");
+    patch(&img, 100, &100u32.to_be_bytes());
+    assert!(matches!(open_err(&img), Qcow2Error::InvalidHeader(_)));
+
+    let img = base_image(&dir, "ctype.qcow2");
+    patch(&img, 104, &[1]); // zstd without incompatible bit 3
+    assert!(matches!(open_err(&img), Qcow2Error::InvalidHeader(_)));
+
+    let img = base_image(&dir, "misalign.qcow2");
+    let l1 = be64_at(&img, 40);
+    patch(&img, 40, &(l1 + 512).to_be_bytes());
+    assert!(matches!(open_err(&img), Qcow2Error::InvalidHeader(_)));
+
+    // An L2 table pointer past EOF fails at read time, not at open.
+    let img = base_image(&dir, "l2eof.qcow2");
+    let l1 = be64_at(&img, 40);
+    patch(&img, l1, &((1u64 << 63) | (1u64 << 40)).to_be_bytes());
+    let q = Qcow2Image::open(&img, &Qcow2Options::default()).expect("open");
+    let mut buf = [0u8; 512];
+    assert!(matches!(
+        q.read_at(&mut buf, 0),
+        Err(Qcow2Error::Corrupt(_))
+    ));
+}
+
+#[test]
+fn test_qcow2_backing_chain_loop_and_depth_are_errors() {
+    require_qemu!();
+    let dir = TempDir::new("loop");
+    let a = dir.path("a.qcow2");
+    let b = dir.path("b.qcow2");
+    qemu_img(&["create", "-f", "qcow2", s(&a), "1M"]);
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "a.qcow2",
+        "-F",
+        "qcow2",
+        s(&b),
+        "1M",
+    ]);
+    qemu_img(&["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", s(&a)]);
+    assert!(matches!(open_err(&a), Qcow2Error::BackingChainLoop { .. }));
+    // Self loop.
+    let c = dir.path("c.qcow2");
+    qemu_img(&["create", "-f", "qcow2", s(&c), "1M"]);
+    qemu_img(&["rebase", "-u", "-b", "c.qcow2", "-F", "qcow2", s(&c)]);
+    assert!(matches!(open_err(&c), Qcow2Error::BackingChainLoop { .. }));
+    // Depth limit.
+    let mut prev = dir.path("d0.qcow2");
+    qemu_img(&["create", "-f", "qcow2", s(&prev), "1M"]);
+    for i in 1..6 {
+        let next = dir.path(&format!("d{i}.qcow2"));
+        let bname = prev
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("name")
+            .to_string();
+        qemu_img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            &bname,
+            "-F",
+            "qcow2",
+            s(&next),
+            "1M",
+        ]);
+        prev = next;
+    }
+    let opts = Qcow2Options {
+        max_chain_depth: 4,
+        ..Default::default()
+    };
+    assert!(matches!(
+        Qcow2Image::open(&prev, &opts),
+        Err(Qcow2Error::BackingChainTooDeep { limit: 4 })
+    ));
+    Qcow2Image::open(&prev, &Qcow2Options::default()).expect("depth 6 is fine by default");
+    // Missing backing file.
+    std::fs::remove_file(dir.path("d0.qcow2")).expect("rm");
+    assert!(matches!(open_err(&prev), Qcow2Error::BackingOpen { .. }));
+}
