@@ -13,6 +13,8 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+#[doc(hidden)]
+pub mod bench;
 mod buf;
 pub mod ctrl;
 mod desc;

@@ -402,25 +402,7 @@ impl<H: QueueHandler> Queue<H> {
     }
 
     fn submit_cmd(&mut self, op: u32, tag: u16, result: i32) -> io::Result<()> {
-        let cmd = sys::ublksrv_io_cmd {
-            q_id: self.cfg.q_id,
-            tag,
-            result,
-            __bindgen_anon_1: sys::ublksrv_io_cmd__bindgen_ty_1 {
-                addr: self.buf_addr(tag),
-            },
-        };
-        // SAFETY: ublksrv_io_cmd is a 16-byte repr(C) POD; reading its bytes is defined.
-        let raw: [u8; 16] = unsafe { std::mem::transmute(cmd) };
-        let kind = if op == sys::UBLK_U_IO_NEED_GET_DATA {
-            KIND_GET_DATA
-        } else {
-            KIND_CMD
-        };
-        let sqe = opcode::UringCmd16::new(CDEV, op)
-            .cmd(raw)
-            .build()
-            .user_data(user_data(kind, tag, 0));
+        let sqe = io_cmd_sqe(op, self.cfg.q_id, tag, result, self.buf_addr(tag));
         // SAFETY: the command's addr is the tag's own slot, handed to the kernel together
         // with the tag (state Fetching/GettingData), or 0 in user-copy mode.
         push_sqe(&mut self.ring, &sqe)
@@ -630,6 +612,25 @@ macro_rules! ctx {
 }
 use ctx;
 
+/// The SQE of an io command (`struct ublksrv_io_cmd` in a 64-byte `URING_CMD` SQE, on the
+/// registered `/dev/ublkcN`).
+pub(crate) fn io_cmd_sqe(op: u32, q_id: u16, tag: u16, result: i32, addr: u64) -> squeue::Entry {
+    let mut raw = [0u8; 16];
+    raw[0..2].copy_from_slice(&q_id.to_ne_bytes());
+    raw[2..4].copy_from_slice(&tag.to_ne_bytes());
+    raw[4..8].copy_from_slice(&result.to_ne_bytes());
+    raw[8..16].copy_from_slice(&addr.to_ne_bytes());
+    let kind = if op == sys::UBLK_U_IO_NEED_GET_DATA {
+        KIND_GET_DATA
+    } else {
+        KIND_CMD
+    };
+    opcode::UringCmd16::new(CDEV, op)
+        .cmd(raw)
+        .build()
+        .user_data(user_data(kind, tag, 0))
+}
+
 /// The `/dev/ublkcN` file offset of `(q, tag)`'s data in user-copy mode.
 pub fn user_copy_offset(q: u16, tag: u16) -> u64 {
     u64::from(sys::UBLKSRV_IO_BUF_OFFSET)
@@ -650,6 +651,17 @@ mod tests {
         let off = user_copy_offset(5, 4095) - 0x8000_0000;
         assert_eq!((off >> 25) & 0xffff, 4095);
         assert_eq!((off >> 41) & 0xfff, 5);
+    }
+
+    #[test]
+    fn test_io_cmd_layout_matches_uapi() {
+        use std::mem::offset_of;
+        assert_eq!(offset_of!(sys::ublksrv_io_cmd, q_id), 0);
+        assert_eq!(offset_of!(sys::ublksrv_io_cmd, tag), 2);
+        assert_eq!(offset_of!(sys::ublksrv_io_cmd, result), 4);
+        assert_eq!(offset_of!(sys::ublksrv_io_cmd, __bindgen_anon_1), 8);
+        let e = io_cmd_sqe(sys::UBLK_U_IO_NEED_GET_DATA, 3, 7, -5, 0x1000);
+        assert_eq!(e.get_user_data(), user_data(KIND_GET_DATA, 7, 0));
     }
 
     #[test]
