@@ -48,6 +48,18 @@ deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian
 deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie-backports main
 ";
 
+/// Extra apt configuration (read after the host's `apt.conf.d`, which stays in force for proxies
+/// and the like): no host hooks run for our private updates and downloads, no DEP-11 metadata.
+const APT_CONF: &str = "\
+#clear APT::Update::Pre-Invoke;
+#clear APT::Update::Post-Invoke;
+#clear APT::Update::Post-Invoke-Success;
+#clear DPkg::Pre-Invoke;
+#clear DPkg::Post-Invoke;
+#clear DPkg::Pre-Install-Pkgs;
+Acquire::IndexTargets::deb::DEP-11::DefaultEnabled \"false\";
+";
+
 /// The metapackage whose versions tell which cloud kernels the archive currently has.
 const META_PACKAGE: &str = "linux-image-cloud-amd64";
 
@@ -92,7 +104,19 @@ pub fn fetch(spec: &KernelSpec) -> Result<Kernel> {
         return Ok(k);
     }
     let apt = Apt::new(vm_dir().join("apt"))?;
-    apt.update_if_stale()?;
+    let updated = apt.update_if_stale()?;
+    match fetch_with(&apt, spec, &kernels) {
+        Err(e) if !updated => {
+            // Lists younger than a day can still be stale (a version just left the archive).
+            eprintln!("warning: {e:#}; refreshing the apt lists and trying again");
+            apt.update()?;
+            fetch_with(&apt, spec, &kernels)
+        }
+        r => r,
+    }
+}
+
+fn fetch_with(apt: &Apt, spec: &KernelSpec, kernels: &Path) -> Result<Kernel> {
     let (release, version, packages) = match apt.check_pinned(spec) {
         Ok(()) => (
             spec.release.to_string(),
@@ -118,7 +142,7 @@ pub fn fetch(spec: &KernelSpec) -> Result<Kernel> {
     if let Some(k) = load_cached(&dir)? {
         return Ok(k);
     }
-    extract(&apt, spec.label, &release, &version, &packages, &dir)?;
+    extract(apt, spec.label, &release, &version, &packages, &dir)?;
     load_cached(&dir)?
         .ok_or_else(|| anyhow!("kernel cache {} incomplete after extraction", dir.display()))
 }
@@ -323,6 +347,7 @@ impl Apt {
             // Lists from other sources are stale now.
             let _ = fs::remove_file(dir.join("lists/.updated"));
         }
+        fs::write(dir.join("etc/apt.conf"), APT_CONF)?;
         let status = dir.join("state/status");
         if !status.exists() {
             fs::write(&status, "")?;
@@ -333,6 +358,8 @@ impl Apt {
     fn opts(&self) -> Vec<String> {
         let d = |p: &str| self.dir.join(p).to_string_lossy().into_owned();
         vec![
+            "-c".into(),
+            d("etc/apt.conf"),
             format!("-oDir::Etc::SourceList={}", d("etc/sources.list")),
             "-oDir::Etc::SourceParts=/dev/null".into(),
             "-oDir::Etc::Preferences=/dev/null".into(),
@@ -355,7 +382,8 @@ impl Apt {
         c
     }
 
-    fn update_if_stale(&self) -> Result<()> {
+    /// `apt-get update` unless the lists are younger than a day; true when it ran.
+    fn update_if_stale(&self) -> Result<bool> {
         let stamp = self.dir.join("lists/.updated");
         let fresh = fs::metadata(&stamp)
             .and_then(|m| m.modified())
@@ -363,8 +391,13 @@ impl Apt {
             .and_then(|t| SystemTime::now().duration_since(t).ok())
             .is_some_and(|age| age < Duration::from_secs(24 * 3600));
         if fresh {
-            return Ok(());
+            return Ok(false);
         }
+        self.update()?;
+        Ok(true)
+    }
+
+    fn update(&self) -> Result<()> {
         eprintln!(
             "xtask: apt-get update (private configuration in {})",
             self.dir.display()
@@ -377,7 +410,7 @@ impl Apt {
         if !status.success() {
             bail!("apt-get update failed ({status})");
         }
-        fs::write(stamp, "")?;
+        fs::write(self.dir.join("lists/.updated"), "")?;
         Ok(())
     }
 
