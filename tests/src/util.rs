@@ -6,6 +6,7 @@ use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -51,14 +52,36 @@ impl Run {
     }
 }
 
-fn read_pipe<R: Read + Send + 'static>(r: Option<R>) -> thread::JoinHandle<Vec<u8>> {
-    thread::spawn(move || {
-        let mut v = Vec::new();
+/// Collects a pipe in a thread; the data so far stays readable even if the writer never closes
+/// it (a daemon that kept its parent's stdout would otherwise hang the caller).
+struct PipeReader(Arc<Mutex<(Vec<u8>, bool)>>);
+
+impl PipeReader {
+    fn start<R: Read + Send + 'static>(r: Option<R>) -> Self {
+        let shared = Arc::new(Mutex::new((Vec::new(), r.is_none())));
+        let s2 = shared.clone();
         if let Some(mut r) = r {
-            let _ = r.read_to_end(&mut v);
+            thread::spawn(move || {
+                let mut buf = [0u8; 8192];
+                loop {
+                    match r.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => s2.lock().unwrap().0.extend_from_slice(&buf[..n]),
+                    }
+                }
+                s2.lock().unwrap().1 = true;
+            });
         }
-        v
-    })
+        PipeReader(shared)
+    }
+
+    fn done(&self) -> bool {
+        self.0.lock().unwrap().1
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap().0).into_owned()
+    }
 }
 
 /// Wait for `child` up to `timeout`; kill it (and report the timeout) when it takes longer.
@@ -86,23 +109,31 @@ pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Result<Run> {
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot run `{desc}`"))?;
-    let out = read_pipe(child.stdout.take());
-    let err = read_pipe(child.stderr.take());
+    let out = PipeReader::start(child.stdout.take());
+    let err = PipeReader::start(child.stderr.take());
     let status = wait_child(&mut child, timeout)?;
-    let stdout = String::from_utf8_lossy(&out.join().unwrap_or_default()).into_owned();
-    let stderr = String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned();
+    let closed = wait_for("output pipes to close", Duration::from_secs(5), || {
+        out.done() && err.done()
+    });
+    let (stdout, stderr) = (out.text(), err.text());
     match status {
-        Some(status) => Ok(Run {
-            status,
-            stdout,
-            stderr,
-        }),
         None => bail!(
             "`{desc}` timed out after {}s (killed); stdout: {:?}; stderr: {:?}",
             timeout.as_secs(),
             tail(&stdout),
             tail(&stderr)
         ),
+        Some(status) if closed.is_err() => bail!(
+            "`{desc}` exited ({status}) but its stdout/stderr stayed open for 5s \
+             (a process it started kept them?); stdout: {:?}; stderr: {:?}",
+            tail(&stdout),
+            tail(&stderr)
+        ),
+        Some(status) => Ok(Run {
+            status,
+            stdout,
+            stderr,
+        }),
     }
 }
 
