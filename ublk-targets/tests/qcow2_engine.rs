@@ -857,3 +857,483 @@ fn test_qcow2_backing_chain_loop_and_depth_are_errors() {
     std::fs::remove_file(dir.path("d0.qcow2")).expect("rm");
     assert!(matches!(open_err(&prev), Qcow2Error::BackingOpen { .. }));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Write path: a random op stream mirrored onto an in-memory model, then `qemu-img check` and a
+// byte-for-byte comparison with qemu's view of the image.
+// ---------------------------------------------------------------------------------------------
+
+fn rw() -> Qcow2Options {
+    Qcow2Options {
+        writable: true,
+        l2_cache_bytes: 16 * 4096, // small: exercises eviction and write-back under pressure
+        ..Default::default()
+    }
+}
+
+/// Runs `qemu-img check` and returns its exit code.
+fn qemu_check(img: &Path) -> i32 {
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", "-f", "qcow2", s(img)])
+        .output()
+        .expect("spawn qemu-img check");
+    let code = out.status.code().unwrap_or(-1);
+    if code != 0 {
+        eprintln!(
+            "qemu-img check {}: exit {code}\n{}{}",
+            img.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    code
+}
+
+fn qemu_raw(img: &Path) -> Vec<u8> {
+    let reference = img.with_extension("ref.raw");
+    qemu_img(&["convert", "-O", "raw", s(img), s(&reference)]);
+    let v = std::fs::read(&reference).expect("read reference");
+    std::fs::remove_file(&reference).ok();
+    v
+}
+
+fn assert_model(q: &Qcow2Image, model: &[u8], what: &str) {
+    let mut buf = vec![0u8; MIB as usize];
+    let mut off = 0usize;
+    while off < model.len() {
+        let n = (model.len() - off).min(buf.len());
+        q.read_at(&mut buf[..n], off as u64).expect("read back");
+        if buf[..n] != model[off..off + n] {
+            let i = (0..n).find(|&i| buf[i] != model[off + i]).unwrap_or(0);
+            panic!("{what}: engine differs from the model at {}", off + i);
+        }
+        off += n;
+    }
+}
+
+/// Applies a seeded random stream of writes (unaligned, sector-aligned, whole clusters,
+/// multi-cluster), flushes and read checks to `img`, then verifies it with qemu.
+fn random_writes(img: &Path, seed: u64, ops: usize, accept_check: &[i32]) {
+    let mut model = qemu_raw(img);
+    let size = model.len() as u64;
+    {
+        let q = Qcow2Image::open(img, &rw())
+            .unwrap_or_else(|e| panic!("open rw {}: {e}", img.display()));
+        let cs = q.cluster_size();
+        let mut rng = Rng(seed | 1);
+        for op in 0..ops {
+            let kind = rng.below(10);
+            let (off, len) = match kind {
+                0..=4 => {
+                    let len = rng.below(3 * cs.min(64 * 1024)) + 1;
+                    (rng.below(size - len), len)
+                }
+                5 | 6 => {
+                    let len = (rng.below(16) + 1) * 512;
+                    (rng.below((size - len) / 512) * 512, len)
+                }
+                7 => {
+                    let n = (rng.below(3) + 1) * cs;
+                    let n = n.min(size / 2);
+                    (rng.below((size - n) / cs) * cs, n)
+                }
+                8 => {
+                    q.flush().expect("flush");
+                    continue;
+                }
+                _ => {
+                    let len = rng.below(200_000) + 1;
+                    let start = rng.below(size - len);
+                    let mut b = vec![0u8; len as usize];
+                    q.read_at(&mut b, start).expect("read");
+                    assert!(
+                        b == model[start as usize..(start + len) as usize],
+                        "{}: op {op}: read at {start}+{len} differs from the model",
+                        img.display()
+                    );
+                    continue;
+                }
+            };
+            let byte = (op as u8).wrapping_mul(31).wrapping_add(7);
+            let data: Vec<u8> = (0..len).map(|i| byte ^ (i as u8 & 0x0f)).collect();
+            q.write_at(&data, off)
+                .unwrap_or_else(|e| panic!("{}: op {op}: write {off}+{len}: {e}", img.display()));
+            model[off as usize..(off + len) as usize].copy_from_slice(&data);
+        }
+        q.flush().expect("final flush");
+        assert_model(&q, &model, "before close");
+    }
+    let code = qemu_check(img);
+    assert!(
+        accept_check.contains(&code),
+        "{}: qemu-img check exit {code}",
+        img.display()
+    );
+    assert!(
+        qemu_raw(img) == model,
+        "{}: qemu sees different content",
+        img.display()
+    );
+    let q = Qcow2Image::open(img, &Qcow2Options::default()).expect("reopen");
+    assert_model(&q, &model, "after reopen");
+}
+
+#[test]
+fn test_qcow2_write_random_ops_match_qemu() {
+    require_qemu!();
+    let dir = TempDir::new("write");
+    let configs: &[(&str, &str)] = &[
+        ("v3-64k", "cluster_size=64k"),
+        ("v2-512", "compat=0.10,cluster_size=512"),
+        ("v3-4k-rc1", "cluster_size=4k,refcount_bits=1"),
+        ("v3-512-rc64", "cluster_size=512,refcount_bits=64"), // grows the refcount table
+        ("v3-2M", "cluster_size=2M"),
+        ("v3-lazy", "lazy_refcounts=on,cluster_size=16k"),
+        ("v3-prealloc-meta", "preallocation=metadata"),
+        (
+            "v2-prealloc-falloc",
+            "preallocation=falloc,compat=0.10,cluster_size=4k",
+        ),
+    ];
+    for (i, (name, opts)) in configs.iter().enumerate() {
+        let img = dir.path(&format!("{name}.qcow2"));
+        qemu_img(&["create", "-f", "qcow2", "-o", opts, s(&img), "16M"]);
+        if i % 2 == 0 {
+            qemu_io(&img, MIXED_WRITES);
+        }
+        random_writes(&img, 1000 + i as u64, 400, &[0]);
+    }
+}
+
+#[test]
+fn test_qcow2_write_cow_from_compressed_and_backing_match_qemu() {
+    require_qemu!();
+    let dir = TempDir::new("cow");
+    for (ct, cs) in [("zlib", "64k"), ("zstd", "4k"), ("zlib", "512")] {
+        let raw = dir.path(&format!("{ct}-{cs}.raw"));
+        write_pattern_raw(&raw, 16 * MIB, 7);
+        let img = dir.path(&format!("{ct}-{cs}.qcow2"));
+        qemu_img(&[
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            &format!("compression_type={ct},cluster_size={cs}"),
+            s(&raw),
+            s(&img),
+        ]);
+        random_writes(&img, 77, 300, &[0]);
+    }
+    // raw base <- qcow2 mid <- qcow2 top (written), top larger than the base.
+    let base = dir.path("base.raw");
+    write_pattern_raw(&base, 8 * MIB, 5);
+    let mid = dir.path("mid.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        s(&mid),
+        "12M",
+    ]);
+    qemu_io(&mid, &["write -P 0xa1 1M 1M", "write -z 3M 64k"]);
+    let top = dir.path("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
+        "16M",
+    ]);
+    qemu_io(&top, &["write -P 0xb1 1536k 10k", "write -z 7M 4k"]);
+    let mid_before = std::fs::read(&mid).expect("read mid");
+    random_writes(&top, 5, 400, &[0]);
+    assert!(
+        std::fs::read(&mid).expect("read mid") == mid_before,
+        "backing file modified"
+    );
+}
+
+#[test]
+fn test_qcow2_write_zero_alloc_and_discarded_clusters() {
+    require_qemu!();
+    let dir = TempDir::new("zeroalloc");
+    let img = dir.path("z.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        s(&img),
+        "4M",
+    ]);
+    // Allocated data, then zeroed keeping the allocation (ZERO_ALLOC), zeroed with unmap
+    // (ZERO_PLAIN) and discarded.
+    qemu_io(
+        &img,
+        &[
+            "write -P 0x33 0 4M",
+            "write -z 0 1M",
+            "write -z -u 1M 1M",
+            "discard 2M 1M",
+        ],
+    );
+    let model = qemu_raw(&img);
+    {
+        let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+        // Partial writes into each kind.
+        for (i, off) in [
+            4096u64 + 100,
+            (1 << 20) + 5000,
+            (2 << 20) + 9000,
+            (3 << 20) + 77,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            q.write_at(&[0xc0 + i as u8; 300], off).expect("write");
+        }
+        q.flush().expect("flush");
+    }
+    let mut model = model;
+    for (i, off) in [
+        4096usize + 100,
+        (1 << 20) + 5000,
+        (2 << 20) + 9000,
+        (3 << 20) + 77,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        model[off..off + 300].fill(0xc0 + i as u8);
+    }
+    assert_eq!(qemu_check(&img), 0);
+    assert!(qemu_raw(&img) == model);
+}
+
+#[test]
+fn test_qcow2_write_clears_autoclear_bitmaps_bit() {
+    require_qemu!();
+    let dir = TempDir::new("bitmap");
+    let img = dir.path("b.qcow2");
+    qemu_img(&["create", "-f", "qcow2", s(&img), "8M"]);
+    qemu_img(&["bitmap", "--add", s(&img), "b0"]);
+    assert_ne!(
+        be64_at(&img, 88) & 1,
+        0,
+        "qemu set the bitmaps autoclear bit"
+    );
+    {
+        let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+        q.write_at(&[1u8; 4096], 0).expect("write");
+    }
+    assert_eq!(be64_at(&img, 88), 0, "autoclear bits cleared");
+    // qemu now drops the inconsistent bitmaps and reports their clusters as leaks.
+    let code = qemu_check(&img);
+    assert!(code == 0 || code == 3, "check exit {code}");
+}
+
+#[test]
+fn test_qcow2_write_refusals() {
+    require_qemu!();
+    let dir = TempDir::new("refuse");
+    let img = dir.path("r.qcow2");
+    qemu_img(&["create", "-f", "qcow2", s(&img), "1M"]);
+    let q = Qcow2Image::open(&img, &Qcow2Options::default()).expect("open ro");
+    assert!(matches!(
+        q.write_at(&[0u8; 512], 0),
+        Err(Qcow2Error::ReadOnly(_))
+    ));
+    let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+    assert!(matches!(
+        q.write_at(&[0u8; 512], (1 << 20) - 256),
+        Err(Qcow2Error::OutOfRange { .. })
+    ));
+    drop(q);
+    let ext = dir.path("ext.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        s(&ext),
+        "1M",
+    ]);
+    assert!(matches!(
+        Qcow2Image::open(&ext, &rw()),
+        Err(Qcow2Error::ReadOnly(_))
+    ));
+    let dirty = dir.path("dirty.qcow2");
+    qemu_img(&["create", "-f", "qcow2", s(&dirty), "1M"]);
+    patch(&dirty, 72, &1u64.to_be_bytes());
+    assert!(matches!(
+        Qcow2Image::open(&dirty, &rw()),
+        Err(Qcow2Error::Dirty)
+    ));
+    Qcow2Image::open(&dirty, &Qcow2Options::default()).expect("dirty opens read-only");
+    let corrupt = dir.path("corrupt.qcow2");
+    qemu_img(&["create", "-f", "qcow2", s(&corrupt), "1M"]);
+    patch(&corrupt, 72, &2u64.to_be_bytes());
+    let opts = Qcow2Options {
+        allow_corrupt_read_only: true,
+        ..rw()
+    };
+    assert!(matches!(
+        Qcow2Image::open(&corrupt, &opts),
+        Err(Qcow2Error::MarkedCorrupt)
+    ));
+}
+
+#[test]
+fn test_qcow2_concurrent_writers_to_shared_clusters() {
+    require_qemu!();
+    let dir = TempDir::new("cwrite");
+    let base = dir.path("base.raw");
+    write_pattern_raw(&base, 8 * MIB, 11);
+    let img = dir.path("c.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=16k",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        s(&img),
+    ]);
+    let mut model = std::fs::read(&base).expect("read base");
+    let threads = 4u64;
+    let sectors = model.len() as u64 / 512;
+    // Thread t writes 512-byte sectors s with s % threads == t, in random order: threads race
+    // on allocating the same clusters and L2 slices.
+    let plan: Vec<Vec<u64>> = (0..threads)
+        .map(|t| {
+            let mut rng = Rng(t + 99);
+            (0..600)
+                .map(|_| {
+                    let s = rng.below(sectors / threads) * threads + t;
+                    s.min(sectors - 1)
+                })
+                .filter(|s| s % threads == t)
+                .collect()
+        })
+        .collect();
+    {
+        let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+        std::thread::scope(|sc| {
+            for (t, sectors) in plan.iter().enumerate() {
+                let q = &q;
+                sc.spawn(move || {
+                    for (k, s) in sectors.iter().enumerate() {
+                        q.write_at(&[t as u8 * 16 + 1; 512], s * 512)
+                            .expect("write");
+                        if k % 97 == 0 {
+                            q.flush().expect("flush");
+                        }
+                    }
+                });
+            }
+        });
+        q.flush().expect("flush");
+    }
+    for (t, sectors) in plan.iter().enumerate() {
+        for s in sectors {
+            let at = *s as usize * 512;
+            model[at..at + 512].fill(t as u8 * 16 + 1);
+        }
+    }
+    assert_eq!(qemu_check(&img), 0);
+    assert!(
+        qemu_raw(&img) == model,
+        "content differs after concurrent writes"
+    );
+}
+
+#[test]
+fn test_qcow2_unflushed_writes_leave_a_consistent_image() {
+    require_qemu!();
+    let dir = TempDir::new("crash");
+    for cs in ["512", "64k"] {
+        let img = dir.path(&format!("crash-{cs}.qcow2"));
+        qemu_img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("cluster_size={cs}"),
+            s(&img),
+            "8M",
+        ]);
+        let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+        let mut rng = Rng(3);
+        for i in 0..200u64 {
+            let off = rng.below(4 * MIB - 5000);
+            q.write_at(&[i as u8; 5000], off).expect("write");
+        }
+        q.flush().expect("flush");
+        let mut flushed = vec![0u8; 4 * MIB as usize];
+        q.read_at(&mut flushed, 0).expect("read");
+        for i in 0..200u64 {
+            let off = 4 * MIB + rng.below(4 * MIB - 5000);
+            q.write_at(&[i as u8; 5000], off).expect("write");
+        }
+        // "Crash": no flush, no close-time write-back.
+        std::mem::forget(q);
+        let code = qemu_check(&img);
+        assert!(code == 0 || code == 3, "check after crash: exit {code}");
+        let after = qemu_raw(&img);
+        assert!(
+            after[..4 * MIB as usize] == flushed[..],
+            "flushed data lost"
+        );
+    }
+}
+
+#[test]
+fn test_qcow2_write_grows_the_refcount_table() {
+    require_qemu!();
+    let dir = TempDir::new("grow");
+    // 512-byte clusters: one refcount-table cluster covers 2 MiB of file with 64-bit refcounts
+    // and 8 MiB with 16-bit ones, so filling 16 MiB must grow the table (several times).
+    for opts in [
+        "cluster_size=512,refcount_bits=64",
+        "cluster_size=512,compat=0.10",
+    ] {
+        let img = dir.path(&format!("{}.qcow2", opts.replace([',', '='], "_")));
+        qemu_img(&["create", "-f", "qcow2", "-o", opts, s(&img), "16M"]);
+        let rt_before = be64_at(&img, 48);
+        let mut model = vec![0u8; 16 * MIB as usize];
+        {
+            let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+            let mut rng = Rng(42);
+            for (i, chunk) in model.chunks_mut(64 * 1024).enumerate() {
+                chunk.iter_mut().for_each(|b| *b = rng.next() as u8);
+                q.write_at(chunk, i as u64 * 64 * 1024).expect("write");
+                if i % 50 == 0 {
+                    q.flush().expect("flush");
+                }
+            }
+            q.flush().expect("flush");
+            assert_model(&q, &model, "after growth");
+        }
+        assert_ne!(be64_at(&img, 48), rt_before, "{opts}: refcount table moved");
+        assert_eq!(qemu_check(&img), 0, "{opts}");
+        assert!(qemu_raw(&img) == model, "{opts}: content");
+    }
+}

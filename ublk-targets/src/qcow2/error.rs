@@ -143,6 +143,9 @@ pub enum Qcow2Error {
         /// Their names from the feature-name table, or `bit N`.
         names: String,
     },
+    /// An operation this implementation does not support on this image.
+    #[error("unsupported: {0}")]
+    Unsupported(&'static str),
     /// A backing file format other than qcow2 or raw.
     #[error("unsupported backing file format {0:?}")]
     UnsupportedBackingFormat(String),
@@ -160,6 +163,7 @@ impl Qcow2Error {
         match self {
             Qcow2Error::OutOfRange { .. } => -libc::EINVAL,
             Qcow2Error::ReadOnly(_) => -libc::EROFS,
+            Qcow2Error::Unsupported(_) => -libc::EOPNOTSUPP,
             Qcow2Error::Io { source, .. } => -source.raw_os_error().unwrap_or(libc::EIO),
             _ => -libc::EIO,
         }

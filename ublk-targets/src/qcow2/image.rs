@@ -5,6 +5,7 @@ use super::decompress::decompress;
 use super::entry::{self, CompressedDescriptor, Mapping};
 use super::error::{Qcow2Error, Result};
 use super::header::{Geometry, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAGIC};
+use super::write::Writer;
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -125,18 +126,19 @@ fn read_exact(file: &File, buf: &mut [u8], offset: u64, context: &'static str) -
 /// short locks, data I/O runs outside them.
 #[derive(Debug)]
 pub struct Qcow2Image {
-    path: PathBuf,
-    file: File,
-    header: Header,
-    geo: Geometry,
-    read_only: bool,
-    l1: RwLock<Vec<u64>>,
-    l2_cache: SliceCache,
+    pub(super) path: PathBuf,
+    pub(super) file: File,
+    pub(super) header: Header,
+    pub(super) geo: Geometry,
+    pub(super) l1: RwLock<Vec<u64>>,
+    pub(super) l2_cache: SliceCache,
     /// Entries per cached L2 slice.
-    slice_entries: u64,
-    backing: Option<Backing>,
+    pub(super) slice_entries: u64,
+    pub(super) backing: Option<Backing>,
     /// The last decompressed cluster, keyed by its descriptor.
-    last_compressed: Mutex<Option<(CompressedDescriptor, Arc<Vec<u8>>)>>,
+    pub(super) last_compressed: Mutex<Option<(CompressedDescriptor, Arc<Vec<u8>>)>>,
+    /// Allocation and metadata write-back state; None when read-only.
+    pub(super) writer: Option<Mutex<Writer>>,
 }
 
 impl Qcow2Image {
@@ -208,9 +210,6 @@ impl Qcow2Image {
                     "writing images with extended L2 entries is not supported",
                 ));
             }
-            return Err(Qcow2Error::ReadOnly(
-                "the write path is not implemented yet",
-            ));
         }
         if header.nb_snapshots > 0 {
             log::info!(
@@ -251,18 +250,22 @@ impl Qcow2Image {
             geo.compression,
             backing.as_ref().map(|b| b.path().to_path_buf())
         );
-        Ok(Qcow2Image {
+        let mut img = Qcow2Image {
             path: path.to_path_buf(),
             file,
             header,
             geo,
-            read_only: !writable,
             l1: RwLock::new(l1),
             l2_cache: SliceCache::new(slices),
             slice_entries: slice_bytes / geo.l2_entry_bytes,
             backing,
             last_compressed: Mutex::new(None),
-        })
+            writer: None,
+        };
+        if writable {
+            img.open_writer()?;
+        }
+        Ok(img)
     }
 
     fn open_backing(
@@ -352,7 +355,7 @@ impl Qcow2Image {
 
     /// Whether the image was opened read-only.
     pub fn is_read_only(&self) -> bool {
-        self.read_only
+        self.writer.is_none()
     }
 
     /// Number of internal snapshots (images with snapshots can only be opened read-only).
@@ -379,7 +382,7 @@ impl Qcow2Image {
         self.l2_cache.stats()
     }
 
-    fn check_range(&self, offset: u64, len: usize) -> Result<()> {
+    pub(super) fn check_range(&self, offset: u64, len: usize) -> Result<()> {
         match offset.checked_add(len as u64) {
             Some(end) if end <= self.geo.size => Ok(()),
             _ => Err(Qcow2Error::OutOfRange {
@@ -390,7 +393,7 @@ impl Qcow2Image {
         }
     }
 
-    fn load_l2_slice(&self, key: u64) -> Result<Vec<u64>> {
+    pub(super) fn load_l2_slice(&self, key: u64) -> Result<Vec<u64>> {
         let bytes = self.slice_entries * self.geo.l2_entry_bytes;
         let mut raw = vec![0u8; bytes as usize];
         self.file.read_exact_at(&mut raw, key).map_err(|e| {
@@ -411,9 +414,20 @@ impl Qcow2Image {
             .collect())
     }
 
+    /// The cache key (host offset of the slice) and index in the slice of an L2 entry.
+    pub(super) fn l2_slot(&self, l2_off: u64, l2_index: u64) -> (u64, usize) {
+        let slice = l2_index / self.slice_entries;
+        let key = l2_off + slice * self.slice_entries * self.geo.l2_entry_bytes;
+        (key, (l2_index % self.slice_entries) as usize)
+    }
+
     /// The raw L2 entry and (with extended L2) subcluster bitmap of a guest cluster, or None if
     /// its L2 table is not allocated.
-    fn l2_entry(&self, l1_index: u64, l2_index: u64) -> Result<Option<(u64, Option<u64>)>> {
+    pub(super) fn l2_entry(
+        &self,
+        l1_index: u64,
+        l2_index: u64,
+    ) -> Result<Option<(u64, Option<u64>)>> {
         let l1e = {
             let l1 = self.l1.read().unwrap_or_else(|p| p.into_inner());
             match l1.get(l1_index as usize) {
@@ -426,9 +440,7 @@ impl Qcow2Image {
                 None => return Ok(None),
                 Some(o) => o,
             };
-        let slice = l2_index / self.slice_entries;
-        let key = l2_off + slice * self.slice_entries * self.geo.l2_entry_bytes;
-        let i = (l2_index % self.slice_entries) as usize;
+        let (key, i) = self.l2_slot(l2_off, l2_index);
         let ext = self.geo.extended_l2;
         let r = self.l2_cache.with(
             key,
@@ -446,7 +458,7 @@ impl Qcow2Image {
 
     /// Maps the guest range starting at `guest` (at most `max_len` bytes, within one cluster):
     /// returns the mapping of its first byte and how many bytes share it.
-    fn map_one(&self, guest: u64, max_len: u64) -> Result<(Mapping, u64)> {
+    pub(super) fn map_one(&self, guest: u64, max_len: u64) -> Result<(Mapping, u64)> {
         let (l1i, l2i, in_cluster) = self.geo.split(guest);
         let cluster_rest = (self.geo.cluster_size - in_cluster).min(max_len);
         let Some((l2e, bitmap)) = self.l2_entry(l1i, l2i)? else {

@@ -5,9 +5,15 @@
 //! clusters and subclusters read as zeros, data clusters are read in place and compressed
 //! clusters (deflate or zstd) are decompressed. Extended L2 entries (subclusters) are supported.
 //!
-//! Layout: [`header`] and [`entry`] are pure decoders (no I/O), [`decompress`] turns bytes into
-//! bytes, [`cache`] is the shared L2 slice cache, and `image` is the only code that touches
-//! files.
+//! Opened with [`Qcow2Options::writable`], it also writes: in place to allocated clusters, and
+//! by allocating a cluster (copy-on-write from the backing file, zero or compressed clusters)
+//! otherwise, with crash-safe metadata write-back on [`Qcow2Image::flush`] (see the `write`
+//! module). Writable opens refuse internal snapshots, the dirty and corrupt bits and extended
+//! L2 entries.
+//!
+//! Layout: [`header`], [`entry`] and [`refcount`] are pure decoders (no I/O), [`decompress`]
+//! turns bytes into bytes, [`cache`] is the shared L2 slice cache, and `image` (open, read) and
+//! `write` are the only code that touches files.
 //!
 //! # References
 //! * qcow2 specification: `docs/interop/qcow2.txt` in the qemu tree.
@@ -18,8 +24,10 @@ pub mod entry;
 mod error;
 pub mod header;
 mod image;
+pub mod refcount;
 #[cfg(test)]
 mod tests;
+mod write;
 
 pub use error::{Qcow2Error, Result};
 pub use header::{CompressionType, Geometry, Header, HeaderExtension};

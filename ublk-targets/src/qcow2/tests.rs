@@ -5,6 +5,7 @@ use super::cache::SliceCache;
 use super::decompress::decompress;
 use super::entry::*;
 use super::header::*;
+use super::refcount;
 use super::Qcow2Error;
 
 /// Builds the first cluster of a v3 image: 64 KiB clusters, 1 GiB virtual size, L1 at
@@ -462,4 +463,37 @@ fn test_slice_cache_lru_keeps_dirty_slices() {
     assert!(c
         .with(10, || Err(Qcow2Error::Corrupt("x".into())), |_| ())
         .is_err());
+}
+
+#[test]
+fn test_refcount_entries_of_every_width() {
+    for order in 0..=6u32 {
+        let cb = 9;
+        let n = refcount::block_entries(cb, order);
+        assert_eq!(n, 4096 >> order);
+        let max = refcount::max_refcount(order);
+        let mut block = vec![0u8; 512];
+        for i in 0..n {
+            refcount::set(&mut block, order, i, (i * 7 + 3) & max);
+        }
+        for i in 0..n {
+            assert_eq!(
+                refcount::get(&block, order, i),
+                (i * 7 + 3) & max,
+                "order {order} i {i}"
+            );
+        }
+        refcount::set(&mut block, order, 1, max);
+        assert_eq!(refcount::get(&block, order, 1), max);
+        assert_eq!(refcount::get(&block, order, 0), 3 & max);
+        assert_eq!(refcount::get(&block, order, 2), 17 & max);
+    }
+    // 16-bit entries are big-endian, 1-bit entries start at the LSB.
+    let mut b = vec![0u8; 4];
+    refcount::set(&mut b, 4, 1, 0x0102);
+    assert_eq!(b, [0, 0, 1, 2]);
+    let mut b = vec![0u8; 1];
+    refcount::set(&mut b, 0, 0, 1);
+    refcount::set(&mut b, 0, 3, 1);
+    assert_eq!(b, [0b1001]);
 }
