@@ -1337,3 +1337,125 @@ fn test_qcow2_write_grows_the_refcount_table() {
         assert!(qemu_raw(&img) == model, "{opts}: content");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Process crash: a child process (this test binary, re-executed) writes numbered regions and
+// flushes often; it is killed with SIGKILL at varying points. Every region acknowledged by a
+// completed flush must read back, and `qemu-img check` must find at most leaks.
+// ---------------------------------------------------------------------------------------------
+
+const CRASH_CHILD_ENV: &str = "UBLK_QCOW2_CRASH_CHILD";
+
+fn crash_region(i: u64) -> (u64, usize, u8) {
+    (
+        i * 9000 + (i % 7) * 100,
+        5000 + (i % 3) as usize * 1000,
+        (i % 251) as u8 + 1,
+    )
+}
+
+fn crash_child(img: &Path, first: u64) {
+    use std::io::Write;
+    let q = Qcow2Image::open(img, &rw()).expect("child open");
+    let regions = q.virtual_size() / 9000 - 1;
+    let mut out = std::io::stdout();
+    for i in first..regions {
+        let (off, len, b) = crash_region(i);
+        q.write_at(&vec![b; len], off).expect("child write");
+        if i % 2 == 1 {
+            q.flush().expect("child flush");
+            writeln!(out, "FLUSHED {i}").expect("stdout");
+            out.flush().expect("stdout");
+        }
+    }
+    writeln!(out, "DONE").expect("stdout");
+    std::mem::forget(q);
+}
+
+#[test]
+fn test_qcow2_killed_writer_leaves_a_consistent_image() {
+    if let Ok(spec) = std::env::var(CRASH_CHILD_ENV) {
+        let (first, path) = spec.split_once(':').expect("child spec");
+        crash_child(Path::new(path), first.parse().expect("first"));
+        return;
+    }
+    require_qemu!();
+    use std::io::BufRead;
+    let dir = TempDir::new("kill");
+    let base = dir.path("base.raw");
+    write_pattern_raw(&base, 16 * MIB, 21);
+    let base_bytes = std::fs::read(&base).expect("read base");
+    for (round, cs) in ["4k", "512", "64k"].iter().enumerate() {
+        let img = dir.path(&format!("k{round}.qcow2"));
+        qemu_img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("cluster_size={cs}"),
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            s(&img),
+        ]);
+        let mut next = 0u64; // first region of the next child
+        let mut acked: Option<u64> = None;
+        // Several crashes on the same image: each child continues after the last acked region.
+        for (k, kill_after) in [2usize, 5, 9, 3, 14, 7, 20, 4].into_iter().enumerate() {
+            let exe = std::env::current_exe().expect("current exe");
+            let mut child = std::process::Command::new(exe)
+                .args([
+                    "--exact",
+                    "test_qcow2_killed_writer_leaves_a_consistent_image",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(CRASH_CHILD_ENV, format!("{next}:{}", s(&img)))
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn child");
+            let stdout = child.stdout.take().expect("child stdout");
+            let mut seen = 0;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let line = line.expect("line");
+                if let Some(n) = line.strip_prefix("FLUSHED ") {
+                    acked = Some(n.parse().expect("index"));
+                    seen += 1;
+                    if seen == kill_after {
+                        // Spread the kill over the following writes and flush stages.
+                        let delay = (k as u64 * 397 + round as u64 * 911) % 3000;
+                        std::thread::sleep(std::time::Duration::from_micros(delay));
+                        child.kill().expect("kill");
+                        break;
+                    }
+                }
+            }
+            child.wait().expect("wait");
+            let code = qemu_check(&img);
+            assert!(
+                code == 0 || code == 3,
+                "round {round}: check after kill: exit {code}"
+            );
+            let data = qemu_raw(&img);
+            let last = acked.expect("child acknowledged a flush");
+            for i in 0..=last {
+                let (off, len, b) = crash_region(i);
+                assert!(
+                    data[off as usize..off as usize + len]
+                        .iter()
+                        .all(|&x| x == b),
+                    "round {round}: acknowledged region {i} lost"
+                );
+            }
+            // Far beyond anything written: still the backing file's content.
+            let tail = 15 * MIB as usize;
+            assert!(
+                data[tail..] == base_bytes[tail..],
+                "round {round}: untouched tail changed"
+            );
+            next = last + 1;
+        }
+        assert_same_as_qemu(&img);
+    }
+}
