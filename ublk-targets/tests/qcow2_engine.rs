@@ -1459,3 +1459,42 @@ fn test_qcow2_killed_writer_leaves_a_consistent_image() {
         assert_same_as_qemu(&img);
     }
 }
+
+#[test]
+fn test_qcow2_qemu_header_extensions_round_trip() {
+    require_qemu!();
+    use ublk_targets::qcow2::{Header, HeaderExtension};
+    let dir = TempDir::new("exts");
+    let base = dir.path("base.qcow2");
+    qemu_img(&["create", "-f", "qcow2", s(&base), "4M"]);
+    for opts in [
+        "compat=0.10",
+        "compat=1.1",
+        "compression_type=zstd,extended_l2=on",
+    ] {
+        let img = dir.path("top.qcow2");
+        qemu_img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            opts,
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            s(&img),
+            "4M",
+        ]);
+        if opts != "compat=0.10" {
+            qemu_img(&["bitmap", "--add", s(&img), "b0"]); // v2 cannot store bitmaps
+        }
+        let bytes = std::fs::read(&img).expect("read");
+        let h = Header::parse(&bytes[..65536]).expect("parse");
+        assert_eq!(h.backing_format(), Some("qcow2"));
+        assert_eq!(h.backing_file.as_deref(), Some(&b"base.qcow2"[..]));
+        let enc = HeaderExtension::encode_all(&h.extensions);
+        let start = h.header_length as usize;
+        assert_eq!(enc, bytes[start..start + enc.len()].to_vec(), "{opts}");
+    }
+}

@@ -138,6 +138,74 @@ pub enum HeaderExtension {
     },
 }
 
+impl HeaderExtension {
+    /// The extension's type number.
+    pub fn kind(&self) -> u32 {
+        match self {
+            HeaderExtension::BackingFormat(_) => EXT_BACKING_FORMAT,
+            HeaderExtension::FeatureNames(_) => EXT_FEATURE_NAMES,
+            HeaderExtension::Bitmaps(_) => EXT_BITMAPS,
+            HeaderExtension::Crypto { .. } => EXT_CRYPTO,
+            HeaderExtension::DataFile(_) => EXT_DATA_FILE,
+            HeaderExtension::Unknown { kind, .. } => *kind,
+        }
+    }
+
+    fn data(&self) -> Vec<u8> {
+        match self {
+            HeaderExtension::BackingFormat(s) | HeaderExtension::DataFile(s) => {
+                s.as_bytes().to_vec()
+            }
+            HeaderExtension::FeatureNames(t) => t
+                .iter()
+                .flat_map(|f| {
+                    let mut e = [0u8; 48];
+                    e[0] = match f.kind {
+                        FeatureKind::Incompatible => 0,
+                        FeatureKind::Compatible => 1,
+                        FeatureKind::Autoclear => 2,
+                        FeatureKind::Other(n) => n,
+                    };
+                    e[1] = f.bit;
+                    let name = f.name.as_bytes();
+                    let n = name.len().min(46);
+                    e[2..2 + n].copy_from_slice(&name[..n]);
+                    e
+                })
+                .collect(),
+            HeaderExtension::Bitmaps(b) => {
+                let mut d = Vec::with_capacity(24);
+                d.extend_from_slice(&b.nb_bitmaps.to_be_bytes());
+                d.extend_from_slice(&0u32.to_be_bytes());
+                d.extend_from_slice(&b.directory_size.to_be_bytes());
+                d.extend_from_slice(&b.directory_offset.to_be_bytes());
+                d
+            }
+            HeaderExtension::Crypto { offset, length } => {
+                let mut d = offset.to_be_bytes().to_vec();
+                d.extend_from_slice(&length.to_be_bytes());
+                d
+            }
+            HeaderExtension::Unknown { data, .. } => data.clone(),
+        }
+    }
+
+    /// Encodes a list of extensions as they go on disk after the header: each padded to 8
+    /// bytes, followed by the end marker. Unknown extensions are written back unchanged.
+    pub fn encode_all(exts: &[HeaderExtension]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for e in exts {
+            let data = e.data();
+            out.extend_from_slice(&e.kind().to_be_bytes());
+            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            out.extend_from_slice(&data);
+            out.resize(out.len().div_ceil(8) * 8, 0);
+        }
+        out.extend_from_slice(&[0u8; 8]);
+        out
+    }
+}
+
 /// A decoded qcow2 header (version 2 or 3) with its extensions and backing file name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {

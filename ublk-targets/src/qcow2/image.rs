@@ -343,7 +343,8 @@ impl Qcow2Image {
         self.geo.cluster_size
     }
 
-    /// The decoded header.
+    /// The header as read at open (autoclear bits cleared for writable opens; later changes
+    /// such as a moved refcount table are not reflected).
     pub fn header(&self) -> &Header {
         &self.header
     }

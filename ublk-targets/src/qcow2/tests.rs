@@ -497,3 +497,29 @@ fn test_refcount_entries_of_every_width() {
     refcount::set(&mut b, 0, 3, 1);
     assert_eq!(b, [0b1001]);
 }
+
+#[test]
+fn test_extensions_round_trip_through_the_encoder() {
+    let mut b = v3_header(112, 0);
+    let mut table = vec![0u8; 48];
+    table[2..7].copy_from_slice(b"dirty");
+    let mut at = put_ext(&mut b, 112, EXT_BACKING_FORMAT, b"raw");
+    at = put_ext(&mut b, at, EXT_FEATURE_NAMES, &table);
+    at = put_ext(&mut b, at, 0xdead_beef, &[9; 13]);
+    let mut bm = vec![0u8; 24];
+    bm[3] = 1;
+    bm[23] = 0x40;
+    at = put_ext(&mut b, at, EXT_BITMAPS, &bm);
+    at = put_ext(&mut b, at, EXT_END, &[]);
+    let h = Header::parse(&b).expect("parse");
+    assert_eq!(
+        HeaderExtension::encode_all(&h.extensions),
+        b[112..at].to_vec()
+    );
+}
+
+#[test]
+fn test_image_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<super::Qcow2Image>();
+}
