@@ -13,6 +13,7 @@ use ublk_core::{
 };
 use ublk_targets::loop_::{LoopConfig, LoopTarget};
 use ublk_targets::null::NullTarget;
+use ublk_targets::qcow2::Qcow2Target;
 
 /// Marker the daemon prints once the device is up; the parent stops reading there.
 const READY: &str = "@@ublk-ready@@";
@@ -104,13 +105,18 @@ pub(crate) fn run(a: AddArgs) -> Result<()> {
         bail!("-e 1 (fail io) and -i 1 (reissue) exclude each other");
     }
     match a.target {
-        TargetType::Loop => {
+        TargetType::Loop | TargetType::Qcow2 => {
+            let what = if a.target == TargetType::Loop {
+                "backing file"
+            } else {
+                "image"
+            };
             let f = a
                 .file
                 .as_ref()
-                .ok_or_else(|| anyhow!("the loop target needs a backing file: -f FILE"))?;
+                .ok_or_else(|| anyhow!("this target needs a {what}: -f FILE"))?;
             if !f.exists() {
-                bail!("backing file {} does not exist", f.display());
+                bail!("{what} {} does not exist", f.display());
             }
         }
         TargetType::Null => {
@@ -214,6 +220,23 @@ fn serve(a: AddArgs) -> Result<()> {
                 "backing_file": path,
                 "dev_size": params.size,
                 "direct_io": u8::from(t.is_direct()),
+            });
+            serve_target(a, Arc::new(t), params, json)
+        }
+        TargetType::Qcow2 => {
+            let path = a
+                .file
+                .clone()
+                .ok_or_else(|| anyhow!("the qcow2 target needs -f FILE"))?;
+            let t = Qcow2Target::open(&path, a.read_only)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            let params = t.params();
+            let json = serde_json::json!({
+                "name": "qcow2",
+                "image": path,
+                "dev_size": params.size,
+                "cluster_size": t.image().cluster_size(),
+                "backing_depth": t.image().chain_depth(),
             });
             serve_target(a, Arc::new(t), params, json)
         }

@@ -53,6 +53,8 @@ pub(crate) enum TargetType {
     Null,
     /// A file or block device as backing store.
     Loop,
+    /// A qcow2 image (and its backing chain).
+    Qcow2,
 }
 
 #[derive(Args, Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -93,13 +95,13 @@ pub(crate) struct AddArgs {
     /// Stay in the foreground (for systemd and debugging).
     #[arg(long)]
     pub(crate) foreground: bool,
-    /// Backing file or block device (loop).
+    /// Backing file or block device (loop), or image (qcow2).
     #[arg(short = 'f', long = "file")]
     pub(crate) file: Option<PathBuf>,
     /// Buffered IO on the backing file instead of O_DIRECT (loop).
     #[arg(long)]
     pub(crate) buffered: bool,
-    /// Expose a read-only device.
+    /// Expose a read-only device (the file is opened read-only).
     #[arg(long = "read-only")]
     pub(crate) read_only: bool,
     /// Device size, e.g. 1G, 512M (null; default 250G).

@@ -25,6 +25,7 @@ mod error;
 pub mod header;
 mod image;
 pub mod refcount;
+pub mod target;
 #[cfg(test)]
 mod tests;
 mod write;
@@ -32,3 +33,4 @@ mod write;
 pub use error::{Qcow2Error, Result};
 pub use header::{CompressionType, Geometry, Header, HeaderExtension};
 pub use image::{Backing, Qcow2Image, Qcow2Options, L2_SLICE_BYTES};
+pub use target::{Qcow2Queue, Qcow2Target};
