@@ -25,7 +25,25 @@ pub(crate) fn generate() -> Result<String> {
         .formatter(::bindgen::Formatter::Prettyplease)
         .generate()
         .context("bindgen failed on ublk_cmd.h (is libclang installed?)")?;
-    Ok(format!("{BANNER}{bindings}"))
+    rustfmt(&format!("{BANNER}{bindings}"))
+}
+
+/// Formats with the workspace's rustfmt, so `cargo fmt --check` and `bindgen --check` agree.
+fn rustfmt(src: &str) -> Result<String> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("rustfmt")
+        .args(["--edition", "2021", "--emit", "stdout", "--quiet"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot run rustfmt (rustup component add rustfmt)")?;
+    child.stdin.take().context("rustfmt stdin")?.write_all(src.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("rustfmt failed on the generated bindings");
+    }
+    String::from_utf8(out.stdout).context("rustfmt output is not UTF-8")
 }
 
 /// Writes the bindings, or with `check` fails when the committed file differs.
