@@ -38,7 +38,11 @@ fn rustfmt(src: &str) -> Result<String> {
         .stdout(Stdio::piped())
         .spawn()
         .context("cannot run rustfmt (rustup component add rustfmt)")?;
-    child.stdin.take().context("rustfmt stdin")?.write_all(src.as_bytes())?;
+    child
+        .stdin
+        .take()
+        .context("rustfmt stdin")?
+        .write_all(src.as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!("rustfmt failed on the generated bindings");
