@@ -455,7 +455,7 @@ impl<H: QueueHandler> Queue<H> {
             KIND_TARGET => self.on_target(tag, data, res),
             KIND_EVENT => {
                 while let Ok((tag, res)) = self.rx.try_recv() {
-                    self.finish(tag, Action::Done(res));
+                    self.on_remote(tag, res);
                 }
                 if self.tags.live() {
                     if let Err(e) = self.arm_event() {
@@ -550,6 +550,22 @@ impl<H: QueueHandler> Queue<H> {
                 log::error!("queue {} tag {tag}: stray target completion", self.cfg.q_id)
             }
         }
+    }
+
+    /// A [`Completer`] completion for `tag`.
+    fn on_remote(&mut self, tag: u16, res: i32) {
+        if !self.tags.owned_by_target(tag, false) {
+            log::error!(
+                "queue {} tag {tag}: remote completion for a request not in flight",
+                self.cfg.q_id
+            );
+            return;
+        }
+        let Some(&req) = self.tags.req(tag) else {
+            return;
+        };
+        let action = self.handler.on_remote_complete(&mut ctx!(self), &req, res);
+        self.finish(tag, action);
     }
 
     /// Applies the handler's decision for `tag`.

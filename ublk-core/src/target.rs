@@ -127,6 +127,15 @@ pub trait QueueHandler {
     /// A new request. The buffer ([`IoCtx::buf`]) holds the data of a WRITE.
     fn handle_io(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest) -> Action;
 
+    /// A completion sent with a [`Completer`](crate::Completer) from another thread arrived for
+    /// `req`; this runs on the queue thread, so the handler may use
+    /// [`IoCtx::buf`](crate::IoCtx::buf) again (e.g. to copy in READ data received elsewhere)
+    /// before the request is committed. By default `res` is committed as is.
+    fn on_remote_complete(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest, res: i32) -> Action {
+        let _ = (ctx, req);
+        Action::Done(res)
+    }
+
     /// An io_uring operation this handler submitted for `req` completed with `res`; `data` is
     /// the value given at submission.
     fn on_complete(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest, data: u32, res: i32) -> Action {
