@@ -59,6 +59,8 @@ const SPLATS: &[&str] = &[
     "blocked for more than",
     "RCU stall",
     "soft lockup",
+    // A request type the device advertises was refused by the target.
+    "operation not supported error",
 ];
 
 fn main() -> ExitCode {
