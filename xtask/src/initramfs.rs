@@ -3,7 +3,7 @@
 //! Layout inside the guest:
 //! * `/bin/busybox` and its applet symlinks (`busybox --list-full`), `/init` (a busybox sh script);
 //! * `/opt/bin/`: `ublk`, `ublk-vm-tests`, `fio`, `mke2fs` (+ `mkfs.ext4`), `e2fsck`, `blkdiscard`,
-//!   `losetup` (util-linux);
+//!   `losetup` (util-linux), `qemu-img` (qcow2 images for the qcow2 target's tests);
 //! * the shared libraries `ldd` lists for them, at the paths `ldd` prints;
 //! * `/lib/modules/<release>/*.ko`: decompressed modules, loaded by `/init` in dependency order;
 //! * `/dev/console` so that init has a console before devtmpfs is mounted.
@@ -24,6 +24,7 @@ const HOST_TOOLS: &[(&str, &[&str])] = &[
     ("e2fsck", &["/usr/sbin/e2fsck", "/sbin/e2fsck"]),
     ("blkdiscard", &["/usr/sbin/blkdiscard", "/sbin/blkdiscard"]),
     ("losetup", &["/usr/sbin/losetup", "/sbin/losetup"]),
+    ("qemu-img", &["/usr/bin/qemu-img"]),
 ];
 
 const BUSYBOX: &[&str] = &["/usr/bin/busybox", "/bin/busybox"];

@@ -24,6 +24,7 @@ pub const HOST_PACKAGES: &[&str] = &[
     "fio",                    // guest I/O load and verification
     "e2fsprogs",              // mke2fs, e2fsck for the guest
     "util-linux",             // blkdiscard, losetup for the guest
+    "qemu-utils",             // qemu-img for the guest (qcow2 images)
     "kmod",                   // modinfo: module dependencies
     "xz-utils",               // decompress .ko.xz
     "zstd",                   // decompress .ko.zst (newer Debian kernels)
