@@ -30,6 +30,12 @@ pub fn all() -> Vec<Test> {
         test("kernel_del_during_fio", 120, del_during_fio),
         test("kernel_kill_daemon_no_recovery", 90, kill_no_recovery),
         test("kernel_kill_daemon_recovery", 120, kill_recovery),
+        test(
+            "kernel_signals_stop_and_delete",
+            120,
+            signals_stop_and_delete,
+        ),
+        test("kernel_foreground_ctrl_c", 90, foreground_ctrl_c),
     ];
     for (mode, flag) in [
         ("copy", None),
@@ -898,4 +904,64 @@ fn qcow2_ext4_backing_chain() -> Result<Outcome> {
     ublk_del(d.id)?;
     qemu_img_check(&top)?;
     Ok(Outcome::Pass)
+}
+
+/// SIGTERM, SIGINT and SIGHUP to a background daemon each stop and delete its device, and the
+/// daemon exits.
+fn signals_stop_and_delete() -> Result<Outcome> {
+    for sig in ["TERM", "INT", "HUP"] {
+        let d = ublk_add(&["-t", "null", "-q", "2"])?;
+        ensure!(d.pid > 0, "no daemon pid in add output");
+        kill(d.pid, sig)?;
+        wait_gone(d.cdev(), Duration::from_secs(20)).with_context(|| format!("after SIG{sig}"))?;
+        wait_for("daemon exit", Duration::from_secs(10), || !alive(d.pid))
+            .with_context(|| format!("after SIG{sig}"))?;
+        ensure!(
+            !Path::new(&d.bdev()).exists(),
+            "{} left after SIG{sig}",
+            d.bdev()
+        );
+        ensure!(
+            !Path::new(&format!("/run/ublk/ublk{}.json", d.id)).exists(),
+            "run state of device {} left after SIG{sig}",
+            d.id
+        );
+    }
+    Ok(Outcome::Pass)
+}
+
+/// `ublk add --foreground` serves until Ctrl-C (SIGINT), then deletes the device and exits 0.
+fn foreground_ctrl_c() -> Result<Outcome> {
+    let mut child = Command::new(ublk_bin())
+        .args(["add", "-t", "null", "-n", "3", "--foreground"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawn ublk add --foreground")?;
+    let r = (|| -> Result<()> {
+        wait_for_path("/dev/ublkb3", Duration::from_secs(20))?;
+        let d = ublk_list_one(3)?;
+        ensure!(
+            d.pid == i64::from(child.id()),
+            "daemon pid {} is not the foreground process {}",
+            d.pid,
+            child.id()
+        );
+        ensure!(d.state == "LIVE", "state {}", d.state);
+        kill(d.pid, "INT")?;
+        let status = wait_child(&mut child, Duration::from_secs(20))?
+            .ok_or_else(|| anyhow::anyhow!("foreground daemon did not exit after SIGINT"))?;
+        ensure!(status.success(), "foreground daemon exited with {status}");
+        ensure!(
+            !Path::new("/dev/ublkc3").exists(),
+            "/dev/ublkc3 left behind"
+        );
+        Ok(())
+    })();
+    if r.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    r.map(|()| Outcome::Pass)
 }
