@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 mod cases;
+mod qcow2_cases;
 mod util;
 
 use anyhow::Result;
