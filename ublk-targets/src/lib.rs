@@ -4,5 +4,6 @@
 #![warn(missing_docs)]
 
 pub mod loop_;
+pub mod nbd;
 pub mod null;
 pub mod qcow2;

@@ -1,0 +1,149 @@
+//! The error type of the NBD client.
+
+use std::io;
+
+/// Errors of the NBD client: URI parsing, connecting, negotiating, and transmission.
+///
+/// Variants are kept in alphabetical order.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NbdError {
+    /// The client was shut down.
+    #[error("the NBD client is shut down")]
+    Closed,
+    /// Connecting to the server failed.
+    #[error("cannot connect to {addr}")]
+    Connect {
+        /// The address (host:port or socket path).
+        addr: String,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// After a reconnect, the server presents a different export.
+    #[error("the export changed across a reconnect: {0}")]
+    ExportChanged(String),
+    /// The export's properties cannot be served (e.g. a minimum block size above 4 KiB).
+    #[error("the export cannot be served: {0}")]
+    ExportUnusable(String),
+    /// Reading from or writing to the server failed.
+    #[error("NBD connection IO failed")]
+    Io(#[source] io::Error),
+    /// The server does not speak fixed newstyle negotiation.
+    #[error("the server does not speak fixed newstyle NBD ({0})")]
+    NotNewstyle(&'static str),
+    /// The server refused an option (`NBD_REP_ERR_*`).
+    #[error("the server refused {option} with {reply}{}", fmt_msg(.message))]
+    OptionRefused {
+        /// Option name.
+        option: &'static str,
+        /// Reply type name.
+        reply: &'static str,
+        /// The server's message, if any.
+        message: String,
+    },
+    /// The server violated the protocol.
+    #[error("NBD protocol violation: {0}")]
+    Protocol(#[from] ProtoError),
+    /// The server replied to a request with an NBD error value.
+    #[error("the server failed the request with NBD error {0}")]
+    Request(u32),
+    /// A request did not complete in time.
+    #[error("the request timed out")]
+    Timeout,
+    /// `nbds://` (TLS) was requested; TLS is not supported yet.
+    #[error("TLS (nbds://) is not supported yet")]
+    TlsUnsupported,
+    /// The URI is not a usable NBD URI.
+    #[error("invalid NBD URI: {0}")]
+    Uri(String),
+}
+
+fn fmt_msg(m: &str) -> String {
+    if m.is_empty() {
+        String::new()
+    } else {
+        format!(": {m}")
+    }
+}
+
+impl NbdError {
+    /// The negative errno to complete a block request with.
+    pub fn errno(&self) -> i32 {
+        match self {
+            NbdError::Request(e) => -super::proto::errno_of(*e),
+            NbdError::Closed => -libc::ESHUTDOWN,
+            _ => -libc::EIO,
+        }
+    }
+
+    /// Whether the error is a transient connection problem that a reconnect may cure.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            NbdError::Io(_) | NbdError::Connect { .. } | NbdError::Protocol(_)
+        )
+    }
+}
+
+impl From<io::Error> for NbdError {
+    fn from(e: io::Error) -> Self {
+        NbdError::Io(e)
+    }
+}
+
+/// A protocol violation found while decoding what the server sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtoError {
+    /// A magic number is wrong.
+    #[error("bad {what} magic {got:#x}")]
+    BadMagic {
+        /// Which magic.
+        what: &'static str,
+        /// The value received.
+        got: u64,
+    },
+    /// A length field is out of bounds.
+    #[error("bad length {len} for {what}")]
+    BadLength {
+        /// What carried the length.
+        what: &'static str,
+        /// The length.
+        len: u64,
+    },
+    /// A reply names a cookie with no request in flight.
+    #[error("reply for unknown cookie {0:#x}")]
+    UnknownCookie(u64),
+    /// A structured reply chunk type is unknown and not an error type.
+    #[error("unknown reply chunk type {0}")]
+    UnknownChunk(u16),
+    /// A reply does not fit the request it answers.
+    #[error("{0}")]
+    Mismatch(&'static str),
+}
+
+/// `Result` with [`NbdError`].
+pub type Result<T, E = NbdError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_errno_mapping() {
+        assert_eq!(NbdError::Request(1).errno(), -libc::EPERM);
+        assert_eq!(NbdError::Request(28).errno(), -libc::ENOSPC);
+        assert_eq!(NbdError::Request(95).errno(), -libc::EOPNOTSUPP);
+        assert_eq!(NbdError::Request(12345).errno(), -libc::EINVAL);
+        assert_eq!(NbdError::Timeout.errno(), -libc::EIO);
+        assert_eq!(NbdError::TlsUnsupported.errno(), -libc::EIO);
+        let m = NbdError::OptionRefused {
+            option: "NBD_OPT_GO",
+            reply: "NBD_REP_ERR_UNKNOWN",
+            message: "no such export".into(),
+        }
+        .to_string();
+        assert!(m.ends_with("NBD_REP_ERR_UNKNOWN: no such export"), "{m}");
+    }
+}

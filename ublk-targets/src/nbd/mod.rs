@@ -1,0 +1,12 @@
+//! The NBD target: a network block device client serving a ublk device.
+//!
+//! * [`proto`]: the wire protocol, pure encode/decode (no IO), fuzz-tested.
+//! * [`uri`]: `nbd://HOST[:PORT]/EXPORT` and `nbd+unix:///EXPORT?socket=PATH`.
+//! * [`NbdError`]: everything that can go wrong, with an [`errno`](NbdError::errno) mapping.
+
+mod error;
+pub mod proto;
+pub mod uri;
+
+pub use error::{NbdError, ProtoError, Result};
+pub use uri::{NbdAddr, NbdUri};

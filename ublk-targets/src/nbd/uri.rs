@@ -1,0 +1,255 @@
+//! NBD URIs (`nbd://`, `nbd+unix://`; `nbds*` refused), after the NBD project's `doc/uri.md`.
+
+use super::error::NbdError;
+use super::proto::DEFAULT_PORT;
+use std::ffi::OsString;
+use std::fmt;
+use std::os::unix::ffi::OsStringExt;
+use std::path::PathBuf;
+
+/// Where the server listens.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum NbdAddr {
+    /// TCP: host name or address (IPv6 without brackets), and port.
+    Tcp {
+        /// Host.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+    /// A Unix domain socket. A path starting with a NUL byte names an abstract socket.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for NbdAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NbdAddr::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
+            NbdAddr::Tcp { host, port } => write!(f, "{host}:{port}"),
+            NbdAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// A parsed NBD URI.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NbdUri {
+    /// The server address.
+    pub addr: NbdAddr,
+    /// The export name (percent-decoded; empty for the default export).
+    pub export: String,
+}
+
+fn bad(msg: impl Into<String>) -> NbdError {
+    NbdError::Uri(msg.into())
+}
+
+/// Decodes `%XX` escapes.
+pub fn percent_decode(s: &str) -> Result<Vec<u8>, NbdError> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| bad(format!("bad percent escape in {s:?}")))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Ok(out)
+}
+
+impl NbdUri {
+    /// Parses `nbd://HOST[:PORT][/EXPORT]` or `nbd+unix:///[EXPORT]?socket=PATH`.
+    /// `nbds://` and `nbds+unix://` fail with [`NbdError::TlsUnsupported`].
+    pub fn parse(uri: &str) -> Result<NbdUri, NbdError> {
+        let (scheme, rest) = uri
+            .split_once("://")
+            .ok_or_else(|| bad(format!("{uri:?} has no scheme")))?;
+        let unix = match scheme.to_ascii_lowercase().as_str() {
+            "nbd" => false,
+            "nbd+unix" => true,
+            "nbds" | "nbds+unix" | "nbds+vsock" => return Err(NbdError::TlsUnsupported),
+            "nbd+vsock" => return Err(bad("vsock transport is not supported")),
+            s => return Err(bad(format!("unknown scheme {s:?}"))),
+        };
+        if rest.contains('#') {
+            return Err(bad("fragments are not allowed"));
+        }
+        let (rest, query) = match rest.split_once('?') {
+            Some((r, q)) => (r, Some(q)),
+            None => (rest, None),
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        let export_bytes = percent_decode(path.strip_prefix('/').unwrap_or(path))?;
+        let export = String::from_utf8(export_bytes)
+            .map_err(|_| bad("the export name is not valid UTF-8"))?;
+        if export.len() > 4096 {
+            return Err(bad("the export name is longer than 4096 bytes"));
+        }
+
+        let mut socket = None;
+        for kv in query.into_iter().flat_map(|q| q.split('&')) {
+            if kv.is_empty() {
+                continue;
+            }
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            match k {
+                "socket" if unix => socket = Some(percent_decode(v)?),
+                "socket" => return Err(bad("socket= is only valid with nbd+unix://")),
+                k if k.starts_with("tls-") => {
+                    log::warn!("nbd: ignoring {k}= in a non-TLS URI");
+                }
+                k if k.starts_with("x-") => {}
+                k => return Err(bad(format!("unknown query parameter {k:?}"))),
+            }
+        }
+
+        // userinfo is the TLS user name; meaningless without TLS.
+        let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let addr = if unix {
+            if !host_port.is_empty() {
+                return Err(bad("nbd+unix:// URIs must not name a host"));
+            }
+            let s = socket.ok_or_else(|| bad("nbd+unix:// needs ?socket=PATH"))?;
+            if s.is_empty() {
+                return Err(bad("empty socket path"));
+            }
+            NbdAddr::Unix(PathBuf::from(OsString::from_vec(s)))
+        } else {
+            let (host, port) = if let Some(r) = host_port.strip_prefix('[') {
+                let (h, after) = r
+                    .split_once(']')
+                    .ok_or_else(|| bad("unterminated IPv6 address"))?;
+                let port = match after {
+                    "" => None,
+                    p => Some(
+                        p.strip_prefix(':')
+                            .ok_or_else(|| bad("junk after IPv6 address"))?,
+                    ),
+                };
+                (h.to_string(), port)
+            } else {
+                match host_port.rsplit_once(':') {
+                    Some((h, p)) => (h.to_string(), Some(p)),
+                    None => (host_port.to_string(), None),
+                }
+            };
+            let port = match port {
+                None | Some("") => DEFAULT_PORT,
+                Some(p) => p.parse().map_err(|_| bad(format!("bad port {p:?}")))?,
+            };
+            let host = if host.is_empty() {
+                "localhost".to_string()
+            } else {
+                String::from_utf8(percent_decode(&host)?)
+                    .map_err(|_| bad("host is not valid UTF-8"))?
+            };
+            NbdAddr::Tcp { host, port }
+        };
+        Ok(NbdUri { addr, export })
+    }
+}
+
+impl std::str::FromStr for NbdUri {
+    type Err = NbdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        NbdUri::parse(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp(h: &str, p: u16) -> NbdAddr {
+        NbdAddr::Tcp {
+            host: h.into(),
+            port: p,
+        }
+    }
+
+    #[test]
+    fn test_uri_tcp_forms() {
+        let u = NbdUri::parse("nbd://example.com/disk").unwrap();
+        assert_eq!(u.addr, tcp("example.com", 10809));
+        assert_eq!(u.export, "disk");
+        assert_eq!(NbdUri::parse("nbd://h").unwrap().export, "");
+        assert_eq!(NbdUri::parse("nbd://h/").unwrap().export, "");
+        assert_eq!(NbdUri::parse("nbd://h//disk").unwrap().export, "/disk");
+        assert_eq!(
+            NbdUri::parse("nbd://h/hello%20world").unwrap().export,
+            "hello world"
+        );
+        let u = NbdUri::parse("nbd://10.0.0.1:1234/x").unwrap();
+        assert_eq!(u.addr, tcp("10.0.0.1", 1234));
+        let u = NbdUri::parse("nbd://[::1]:99/x").unwrap();
+        assert_eq!(u.addr, tcp("::1", 99));
+        assert_eq!(u.addr.to_string(), "[::1]:99");
+        assert_eq!(
+            NbdUri::parse("nbd://[::1]").unwrap().addr,
+            tcp("::1", 10809)
+        );
+        assert_eq!(
+            NbdUri::parse("nbd://alice@h:5/e").unwrap().addr,
+            tcp("h", 5)
+        );
+        assert_eq!(NbdUri::parse("NBD://h:").unwrap().addr, tcp("h", 10809));
+    }
+
+    #[test]
+    fn test_uri_unix_forms() {
+        let u = NbdUri::parse("nbd+unix:///exp?socket=/tmp/s.sock").unwrap();
+        assert_eq!(u.addr, NbdAddr::Unix("/tmp/s.sock".into()));
+        assert_eq!(u.export, "exp");
+        let u = NbdUri::parse("nbd+unix://?socket=/tmp/a%20b").unwrap();
+        assert_eq!(u.addr, NbdAddr::Unix("/tmp/a b".into()));
+        assert_eq!(u.export, "");
+        let u = NbdUri::parse("nbd+unix:///?socket=%00abstract").unwrap();
+        assert_eq!(u.addr, NbdAddr::Unix("\0abstract".into()));
+    }
+
+    #[test]
+    fn test_uri_errors() {
+        assert!(matches!(
+            NbdUri::parse("nbds://h/x"),
+            Err(NbdError::TlsUnsupported)
+        ));
+        assert!(matches!(
+            NbdUri::parse("nbds+unix:///x?socket=/s"),
+            Err(NbdError::TlsUnsupported)
+        ));
+        for bad in [
+            "h/x",
+            "http://h/x",
+            "nbd+unix:///x",
+            "nbd+unix://host/x?socket=/s",
+            "nbd://h/x?socket=/s",
+            "nbd://h:99999/x",
+            "nbd://h:abc/x",
+            "nbd://h/%zz",
+            "nbd://h/%4",
+            "nbd://h/x?bogus=1",
+            "nbd://[::1/x",
+            "nbd://h/x#frag",
+            "nbd+vsock://1/x",
+        ] {
+            assert!(
+                matches!(NbdUri::parse(bad), Err(NbdError::Uri(_))),
+                "{bad} accepted"
+            );
+        }
+        // x- parameters and tls- parameters are tolerated.
+        assert!(NbdUri::parse("nbd://h/x?x-foo=1&tls-verify-peer=0").is_ok());
+    }
+}
