@@ -214,7 +214,7 @@ impl IoCtx<'_> {
         }
         let req_len = self.tags.req(tag).map_or(0, |r| u64::from(r.len));
         let end = u64::from(buf_off) + u64::from(len);
-        if end > req_len.max(u64::from(len == 0)) || end > self.bufs.buf_size() as u64 {
+        if end > req_len || end > self.bufs.buf_size() as u64 {
             return Err(einval("range outside the request buffer"));
         }
         // SAFETY: in bounds of the slot (checked above).
