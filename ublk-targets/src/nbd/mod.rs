@@ -4,9 +4,13 @@
 //! * [`uri`]: `nbd://HOST[:PORT]/EXPORT` and `nbd+unix:///EXPORT?socket=PATH`.
 //! * [`NbdError`]: everything that can go wrong, with an [`errno`](NbdError::errno) mapping.
 
+pub mod client;
+pub mod conn;
 mod error;
 pub mod proto;
 pub mod uri;
 
+pub use client::{Client, ClientOptions, Cmd, Completion, Request};
+pub use conn::{list_exports, ConnectOptions, ExportEntry, ExportInfo};
 pub use error::{NbdError, ProtoError, Result};
 pub use uri::{NbdAddr, NbdUri};

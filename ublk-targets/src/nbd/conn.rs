@@ -1,0 +1,382 @@
+//! Connecting to a server and negotiating an export (fixed newstyle), and listing exports.
+//!
+//! Negotiation runs on a blocking stream with read/write timeouts; the transmission phase is
+//! in [`client`](super::client).
+
+use super::error::{NbdError, ProtoError, Result};
+use super::proto::{self, BlockSizes, Info, OptReply, TransmissionFlags};
+use super::uri::NbdAddr;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+/// A connected socket.
+#[derive(Debug)]
+pub enum Stream {
+    /// TCP (with `TCP_NODELAY`).
+    Tcp(TcpStream),
+    /// Unix domain socket.
+    Unix(UnixStream),
+}
+
+impl Stream {
+    /// Connects to `addr`, giving up after `timeout`.
+    pub fn connect(addr: &NbdAddr, timeout: Duration) -> Result<Stream> {
+        let err = |source| NbdError::Connect {
+            addr: addr.to_string(),
+            source,
+        };
+        match addr {
+            NbdAddr::Tcp { host, port } => {
+                let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+                for sa in (host.as_str(), *port).to_socket_addrs().map_err(err)? {
+                    match TcpStream::connect_timeout(&sa, timeout) {
+                        Ok(s) => {
+                            s.set_nodelay(true).map_err(err)?;
+                            return Ok(Stream::Tcp(s));
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                Err(err(last))
+            }
+            NbdAddr::Unix(path) => {
+                use std::os::unix::ffi::OsStrExt;
+                let bytes = path.as_os_str().as_bytes();
+                let s = if let Some(name) = bytes.strip_prefix(b"\0") {
+                    use std::os::linux::net::SocketAddrExt;
+                    let sa =
+                        std::os::unix::net::SocketAddr::from_abstract_name(name).map_err(err)?;
+                    UnixStream::connect_addr(&sa)
+                } else {
+                    UnixStream::connect(path)
+                };
+                s.map(Stream::Unix).map_err(err)
+            }
+        }
+    }
+
+    /// Another handle to the same socket.
+    pub fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+
+    /// Shuts the socket down (both directions); wakes any thread blocked on it.
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    /// Sets the read and write timeouts (`None`: block forever).
+    pub fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => {
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
+            }
+            Stream::Unix(s) => {
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
+            }
+        }
+    }
+}
+
+impl Read for &Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => (&*s).read(buf),
+            Stream::Unix(s) => (&*s).read(buf),
+        }
+    }
+}
+
+impl Write for &Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => (&*s).write(buf),
+            Stream::Unix(s) => (&*s).write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Negotiation choices.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Limit for connecting and for each step of the negotiation.
+    pub timeout: Duration,
+    /// Ask for structured replies (`NBD_OPT_STRUCTURED_REPLY`).
+    pub structured_replies: bool,
+    /// Ask for extended headers first (`NBD_OPT_EXTENDED_HEADERS`, experimental).
+    pub extended_headers: bool,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            timeout: Duration::from_secs(10),
+            structured_replies: true,
+            extended_headers: false,
+        }
+    }
+}
+
+/// What negotiation established about the export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportInfo {
+    /// The export name asked for.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Transmission flags.
+    pub flags: TransmissionFlags,
+    /// Block size constraints (the defaults when not advertised).
+    pub block: BlockSizes,
+    /// Whether the server advertised `NBD_INFO_BLOCK_SIZE`.
+    pub block_sizes_advertised: bool,
+    /// Structured replies negotiated.
+    pub structured: bool,
+    /// Extended headers negotiated.
+    pub extended: bool,
+    /// `NBD_OPT_GO` was used (false: the `NBD_OPT_EXPORT_NAME` fallback).
+    pub used_go: bool,
+    /// The server's description, if sent.
+    pub description: Option<String>,
+}
+
+impl ExportInfo {
+    /// Whether `other` (from a later connection) presents the same export.
+    pub fn same_export(&self, other: &ExportInfo) -> std::result::Result<(), String> {
+        if self.size != other.size {
+            return Err(format!("size {} became {}", self.size, other.size));
+        }
+        if self.flags != other.flags {
+            return Err(format!(
+                "flags {:#x} became {:#x}",
+                self.flags.bits(),
+                other.flags.bits()
+            ));
+        }
+        if self.block != other.block {
+            return Err(format!(
+                "block sizes {:?} became {:?}",
+                self.block, other.block
+            ));
+        }
+        if (self.structured, self.extended) != (other.structured, other.extended) {
+            return Err("reply format changed".into());
+        }
+        Ok(())
+    }
+}
+
+/// One entry of `NBD_OPT_LIST`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportEntry {
+    /// Export name.
+    pub name: String,
+    /// Description (may be empty).
+    pub description: String,
+}
+
+fn send_option<S: Write>(s: &mut S, opt: u32, data: &[u8]) -> Result<()> {
+    let mut b = Vec::with_capacity(16 + data.len());
+    proto::encode_option(opt, data, &mut b);
+    s.write_all(&b)?;
+    Ok(())
+}
+
+fn read_opt_reply<S: Read>(s: &mut S, opt: u32) -> Result<(OptReply, Vec<u8>)> {
+    let mut h = [0u8; proto::OPT_REPLY_LEN];
+    s.read_exact(&mut h)?;
+    let r = proto::decode_opt_reply(&h, opt)?;
+    let mut p = vec![0u8; r.len as usize];
+    s.read_exact(&mut p)?;
+    Ok((r, p))
+}
+
+fn refused(opt: u32, r: &OptReply, payload: &[u8]) -> NbdError {
+    NbdError::OptionRefused {
+        option: proto::option_name(opt),
+        reply: proto::reply_name(r.reply),
+        message: String::from_utf8_lossy(payload).into_owned(),
+    }
+}
+
+/// Reads the greeting and answers it; returns the handshake flags.
+fn greet<S: Read + Write>(s: &mut S) -> Result<u16> {
+    let mut g = [0u8; proto::GREETING_LEN];
+    s.read_exact(&mut g[..16])?;
+    if g[8..16] == proto::CLISERV_MAGIC.to_be_bytes() {
+        return Err(NbdError::NotNewstyle("oldstyle greeting"));
+    }
+    s.read_exact(&mut g[16..])?;
+    let flags = proto::decode_greeting(&g)?;
+    if flags & proto::FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(NbdError::NotNewstyle("no NBD_FLAG_FIXED_NEWSTYLE"));
+    }
+    s.write_all(&proto::client_flags(flags).to_be_bytes())?;
+    Ok(flags)
+}
+
+/// An option without data whose only reply is ACK or an error: `Ok(true)` on ACK.
+fn simple_option<S: Read + Write>(s: &mut S, opt: u32) -> Result<bool> {
+    send_option(s, opt, &[])?;
+    let (r, _) = read_opt_reply(s, opt)?;
+    match r.reply {
+        proto::REP_ACK => Ok(true),
+        _ if r.is_error() => Ok(false),
+        _ => Err(ProtoError::Mismatch("unexpected reply to a data-less option").into()),
+    }
+}
+
+/// Negotiates `export` on a fresh connection: greeting, extended headers or structured
+/// replies if asked for, then `NBD_OPT_GO` with `NBD_INFO_BLOCK_SIZE`, falling back to
+/// `NBD_OPT_EXPORT_NAME` when the server does not know GO. On success the stream is in the
+/// transmission phase.
+pub fn negotiate<S: Read + Write>(
+    s: &mut S,
+    export: &str,
+    opts: &ConnectOptions,
+) -> Result<ExportInfo> {
+    let hflags = greet(s)?;
+    let mut extended = false;
+    let mut structured = false;
+    if opts.extended_headers {
+        extended = simple_option(s, proto::OPT_EXTENDED_HEADERS)?;
+        structured = extended;
+    }
+    if !extended && opts.structured_replies {
+        structured = simple_option(s, proto::OPT_STRUCTURED_REPLY)?;
+    }
+
+    send_option(
+        s,
+        proto::OPT_GO,
+        &proto::encode_go_data(export, &[proto::INFO_BLOCK_SIZE]),
+    )?;
+    let mut export_info = None;
+    let mut block = None;
+    let mut description = None;
+    let mut fallback = false;
+    loop {
+        let (r, p) = read_opt_reply(s, proto::OPT_GO)?;
+        match r.reply {
+            proto::REP_ACK => break,
+            proto::REP_INFO => match proto::decode_info(&p)? {
+                Info::Export { size, flags } => export_info = Some((size, flags)),
+                Info::BlockSize(b) => block = Some(b.validate()?),
+                Info::Description(d) => description = Some(d),
+                Info::Name(_) | Info::Unknown(_) => {}
+            },
+            proto::REP_ERR_UNSUP => {
+                fallback = true;
+                break;
+            }
+            _ if r.is_error() => return Err(refused(proto::OPT_GO, &r, &p)),
+            _ => return Err(ProtoError::Mismatch("unexpected reply to NBD_OPT_GO").into()),
+        }
+    }
+    let (size, flags) = if fallback {
+        if extended {
+            return Err(ProtoError::Mismatch(
+                "NBD_OPT_GO unsupported but extended headers negotiated",
+            )
+            .into());
+        }
+        log::debug!("nbd: server lacks NBD_OPT_GO; using NBD_OPT_EXPORT_NAME");
+        send_option(s, proto::OPT_EXPORT_NAME, export.as_bytes())?;
+        let mut b = [0u8; 10 + 124];
+        let n = if hflags & proto::FLAG_NO_ZEROES != 0 {
+            10
+        } else {
+            134
+        };
+        match s.read_exact(&mut b[..n]) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(NbdError::OptionRefused {
+                    option: "NBD_OPT_EXPORT_NAME",
+                    reply: "a disconnect",
+                    message: format!("no export {export:?}?"),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        }
+        proto::decode_export_name_reply(&b)?
+    } else {
+        export_info.ok_or(ProtoError::Mismatch("NBD_OPT_GO without NBD_INFO_EXPORT"))?
+    };
+    let flags = if flags.contains(TransmissionFlags::HAS_FLAGS) {
+        flags
+    } else {
+        log::warn!("nbd: server did not set NBD_FLAG_HAS_FLAGS; ignoring its flags");
+        TransmissionFlags::empty()
+    };
+    Ok(ExportInfo {
+        name: export.to_string(),
+        size,
+        flags,
+        block_sizes_advertised: block.is_some(),
+        block: block.unwrap_or_default(),
+        structured,
+        extended,
+        used_go: !fallback,
+        description,
+    })
+}
+
+/// Connects to `addr` and negotiates `export`; the stream is left without timeouts.
+pub fn open(addr: &NbdAddr, export: &str, opts: &ConnectOptions) -> Result<(Stream, ExportInfo)> {
+    let s = Stream::connect(addr, opts.timeout)?;
+    s.set_timeouts(Some(opts.timeout), Some(opts.timeout))?;
+    let info = negotiate(&mut &s, export, opts)?;
+    s.set_timeouts(None, None)?;
+    log::debug!("nbd: connected to {addr}, export {export:?}: {info:?}");
+    Ok((s, info))
+}
+
+/// Lists the server's exports (`NBD_OPT_LIST`), then ends the session (`NBD_OPT_ABORT`).
+pub fn list_exports(addr: &NbdAddr, opts: &ConnectOptions) -> Result<Vec<ExportEntry>> {
+    let s = Stream::connect(addr, opts.timeout)?;
+    s.set_timeouts(Some(opts.timeout), Some(opts.timeout))?;
+    let mut s = &s;
+    let list = list_on(&mut s)?;
+    // Soft disconnect; a server that just closes is fine.
+    if send_option(&mut s, proto::OPT_ABORT, &[]).is_ok() {
+        let _ = read_opt_reply(&mut s, proto::OPT_ABORT);
+    }
+    s.shutdown();
+    Ok(list)
+}
+
+/// `NBD_OPT_LIST` on a fresh stream.
+pub fn list_on<S: Read + Write>(s: &mut S) -> Result<Vec<ExportEntry>> {
+    greet(s)?;
+    send_option(s, proto::OPT_LIST, &[])?;
+    let mut out = Vec::new();
+    loop {
+        let (r, p) = read_opt_reply(s, proto::OPT_LIST)?;
+        match r.reply {
+            proto::REP_ACK => return Ok(out),
+            proto::REP_SERVER => {
+                if out.len() >= 1 << 16 {
+                    return Err(ProtoError::Mismatch("too many exports listed").into());
+                }
+                let (name, description) = proto::decode_rep_server(&p)?;
+                out.push(ExportEntry { name, description });
+            }
+            _ if r.is_error() => return Err(refused(proto::OPT_LIST, &r, &p)),
+            _ => return Err(ProtoError::Mismatch("unexpected reply to NBD_OPT_LIST").into()),
+        }
+    }
+}
