@@ -2,15 +2,20 @@
 //!
 //! * [`proto`]: the wire protocol, pure encode/decode (no IO), fuzz-tested.
 //! * [`uri`]: `nbd://HOST[:PORT]/EXPORT` and `nbd+unix:///EXPORT?socket=PATH`.
+//! * [`conn`]: connecting, negotiating (GO / EXPORT_NAME), listing exports.
+//! * [`client`]: the pipelined transmission engine with reconnect and timeouts.
+//! * [`target`]: [`NbdTarget`], the ublk [`Target`](ublk_core::Target).
 //! * [`NbdError`]: everything that can go wrong, with an [`errno`](NbdError::errno) mapping.
 
 pub mod client;
 pub mod conn;
 mod error;
 pub mod proto;
+pub mod target;
 pub mod uri;
 
 pub use client::{Client, ClientOptions, Cmd, Completion, Request};
 pub use conn::{list_exports, ConnectOptions, ExportEntry, ExportInfo};
 pub use error::{NbdError, ProtoError, Result};
+pub use target::{NbdConfig, NbdQueue, NbdTarget};
 pub use uri::{NbdAddr, NbdUri};

@@ -1,0 +1,472 @@
+//! The ublk side of NBD: a [`Target`] whose queues hand requests to [`Client`] connections.
+//!
+//! One connection per queue when the server sets `NBD_FLAG_CAN_MULTI_CONN`, otherwise one
+//! connection shared by all queues (the spec says clients SHOULD NOT multiplex over several
+//! connections without it). Requests are submitted from the queue thread; completions come
+//! back from the connection's reader thread through ublk-core's [`Completer`].
+//!
+//! # Buffers
+//!
+//! The request buffer ([`IoCtx::buf`]) is only reachable on the queue thread during
+//! `handle_io`, so each tag owns a buffer of its own that travels with the NBD request and
+//! comes back with the completion (no allocation per IO once warm). WRITE data is copied into
+//! it in `handle_io` (it must survive a reconnect and be resent anyway). READ data lands in
+//! it on the reader thread and must be copied into the request buffer on the queue thread
+//! before the commit: ublk-core has no hook for that yet, so READs currently wait for their
+//! reply on the queue thread (pipelined across queues and with writes, but one READ at a time
+//! per queue). [`NbdQueue::on_remote_complete`] is the asynchronous path, ready for a
+//! `QueueHandler::on_remote_complete` hook.
+
+use super::client::{Client, ClientOptions, Cmd, Completion, Request, Waiter};
+use super::conn::ExportInfo;
+use super::error::Result;
+use super::proto::TransmissionFlags as TF;
+use super::uri::NbdUri;
+use std::io;
+use std::sync::{Arc, Mutex, OnceLock};
+use ublk_core::{
+    Action, Attrs, Completer, DeviceParams, DiscardParams, IoCtx, IoFlags, IoRequest, Op,
+    QueueHandler, Target,
+};
+
+/// Largest request the device is given, whatever the server allows.
+pub const MAX_IO_BYTES_CAP: u32 = 1 << 20;
+
+/// How to set up an NBD device.
+#[derive(Debug, Clone)]
+pub struct NbdConfig {
+    /// The server and export.
+    pub uri: NbdUri,
+    /// Connection and engine settings.
+    pub client: ClientOptions,
+    /// Number of ublk queues (connections opened when the server allows multi-conn).
+    pub queues: u16,
+    /// Expose a read-only device even if the export is writable.
+    pub read_only: bool,
+}
+
+impl NbdConfig {
+    /// Defaults for `uri`: one queue, default client options.
+    pub fn new(uri: NbdUri) -> NbdConfig {
+        NbdConfig {
+            uri,
+            client: ClientOptions::default(),
+            queues: 1,
+            read_only: false,
+        }
+    }
+}
+
+/// An NBD export exposed as a block device.
+#[derive(Debug)]
+pub struct NbdTarget {
+    conns: Vec<Arc<Client>>,
+    info: ExportInfo,
+    read_only: bool,
+}
+
+impl NbdTarget {
+    /// Connects (one connection per queue if the server sets `CAN_MULTI_CONN`, else one).
+    pub fn connect(cfg: &NbdConfig) -> Result<NbdTarget> {
+        let first = Client::connect(&cfg.uri, cfg.client.clone())?;
+        let info = first.info().clone();
+        let mut conns = vec![Arc::new(first)];
+        if info.flags.contains(TF::CAN_MULTI_CONN) {
+            for _ in 1..cfg.queues.max(1) {
+                conns.push(Arc::new(Client::connect_like(
+                    &cfg.uri,
+                    cfg.client.clone(),
+                    &info,
+                )?));
+            }
+        }
+        log::info!(
+            "nbd: {} export {:?}: {} bytes, flags {:#x}, block sizes {}/{}/{}, {} connection(s){}",
+            cfg.uri.addr,
+            info.name,
+            info.size,
+            info.flags.bits(),
+            info.block.min,
+            info.block.preferred,
+            info.block.max_payload,
+            conns.len(),
+            if info.structured {
+                ", structured replies"
+            } else {
+                ""
+            }
+        );
+        Ok(NbdTarget {
+            conns,
+            info,
+            read_only: cfg.read_only,
+        })
+    }
+
+    /// What negotiation established.
+    pub fn info(&self) -> &ExportInfo {
+        &self.info
+    }
+
+    /// Whether each queue has its own connection (the server set `CAN_MULTI_CONN` and there
+    /// is more than one queue); otherwise all queues share one connection.
+    pub fn multi_conn(&self) -> bool {
+        self.conns.len() > 1
+    }
+
+    /// Number of connections.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// The connections (for statistics: reconnects, requests in flight).
+    pub fn clients(&self) -> &[Arc<Client>] {
+        &self.conns
+    }
+
+    fn lbs(&self) -> u32 {
+        self.info.block.min.max(512)
+    }
+
+    /// The largest request to configure the device with (`DeviceBuilder::max_io_bytes`): the
+    /// server's maximum payload, capped at [`MAX_IO_BYTES_CAP`], a multiple of the logical
+    /// block size.
+    pub fn max_io_bytes(&self) -> u32 {
+        let lbs = self.lbs();
+        let m = self.info.block.max_payload.min(MAX_IO_BYTES_CAP);
+        (m / lbs * lbs).max(lbs)
+    }
+
+    /// Device parameters from the export's size, flags and block sizes.
+    pub fn params(&self) -> DeviceParams {
+        let f = self.info.flags;
+        let lbs = self.lbs();
+        let shift = |v: u32| v.trailing_zeros() as u8;
+        let lbs_shift = shift(lbs);
+        let pref_shift = shift(self.info.block.preferred.max(lbs));
+        let mut attrs = Attrs::empty();
+        if f.contains(TF::SEND_FLUSH) {
+            attrs |= Attrs::VOLATILE_CACHE;
+            if f.contains(TF::SEND_FUA) {
+                attrs |= Attrs::FUA;
+            }
+        }
+        let read_only = self.read_only || f.contains(TF::READ_ONLY);
+        if read_only {
+            attrs |= Attrs::READ_ONLY;
+        }
+        if f.contains(TF::ROTATIONAL) {
+            attrs |= Attrs::ROTATIONAL;
+        }
+        // Compact requests carry 32-bit lengths.
+        let max_effect = ((u32::MAX / lbs) * lbs) >> 9;
+        let trim = f.contains(TF::SEND_TRIM) && !read_only;
+        let zeroes = f.contains(TF::SEND_WRITE_ZEROES) && !read_only;
+        let discard = (trim || zeroes).then(|| DiscardParams {
+            alignment: 0,
+            granularity: if trim {
+                self.info.block.preferred.max(lbs)
+            } else {
+                lbs
+            },
+            max_discard_sectors: if trim { max_effect } else { 0 },
+            max_write_zeroes_sectors: if zeroes { max_effect } else { 0 },
+        });
+        DeviceParams {
+            size: self.info.size,
+            logical_bs_shift: lbs_shift,
+            physical_bs_shift: pref_shift.clamp(lbs_shift, 16),
+            io_min_shift: lbs_shift,
+            io_opt_shift: pref_shift.clamp(lbs_shift, 20),
+            max_sectors: self.max_io_bytes() >> 9,
+            attrs,
+            discard,
+        }
+    }
+}
+
+impl Target for NbdTarget {
+    type Queue = NbdQueue;
+    fn open_queue(&self, q_id: u16) -> io::Result<NbdQueue> {
+        let client = self.conns[usize::from(q_id) % self.conns.len()].clone();
+        Ok(NbdQueue {
+            client,
+            sink: Arc::new(QueueSink::default()),
+            waiter: Arc::new(Waiter::default()),
+            async_reads: false,
+            read_only: self.read_only,
+        })
+    }
+}
+
+/// Where completions of one queue go: the tag's buffer is parked here, then the
+/// [`Completer`] is told.
+#[derive(Default)]
+struct QueueSink {
+    completer: OnceLock<Completer>,
+    bufs: Mutex<Vec<Vec<u8>>>,
+}
+
+impl QueueSink {
+    fn put(&self, tag: u16, buf: Vec<u8>) {
+        let mut b = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
+        let t = usize::from(tag);
+        if b.len() <= t {
+            b.resize_with(t + 1, Vec::new);
+        }
+        b[t] = buf;
+    }
+
+    fn take(&self, tag: u16) -> Vec<u8> {
+        let mut b = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
+        b.get_mut(usize::from(tag))
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+}
+
+impl Completion for QueueSink {
+    fn complete(&self, token: u64, res: i32, buf: Vec<u8>) {
+        let tag = token as u16;
+        self.put(tag, buf);
+        match self.completer.get() {
+            Some(c) => c.complete(tag, res),
+            None => log::error!("nbd: completion for tag {tag} before any request"),
+        }
+    }
+}
+
+/// The per-queue handler of [`NbdTarget`].
+pub struct NbdQueue {
+    client: Arc<Client>,
+    sink: Arc<QueueSink>,
+    waiter: Arc<Waiter>,
+    /// READs complete through [`NbdQueue::on_remote_complete`] (needs the ublk-core hook).
+    async_reads: bool,
+    read_only: bool,
+}
+
+impl std::fmt::Debug for NbdQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdQueue")
+            .field("async_reads", &self.async_reads)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NbdQueue {
+    fn submit(&self, req: Request, tag: u16) -> Action {
+        match self.client.submit(req, self.sink.clone(), u64::from(tag)) {
+            Ok(()) => Action::Pending,
+            Err((e, buf)) => {
+                self.sink.put(tag, buf);
+                Action::Done(e)
+            }
+        }
+    }
+
+    fn read_sync(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest, r: Request) -> Action {
+        let (res, buf) = match self.client.submit(r, self.waiter.clone(), 0) {
+            Ok(()) => self.waiter.wait(),
+            Err(e) => e,
+        };
+        let res = if res > 0 {
+            copy_read(ctx.buf(req.tag), &buf, req.len, res)
+        } else {
+            res
+        };
+        self.sink.put(req.tag, buf);
+        Action::Done(res)
+    }
+
+    /// Finishes a request completed through the [`Completer`], on the queue thread: copies
+    /// READ data from the tag's own buffer into the request buffer. Meant to be called from
+    /// the (proposed) `QueueHandler::on_remote_complete` hook; with it, READs can be
+    /// asynchronous too.
+    pub fn on_remote_complete(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest, res: i32) -> Action {
+        if req.op != Op::Read || res <= 0 {
+            return Action::Done(res);
+        }
+        let buf = self.sink.take(req.tag);
+        let res = copy_read(ctx.buf(req.tag), &buf, req.len, res);
+        self.sink.put(req.tag, buf);
+        Action::Done(res)
+    }
+}
+
+fn copy_read(dst: &mut [u8], src: &[u8], len: u32, res: i32) -> i32 {
+    let n = len as usize;
+    if dst.len() < n || src.len() < n {
+        return -libc::EIO;
+    }
+    dst[..n].copy_from_slice(&src[..n]);
+    res
+}
+
+impl QueueHandler for NbdQueue {
+    fn handle_io(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest) -> Action {
+        let _ = self.sink.completer.set(ctx.completer());
+        let tag = req.tag;
+        let fua = req.flags.contains(IoFlags::FUA);
+        let mut r = Request {
+            cmd: Cmd::Flush,
+            fua,
+            no_hole: false,
+            offset: req.offset,
+            len: req.len,
+            buf: Vec::new(),
+        };
+        match req.op {
+            Op::Read => {
+                r.cmd = Cmd::Read;
+                r.buf = self.sink.take(tag);
+                if !self.async_reads {
+                    return self.read_sync(ctx, req, r);
+                }
+            }
+            Op::Write => {
+                if self.read_only {
+                    return Action::Done(-libc::EROFS);
+                }
+                let data = ctx.buf(tag);
+                let n = req.len as usize;
+                if data.len() < n {
+                    return Action::Done(-libc::EIO);
+                }
+                let mut buf = self.sink.take(tag);
+                buf.clear();
+                buf.extend_from_slice(&data[..n]);
+                r.cmd = Cmd::Write;
+                r.buf = buf;
+            }
+            Op::Flush => {
+                r.offset = 0;
+                r.len = 0;
+            }
+            Op::Discard => r.cmd = Cmd::Trim,
+            Op::WriteZeroes => {
+                r.cmd = Cmd::WriteZeroes;
+                r.no_hole = req.flags.contains(IoFlags::NOUNMAP);
+            }
+            _ => return Action::Done(-libc::EOPNOTSUPP),
+        }
+        if matches!(r.cmd, Cmd::Trim | Cmd::WriteZeroes) && self.read_only {
+            return Action::Done(-libc::EROFS);
+        }
+        self.submit(r, tag)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::proto::BlockSizes;
+
+    fn target(flags: TF, block: BlockSizes) -> NbdTarget {
+        NbdTarget {
+            conns: Vec::new(),
+            info: ExportInfo {
+                name: String::new(),
+                size: 1 << 30,
+                flags: flags | TF::HAS_FLAGS,
+                block,
+                block_sizes_advertised: true,
+                structured: true,
+                extended: false,
+                used_go: true,
+                description: None,
+            },
+            read_only: false,
+        }
+    }
+
+    #[test]
+    fn test_params_from_flags() {
+        let all = TF::SEND_FLUSH | TF::SEND_FUA | TF::SEND_TRIM | TF::SEND_WRITE_ZEROES;
+        let t = target(all | TF::ROTATIONAL, BlockSizes::default());
+        let p = t.params();
+        assert_eq!(
+            p.attrs,
+            Attrs::VOLATILE_CACHE | Attrs::FUA | Attrs::ROTATIONAL
+        );
+        assert_eq!(p.logical_bs_shift, 9);
+        assert_eq!(p.physical_bs_shift, 12);
+        assert_eq!(p.io_opt_shift, 12);
+        assert_eq!(p.size, 1 << 30);
+        let d = p.discard.unwrap();
+        assert_eq!(d.granularity, 4096);
+        assert_eq!(d.max_discard_sectors, (u32::MAX / 512 * 512) >> 9);
+        assert_eq!(d.max_write_zeroes_sectors, d.max_discard_sectors);
+        assert_eq!(t.max_io_bytes(), MAX_IO_BYTES_CAP);
+        assert_eq!(p.max_sectors, MAX_IO_BYTES_CAP >> 9);
+
+        // FUA without FLUSH means nothing to the kernel; no flags, no discard.
+        let p = target(TF::SEND_FUA, BlockSizes::default()).params();
+        assert_eq!(p.attrs, Attrs::empty());
+        assert!(p.discard.is_none());
+
+        let p = target(TF::READ_ONLY | TF::SEND_TRIM, BlockSizes::default()).params();
+        assert_eq!(p.attrs, Attrs::READ_ONLY);
+        assert!(p.discard.is_none(), "no discard on a read-only export");
+
+        let p = target(TF::SEND_WRITE_ZEROES, BlockSizes::default()).params();
+        let d = p.discard.unwrap();
+        assert_eq!((d.max_discard_sectors, d.granularity), (0, 512));
+        assert!(d.max_write_zeroes_sectors > 0);
+    }
+
+    #[test]
+    fn test_params_from_block_sizes() {
+        let b = BlockSizes {
+            min: 4096,
+            preferred: 65536,
+            max_payload: 256 << 10,
+        };
+        let t = target(TF::SEND_TRIM, b);
+        let p = t.params();
+        assert_eq!(
+            (
+                p.logical_bs_shift,
+                p.physical_bs_shift,
+                p.io_min_shift,
+                p.io_opt_shift
+            ),
+            (12, 16, 12, 16)
+        );
+        assert_eq!(t.max_io_bytes(), 256 << 10);
+        assert_eq!(p.discard.unwrap().granularity, 65536);
+        assert_eq!(
+            p.discard.unwrap().max_discard_sectors,
+            (u32::MAX / 4096 * 4096) >> 9
+        );
+        let t = target(
+            TF::empty(),
+            BlockSizes {
+                min: 1,
+                preferred: 1 << 22,
+                max_payload: u32::MAX,
+            },
+        );
+        let p = t.params();
+        assert_eq!((p.physical_bs_shift, p.io_opt_shift), (16, 20));
+        assert_eq!(t.max_io_bytes(), MAX_IO_BYTES_CAP);
+    }
+
+    #[test]
+    fn test_copy_read_bounds() {
+        let mut dst = [0u8; 8];
+        assert_eq!(copy_read(&mut dst, &[1; 8], 8, 8), 8);
+        assert_eq!(dst, [1; 8]);
+        assert_eq!(copy_read(&mut dst, &[1; 4], 8, 8), -libc::EIO);
+        assert_eq!(copy_read(&mut [], &[1; 8], 8, 8), -libc::EIO);
+    }
+
+    #[test]
+    fn test_queue_sink_parks_buffers_per_tag() {
+        let s = QueueSink::default();
+        s.put(5, vec![1, 2, 3]);
+        assert_eq!(s.take(5), vec![1, 2, 3]);
+        assert!(s.take(5).is_empty());
+        assert!(s.take(100).is_empty());
+    }
+}
