@@ -155,6 +155,26 @@ fn test_nbd_export_name_fallback_with_fake_server() {
     });
 }
 
+#[test]
+fn test_nbd_extended_headers_with_fake_server() {
+    with_timeout(30, || {
+        let mem = Arc::new(Mutex::new(vec![0u8; FAKE_SIZE as usize]));
+        let fake = Fake::start(Nego::Extended, serve_memory_extended(mem.clone()));
+        let mut o = quick_opts();
+        o.connect.extended_headers = true;
+        let c = Client::connect(&fake.uri(), o).unwrap();
+        assert!(c.info().extended && c.info().structured);
+        random_roundtrip(&c, FAKE_SIZE, 512, 64 << 10, 9);
+        // A server without extended headers: the option is refused and structured replies
+        // are used instead.
+        let fake = Fake::start(Nego::Modern, serve_memory(mem));
+        let mut o = quick_opts();
+        o.connect.extended_headers = true;
+        let c = Client::connect(&fake.uri(), o).unwrap();
+        assert!(!c.info().extended && c.info().structured);
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Data
 

@@ -253,6 +253,8 @@ pub enum Nego {
     Modern,
     /// No structured replies, GO refused (EXPORT_NAME fallback), no NO_ZEROES.
     Legacy,
+    /// Extended headers + GO.
+    Extended,
 }
 
 /// A fake server on a TCP loopback port: answers the handshake as told, then hands the
@@ -311,7 +313,7 @@ fn opt_reply(s: &mut TcpStream, opt: u32, rep: u32, data: &[u8]) -> std::io::Res
 fn handshake(s: &mut TcpStream, nego: Nego) -> Option<bool> {
     let mut g = proto::NBDMAGIC.to_be_bytes().to_vec();
     g.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
-    let hflags = if nego == Nego::Modern { 3u16 } else { 1 };
+    let hflags = if nego == Nego::Legacy { 1u16 } else { 3 };
     g.extend_from_slice(&hflags.to_be_bytes());
     s.write_all(&g).ok()?;
     let mut cf = [0u8; 4];
@@ -331,7 +333,11 @@ fn handshake(s: &mut TcpStream, nego: Nego) -> Option<bool> {
                 structured = true;
                 opt_reply(s, opt, proto::REP_ACK, &[]).ok()?;
             }
-            (proto::OPT_GO, Nego::Modern) => {
+            (proto::OPT_EXTENDED_HEADERS, Nego::Extended) => {
+                structured = true;
+                opt_reply(s, opt, proto::REP_ACK, &[]).ok()?;
+            }
+            (proto::OPT_GO, Nego::Modern | Nego::Extended) => {
                 let mut info = vec![0, 0];
                 info.extend_from_slice(&export);
                 opt_reply(s, opt, proto::REP_INFO, &info).ok()?;
@@ -443,5 +449,54 @@ pub fn init_log() {
     };
     if log::set_logger(&StderrLog).is_ok() {
         log::set_max_level(level);
+    }
+}
+
+/// A correct extended-headers server over a shared memory image.
+pub fn serve_memory_extended(
+    mem: Arc<Mutex<Vec<u8>>>,
+) -> impl Fn(&mut TcpStream, bool) + Send + Sync {
+    move |s, _| loop {
+        let mut h = [0u8; 32];
+        if s.read_exact(&mut h).is_err() {
+            return;
+        }
+        assert_eq!(&h[0..4], &proto::EXTENDED_REQUEST_MAGIC.to_be_bytes());
+        let flags = u16::from_be_bytes([h[4], h[5]]);
+        let cmd = u16::from_be_bytes([h[6], h[7]]);
+        let cookie = &h[8..16];
+        let off = u64::from_be_bytes(h[16..24].try_into().unwrap()) as usize;
+        let len = u64::from_be_bytes(h[24..32].try_into().unwrap()) as usize;
+        let reply = |ty: u16, payload: &[u8]| {
+            let mut b = proto::EXTENDED_REPLY_MAGIC.to_be_bytes().to_vec();
+            b.extend_from_slice(&proto::REPLY_FLAG_DONE.to_be_bytes());
+            b.extend_from_slice(&ty.to_be_bytes());
+            b.extend_from_slice(cookie);
+            b.extend_from_slice(&(off as u64).to_be_bytes());
+            b.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+            b.extend_from_slice(payload);
+            b
+        };
+        let out = match cmd {
+            proto::CMD_READ => {
+                let mut p = (off as u64).to_be_bytes().to_vec();
+                p.extend_from_slice(&mem.lock().unwrap()[off..off + len]);
+                reply(proto::REPLY_TYPE_OFFSET_DATA, &p)
+            }
+            proto::CMD_WRITE => {
+                assert!(flags & proto::CMD_FLAG_PAYLOAD_LEN != 0);
+                let mut d = vec![0u8; len];
+                if s.read_exact(&mut d).is_err() {
+                    return;
+                }
+                mem.lock().unwrap()[off..off + len].copy_from_slice(&d);
+                reply(proto::REPLY_TYPE_NONE, &[])
+            }
+            proto::CMD_DISC => return,
+            _ => reply(proto::REPLY_TYPE_NONE, &[]),
+        };
+        if s.write_all(&out).is_err() {
+            return;
+        }
     }
 }
