@@ -3,7 +3,8 @@
 //! Layout inside the guest:
 //! * `/bin/busybox` and its applet symlinks (`busybox --list-full`), `/init` (a busybox sh script);
 //! * `/opt/bin/`: `ublk`, `ublk-vm-tests`, `fio`, `mke2fs` (+ `mkfs.ext4`), `e2fsck`, `blkdiscard`,
-//!   `losetup` (util-linux), `qemu-img` (qcow2 images for the qcow2 target's tests);
+//!   `losetup` (util-linux), `qemu-img` (qcow2 images for the qcow2 target's tests), `ublk-bench`
+//!   (`xtask/guest/bench.sh`, the guest side of `cargo xtask bench`);
 //! * the shared libraries `ldd` lists for them, at the paths `ldd` prints;
 //! * `/lib/modules/<release>/*.ko`: decompressed modules, loaded by `/init` in dependency order;
 //! * `/dev/console` so that init has a console before devtmpfs is mounted.
@@ -25,6 +26,7 @@ const HOST_TOOLS: &[(&str, &[&str])] = &[
     ("blkdiscard", &["/usr/sbin/blkdiscard", "/sbin/blkdiscard"]),
     ("losetup", &["/usr/sbin/losetup", "/sbin/losetup"]),
     ("qemu-img", &["/usr/bin/qemu-img"]),
+    ("qemu-nbd", &["/usr/bin/qemu-nbd"]),
 ];
 
 const BUSYBOX: &[&str] = &["/usr/bin/busybox", "/bin/busybox"];
@@ -36,7 +38,12 @@ pub enum Mode {
     Test,
     /// Interactive shell on the console, power off when it exits.
     Shell,
+    /// Run `/opt/bin/ublk-bench` (`cargo xtask bench`), print the result marker, power off.
+    Bench,
 }
+
+/// The guest side of `cargo xtask bench`, installed as `/opt/bin/ublk-bench` in every mode.
+const BENCH_SCRIPT: &str = include_str!("../guest/bench.sh");
 
 /// Marker the guest prints last in test mode: `@@UBLK-VM-RESULT rc=N@@`.
 pub const RESULT_MARKER: &str = "@@UBLK-VM-RESULT rc=";
@@ -251,6 +258,13 @@ pub fn build(kernel: &Kernel, bins: &[PathBuf], mode: &Mode, out: &Path) -> Resu
         t.program(&format!("opt/bin/{name}"), &src)?;
     }
     t.add("opt/bin/mkfs.ext4", Entry::Symlink("mke2fs".into()));
+    t.add(
+        "opt/bin/ublk-bench",
+        Entry::Data {
+            data: BENCH_SCRIPT.as_bytes().to_vec(),
+            mode: 0o755,
+        },
+    );
     for bin in bins {
         let name = bin
             .file_name()
@@ -302,6 +316,15 @@ fn init_script(insmods: &str, mode: &Mode) -> String {
         Mode::Test => format!(
             r#"echo "init: running /opt/bin/ublk-vm-tests (kernel $(uname -r), filter '$UBLK_VM_FILTER')"
 /opt/bin/ublk-vm-tests
+rc=$?
+sync
+echo
+echo "{RESULT_MARKER}$rc@@"
+"#
+        ),
+        Mode::Bench => format!(
+            r#"echo "init: running /opt/bin/ublk-bench (kernel $(uname -r))"
+/opt/bin/ublk-bench
 rc=$?
 sync
 echo

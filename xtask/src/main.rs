@@ -3,9 +3,12 @@
 //! * `bindgen [--check]`: regenerate (or check) `ublk-sys/src/bindings.rs` from the vendored header.
 //! * `test-vm`: boot real Debian kernels under qemu and run the kernel-facing tests.
 //! * `vm-shell`: an interactive guest with `ublk` and the test tools, for trying things out.
+//! * `bench`: fio figures of our devices against kernel baselines, one boot per kernel.
 
+mod bench;
 mod bindgen;
 mod initramfs;
+mod json;
 mod kernel;
 mod vm;
 
@@ -63,6 +66,38 @@ enum Cmd {
         #[arg(long)]
         no_build: bool,
     },
+    /// Boot each kernel once and run a fixed fio matrix: kernel null_blk and loop vs our null,
+    /// loop (copy, -g, -u) and qcow2 devices, 1 and 2 queues (see xtask/src/bench.rs).
+    ///
+    /// Prints the tables and writes docs/benchmarks.md (unless --filter or --no-docs).
+    Bench {
+        /// Kernel(s): 6.12, 7.3, a comma-separated list, or all.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+        /// Shorter runs (3 s each instead of 5 s).
+        #[arg(long)]
+        quick: bool,
+        /// Seconds per fio run (overrides --quick).
+        #[arg(long)]
+        runtime: Option<u64>,
+        /// Only runs whose "device/qQUEUES/job" contains PATTERN (comma-separated alternatives),
+        /// e.g. `ublk_null/q1/`, `randread-4k-qd1`; devices: null_blk ublk_null loop ublk_loop
+        /// ublk_loop_g ublk_loop_u ublk_qcow2.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Host-side limit for one boot, in seconds (default: from the runtime).
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Show only the benchmark progress lines, not the whole guest console.
+        #[arg(long)]
+        quiet: bool,
+        /// Use the binaries already in target/release instead of running cargo build.
+        #[arg(long)]
+        no_build: bool,
+        /// Do not write docs/benchmarks.md.
+        #[arg(long)]
+        no_docs: bool,
+    },
     /// Print the Debian packages the host needs for test-vm / vm-shell.
     VmHostPackages,
 }
@@ -94,6 +129,25 @@ fn main() -> Result<ExitCode> {
             no_build,
         }),
         Cmd::VmShell { kernel, no_build } => vm::shell(kernel::spec(&kernel)?, None, no_build),
+        Cmd::Bench {
+            kernel,
+            quick,
+            runtime,
+            filter,
+            timeout,
+            quiet,
+            no_build,
+            no_docs,
+        } => bench::run(&bench::BenchOptions {
+            kernels: vm::parse_kernels(&kernel)?,
+            quick,
+            runtime,
+            filter,
+            timeout,
+            quiet,
+            no_build,
+            no_docs,
+        }),
         Cmd::VmHostPackages => {
             println!("{}", vm::HOST_PACKAGES.join(" "));
             Ok(ExitCode::SUCCESS)

@@ -10,9 +10,10 @@
 use crate::initramfs::{self, Mode, RESULT_MARKER};
 use crate::kernel::{self, Kernel, KernelSpec};
 use anyhow::{bail, Context, Result};
+use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{BufWriter, Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -95,14 +96,14 @@ pub fn parse_kernels(arg: &str) -> Result<Vec<&'static KernelSpec>> {
     arg.split(',').map(|l| kernel::spec(l.trim())).collect()
 }
 
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| crate::project_root().join("target"))
 }
 
 /// Build the workspace binaries that go into the guest and return the ones that exist.
-fn build_binaries(no_build: bool) -> Result<Vec<PathBuf>> {
+pub(crate) fn build_binaries(no_build: bool) -> Result<Vec<PathBuf>> {
     if !no_build {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let status = Command::new(cargo)
@@ -139,11 +140,16 @@ fn build_binaries(no_build: bool) -> Result<Vec<PathBuf>> {
     Ok(bins)
 }
 
-fn prepare(spec: &KernelSpec, bins: &[PathBuf], mode: &Mode) -> Result<(Kernel, PathBuf)> {
+pub(crate) fn prepare(
+    spec: &KernelSpec,
+    bins: &[PathBuf],
+    mode: &Mode,
+) -> Result<(Kernel, PathBuf)> {
     let kernel = kernel::fetch(spec)?;
     let suffix = match mode {
         Mode::Test => "test",
         Mode::Shell => "shell",
+        Mode::Bench => "bench",
     };
     let initrd = target_dir().join(format!("vm/initramfs-{}-{suffix}.cpio", spec.label));
     fs::create_dir_all(initrd.parent().unwrap())?;
@@ -159,7 +165,10 @@ fn prepare(spec: &KernelSpec, bins: &[PathBuf], mode: &Mode) -> Result<(Kernel, 
     Ok((kernel, initrd))
 }
 
-fn qemu_command(kernel: &Kernel, initrd: &std::path::Path, append: &str, serial: &str) -> Command {
+/// Guest memory for test-vm / vm-shell.
+const TEST_MEM: &str = "2G";
+
+fn qemu_command(kernel: &Kernel, initrd: &Path, append: &str, serial: &str, mem: &str) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
     c.args([
         "-accel",
@@ -169,7 +178,7 @@ fn qemu_command(kernel: &Kernel, initrd: &std::path::Path, append: &str, serial:
         "-smp",
         "2",
         "-m",
-        "2G",
+        mem,
     ])
     .args([
         "-nodefaults",
@@ -188,16 +197,28 @@ fn qemu_command(kernel: &Kernel, initrd: &std::path::Path, append: &str, serial:
     c
 }
 
+/// The kernel command line every guest gets: serial console, `UBLK_VM_KERNEL=<label>`.
+pub(crate) fn base_append(label: &str) -> String {
+    format!("console=ttyS0 panic=-1 quiet UBLK_VM_KERNEL={label}")
+}
+
+/// Refuse values that would not survive as one kernel command-line word.
+pub(crate) fn check_word(option: &str, value: &str) -> Result<()> {
+    if value
+        .chars()
+        .any(|c| c.is_whitespace() || c == '"' || c == '\'')
+    {
+        bail!("{option} must not contain whitespace or quotes: {value:?}");
+    }
+    Ok(())
+}
+
 fn append_line(label: &str, filter: Option<&str>, mode: &Mode) -> Result<String> {
-    let mut a = format!("console=ttyS0 panic=-1 quiet UBLK_VM_KERNEL={label}");
+    let mut a = base_append(label);
     // Enable trace events at boot, never at run time (see TRACE_EVENTS).
     a.push_str(&format!(" trace_event={}", TRACE_EVENTS.join(",")));
     if let Some(f) = filter.filter(|f| !f.is_empty()) {
-        if f.chars()
-            .any(|c| c.is_whitespace() || c == '"' || c == '\'')
-        {
-            bail!("--filter must not contain whitespace or quotes: {f:?}");
-        }
+        check_word("--filter", f)?;
         a.push_str(&format!(" UBLK_VM_FILTER={f}"));
     }
     if matches!(mode, Mode::Shell) {
@@ -215,7 +236,7 @@ pub fn shell(spec: &KernelSpec, filter: Option<&str>, no_build: bool) -> Result<
         "xtask: booting {} ({}); exit the shell or press Ctrl-A X to quit",
         spec.label, kernel.release
     );
-    let status = qemu_command(&kernel, &initrd, &append, "mon:stdio")
+    let status = qemu_command(&kernel, &initrd, &append, "mon:stdio", TEST_MEM)
         .status()
         .context("running qemu-system-x86_64 (install qemu-system-x86)")?;
     Ok(if status.success() {
@@ -270,26 +291,48 @@ pub fn test(opts: &TestOptions) -> Result<ExitCode> {
     })
 }
 
-/// Boot `kernel` once in test mode; returns the per-test results (including synthetic failures
-/// for a crash, a hang or a bad exit status) and a one-line note about the boot.
-fn boot_and_test(
-    spec: &KernelSpec,
-    kernel: &Kernel,
-    initrd: &std::path::Path,
-    opts: &TestOptions,
-) -> Result<(Vec<TestResult>, String)> {
-    let label = spec.label;
-    let append = append_line(label, opts.filter.as_deref(), &Mode::Test)?;
-    let log_path = target_dir().join(format!("vm/{label}.log"));
-    let mut log = BufWriter::new(File::create(&log_path)?);
+/// One non-interactive boot: what to boot and how to watch it.
+pub(crate) struct Boot<'a> {
+    pub label: &'a str,
+    pub kernel: &'a Kernel,
+    pub initrd: &'a Path,
+    pub append: String,
+    pub mem: &'a str,
+    /// Extra qemu arguments (e.g. a second serial port).
+    pub extra_args: Vec<OsString>,
+    pub timeout: Duration,
+    /// Do not stream the console (it is still written to `log_path`).
+    pub quiet: bool,
+    pub log_path: PathBuf,
+}
+
+/// How a [`Boot`] ended.
+#[derive(Debug)]
+pub(crate) struct Outcome {
+    /// Exit status the guest reported with [`RESULT_MARKER`]; `None` if it never did.
+    pub rc: Option<i32>,
+    /// The host-side timeout ended the boot before the result marker.
+    pub timed_out: bool,
+    /// Seconds until `/init` said the guest was ready.
+    pub booted: Option<f64>,
+    /// Seconds of the whole boot.
+    pub total: f64,
+}
+
+/// Boot once with the console on stdio, hand every console line to `on_line`, stop at the
+/// result marker (plus the guest's power-off), a crash or the timeout.
+pub(crate) fn run_guest(b: &Boot, mut on_line: impl FnMut(&str)) -> Result<Outcome> {
+    let label = b.label;
+    let mut log = BufWriter::new(File::create(&b.log_path)?);
     eprintln!(
         "xtask: booting {label} ({}), console log in {}",
-        kernel.release,
-        log_path.display()
+        b.kernel.release,
+        b.log_path.display()
     );
 
     let start = Instant::now();
-    let mut child = qemu_command(kernel, initrd, &append, "stdio")
+    let mut child = qemu_command(b.kernel, b.initrd, &b.append, "stdio", b.mem)
+        .args(&b.extra_args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -325,9 +368,7 @@ fn boot_and_test(
         }
     });
 
-    let mut deadline = start + opts.timeout;
-    let mut results = Vec::new();
-    let mut running: Option<String> = None;
+    let mut deadline = start + b.timeout;
     let mut rc: Option<i32> = None;
     let mut booted: Option<f64> = None;
     let mut timed_out = false;
@@ -347,7 +388,7 @@ fn boot_and_test(
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
         writeln!(log, "{line}")?;
-        if !opts.quiet {
+        if !b.quiet {
             let mut o = out.lock();
             writeln!(o, "{label}| {line}")?;
             o.flush()?;
@@ -361,7 +402,45 @@ fn boot_and_test(
             deadline = deadline.min(Instant::now() + Duration::from_secs(30));
             continue;
         }
-        if let Some(ev) = parse_test_line(&line) {
+        on_line(&line);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = reader.join();
+    log.flush()?;
+    Ok(Outcome {
+        rc,
+        timed_out,
+        booted,
+        total: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Boot `kernel` once in test mode; returns the per-test results (including synthetic failures
+/// for a crash, a hang or a bad exit status) and a one-line note about the boot.
+fn boot_and_test(
+    spec: &KernelSpec,
+    kernel: &Kernel,
+    initrd: &Path,
+    opts: &TestOptions,
+) -> Result<(Vec<TestResult>, String)> {
+    let label = spec.label;
+    let log_path = target_dir().join(format!("vm/{label}.log"));
+    let boot = Boot {
+        label,
+        kernel,
+        initrd,
+        append: append_line(label, opts.filter.as_deref(), &Mode::Test)?,
+        mem: TEST_MEM,
+        extra_args: Vec::new(),
+        timeout: opts.timeout,
+        quiet: opts.quiet,
+        log_path: log_path.clone(),
+    };
+    let mut results = Vec::new();
+    let mut running: Option<String> = None;
+    let outcome = run_guest(&boot, |line| {
+        if let Some(ev) = parse_test_line(line) {
             match ev {
                 Event::Start(name) => running = Some(name),
                 Event::Done(status, name, secs, reason) => {
@@ -378,12 +457,13 @@ fn boot_and_test(
                 }
             }
         }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = reader.join();
-    log.flush()?;
-    let total = start.elapsed().as_secs_f64();
+    })?;
+    let Outcome {
+        rc,
+        timed_out,
+        booted,
+        total,
+    } = outcome;
 
     let boot_name = "<boot>".to_string();
     let fail = |name: String, reason: String| TestResult {

@@ -1,0 +1,203 @@
+#!/bin/sh
+# Guest side of `cargo xtask bench` (embedded into the initramfs at /opt/bin/ublk-bench by
+# xtask/src/initramfs.rs; the host side is xtask/src/bench.rs).
+#
+# Runs a fixed fio matrix against kernel baselines (null_blk, loop with direct IO) and our ublk
+# devices (null, loop in copy / NEED_GET_DATA / USER_COPY mode, qcow2), with 1 and 2 queues.
+# Progress goes to the console; results go to the second serial port (/dev/ttyS1), which the
+# host saves to a file, so kernel messages cannot interleave with them:
+#   @@RUN group=G queues=Q dev=D job=J rc=N daemon_ticks=T sys_busy=B sys_total=A win_busy=W
+#         win_secs=S win_ios=I win_daemon=T threads_before=TID:COMM:TICKS,... threads_after=...@@
+#   <fio --output-format=json output>
+#   @@END@@
+#   @@SKIP group=G queues=Q dev=D reason=...@@
+#   @@INFO key=value@@
+# Parameters (kernel command-line words): UBLK_BENCH_RUNTIME (seconds per fio run),
+# UBLK_BENCH_FILTER (comma-separated substrings of "dev/qQ/job"), UBLK_BENCH_FILE_MB.
+
+RUNTIME=${UBLK_BENCH_RUNTIME:-8}
+FILTER=${UBLK_BENCH_FILTER:-}
+FILE_MB=${UBLK_BENCH_FILE_MB:-512}
+NULL_GB=4
+KO=/lib/modules/$(uname -r)
+W=/tmp/bench
+RAW=$W/raw.img
+QCOW=$W/img.qcow2
+JOBS="randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd32 read-128k-qd8"
+
+stty -F /dev/ttyS1 raw -echo 2>/dev/null
+exec 3>/dev/ttyS1
+out() { printf '%s\n' "$*" >&3; }
+log() { echo "bench: [$(cut -d' ' -f1 /proc/uptime)] $*"; }
+
+matches() { # name
+    [ -z "$FILTER" ] && return 0
+    old_ifs=$IFS; IFS=,
+    for f in $FILTER; do
+        case "$1" in *"$f"*) IFS=$old_ifs; return 0 ;; esac
+    done
+    IFS=$old_ifs
+    return 1
+}
+
+# utime+stime of a whole process (all its threads), in clock ticks.
+proc_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# Per-thread "tid:comm:ticks" for a process, comma-separated (one awk for all threads: forks are
+# slow under TCG).
+thread_ticks() {
+    awk '{c = $2; gsub(/[()]/, "", c); printf "%s%s:%s:%d", sep, $1, c, $14 + $15; sep = ","}' \
+        /proc/$1/task/*/stat 2>/dev/null
+}
+# Busy and total ticks of all CPUs (busy = all but idle and iowait).
+sys_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat; }
+
+# CPU figures come from a window inside fio's steady state: from 1.5 s after fio starts, for
+# RUNTIME - 1.5 s (fio's own start-up costs most of a second under TCG and would otherwise weigh
+# on every figure). Writes "busy_ticks window_seconds ios daemon_ticks" to $W/win: guest busy
+# ticks (both CPUs), the IOs the device completed (/sys/block/DEV/stat), the daemon's ticks.
+window() { # dev pid
+    rm -f $W/win
+    [ "$RUNTIME" -ge 3 ] || return 0
+    (
+        blk=/sys/block/${1#/dev/}/stat
+        sleep 1.5
+        set -- "$2" $(sys_ticks) $(cut -d' ' -f1 /proc/uptime) $(awk '{print $1 + $5}' $blk) \
+            $([ -n "$2" ] && proc_ticks "$2" || echo 0)
+        sleep $((RUNTIME - 2)).5
+        set -- "$@" $(sys_ticks) $(cut -d' ' -f1 /proc/uptime) $(awk '{print $1 + $5}' $blk) \
+            $([ -n "$1" ] && proc_ticks "$1" || echo 0)
+        echo "$(($7 - $2)) $(awk -v a="$4" -v b="$9" 'BEGIN{printf "%.2f", b - a}') $((${10} - $5)) $((${11} - $6))" >$W/win
+    ) &
+    WINDOW_PID=$!
+}
+
+# Daemon pid of a ublk device from `ublk add` output (second line, field 7).
+UBLK_ADD_OUT=$W/add.out
+ublk_add() { # name args...
+    name=$1; shift
+    if ! /opt/bin/ublk add "$@" >$UBLK_ADD_OUT 2>&1; then
+        log "ublk add $* failed: $(tr '\n' ' ' <$UBLK_ADD_OUT)"
+        return 1
+    fi
+    id=$(awk 'NR==1{sub(":", "", $3); print $3}' $UBLK_ADD_OUT)
+    pid=$(awk 'NR==2{print $7}' $UBLK_ADD_OUT)
+    dev=/dev/ublkb$id
+    i=0
+    while [ ! -b "$dev" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+    [ -b "$dev" ] || { log "$dev did not appear"; return 1; }
+    eval "DEV_$name=$dev PID_$name=$pid"
+    log "$name: $dev daemon pid $pid ($(sed -n 2p $UBLK_ADD_OUT | tr -s '\t ' ' '))"
+}
+
+# One fio run: group queues devname job
+run() {
+    group=$1 q=$2 name=$3 job=$4
+    eval "dev=\$DEV_$name pid=\$PID_$name"
+    matches "$name/q$q/$job" || return 0
+    if [ -z "$dev" ]; then
+        return 0
+    fi
+    case $job in
+        randread-4k-qd1) rw=randread bs=4k qd=1 ;;
+        randread-4k-qd32) rw=randread bs=4k qd=32 ;;
+        randwrite-4k-qd32) rw=randwrite bs=4k qd=32 ;;
+        read-128k-qd8) rw=read bs=128k qd=8 ;;
+    esac
+    set -- --name="$job" --filename="$dev" --ioengine=io_uring --direct=1 \
+        --clocksource=clock_gettime --lat_percentiles=1 --percentile_list=50:99:99.9 \
+        --time_based --runtime="$RUNTIME" --rw=$rw --bs=$bs --iodepth=$qd \
+        --norandommap --randrepeat=0 --group_reporting --output-format=json --output=$W/fio.json
+    if [ "$q" = 2 ]; then
+        # One job per vCPU, each submitting to the hardware queue of its CPU; same iodepth per job.
+        set -- "$@" --numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split
+        if [ $rw = read ]; then
+            size=$(($(cat /sys/class/block/${dev#/dev/}/size) * 512 / 2))
+            set -- "$@" --size=$size --offset_increment=$size
+        fi
+    fi
+    log "$group q$q $name $job ($dev)"
+    t0=0 t1=0 th0="" th1="" WINDOW_PID=""
+    [ -n "$pid" ] && t0=$(proc_ticks $pid) && th0=$(thread_ticks $pid)
+    s0=$(sys_ticks)
+    window "$dev" "$pid"
+    /opt/bin/fio "$@" >$W/fio.err 2>&1
+    rc=$?
+    s1=$(sys_ticks)
+    [ -n "$pid" ] && t1=$(proc_ticks $pid) && th1=$(thread_ticks $pid)
+    [ -n "$WINDOW_PID" ] && wait $WINDOW_PID
+    win=$(cat $W/win 2>/dev/null)
+    [ $rc = 0 ] || log "fio failed ($rc): $(tail -n 3 $W/fio.err | tr '\n' ' ')"
+    set -- $s0 $s1 $win
+    out "@@RUN group=$group queues=$q dev=$name job=$job rc=$rc daemon_ticks=$((t1 - t0)) sys_busy=$(($3 - $1)) sys_total=$(($4 - $2)) win_busy=${5:-} win_secs=${6:-} win_ios=${7:-} win_daemon=${8:-} threads_before=$th0 threads_after=$th1@@"
+    cat $W/fio.json >&3
+    out "@@END@@"
+}
+
+skip() { # group queues devname reason
+    out "@@SKIP group=$1 queues=$2 dev=$3 reason=$4@@"
+    log "SKIP $1 q$2 $3: $4"
+}
+
+null_group() { # queues
+    q=$1
+    rmmod null_blk 2>/dev/null
+    DEV_null_blk="" PID_null_blk=""
+    if insmod $KO/null_blk.ko queue_mode=2 submit_queues=$q gb=$NULL_GB; then
+        i=0; while [ ! -b /dev/nullb0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+        DEV_null_blk=/dev/nullb0
+        log "null_blk: $(cat /sys/block/nullb0/queue/nr_requests 2>/dev/null) requests, hw queues: $(ls /sys/block/nullb0/mq | wc -l)"
+    else
+        skip null $q null_blk "insmod null_blk failed"
+    fi
+    DEV_ublk_null="" PID_ublk_null=""
+    ublk_add ublk_null -t null -q $q --size ${NULL_GB}G || skip null $q ublk_null "ublk add failed"
+    for job in $JOBS; do
+        run null $q null_blk $job
+        run null $q ublk_null $job
+    done
+    /opt/bin/ublk del -a
+    rmmod null_blk
+}
+
+loop_group() { # queues
+    q=$1
+    DEV_loop="" PID_loop=""
+    if l=$(/opt/bin/losetup --direct-io=on --show -f $RAW); then
+        dio=$(cat /sys/block/${l#/dev/}/loop/dio)
+        if [ "$dio" = 1 ]; then DEV_loop=$l; else skip loop $q loop "dio=$dio, not direct IO"; fi
+        log "loop: $l dio=$dio"
+    else
+        skip loop $q loop "losetup failed"
+    fi
+    for v in ublk_loop ublk_loop_g ublk_loop_u ublk_qcow2; do eval "DEV_$v='' PID_$v=''"; done
+    ublk_add ublk_loop -t loop -q $q -f $RAW || skip loop $q ublk_loop "ublk add failed"
+    ublk_add ublk_loop_g -t loop -q $q -g -f $RAW || skip loop $q ublk_loop_g "ublk add -g failed"
+    ublk_add ublk_loop_u -t loop -q $q -u -f $RAW || skip loop $q ublk_loop_u "ublk add -u failed"
+    ublk_add ublk_qcow2 -t qcow2 -q $q -f $QCOW || skip loop $q ublk_qcow2 "ublk add -t qcow2 failed"
+    for job in $JOBS; do
+        for d in loop ublk_loop ublk_loop_g ublk_loop_u ublk_qcow2; do
+            run loop $q $d $job
+        done
+    done
+    /opt/bin/ublk del -a
+    [ -n "$l" ] && /opt/bin/losetup -d $l
+}
+
+mkdir -p $W
+out "@@INFO kernel=$(uname -r)@@"
+out "@@INFO runtime=$RUNTIME@@"
+out "@@INFO features=$(/opt/bin/ublk features 2>/dev/null | tr '\n' ' ')@@"
+out "@@INFO cpus=$(grep -c ^processor /proc/cpuinfo) mem_kb=$(awk '/MemTotal/{print $2}' /proc/meminfo) clk_tck=100@@"
+log "kernel $(uname -r), ${RUNTIME}s per run, filter '$FILTER'"
+log "writing ${FILE_MB} MiB raw file and fully allocated qcow2 image on tmpfs"
+dd if=/dev/zero of=$RAW bs=1M count=$FILE_MB 2>/dev/null
+/opt/bin/qemu-img create -q -f qcow2 -o preallocation=full $QCOW ${FILE_MB}M
+/opt/bin/qemu-img check $QCOW | tail -n 2 | sed 's/^/bench: qcow2: /'
+log "tmpfs usage: $(du -sk $W | cut -f1) KiB"
+
+for q in 1 2; do
+    null_group $q
+    loop_group $q
+done
+out "@@DONE@@"
+exec 3>&-

@@ -1,0 +1,811 @@
+//! `cargo xtask bench`: boot each kernel once under qemu and run a fixed fio matrix against kernel
+//! baselines (null_blk, loop with direct IO) and our ublk devices, in the same boot.
+//!
+//! The guest side is `xtask/guest/bench.sh` (`/opt/bin/ublk-bench` in the initramfs). It writes
+//! its results to the guest's second serial port, which qemu saves to
+//! `target/vm/bench-<kernel>.out`; progress and kernel messages stay on the console
+//! (`target/vm/bench-<kernel>.log`). This module parses the results, prints the tables and writes
+//! `docs/benchmarks.md`.
+
+use crate::initramfs::Mode;
+use crate::json::{self, Value};
+use crate::kernel::KernelSpec;
+use crate::vm::{self, Boot, Outcome};
+use anyhow::{bail, Context, Result};
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::fs;
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+/// Seconds per fio run by default and with `--quick`.
+pub const DEFAULT_RUNTIME: u64 = 5;
+pub const QUICK_RUNTIME: u64 = 3;
+
+/// Guest memory: the raw file and the qcow2 image live on tmpfs.
+const BENCH_MEM: &str = "3G";
+
+/// Clock ticks per second in the guest (`CONFIG_HZ` does not matter: /proc reports USER_HZ).
+const CLK_TCK: f64 = 100.0;
+
+/// The fio jobs, in the guest script's spelling and order.
+const JOBS: &[&str] = &[
+    "randread-4k-qd1",
+    "randread-4k-qd32",
+    "randwrite-4k-qd32",
+    "read-128k-qd8",
+];
+
+/// Devices in table order: guest name, display name, baseline (guest name).
+const DEVICES: &[(&str, &str, Option<&str>)] = &[
+    ("null_blk", "null_blk", None),
+    ("ublk_null", "ublk null", Some("null_blk")),
+    ("loop", "loop (dio)", None),
+    ("ublk_loop", "ublk loop", Some("loop")),
+    ("ublk_loop_g", "ublk loop -g", Some("loop")),
+    ("ublk_loop_u", "ublk loop -u", Some("loop")),
+    ("ublk_qcow2", "ublk qcow2", Some("ublk_loop")),
+];
+
+/// Number of fio runs per boot (2 groups x 2 queue counts x jobs x devices).
+const RUNS_PER_BOOT: u64 = 2 * JOBS.len() as u64 * DEVICES.len() as u64;
+
+#[derive(Debug)]
+pub struct BenchOptions {
+    pub kernels: Vec<&'static KernelSpec>,
+    pub quick: bool,
+    pub runtime: Option<u64>,
+    pub filter: Option<String>,
+    pub timeout: Option<u64>,
+    pub quiet: bool,
+    pub no_build: bool,
+    pub no_docs: bool,
+}
+
+/// One fio run as reported by the guest.
+#[derive(Debug, Clone)]
+struct Run {
+    queues: u32,
+    dev: String,
+    job: String,
+    rc: i32,
+    iops: f64,
+    bw_bytes: f64,
+    /// Standard deviation of fio's per-interval IOPS samples, relative to their mean.
+    iops_sd: Option<f64>,
+    lat_mean_ns: f64,
+    lat_p99_ns: f64,
+    ios: f64,
+    daemon_ticks: u64,
+    sys_busy: u64,
+    sys_total: u64,
+    /// The steady-state window (runs of 3 s or more): guest busy ticks, IOs the device
+    /// completed, daemon ticks.
+    win_busy: Option<u64>,
+    win_ios: Option<u64>,
+    win_daemon: Option<u64>,
+    /// Per-thread daemon ticks during the run: (comm, ticks), non-zero only.
+    threads: Vec<(String, u64)>,
+    error: Option<String>,
+}
+
+impl Run {
+    fn is_ublk(&self) -> bool {
+        self.dev.starts_with("ublk")
+    }
+    fn ok(&self) -> bool {
+        self.rc == 0 && self.error.is_none() && self.ios > 0.0
+    }
+    /// IOs and (daemon, guest busy) ticks of the steady-state window if there is one, else of
+    /// the whole fio invocation.
+    fn cpu_sample(&self) -> Option<(f64, u64, u64)> {
+        if !self.ok() {
+            return None;
+        }
+        match (self.win_ios, self.win_busy, self.win_daemon) {
+            (Some(ios), Some(busy), Some(daemon)) if ios > 0 => Some((ios as f64, daemon, busy)),
+            _ => Some((self.ios, self.daemon_ticks, self.sys_busy)),
+        }
+    }
+    /// Daemon CPU time (all its threads) per IO in microseconds.
+    fn daemon_us(&self) -> Option<f64> {
+        let (ios, daemon, _) = self.cpu_sample()?;
+        self.is_ublk().then(|| daemon as f64 / CLK_TCK * 1e6 / ios)
+    }
+    /// Busy time of all guest CPUs per IO in microseconds.
+    fn guest_us(&self) -> Option<f64> {
+        let (ios, _, busy) = self.cpu_sample()?;
+        Some(busy as f64 / CLK_TCK * 1e6 / ios)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Skip {
+    queues: u32,
+    dev: String,
+    reason: String,
+}
+
+#[derive(Debug)]
+struct KernelResults {
+    label: String,
+    release: String,
+    runs: Vec<Run>,
+    skips: Vec<Skip>,
+    infos: Vec<(String, String)>,
+    outcome: Outcome,
+    done: bool,
+    load_before: String,
+    load_after: String,
+    /// Host 1-minute load average sampled at every progress line: (min, max).
+    load_range: Option<(f64, f64)>,
+}
+
+pub fn run(opts: &BenchOptions) -> Result<ExitCode> {
+    let runtime = opts.runtime.unwrap_or(if opts.quick {
+        QUICK_RUNTIME
+    } else {
+        DEFAULT_RUNTIME
+    });
+    if runtime == 0 {
+        bail!("--runtime must be at least 1 second");
+    }
+    if let Some(f) = &opts.filter {
+        vm::check_word("--filter", f)?;
+    }
+    let command = format!(
+        "cargo xtask {}",
+        std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+    );
+    let date = crate::kernel::run(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let bins = vm::build_binaries(opts.no_build)?;
+    let timeout = Duration::from_secs(opts.timeout.unwrap_or(300 + RUNS_PER_BOOT * (runtime + 6)));
+
+    let mut all = Vec::new();
+    for spec in &opts.kernels {
+        let (kernel, initrd) = vm::prepare(spec, &bins, &Mode::Bench)?;
+        let dir = vm::target_dir().join("vm");
+        let out_path = dir.join(format!("bench-{}.out", spec.label));
+        let _ = fs::remove_file(&out_path);
+        let mut append = vm::base_append(spec.label);
+        append.push_str(&format!(" UBLK_BENCH_RUNTIME={runtime}"));
+        if let Some(f) = opts.filter.as_deref().filter(|f| !f.is_empty()) {
+            append.push_str(&format!(" UBLK_BENCH_FILTER={f}"));
+        }
+        let mut serial1 = OsString::from("file:");
+        serial1.push(&out_path);
+        let boot = Boot {
+            label: spec.label,
+            kernel: &kernel,
+            initrd: &initrd,
+            append,
+            mem: BENCH_MEM,
+            extra_args: vec!["-serial".into(), serial1],
+            timeout,
+            quiet: opts.quiet,
+            log_path: dir.join(format!("bench-{}.log", spec.label)),
+        };
+        let load_before = loadavg();
+        let mut loads: Vec<f64> = Vec::new();
+        let outcome = vm::run_guest(&boot, |line| {
+            if line.starts_with("bench: ") {
+                if let Some(l) = loadavg()
+                    .split_whitespace()
+                    .next()
+                    .and_then(|l| l.parse().ok())
+                {
+                    loads.push(l);
+                }
+                if opts.quiet {
+                    println!("{}| {line}", spec.label);
+                }
+            }
+        })?;
+        let load_range = loads.iter().fold(None, |acc: Option<(f64, f64)>, &l| {
+            Some(acc.map_or((l, l), |(a, b)| (a.min(l), b.max(l))))
+        });
+        let load_after = loadavg();
+        let text = fs::read(&out_path)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .with_context(|| format!("reading {}", out_path.display()))?;
+        let (runs, skips, infos, done) = parse_results(&text);
+        let release = infos
+            .iter()
+            .find(|(k, _)| k == "kernel")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| kernel.release.clone());
+        eprintln!(
+            "xtask: {} ({release}): {} runs, {} skipped, guest rc {:?}, {:.0}s{}",
+            spec.label,
+            runs.len(),
+            skips.len(),
+            outcome.rc,
+            outcome.total,
+            if outcome.timed_out { ", TIMED OUT" } else { "" }
+        );
+        all.push(KernelResults {
+            label: spec.label.to_string(),
+            release,
+            runs,
+            skips,
+            infos,
+            outcome,
+            done,
+            load_before,
+            load_after,
+            load_range,
+        });
+    }
+
+    let mut failed = false;
+    println!();
+    for k in &all {
+        println!("==== ublk bench: {} ({}) ====", k.label, k.release);
+        println!();
+        print!("{}", summary_table(k));
+        println!();
+        print!("{}", full_table(k));
+        for s in &k.skips {
+            println!("SKIP q{} {}: {}", s.queues, s.dev, s.reason);
+        }
+        for r in k.runs.iter().filter(|r| !r.ok()) {
+            failed = true;
+            println!(
+                "FAIL q{} {} {}: {}",
+                r.queues,
+                r.dev,
+                r.job,
+                r.error.as_deref().unwrap_or("fio failed")
+            );
+        }
+        if k.outcome.rc != Some(0) || !k.done || k.runs.is_empty() {
+            failed = true;
+            println!(
+                "FAIL {}: guest did not finish the matrix (rc {:?}{}); console log in target/vm/bench-{}.log",
+                k.label,
+                k.outcome.rc,
+                if k.outcome.timed_out { ", timed out" } else { "" },
+                k.label
+            );
+        }
+        println!();
+    }
+
+    let filtered = opts.filter.as_deref().is_some_and(|f| !f.is_empty());
+    if !opts.no_docs && !filtered && !all.is_empty() {
+        let path = crate::project_root().join("docs/benchmarks.md");
+        let doc = render_doc(
+            &all,
+            &DocInfo {
+                date,
+                command,
+                runtime,
+            },
+        );
+        fs::write(&path, doc).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("xtask: wrote {}", path.display());
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// `key=value` words of a marker line; `reason=` takes the rest of the line.
+fn fields(body: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = body.trim();
+    while !rest.is_empty() {
+        if let Some(r) = rest.strip_prefix("reason=") {
+            out.push(("reason".into(), r.trim().to_string()));
+            break;
+        }
+        let (word, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+        if let Some((k, v)) = word.split_once('=') {
+            out.push((k.to_string(), v.to_string()));
+        }
+        rest = tail.trim_start();
+    }
+    out
+}
+
+fn field<'a>(f: &'a [(String, String)], key: &str) -> &'a str {
+    f.iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("")
+}
+
+/// `tid:comm:ticks,...` before and after -> per-thread deltas (non-zero).
+fn thread_deltas(before: &str, after: &str) -> Vec<(String, u64)> {
+    let parse = |s: &str| -> Vec<(String, String, u64)> {
+        s.split(',')
+            .filter_map(|t| {
+                let mut it = t.splitn(3, ':');
+                Some((
+                    it.next()?.to_string(),
+                    it.next()?.to_string(),
+                    it.next()?.parse().ok()?,
+                ))
+            })
+            .collect()
+    };
+    let b = parse(before);
+    parse(after)
+        .into_iter()
+        .filter_map(|(tid, comm, t1)| {
+            let t0 = b
+                .iter()
+                .find(|(t, _, _)| *t == tid)
+                .map_or(0, |(_, _, t)| *t);
+            (t1 > t0).then(|| (comm, t1 - t0))
+        })
+        .collect()
+}
+
+type Parsed = (Vec<Run>, Vec<Skip>, Vec<(String, String)>, bool);
+
+fn parse_results(text: &str) -> Parsed {
+    let mut runs = Vec::new();
+    let mut skips = Vec::new();
+    let mut infos = Vec::new();
+    let mut done = false;
+    let mut lines = text.lines().map(|l| l.trim_end_matches('\r'));
+    while let Some(line) = lines.next() {
+        let Some(body) = line
+            .trim()
+            .strip_prefix("@@")
+            .and_then(|b| b.strip_suffix("@@"))
+        else {
+            continue;
+        };
+        if let Some(h) = body.strip_prefix("RUN ") {
+            let mut js = String::new();
+            for l in lines.by_ref() {
+                if l.trim() == "@@END@@" {
+                    break;
+                }
+                js.push_str(l);
+                js.push('\n');
+            }
+            runs.push(make_run(&fields(h), &js));
+        } else if let Some(h) = body.strip_prefix("SKIP ") {
+            let f = fields(h);
+            skips.push(Skip {
+                queues: field(&f, "queues").parse().unwrap_or(0),
+                dev: field(&f, "dev").to_string(),
+                reason: field(&f, "reason").to_string(),
+            });
+        } else if let Some(h) = body.strip_prefix("INFO ") {
+            if let Some((k, v)) = h.split_once('=') {
+                infos.push((k.to_string(), v.trim().to_string()));
+            }
+        } else if body == "DONE" {
+            done = true;
+        }
+    }
+    (runs, skips, infos, done)
+}
+
+fn make_run(f: &[(String, String)], fio_json: &str) -> Run {
+    let num = |k: &str| field(f, k).parse::<u64>().unwrap_or(0);
+    let job = field(f, "job").to_string();
+    let mut r = Run {
+        queues: field(f, "queues").parse().unwrap_or(0),
+        dev: field(f, "dev").to_string(),
+        rc: field(f, "rc").parse().unwrap_or(-1),
+        iops: 0.0,
+        bw_bytes: 0.0,
+        iops_sd: None,
+        lat_mean_ns: 0.0,
+        lat_p99_ns: 0.0,
+        ios: 0.0,
+        daemon_ticks: num("daemon_ticks"),
+        sys_busy: num("sys_busy"),
+        sys_total: num("sys_total"),
+        win_busy: field(f, "win_busy").parse().ok(),
+        win_ios: field(f, "win_ios").parse().ok(),
+        win_daemon: field(f, "win_daemon").parse().ok(),
+        threads: thread_deltas(field(f, "threads_before"), field(f, "threads_after")),
+        error: None,
+        job,
+    };
+    // fio may print warnings before the JSON document.
+    let start = fio_json.find('{').unwrap_or(0);
+    match json::parse(&fio_json[start..]) {
+        Err(e) => r.error = Some(format!("fio output is not JSON: {e:#}")),
+        Ok(v) => {
+            let dir = if r.job.contains("write") {
+                "write"
+            } else {
+                "read"
+            };
+            let get = |p: &[&str]| {
+                let mut path = vec!["jobs", "0", dir];
+                path.extend_from_slice(p);
+                v.at(&path).and_then(Value::num)
+            };
+            r.iops = get(&["iops"]).unwrap_or(0.0);
+            r.bw_bytes = get(&["bw_bytes"]).unwrap_or(0.0);
+            r.iops_sd = match (get(&["iops_stddev"]), get(&["iops_mean"])) {
+                (Some(sd), Some(m)) if m > 0.0 => Some(sd / m),
+                _ => None,
+            };
+            r.lat_mean_ns = get(&["lat_ns", "mean"]).unwrap_or(0.0);
+            r.lat_p99_ns = get(&["lat_ns", "percentile", "99.000000"]).unwrap_or(0.0);
+            r.ios = ["read", "write"]
+                .iter()
+                .filter_map(|d| v.at(&["jobs", "0", d, "total_ios"]).and_then(Value::num))
+                .sum();
+            if let Some(e) = v.at(&["jobs", "0", "error"]).and_then(Value::num) {
+                if e != 0.0 {
+                    r.error = Some(format!("fio job error {e}"));
+                }
+            }
+        }
+    }
+    r
+}
+
+fn display_name(dev: &str) -> &str {
+    DEVICES
+        .iter()
+        .find(|(n, _, _)| *n == dev)
+        .map_or(dev, |(_, d, _)| d)
+}
+
+fn baseline(dev: &str) -> Option<&'static str> {
+    DEVICES.iter().find(|(n, _, _)| *n == dev).and_then(|d| d.2)
+}
+
+fn find<'a>(k: &'a KernelResults, q: u32, dev: &str, job: &str) -> Option<&'a Run> {
+    k.runs
+        .iter()
+        .find(|r| r.queues == q && r.dev == dev && r.job == job)
+}
+
+fn ratio(k: &KernelResults, r: &Run) -> Option<(f64, &'static str)> {
+    let base = baseline(&r.dev)?;
+    let b = find(k, r.queues, base, &r.job).filter(|b| b.ok() && b.iops > 0.0)?;
+    r.ok().then(|| (r.iops / b.iops, base))
+}
+
+/// A markdown table with padded columns (readable as text too).
+fn table(header: &[&str], rows: &[Vec<String>], right: &[bool]) -> String {
+    let n = header.len();
+    let mut w: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate().take(n) {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let cell = |i: usize, s: &str| {
+        let pad = w[i] - s.chars().count();
+        if right.get(i).copied().unwrap_or(false) {
+            format!("{}{s}", " ".repeat(pad))
+        } else {
+            format!("{s}{}", " ".repeat(pad))
+        }
+    };
+    let mut out = String::new();
+    let line = |cells: Vec<String>| format!("| {} |\n", cells.join(" | "));
+    out.push_str(&line(
+        header.iter().enumerate().map(|(i, h)| cell(i, h)).collect(),
+    ));
+    out.push_str(&line(
+        (0..n)
+            .map(|i| {
+                if right.get(i).copied().unwrap_or(false) {
+                    format!("{}:", "-".repeat(w[i].max(2) - 1))
+                } else {
+                    "-".repeat(w[i].max(1))
+                }
+            })
+            .collect(),
+    ));
+    for r in rows {
+        out.push_str(&line((0..n).map(|i| cell(i, &r[i])).collect()));
+    }
+    out
+}
+
+fn fmt_opt(v: Option<f64>, prec: usize) -> String {
+    v.map_or("-".to_string(), |v| format!("{v:.prec$}"))
+}
+
+/// IOPS of each of our devices relative to its baseline: rows (queues, device), columns jobs.
+fn summary_table(k: &KernelResults) -> String {
+    let mut header = vec!["queues", "device", "vs"];
+    header.extend_from_slice(JOBS);
+    let mut rows = Vec::new();
+    for q in [1, 2] {
+        for (dev, name, base) in DEVICES {
+            let Some(base) = base else { continue };
+            if !k.runs.iter().any(|r| r.queues == q && r.dev == *dev) {
+                continue;
+            }
+            let mut row = vec![
+                q.to_string(),
+                name.to_string(),
+                display_name(base).to_string(),
+            ];
+            for job in JOBS {
+                row.push(fmt_opt(
+                    find(k, q, dev, job).and_then(|r| ratio(k, r)).map(|x| x.0),
+                    2,
+                ));
+            }
+            rows.push(row);
+        }
+    }
+    let mut right = vec![true, false, false];
+    right.extend(JOBS.iter().map(|_| true));
+    table(&header, &rows, &right)
+}
+
+fn full_table(k: &KernelResults) -> String {
+    let header = [
+        "queues",
+        "job",
+        "device",
+        "IOPS",
+        "±%",
+        "MB/s",
+        "lat mean µs",
+        "lat p99 µs",
+        "daemon CPU µs/IO",
+        "guest CPU µs/IO",
+        "IOPS ratio",
+        "daemon ticks by thread",
+    ];
+    let mut rows = Vec::new();
+    for group in [&DEVICES[..2], &DEVICES[2..]] {
+        for q in [1, 2] {
+            for job in JOBS {
+                for (dev, name, _) in group {
+                    let Some(r) = find(k, q, dev, job) else {
+                        continue;
+                    };
+                    let ok = r.ok();
+                    let ratio = ratio(k, r)
+                        .map(|(x, b)| format!("{x:.2} vs {}", display_name(b)))
+                        .unwrap_or_else(|| "-".into());
+                    rows.push(vec![
+                        q.to_string(),
+                        job.to_string(),
+                        name.to_string(),
+                        if ok {
+                            format!("{:.0}", r.iops)
+                        } else {
+                            "FAILED".into()
+                        },
+                        fmt_opt(r.iops_sd.filter(|_| ok).map(|x| 100.0 * x), 0),
+                        fmt_opt(ok.then_some(r.bw_bytes / 1e6), 1),
+                        fmt_opt(ok.then_some(r.lat_mean_ns / 1e3), 1),
+                        fmt_opt(ok.then_some(r.lat_p99_ns / 1e3), 1),
+                        fmt_opt(r.daemon_us(), 2),
+                        fmt_opt(r.guest_us(), 2),
+                        ratio,
+                        r.threads
+                            .iter()
+                            .map(|(c, t)| format!("{c} {t}"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    ]);
+                }
+            }
+        }
+    }
+    let right = [
+        true, false, false, true, true, true, true, true, true, true, false, false,
+    ];
+    table(&header, &rows, &right)
+}
+
+struct DocInfo {
+    date: String,
+    command: String,
+    runtime: u64,
+}
+
+fn first_line(cmd: &str, args: &[&str]) -> String {
+    crate::kernel::run(Command::new(cmd).args(args))
+        .ok()
+        .and_then(|s| s.lines().next().map(|l| l.trim().to_string()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn host_cpu() -> String {
+    let info = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = info
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let n = info.lines().filter(|l| l.starts_with("processor")).count();
+    format!("{model} ({n} logical CPUs)")
+}
+
+fn render_doc(all: &[KernelResults], d: &DocInfo) -> String {
+    let mut s = String::new();
+    let qemu = first_line("qemu-system-x86_64", &["--version"]);
+    let fio = first_line("fio", &["--version"]);
+    let _ = writeln!(s, "# Benchmarks under emulation\n");
+    let _ = writeln!(
+        s,
+        "Generated by `cargo xtask bench` (xtask/src/bench.rs, guest side xtask/guest/bench.sh); \
+         rerun it rather than editing this file.\n"
+    );
+    let _ = writeln!(s, "| | |\n|-|-|");
+    let _ = writeln!(s, "| date | {} |", d.date);
+    let _ = writeln!(s, "| command | `{}` |", d.command);
+    for k in all {
+        let _ = writeln!(s, "| kernel {} | {} |", k.label, k.release);
+    }
+    let _ = writeln!(s, "| qemu | {qemu} |");
+    let _ = writeln!(s, "| host CPU | {} |", host_cpu());
+    let _ = writeln!(
+        s,
+        "| guest | TCG (`-accel tcg,thread=multi`, no KVM), `-cpu max,erms=off,fsrm=off`, 2 vCPUs, {BENCH_MEM} RAM |"
+    );
+    let _ = writeln!(s, "| fio | {fio} (the host's, copied into the guest) |");
+    let _ = writeln!(s, "| runtime | {} s per fio run, time based |", d.runtime);
+    for k in all {
+        let range = k
+            .load_range
+            .map(|(a, b)| format!("; 1-min load {a:.1}-{b:.1} during the runs"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "| host load avg. (1/5/15 min) | {}: {} before, {} after{range} (boot {:.0} s) |",
+            k.label, k.load_before, k.load_after, k.outcome.total
+        );
+    }
+    s.push('\n');
+    s.push_str(
+        "## Reading these numbers\n\n\
+         Everything ran under qemu's TCG, an instruction-translating emulator on a shared host: the \
+         absolute figures are those of an emulated machine (tens of times slower than hardware) and \
+         move between boots by about ±5 % for 4k runs and up to ±20 % for 128k sequential ones. \
+         **Only ratios between runs of the same boot mean anything**: each of our devices is \
+         compared with its kernel baseline measured a few seconds earlier in the same guest (runs \
+         alternate between the devices job by job). Even those ratios are those of an emulated CPU, \
+         whose costs differ from real hardware's (system calls, atomics, page-table walks and \
+         interrupts are comparatively expensive), so they show where time goes rather than \
+         predict production numbers.\n\n",
+    );
+    s.push_str(
+        "## Method\n\n\
+         - One boot per kernel runs the whole matrix; results come back on a second serial port.\n\
+         - fio: `--ioengine=io_uring --direct=1 --clocksource=clock_gettime --lat_percentiles=1 \
+           --time_based --norandommap --randrepeat=0 --group_reporting`, on the whole device. Jobs: \
+           4k randread QD1, 4k randread QD32, 4k randwrite QD32, 128k sequential read QD8.\n\
+         - Queues: with 1 queue, one fio job. With 2 queues, `--numjobs=2 --cpus_allowed=0-1 \
+           --cpus_allowed_policy=split`: one job per vCPU, each with the **same iodepth as the \
+           1-queue run** (so twice the IO in flight), each submitting to the hardware queue of its \
+           CPU. Sequential jobs read their own half of the device each. Our devices get `-q 2`; \
+           null_blk gets `submit_queues=2`; kernel loop has a single hardware queue whatever the \
+           count (its row under \"2\" is the same device driven by two jobs).\n\
+         - null: `null_blk queue_mode=2 submit_queues=N gb=4` (memory-less, default softirq \
+           completion, reloaded for each N) vs `ublk add -t null -q N --size 4G`.\n\
+         - loop: a 512 MiB file on tmpfs written in full with `dd` (not sparse). Kernel loop: \
+           util-linux `losetup --direct-io=on` (`/sys/block/loopN/loop/dio` checked to read 1). \
+           Ours: `ublk add -t loop -f FILE -q N` in copy mode, with `-g` (NEED_GET_DATA) and with \
+           `-u` (USER_COPY), all O_DIRECT on the same file.\n\
+         - qcow2: `ublk add -t qcow2 -f img.qcow2 -q N` on a 512 MiB image made with `qemu-img \
+           create -f qcow2 -o preallocation=full` (every cluster allocated, 64 KiB clusters), \
+           compared with our loop (copy mode) on the raw file.\n\
+         - Latency is fio's total latency (`lat`: submission to completion); `clat` alone is \
+           meaningless for devices that complete inline at submission.\n\
+         - CPU per IO is measured over a window inside each run, from 1.5 s after fio starts \
+           for runtime - 1.5 s (fio's start-up, most of a second under TCG, is left out), divided \
+           by the IOs the device completed in that window (`/sys/block/DEV/stat`). Daemon CPU \
+           µs/IO: utime+stime of the ublk daemon process (`/proc/PID/stat`, all its threads, \
+           io_uring's `iou-wrk` workers included). Guest CPU µs/IO: busy time of both vCPUs from \
+           `/proc/stat` (all but idle and iowait: fio, kernel, daemon), the only CPU figure the \
+           kernel baselines have. The clock tick is 10 ms (USER_HZ = 100), so the resolution is \
+           10 ms / IOs in the window: about 0.5 µs/IO at 20k IOs, 10 µs/IO at 1k IOs. The last \
+           column splits the daemon's ticks over the whole run by thread \
+           (`/proc/PID/task/*/stat`).\n\
+         - ±%: standard deviation of fio's IOPS samples (one per 500 ms) relative to their mean, a \
+           gauge of how steady the run was.\n\
+         - IOPS ratio: our IOPS / baseline IOPS in the same boot, same queue count and job; the \
+           baseline of ublk null is null_blk, of ublk loop (all modes) kernel loop with direct IO, \
+           of ublk qcow2 our loop in copy mode.\n\n",
+    );
+    for k in all {
+        let _ = writeln!(s, "## Linux {} ({})\n", k.label, k.release);
+        if let Some(f) = k.infos.iter().find(|(k, _)| k == "features") {
+            let _ = writeln!(s, "`ublk features`: {}\n", f.1.trim());
+        }
+        let _ = writeln!(
+            s,
+            "### IOPS relative to the baseline (same boot)\n\n{}",
+            summary_table(k)
+        );
+        let _ = writeln!(s, "### All runs\n\n{}", full_table(k));
+        for sk in &k.skips {
+            let _ = writeln!(s, "- skipped q{} {}: {}", sk.queues, sk.dev, sk.reason);
+        }
+        for r in k.runs.iter().filter(|r| !r.ok()) {
+            let _ = writeln!(
+                s,
+                "- FAILED q{} {} {}: {}",
+                r.queues,
+                r.dev,
+                r.job,
+                r.error.as_deref().unwrap_or("fio failed")
+            );
+        }
+        if k.outcome.rc != Some(0) || !k.done {
+            let _ = writeln!(
+                s,
+                "- the guest did not finish the matrix (rc {:?})",
+                k.outcome.rc
+            );
+        }
+        let idle: Vec<String> = k
+            .runs
+            .iter()
+            .filter(|r| r.ok() && r.sys_total > 0)
+            .map(|r| format!("{:.0}", 100.0 * r.sys_busy as f64 / r.sys_total as f64))
+            .collect();
+        if !idle.is_empty() {
+            let _ = writeln!(
+                s,
+                "\nGuest CPU busy per run (% of both vCPUs, table order): {}\n",
+                idle.join(" ")
+            );
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_guest_results() {
+        let text = "@@INFO kernel=6.12.1@@\r\n\
+            @@RUN group=null queues=1 dev=ublk_null job=randread-4k-qd1 rc=0 daemon_ticks=50 \
+            sys_busy=180 sys_total=200 win_busy=90 win_secs=1.00 win_ios=60000 win_daemon=30 \
+            threads_before=10:ublk:1,11:ublk0-q0:5 \
+            threads_after=10:ublk:1,11:ublk0-q0:55@@\r\n\
+            {\"jobs\":[{\"error\":0,\"read\":{\"iops\":10000.5,\"bw_bytes\":40962048,\
+            \"total_ios\":100000,\"lat_ns\":{\"mean\":95000.0,\"percentile\":{\"99.000000\":150000}}},\
+            \"write\":{\"total_ios\":0}}]}\r\n\
+            @@END@@\r\n\
+            @@SKIP group=loop queues=2 dev=ublk_loop_u reason=ublk add -u failed@@\r\n\
+            @@DONE@@\r\n";
+        let (runs, skips, infos, done) = parse_results(text);
+        assert!(done);
+        assert_eq!(infos, vec![("kernel".to_string(), "6.12.1".to_string())]);
+        assert_eq!(skips.len(), 1);
+        assert_eq!(skips[0].reason, "ublk add -u failed");
+        assert_eq!(runs.len(), 1);
+        let r = &runs[0];
+        assert!(r.ok(), "{r:?}");
+        assert_eq!(r.iops, 10000.5);
+        assert_eq!(r.lat_p99_ns, 150000.0);
+        assert_eq!(r.threads, vec![("ublk0-q0".to_string(), 50)]);
+        // Window: 30 ticks = 0.3 s over 60000 IOs = 5 µs/IO; 90 ticks: 15 µs/IO.
+        assert!((r.daemon_us().unwrap() - 5.0).abs() < 1e-9);
+        assert!((r.guest_us().unwrap() - 15.0).abs() < 1e-9);
+        // Without a window: the whole run (50 ticks over 100000 IOs).
+        let mut w = r.clone();
+        w.win_ios = None;
+        assert!((w.daemon_us().unwrap() - 5.0).abs() < 1e-9);
+        assert!((w.guest_us().unwrap() - 18.0).abs() < 1e-9);
+    }
+}
