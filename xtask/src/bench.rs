@@ -60,6 +60,8 @@ pub struct BenchOptions {
     pub quiet: bool,
     pub no_build: bool,
     pub no_docs: bool,
+    /// Seconds to wait, before each boot, for the host to be idle (0: do not wait).
+    pub wait_quiet: u64,
 }
 
 /// One fio run as reported by the guest.
@@ -139,6 +141,8 @@ struct KernelResults {
     load_after: String,
     /// Host 1-minute load average sampled at every progress line: (min, max).
     load_range: Option<(f64, f64)>,
+    /// CPUs the host spent on everything but this boot's qemu, on average over the boot.
+    other_cpus: Option<f64>,
 }
 
 pub fn run(opts: &BenchOptions) -> Result<ExitCode> {
@@ -187,7 +191,11 @@ pub fn run(opts: &BenchOptions) -> Result<ExitCode> {
             quiet: opts.quiet,
             log_path: dir.join(format!("bench-{}.log", spec.label)),
         };
+        if opts.wait_quiet > 0 {
+            wait_quiet(Duration::from_secs(opts.wait_quiet));
+        }
         let load_before = loadavg();
+        let (host0, kids0) = (host_busy_ticks(), children_ticks());
         let mut loads: Vec<f64> = Vec::new();
         let outcome = vm::run_guest(&boot, |line| {
             if line.starts_with("bench: ") {
@@ -207,6 +215,14 @@ pub fn run(opts: &BenchOptions) -> Result<ExitCode> {
             Some(acc.map_or((l, l), |(a, b)| (a.min(l), b.max(l))))
         });
         let load_after = loadavg();
+        let (host1, kids1) = (host_busy_ticks(), children_ticks());
+        // Host busy time minus qemu's (the only child waited for during the boot).
+        let other_cpus = match (host0, host1, kids0, kids1) {
+            (Some(h0), Some(h1), Some(k0), Some(k1)) if outcome.total > 0.0 => {
+                Some((h1 - h0 - (k1 - k0)).max(0.0) / outcome.total)
+            }
+            _ => None,
+        };
         let text = fs::read(&out_path)
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .with_context(|| format!("reading {}", out_path.display()))?;
@@ -236,6 +252,7 @@ pub fn run(opts: &BenchOptions) -> Result<ExitCode> {
             load_before,
             load_after,
             load_range,
+            other_cpus,
         });
     }
 
@@ -292,6 +309,54 @@ pub fn run(opts: &BenchOptions) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Busy seconds of all host CPUs so far (all but idle and iowait), from `/proc/stat`.
+fn host_busy_ticks() -> Option<f64> {
+    let stat = fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<f64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let idle = v.get(3)? + v.get(4)?;
+    // user nice system idle iowait irq softirq steal (guest time is already in user)
+    Some((v.iter().take(8).sum::<f64>() - idle) / CLK_TCK)
+}
+
+/// CPU seconds of this process's waited-for children (cutime + cstime of `/proc/self/stat`).
+fn children_ticks() -> Option<f64> {
+    let stat = fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 16 and 17 of stat; `rest` starts at field 3.
+    Some((f.get(13)?.parse::<f64>().ok()? + f.get(14)?.parse::<f64>().ok()?) / CLK_TCK)
+}
+
+/// Wait (at most `limit`) until the host's CPUs are nearly idle: other work on the host steals
+/// time from the emulated CPUs and makes every figure noisy.
+fn wait_quiet(limit: Duration) {
+    let start = std::time::Instant::now();
+    loop {
+        let b0 = host_busy_ticks();
+        std::thread::sleep(Duration::from_secs(5));
+        let busy = match (b0, host_busy_ticks()) {
+            (Some(a), Some(b)) => (b - a) / 5.0,
+            _ => return,
+        };
+        if busy < 0.25 {
+            eprintln!("xtask: host quiet ({busy:.2} CPUs busy)");
+            return;
+        }
+        if start.elapsed() >= limit {
+            eprintln!("xtask: host still busy ({busy:.2} CPUs); starting anyway");
+            return;
+        }
+        eprintln!("xtask: host busy ({busy:.2} CPUs), waiting for it to calm down ...");
+        std::thread::sleep(Duration::from_secs(25));
+    }
 }
 
 fn loadavg() -> String {
@@ -624,6 +689,27 @@ fn first_line(cmd: &str, args: &[&str]) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// The checked-out commit, and whether files other than docs/benchmarks.md had changes.
+fn git_commit() -> String {
+    let root = crate::project_root();
+    let head = first_line(
+        "git",
+        &["-C", &root.to_string_lossy(), "log", "-1", "--format=%h %s"],
+    );
+    let dirty = crate::kernel::run(Command::new("git").arg("-C").arg(&root).args([
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+    ]))
+    .map(|s| s.lines().any(|l| !l.ends_with("docs/benchmarks.md")))
+    .unwrap_or(false);
+    if dirty {
+        format!("{head} (plus uncommitted changes)")
+    } else {
+        head
+    }
+}
+
 fn host_cpu() -> String {
     let info = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = info
@@ -649,6 +735,7 @@ fn render_doc(all: &[KernelResults], d: &DocInfo) -> String {
     let _ = writeln!(s, "| | |\n|-|-|");
     let _ = writeln!(s, "| date | {} |", d.date);
     let _ = writeln!(s, "| command | `{}` |", d.command);
+    let _ = writeln!(s, "| commit | {} |", git_commit());
     for k in all {
         let _ = writeln!(s, "| kernel {} | {} |", k.label, k.release);
     }
@@ -665,9 +752,13 @@ fn render_doc(all: &[KernelResults], d: &DocInfo) -> String {
             .load_range
             .map(|(a, b)| format!("; 1-min load {a:.1}-{b:.1} during the runs"))
             .unwrap_or_default();
+        let other = k
+            .other_cpus
+            .map(|c| format!("; other processes used {c:.2} host CPUs on average"))
+            .unwrap_or_default();
         let _ = writeln!(
             s,
-            "| host load avg. (1/5/15 min) | {}: {} before, {} after{range} (boot {:.0} s) |",
+            "| host load, {} | load avg. {} before, {} after{range}{other} (boot {:.0} s) |",
             k.label, k.load_before, k.load_after, k.outcome.total
         );
     }
@@ -807,5 +898,47 @@ mod tests {
         w.win_ios = None;
         assert!((w.daemon_us().unwrap() - 5.0).abs() < 1e-9);
         assert!((w.guest_us().unwrap() - 18.0).abs() < 1e-9);
+
+        // A baseline run makes the ratio; the document has the tables.
+        let mut base = r.clone();
+        base.dev = "null_blk".into();
+        base.iops = 20001.0;
+        let k = KernelResults {
+            label: "6.12".into(),
+            release: "6.12.1".into(),
+            runs: vec![base, r.clone()],
+            skips,
+            infos,
+            outcome: Outcome {
+                rc: Some(0),
+                timed_out: false,
+                booted: Some(3.0),
+                total: 100.0,
+            },
+            done,
+            load_before: "0.1 0.2 0.3".into(),
+            load_after: "1.0 0.5 0.4".into(),
+            load_range: Some((0.1, 1.0)),
+            other_cpus: Some(0.05),
+        };
+        assert!(
+            summary_table(&k).contains(" 0.50 |"),
+            "{}",
+            summary_table(&k)
+        );
+        let doc = render_doc(
+            &[k],
+            &DocInfo {
+                date: "today".into(),
+                command: "cargo xtask bench".into(),
+                runtime: 5,
+            },
+        );
+        assert!(doc.contains("## Linux 6.12 (6.12.1)"), "{doc}");
+        assert!(doc.contains("0.50 vs null_blk"), "{doc}");
+        assert!(
+            doc.contains("skipped q2 ublk_loop_u: ublk add -u failed"),
+            "{doc}"
+        );
     }
 }

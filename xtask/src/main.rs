@@ -97,6 +97,10 @@ enum Cmd {
         /// Do not write docs/benchmarks.md.
         #[arg(long)]
         no_docs: bool,
+        /// Before each boot, wait up to SECS for the host CPUs to be idle (other work on the host
+        /// makes the figures noisy).
+        #[arg(long, value_name = "SECS", default_value_t = 0)]
+        wait_quiet: u64,
     },
     /// Print the Debian packages the host needs for test-vm / vm-shell.
     VmHostPackages,
@@ -138,6 +142,7 @@ fn main() -> Result<ExitCode> {
             quiet,
             no_build,
             no_docs,
+            wait_quiet,
         } => bench::run(&bench::BenchOptions {
             kernels: vm::parse_kernels(&kernel)?,
             quick,
@@ -147,6 +152,7 @@ fn main() -> Result<ExitCode> {
             quiet,
             no_build,
             no_docs,
+            wait_quiet,
         }),
         Cmd::VmHostPackages => {
             println!("{}", vm::HOST_PACKAGES.join(" "));
