@@ -56,6 +56,7 @@ pub fn all() -> Vec<Test> {
         test("kernel_write_zeroes_keeps_allocation", 120, write_zeroes),
     ]);
     v.extend(crate::qcow2_cases::all());
+    v.extend(crate::nbd_cases::all());
     v
 }
 

@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 mod cases;
+mod nbd_cases;
 mod qcow2_cases;
 mod util;
 

@@ -12,6 +12,7 @@ use ublk_core::{
     RunOptions, StopReason, Target,
 };
 use ublk_targets::loop_::{LoopConfig, LoopTarget};
+use ublk_targets::nbd::{NbdAddr, NbdConfig, NbdTarget, NbdUri};
 use ublk_targets::null::NullTarget;
 use ublk_targets::qcow2::Qcow2Target;
 
@@ -48,6 +49,20 @@ impl AddArgs {
         }
         if let Some(s) = self.max_io_size {
             opt("--max-io-size", s.to_string());
+        }
+        for (k, val) in [
+            ("--uri", self.uri.clone()),
+            ("--host", self.host.clone()),
+            ("--port", self.port.map(|p| p.to_string())),
+            (
+                "--unix",
+                self.unix.as_ref().map(|p| p.display().to_string()),
+            ),
+            ("--export_name", self.export_name.clone()),
+        ] {
+            if let Some(val) = val {
+                opt(k, val);
+            }
         }
         if let Some(id) = self.recover_id {
             opt("--recover-id", id.to_string());
@@ -119,17 +134,44 @@ pub(crate) fn run(a: AddArgs) -> Result<()> {
                 bail!("{what} {} does not exist", f.display());
             }
         }
-        TargetType::Null => {
+        TargetType::Null | TargetType::Nbd => {
             if a.file.is_some() {
-                bail!("the null target takes no backing file (-f)");
+                bail!("the {:?} target takes no file (-f)", a.target);
             }
         }
+    }
+    if a.target == TargetType::Nbd {
+        nbd_uri(&a)?;
     }
     if a.foreground {
         serve(a)
     } else {
         spawn_daemon(&a)
     }
+}
+
+/// The NBD server from `--uri`, or from ublksrv's `--host/--port/--unix/--export_name`.
+fn nbd_uri(a: &AddArgs) -> Result<NbdUri> {
+    let export = a.export_name.clone().unwrap_or_default();
+    let uri = match (&a.uri, &a.host, &a.unix) {
+        (Some(u), None, None) => return Ok(NbdUri::parse(u)?),
+        (None, Some(h), None) => NbdUri {
+            addr: NbdAddr::Tcp {
+                host: h.clone(),
+                port: a.port.unwrap_or(10809),
+            },
+            export,
+        },
+        (None, None, Some(p)) => NbdUri {
+            addr: NbdAddr::Unix(p.clone()),
+            export,
+        },
+        (None, None, None) => {
+            bail!("the nbd target needs a server: --uri nbd://HOST/EXPORT (or --host / --unix)")
+        }
+        _ => bail!("give the NBD server once: --uri, --host or --unix"),
+    };
+    Ok(uri)
 }
 
 /// `ublk recover -n ID`: start a daemon like the one that died, re-attaching to the device.
@@ -220,6 +262,25 @@ fn serve(a: AddArgs) -> Result<()> {
                 "backing_file": path,
                 "dev_size": params.size,
                 "direct_io": u8::from(t.is_direct()),
+            });
+            serve_target(a, Arc::new(t), params, json)
+        }
+        TargetType::Nbd => {
+            let uri = nbd_uri(&a)?;
+            let mut cfg = NbdConfig::new(uri.clone());
+            cfg.queues = a.queues;
+            cfg.read_only = a.read_only;
+            let t = NbdTarget::connect(&cfg).context("cannot connect to the NBD server")?;
+            let params = t.params();
+            let mut a = a;
+            a.max_io_size.get_or_insert(u64::from(t.max_io_bytes()));
+            let json = serde_json::json!({
+                "name": "nbd",
+                "server": uri.addr.to_string(),
+                "export": uri.export,
+                "dev_size": params.size,
+                "connections": t.connections(),
+                "multi_conn": t.multi_conn(),
             });
             serve_target(a, Arc::new(t), params, json)
         }

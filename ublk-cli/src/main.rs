@@ -55,6 +55,8 @@ pub(crate) enum TargetType {
     Loop,
     /// A qcow2 image (and its backing chain).
     Qcow2,
+    /// A remote NBD export (--uri, or --host/--port/--unix with --export_name).
+    Nbd,
 }
 
 #[derive(Args, Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -113,6 +115,21 @@ pub(crate) struct AddArgs {
     /// Do not pin queue threads to the CPUs the kernel suggests.
     #[arg(long = "no-affinity")]
     pub(crate) no_affinity: bool,
+    /// NBD server: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (nbd).
+    #[arg(long)]
+    pub(crate) uri: Option<String>,
+    /// NBD server host (ublksrv spelling; nbd).
+    #[arg(long)]
+    pub(crate) host: Option<String>,
+    /// NBD server port (nbd; default 10809).
+    #[arg(long)]
+    pub(crate) port: Option<u16>,
+    /// NBD server Unix socket (nbd).
+    #[arg(long)]
+    pub(crate) unix: Option<PathBuf>,
+    /// NBD export name (nbd).
+    #[arg(long = "export_name", alias = "export-name")]
+    pub(crate) export_name: Option<String>,
     /// Internal: re-attach to this device instead of adding one.
     #[arg(long, hide = true)]
     pub(crate) recover_id: Option<u32>,

@@ -1,5 +1,6 @@
-//! ublk targets built on `ublk-core`: [`null`] (completes at once, for benchmarks) and
-//! [`loop_`] (a file or block device as backing store). qcow2 and nbd come next.
+//! ublk targets built on `ublk-core`: [`null`] (completes at once, for benchmarks),
+//! [`loop_`] (a file or block device as backing store), [`qcow2`] (an image and its backing
+//! chain) and [`nbd`] (a remote NBD export).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

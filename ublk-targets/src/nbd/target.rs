@@ -193,7 +193,7 @@ impl Target for NbdTarget {
             client,
             sink: Arc::new(QueueSink::default()),
             waiter: Arc::new(Waiter::default()),
-            async_reads: false,
+            async_reads: true,
             read_only: self.read_only,
         })
     }
@@ -241,7 +241,8 @@ pub struct NbdQueue {
     client: Arc<Client>,
     sink: Arc<QueueSink>,
     waiter: Arc<Waiter>,
-    /// READs complete through [`NbdQueue::on_remote_complete`] (needs the ublk-core hook).
+    /// READs complete through `QueueHandler::on_remote_complete` (else they wait on the queue
+    /// thread).
     async_reads: bool,
     read_only: bool,
 }
@@ -280,10 +281,8 @@ impl NbdQueue {
     }
 
     /// Finishes a request completed through the [`Completer`], on the queue thread: copies
-    /// READ data from the tag's own buffer into the request buffer. Meant to be called from
-    /// the (proposed) `QueueHandler::on_remote_complete` hook; with it, READs can be
-    /// asynchronous too.
-    pub fn on_remote_complete(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest, res: i32) -> Action {
+    /// READ data from the tag's own buffer into the request buffer.
+    fn finish_remote(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest, res: i32) -> Action {
         if req.op != Op::Read || res <= 0 {
             return Action::Done(res);
         }
@@ -354,6 +353,10 @@ impl QueueHandler for NbdQueue {
             return Action::Done(-libc::EROFS);
         }
         self.submit(r, tag)
+    }
+
+    fn on_remote_complete(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest, res: i32) -> Action {
+        self.finish_remote(ctx, req, res)
     }
 }
 

@@ -1,0 +1,195 @@
+//! Kernel-facing tests of the nbd target, against qemu-nbd running in the guest.
+
+use crate::cases::test;
+use crate::util::*;
+use crate::{Outcome, Test};
+use anyhow::{ensure, Context, Result};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const MIB: u64 = 1 << 20;
+
+/// The nbd tests, in run order.
+pub fn all() -> Vec<Test> {
+    vec![
+        test("kernel_nbd_verify_unix_q1", 240, || nbd_verify(false, 1)),
+        test("kernel_nbd_verify_tcp_q2_multiconn", 240, || {
+            nbd_verify(true, 2)
+        }),
+        test("kernel_nbd_ext4_readd", 240, nbd_ext4_readd),
+    ]
+}
+
+/// A qemu-nbd server, killed on drop.
+struct Server {
+    child: Child,
+}
+
+impl Server {
+    /// Serves `file` (raw) on a Unix socket or on 127.0.0.1:10809, with `conns` connections
+    /// allowed (more than 1 advertises multi-conn).
+    fn start(file: &Path, tcp: bool, conns: u32) -> Result<(Server, String)> {
+        let sock = workdir()?.join("nbd.sock");
+        let _ = fs::remove_file(&sock);
+        let mut cmd = Command::new(opt_bin("qemu-nbd"));
+        cmd.args([
+            "-f",
+            "raw",
+            "-t",
+            "--cache=none",
+            "--aio=threads",
+            "-e",
+            &conns.to_string(),
+        ]);
+        let endpoint = if tcp {
+            cmd.args(["-b", "127.0.0.1", "-p", "10809"]);
+            vec![
+                "--host".to_string(),
+                "127.0.0.1".into(),
+                "--port".into(),
+                "10809".into(),
+            ]
+        } else {
+            cmd.arg("-k").arg(&sock);
+            vec![
+                "--uri".to_string(),
+                format!("nbd+unix:///?socket={}", sock.display()),
+            ]
+        };
+        cmd.arg(file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = cmd.spawn().context("cannot start qemu-nbd")?;
+        let server = Server { child };
+        if tcp {
+            // Poll until the port accepts connections.
+            wait_for(
+                "qemu-nbd listening on 127.0.0.1:10809",
+                Duration::from_secs(20),
+                || std::net::TcpStream::connect("127.0.0.1:10809").is_ok(),
+            )?;
+        } else {
+            wait_for_path(&sock, Duration::from_secs(20))?;
+        }
+        Ok((server, endpoint.join("\u{1f}")))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn add_nbd(endpoint: &str, extra: &[&str]) -> Result<DevInfo> {
+    let mut a: Vec<&str> = vec!["-t", "nbd"];
+    a.extend(endpoint.split('\u{1f}'));
+    a.extend_from_slice(extra);
+    ublk_add(&a)
+}
+
+fn backing(name: &str, mib: u64) -> Result<PathBuf> {
+    let f = workdir()?.join(name);
+    zero_file(&f, mib)?;
+    Ok(f)
+}
+
+/// fio verify through an nbd device; the data also reached the server's file.
+fn nbd_verify(tcp: bool, queues: u32) -> Result<Outcome> {
+    let file = backing("nbd.raw", 256)?;
+    let (_server, ep) = Server::start(&file, tcp, if queues > 1 { 4 } else { 1 })?;
+    let q = queues.to_string();
+    let d = add_nbd(&ep, &["-q", &q])?;
+    ensure!(d.queues == queues, "device has {} queues", d.queues);
+    ensure!(
+        d.capacity * 512 == 256 * MIB,
+        "capacity {} sectors",
+        d.capacity
+    );
+    let wc = read_trim(format!("/sys/block/ublkb{}/queue/write_cache", d.id))?;
+    ensure!(
+        wc == "write back",
+        "write cache is {wc:?}: FLUSH would never reach the server"
+    );
+    for (rw, bs, size) in [("randwrite", "4k", "16M"), ("write", "128k", "48M")] {
+        fio(
+            &[
+                "--name=verify",
+                &format!("--filename={}", d.bdev()),
+                &format!("--rw={rw}"),
+                &format!("--bs={bs}"),
+                &format!("--size={size}"),
+                "--iodepth=32",
+                "--ioengine=io_uring",
+                "--direct=1",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+            ],
+            Duration::from_secs(180),
+        )
+        .with_context(|| format!("fio {rw} bs={bs} verify on nbd"))?;
+    }
+    // The device content and the server's file agree.
+    let rb = workdir()?.join("nbd-readback");
+    check_cmd(
+        Command::new("dd").args([
+            &format!("if={}", d.bdev()),
+            &format!("of={}", rb.display()),
+            "bs=1M",
+            "count=64",
+            "iflag=direct",
+            "status=none",
+        ]),
+        Duration::from_secs(60),
+    )?;
+    ublk_del(d.id)?;
+    let served = fs::read(&file)?;
+    let seen = fs::read(&rb)?;
+    ensure!(
+        served[..seen.len()] == seen[..],
+        "the server's file differs from what the device read"
+    );
+    Ok(Outcome::Pass)
+}
+
+/// ext4 on an nbd device survives del + re-add; e2fsck is clean.
+fn nbd_ext4_readd() -> Result<Outcome> {
+    let file = backing("nbd-ext4.raw", 256)?;
+    let (_server, ep) = Server::start(&file, false, 4)?;
+    let d = add_nbd(&ep, &["-q", "2"])?;
+    sh(&opt_bin("mkfs.ext4"), &["-F", "-q", &d.bdev()])?;
+    let mnt = format!("{MNT_BASE}/nbd");
+    fs::create_dir_all(&mnt)?;
+    sh("mount", &["-t", "ext4", &d.bdev(), &mnt])?;
+    let mut sums = Vec::new();
+    for (i, size) in [1u64, 4096, 65537, 5 * MIB].iter().enumerate() {
+        let p = format!("{mnt}/f{i}");
+        write_pattern(&p, *size, 900 + i as u64)?;
+        sums.push((p.clone(), sha256(&p)?));
+    }
+    sh("umount", &[&mnt])?;
+    ublk_del(d.id)?;
+    let d = add_nbd(&ep, &[])?;
+    sh("mount", &["-t", "ext4", &d.bdev(), &mnt])?;
+    for (p, want) in &sums {
+        ensure!(&sha256(p)? == want, "{p} differs after re-add");
+    }
+    sh("umount", &[&mnt])?;
+    let r = run_timeout(
+        Command::new(opt_bin("e2fsck")).args(["-fn", &d.bdev()]),
+        Duration::from_secs(120),
+    )?;
+    ensure!(
+        r.ok(),
+        "e2fsck -fn found problems: {} {}",
+        r.stdout.trim(),
+        r.stderr.trim()
+    );
+    ublk_del(d.id)?;
+    Ok(Outcome::Pass)
+}
