@@ -1362,6 +1362,18 @@ fn crash_child(img: &Path, first: u64) {
     for i in first..regions {
         let (off, len, b) = crash_region(i);
         q.write_at(&vec![b; len], off).expect("child write");
+        if i % 3 == 0 {
+            // Discards and write-zeroes in a scratch area the checks do not look at.
+            let slot = |k: u64| 8 * MIB + (k % 16) * 256 * 1024;
+            q.write_at(&vec![b; 128 * 1024], slot(i) + 4096)
+                .expect("child scratch write");
+            let r = match i % 4 {
+                0 => q.discard(slot(i + 8), 256 * 1024),
+                1 => q.write_zeroes(slot(i + 8), 256 * 1024, true),
+                _ => q.write_zeroes(slot(i + 8) + 512, 200 * 1024, false),
+            };
+            r.expect("child discard");
+        }
         if i % 2 == 1 {
             q.flush().expect("child flush");
             writeln!(out, "FLUSHED {i}").expect("stdout");
@@ -1497,4 +1509,471 @@ fn test_qcow2_qemu_header_extensions_round_trip() {
         let start = h.header_length as usize;
         assert_eq!(enc, bytes[start..start + enc.len()].to_vec(), "{opts}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Read planning (the io_uring fast path of the target): executing the plan with plain
+// positional reads must give what the engine reads.
+// ---------------------------------------------------------------------------------------------
+
+/// Reads `len` bytes at `off` by executing `q.plan_read` the way the target does.
+fn read_by_plan(q: &Qcow2Image, off: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    use ublk_targets::qcow2::ReadSource;
+    let token = q.io_begin();
+    let mut pieces = Vec::new();
+    q.plan_read(off, len as u64, &mut pieces).expect("plan");
+    let mut buf = vec![0xeeu8; len];
+    let mut expect_at = off;
+    for p in &pieces {
+        assert_eq!(p.guest, expect_at, "pieces must tile the range");
+        expect_at += p.len;
+        let at = (p.guest - off) as usize;
+        let chunk = &mut buf[at..at + p.len as usize];
+        match p.src {
+            ReadSource::Zero => chunk.fill(0),
+            ReadSource::Engine { layer } => q
+                .layer_image(layer)
+                .expect("layer image")
+                .read_at(chunk, p.guest)
+                .expect("engine piece"),
+            ReadSource::File { layer, host } => {
+                let f = q.layer_file(layer).expect("layer file");
+                let mut done = 0;
+                while done < chunk.len() {
+                    let n = f
+                        .read_at(&mut chunk[done..], host + done as u64)
+                        .expect("pread");
+                    if n == 0 {
+                        chunk[done..].fill(0);
+                        break;
+                    }
+                    done += n;
+                }
+            }
+        }
+    }
+    assert_eq!(expect_at, off + len as u64, "pieces must cover the range");
+    q.io_end(token);
+    buf
+}
+
+#[test]
+fn test_qcow2_read_plan_matches_engine() {
+    require_qemu!();
+    let dir = TempDir::new("plan");
+    let mut images = vec![
+        pattern_image(&dir, "plain", "cluster_size=4k"),
+        pattern_image(&dir, "v2", "compat=0.10,cluster_size=512"),
+        pattern_image(&dir, "ext", "extended_l2=on,cluster_size=64k"),
+    ];
+    // Compressed clusters.
+    let comp_src = dir.path("comp.src.raw");
+    write_pattern_raw(&comp_src, 8 * MIB, 5);
+    let comp = dir.path("comp.qcow2");
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        s(&comp_src),
+        s(&comp),
+    ]);
+    qemu_io(&comp, &["write -P 0x12 1M 100k"]);
+    images.push(comp);
+    // Clusters allocated past the end of the file.
+    let pre = dir.path("pre.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "preallocation=metadata",
+        s(&pre),
+        "8M",
+    ]);
+    qemu_io(&pre, &["write -P 0x34 3M 5k"]);
+    images.push(pre);
+    // A chain: raw base (smaller than the overlays) <- qcow2 mid <- qcow2 top.
+    let base = dir.path("base.raw");
+    write_pattern_raw(&base, 6 * MIB + 1000, 9);
+    let mid = dir.path("mid.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=16k",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        s(&mid),
+        "12M",
+    ]);
+    qemu_io(
+        &mid,
+        &[
+            "write -P 0x56 2M 1M",
+            "write -c -P 0x57 4M 64k",
+            "write -z 5M 64k",
+        ],
+    );
+    let top = dir.path("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
+        "16M",
+    ]);
+    qemu_io(
+        &top,
+        &[
+            "write -P 0x78 2500k 100k",
+            "write -z 4M 8k",
+            "discard 7M 1M",
+        ],
+    );
+    images.push(top);
+
+    for img in &images {
+        let q = Qcow2Image::open(img, &Qcow2Options::default()).expect("open");
+        let size = q.virtual_size();
+        let mut rng = Rng(size ^ 77);
+        for i in 0..300 {
+            let len = if i % 3 == 0 {
+                rng.below(2 * MIB) + 1
+            } else {
+                rng.below(200_000) + 1
+            }
+            .min(size);
+            let off = rng.below(size - len + 1);
+            let mut want = vec![0u8; len as usize];
+            q.read_at(&mut want, off).expect("engine read");
+            assert!(
+                read_by_plan(&q, off, len as usize) == want,
+                "{}: planned read at {off}+{len} differs",
+                img.display()
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Discard and write-zeroes: random op streams mirrored onto a raw file, then qemu-img compare
+// and check.
+// ---------------------------------------------------------------------------------------------
+
+/// What an op stream may contain.
+#[derive(Clone, Copy)]
+struct OpMix {
+    /// Discard reads as zeros for whole clusters (false: v2 with a backing file, no-op).
+    discard_zeroes: bool,
+}
+
+/// Applies a seeded stream of writes, discards, write-zeroes (with and without NOUNMAP),
+/// flushes and checked reads to `img`, mirrored onto `model`.
+fn random_mixed_ops(q: &Qcow2Image, model: &mut [u8], seed: u64, ops: usize, mix: OpMix) {
+    let size = model.len() as u64;
+    let cs = q.cluster_size();
+    let mut rng = Rng(seed | 1);
+    for op in 0..ops {
+        let kind = rng.below(24);
+        // Ranges: unaligned, sector aligned, or cluster aligned (several clusters).
+        let (off, len) = match rng.below(3) {
+            0 => {
+                let len = rng.below(3 * cs.min(64 * 1024)) + 1;
+                (rng.below(size - len), len)
+            }
+            1 => {
+                let len = (rng.below(64) + 1) * 512;
+                let len = len.min(size);
+                (rng.below((size - len) / 512 + 1) * 512, len)
+            }
+            _ => {
+                let n = ((rng.below(8) + 1) * cs).min(size / 2);
+                (rng.below((size - n) / cs + 1) * cs, n)
+            }
+        };
+        let (o, l) = (off as usize, len as usize);
+        match kind {
+            0..=3 => {
+                let byte = (op as u8).wrapping_mul(29).wrapping_add(3);
+                let data: Vec<u8> = (0..len).map(|i| byte ^ (i as u8 & 0x1f)).collect();
+                q.write_at(&data, off).expect("write");
+                model[o..o + l].copy_from_slice(&data);
+            }
+            4..=7 => {
+                q.discard(off, len).expect("discard");
+                if mix.discard_zeroes {
+                    // Only whole clusters change.
+                    let first = off.div_ceil(cs) * cs;
+                    let end = if off + len == size {
+                        size
+                    } else {
+                        (off + len) / cs * cs
+                    };
+                    if end > first {
+                        model[first as usize..end as usize].fill(0);
+                    }
+                }
+            }
+            8..=11 => {
+                q.write_zeroes(off, len, kind % 2 == 1)
+                    .expect("write zeroes");
+                model[o..o + l].fill(0);
+            }
+            // Flushes are slow (several syncs): one op in about 70.
+            12 if op % 3 == 0 => q.flush().expect("flush"),
+            12..=18 => {
+                let mut b = vec![0u8; l];
+                q.read_at(&mut b, off).expect("read");
+                assert!(
+                    b == model[o..o + l],
+                    "op {op}: read at {off}+{len} differs from the model"
+                );
+            }
+            _ => {
+                let byte = (op as u8).wrapping_mul(13).wrapping_add(1);
+                q.write_at(&vec![byte; l], off).expect("write");
+                model[o..o + l].fill(byte);
+            }
+        }
+    }
+}
+
+/// `qemu-img compare` of a raw file and a qcow2 image; panics unless identical.
+fn qemu_compare(raw: &Path, img: &Path) {
+    run(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "qcow2", s(raw), s(img)],
+    );
+}
+
+/// The `N` of `qemu-img check`'s "N/M = x% allocated" line (qemu leaves the line out when
+/// nothing is allocated).
+fn allocated_clusters(img: &Path) -> u64 {
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", s(img)])
+        .output()
+        .expect("qemu-img check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let Some(line) = text.lines().find(|l| l.contains("% allocated")) else {
+        return 0;
+    };
+    line.split('/')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("cannot parse {line}"))
+}
+
+#[test]
+fn test_qcow2_discard_write_zeroes_random_ops_match_raw() {
+    require_qemu!();
+    let dir = TempDir::new("discard");
+    let base = dir.path("base.raw");
+    write_pattern_raw(&base, 16 * MIB, 31);
+    let base_q = dir.path("base.qcow2");
+    qemu_img(&["convert", "-f", "raw", "-O", "qcow2", s(&base), s(&base_q)]);
+    /// (name, create options, backing file and format)
+    type Config<'a> = (&'a str, &'a str, Option<(&'a str, &'a str)>);
+    let configs: &[Config<'_>] = &[
+        ("v3-64k", "cluster_size=64k", None),
+        (
+            "v3-4k-raw-backing",
+            "cluster_size=4k",
+            Some(("base.raw", "raw")),
+        ),
+        (
+            "v3-512-qcow2-backing",
+            "cluster_size=512",
+            Some(("base.qcow2", "qcow2")),
+        ),
+        ("v2-4k", "compat=0.10,cluster_size=4k", None),
+        (
+            "v2-16k-backing",
+            "compat=0.10,cluster_size=16k",
+            Some(("base.raw", "raw")),
+        ),
+        ("v3-2M", "cluster_size=2M", None),
+        ("v3-rc1", "cluster_size=4k,refcount_bits=1", None),
+    ];
+    for (i, (name, opts, backing)) in configs.iter().enumerate() {
+        let img = dir.path(&format!("{name}.qcow2"));
+        let mut args = vec!["create", "-f", "qcow2", "-o", opts];
+        if let Some((b, f)) = backing {
+            args.extend(["-b", b, "-F", f]);
+        }
+        args.push(s(&img));
+        args.push("16M");
+        qemu_img(&args);
+        if i % 2 == 1 {
+            qemu_io(&img, MIXED_WRITES);
+        }
+        let mut model = qemu_raw(&img);
+        let v2 = opts.contains("compat=0.10");
+        let mix = OpMix {
+            discard_zeroes: !(v2 && backing.is_some()),
+        };
+        {
+            let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+            let ops = if q.cluster_size() >= MIB { 150 } else { 500 };
+            random_mixed_ops(&q, &mut model, 7000 + i as u64, ops, mix);
+            q.flush().expect("flush");
+            assert_model(&q, &model, name);
+        }
+        let raw = dir.path(&format!("{name}.model.raw"));
+        std::fs::write(&raw, &model).expect("write model");
+        assert_eq!(qemu_check(&img), 0, "{name}: qemu-img check");
+        qemu_compare(&raw, &img);
+
+        // Discarding everything releases the clusters (unless discard is a no-op here), and
+        // rewriting reuses them instead of growing the file.
+        let before = allocated_clusters(&img);
+        let file_size = std::fs::metadata(&img).expect("stat").len();
+        // The default cache: with the tiny test cache, touching every 512-byte cluster of
+        // 16 MiB flushes (and syncs) hundreds of times.
+        let big_cache = Qcow2Options {
+            writable: true,
+            ..Default::default()
+        };
+        {
+            let q = Qcow2Image::open(&img, &big_cache).expect("open rw");
+            q.discard(0, q.virtual_size()).expect("discard all");
+        }
+        assert_eq!(qemu_check(&img), 0, "{name}: check after discard");
+        let after = allocated_clusters(&img);
+        if mix.discard_zeroes {
+            assert_eq!(
+                after, 0,
+                "{name}: {before} clusters before, {after} after discard"
+            );
+            std::fs::write(&raw, vec![0u8; model.len()]).expect("write zeros");
+            qemu_compare(&raw, &img);
+            {
+                let q = Qcow2Image::open(&img, &big_cache).expect("open rw");
+                q.write_at(&vec![0x5a; 4 * MIB as usize], 0)
+                    .expect("rewrite");
+            }
+            let grown = std::fs::metadata(&img).expect("stat").len();
+            assert!(
+                grown <= file_size.max(5 * MIB) + 4 * q_cluster(&img),
+                "{name}: file grew from {file_size} to {grown}: freed clusters not reused"
+            );
+            assert_eq!(qemu_check(&img), 0, "{name}: check after rewrite");
+        } else {
+            assert_eq!(after, before, "{name}: discard should be a no-op");
+        }
+    }
+}
+
+fn q_cluster(img: &Path) -> u64 {
+    Qcow2Image::open(img, &Qcow2Options::default())
+        .expect("open")
+        .cluster_size()
+}
+
+#[test]
+fn test_qcow2_write_zeroes_keeps_or_releases_allocation() {
+    require_qemu!();
+    let dir = TempDir::new("wz");
+    let img = dir.path("wz.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=64k",
+        s(&img),
+        "4M",
+    ]);
+    qemu_io(&img, &["write -P 0x77 0 4M"]);
+    {
+        let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+        q.write_zeroes(0, 2 * MIB, true).expect("zero, keep");
+        q.write_zeroes(2 * MIB, MIB, false).expect("zero, unmap");
+        // Partial clusters are written as zeros.
+        q.write_zeroes(3 * MIB + 1000, 3000, false)
+            .expect("partial");
+        // A later partial write into a kept (ZERO_ALLOC) cluster zeroes the rest of it.
+        q.write_at(&[0x99; 100], 65536 + 500)
+            .expect("write into zero cluster");
+    }
+    assert_eq!(qemu_check(&img), 0);
+    // 2 MiB kept + 1 MiB untouched (the partial cluster stays allocated).
+    assert_eq!(allocated_clusters(&img), 48);
+    let data = qemu_raw(&img);
+    let mut want = vec![0u8; 4 * MIB as usize];
+    want[3 * MIB as usize..].fill(0x77);
+    want[3 * MIB as usize + 1000..3 * MIB as usize + 4000].fill(0);
+    want[65536 + 500..65536 + 600].fill(0x99);
+    assert!(data == want, "content after write-zeroes");
+}
+
+#[test]
+fn test_qcow2_freed_clusters_wait_for_inflight_io() {
+    require_qemu!();
+    use std::os::unix::fs::FileExt;
+    use ublk_targets::qcow2::ReadSource;
+    let dir = TempDir::new("quiesce");
+    let img = dir.path("q.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        s(&img),
+        "4M",
+    ]);
+    qemu_io(&img, &["write -P 0x42 0 64k"]);
+    let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+    // An "in-flight read" looks up cluster 0 and holds its registration.
+    let token = q.io_begin();
+    let mut pieces = Vec::new();
+    q.plan_read(0, 4096, &mut pieces).expect("plan");
+    let host = match pieces[..] {
+        [p] => match p.src {
+            ReadSource::File { layer: 0, host } => host,
+            other => panic!("unexpected source {other:?}"),
+        },
+        _ => panic!("unexpected plan {pieces:?}"),
+    };
+    // Meanwhile cluster 0 is discarded and flushed, and new data is allocated.
+    q.discard(0, 64 * 1024).expect("discard");
+    q.flush().expect("flush");
+    q.write_at(&vec![0x43; 256 * 1024], MIB).expect("allocate");
+    q.flush().expect("flush");
+    let mut b = vec![0u8; 4096];
+    q.layer_file(0)
+        .expect("file")
+        .read_exact_at(&mut b, host)
+        .expect("pread");
+    assert!(
+        b.iter().all(|&x| x == 0x42),
+        "a cluster freed under an in-flight read was reused"
+    );
+    q.io_end(token);
+    // Once the read ended the clusters are freed and reused.
+    q.flush().expect("flush");
+    // (In the same L2 table as before: a new table would take the first freed cluster.)
+    q.write_at(&vec![0x44; 64 * 1024], MIB + 512 * 1024)
+        .expect("allocate");
+    q.flush().expect("flush");
+    q.layer_file(0)
+        .expect("file")
+        .read_exact_at(&mut b, host)
+        .expect("pread");
+    assert!(b.iter().all(|&x| x == 0x44), "freed clusters not reused");
+    drop(q);
+    assert_eq!(qemu_check(&img), 0);
 }

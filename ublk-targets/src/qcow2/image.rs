@@ -5,6 +5,7 @@ use super::decompress::decompress;
 use super::entry::{self, CompressedDescriptor, Mapping};
 use super::error::{Qcow2Error, Result};
 use super::header::{Geometry, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAGIC};
+use super::inflight::Inflight;
 use super::write::Writer;
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
@@ -139,6 +140,39 @@ pub struct Qcow2Image {
     pub(super) last_compressed: Mutex<Option<(CompressedDescriptor, Arc<Vec<u8>>)>>,
     /// Allocation and metadata write-back state; None when read-only.
     pub(super) writer: Option<Mutex<Writer>>,
+    /// Data operations that may still use a looked-up mapping (see the `inflight` module).
+    pub(super) inflight: Inflight,
+}
+
+/// Where one piece of a guest read comes from (see [`Qcow2Image::plan_read`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadSource {
+    /// Zeros.
+    Zero,
+    /// Bytes of the file of chain layer `layer` (0 = this image) from `host` on; whatever lies
+    /// past the end of that file reads as zeros.
+    File {
+        /// Chain layer.
+        layer: u8,
+        /// File offset.
+        host: u64,
+    },
+    /// Only the synchronous reader of layer `layer` can produce it (compressed clusters).
+    Engine {
+        /// Chain layer.
+        layer: u8,
+    },
+}
+
+/// A piece of a guest read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadPiece {
+    /// Guest offset.
+    pub guest: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Where the bytes come from.
+    pub src: ReadSource,
 }
 
 impl Qcow2Image {
@@ -261,6 +295,7 @@ impl Qcow2Image {
             backing,
             last_compressed: Mutex::new(None),
             writer: None,
+            inflight: Inflight::default(),
         };
         if writable {
             img.open_writer()?;
@@ -524,9 +559,110 @@ impl Qcow2Image {
         Ok((first, len))
     }
 
+    /// Registers a data operation that is about to look up mappings and will do IO with
+    /// them; returns the token for [`Self::io_end`]. Clusters unlinked meanwhile are not
+    /// reused before the operation ended.
+    pub fn io_begin(&self) -> u64 {
+        self.inflight.begin()
+    }
+
+    /// Ends an operation registered with [`Self::io_begin`].
+    pub fn io_end(&self, token: u64) {
+        self.inflight.end(token)
+    }
+
+    /// The image of chain layer `layer` (0 = this one), if it is a qcow2 image.
+    pub fn layer_image(&self, layer: u8) -> Option<&Qcow2Image> {
+        if layer == 0 {
+            return Some(self);
+        }
+        match &self.backing {
+            Some(Backing::Qcow2(q)) => q.layer_image(layer - 1),
+            _ => None,
+        }
+    }
+
+    /// The file of chain layer `layer` (0 = this image).
+    pub fn layer_file(&self, layer: u8) -> Option<&File> {
+        if layer == 0 {
+            return Some(&self.file);
+        }
+        match &self.backing {
+            Some(Backing::Qcow2(q)) => q.layer_file(layer - 1),
+            Some(Backing::Raw { file, .. }) if layer == 1 => Some(file),
+            _ => None,
+        }
+    }
+
+    /// Splits the guest range `[guest, guest + len)` into pieces by where their bytes come
+    /// from, following the backing chain, and appends them to `out` (adjacent pieces of the
+    /// same kind merged). The caller registers with [`Self::io_begin`] first and keeps the
+    /// registration until its IO with the pieces finished.
+    pub fn plan_read(&self, guest: u64, len: u64, out: &mut Vec<ReadPiece>) -> Result<()> {
+        self.check_range(guest, len as usize)?;
+        self.plan_read_layer(0, guest, len, out)
+    }
+
+    fn plan_read_layer(
+        &self,
+        layer: u8,
+        guest: u64,
+        len: u64,
+        out: &mut Vec<ReadPiece>,
+    ) -> Result<()> {
+        let mut pos = 0;
+        while pos < len {
+            let g = guest + pos;
+            let (m, n) = self.map_extent(g, len - pos)?;
+            match m {
+                Mapping::Zero => push_piece(out, g, n, ReadSource::Zero),
+                Mapping::Data { host, .. } => {
+                    push_piece(out, g, n, ReadSource::File { layer, host })
+                }
+                Mapping::Compressed(_) => push_piece(out, g, n, ReadSource::Engine { layer }),
+                Mapping::Unallocated => {
+                    let b = match &self.backing {
+                        None => {
+                            push_piece(out, g, n, ReadSource::Zero);
+                            pos += n;
+                            continue;
+                        }
+                        Some(b) => b,
+                    };
+                    let avail = b.size().saturating_sub(g).min(n);
+                    if avail > 0 {
+                        let next = layer
+                            .checked_add(1)
+                            .ok_or(Qcow2Error::BackingChainTooDeep {
+                                limit: usize::from(u8::MAX),
+                            })?;
+                        match b {
+                            Backing::Qcow2(q) => q.plan_read_layer(next, g, avail, out)?,
+                            Backing::Raw { .. } => push_piece(
+                                out,
+                                g,
+                                avail,
+                                ReadSource::File {
+                                    layer: next,
+                                    host: g,
+                                },
+                            ),
+                        }
+                    }
+                    if avail < n {
+                        push_piece(out, g + avail, n - avail, ReadSource::Zero);
+                    }
+                }
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
     /// Reads `buf.len()` bytes of the virtual disk at `offset`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len())?;
+        let _io = self.inflight.guard();
         let mut pos = 0usize;
         while pos < buf.len() {
             let guest = offset + pos as u64;
@@ -582,6 +718,27 @@ impl Qcow2Image {
             .unwrap_or_else(|p| p.into_inner()) = Some((desc, out.clone()));
         Ok(out)
     }
+}
+
+/// Appends a piece, merging it into the previous one when they continue each other.
+fn push_piece(out: &mut Vec<ReadPiece>, guest: u64, len: u64, src: ReadSource) {
+    if let Some(last) = out.last_mut() {
+        if last.guest + last.len == guest {
+            let merged = match (last.src, src) {
+                (ReadSource::Zero, ReadSource::Zero) => true,
+                (
+                    ReadSource::File { layer: a, host: ha },
+                    ReadSource::File { layer: b, host: hb },
+                ) => a == b && ha + last.len == hb,
+                _ => false,
+            };
+            if merged {
+                last.len += len;
+                return;
+            }
+        }
+    }
+    out.push(ReadPiece { guest, len, src });
 }
 
 /// Reads as much of `buf` as the file has from offset 0; returns the count.

@@ -9,21 +9,31 @@
 //! by allocating a cluster (copy-on-write from the backing file, zero or compressed clusters)
 //! otherwise, with crash-safe metadata write-back on [`Qcow2Image::flush`] (see the `write`
 //! module). Writable opens refuse internal snapshots, the dirty and corrupt bits and extended
-//! L2 entries.
+//! L2 entries. [`Qcow2Image::discard`] and [`Qcow2Image::write_zeroes`] rewrite whole clusters'
+//! L2 entries (unallocated or zero flag) and release their host clusters safely.
+//!
+//! For asynchronous IO, [`Qcow2Image::plan_read`] splits a read into pieces by source (zeros,
+//! a file range in the chain, or the synchronous engine for compressed clusters); callers
+//! bracket the lookup and their IO with [`Qcow2Image::io_begin`] / [`Qcow2Image::io_end`] so
+//! that host clusters freed meanwhile are not reused under them.
 //!
 //! Layout: [`header`], [`entry`] and [`refcount`] are pure decoders (no I/O), [`decompress`]
-//! turns bytes into bytes, [`cache`] is the shared L2 slice cache, and `image` (open, read) and
-//! `write` are the only code that touches files.
+//! turns bytes into bytes, [`cache`] is the shared L2 slice cache, `inflight` keeps freed
+//! clusters from reuse while data IO may still use them, and `image` (open, read, read
+//! planning), `write` and `discard` are the only code that touches files. [`target`] serves an
+//! image over ublk with io_uring data IO.
 //!
 //! # References
 //! * qcow2 specification: `docs/interop/qcow2.txt` in the qemu tree.
 
 pub mod cache;
 pub mod decompress;
+mod discard;
 pub mod entry;
 mod error;
 pub mod header;
 mod image;
+mod inflight;
 pub mod refcount;
 pub mod target;
 #[cfg(test)]
@@ -32,5 +42,5 @@ mod write;
 
 pub use error::{Qcow2Error, Result};
 pub use header::{CompressionType, Geometry, Header, HeaderExtension};
-pub use image::{Backing, Qcow2Image, Qcow2Options, L2_SLICE_BYTES};
+pub use image::{Backing, Qcow2Image, Qcow2Options, ReadPiece, ReadSource, L2_SLICE_BYTES};
 pub use target::{Qcow2Queue, Qcow2Target};

@@ -1,16 +1,48 @@
 //! The ublk side of qcow2: a [`Target`] serving a [`Qcow2Image`].
 //!
-//! This first version runs the engine synchronously on the queue thread (positional reads and
-//! writes on the image file); moving its data IO onto the queue's io_uring is future work.
-//! FLUSH writes the metadata back in dependency order, then syncs the image. The device
-//! advertises a volatile write cache so the kernel sends FLUSH (and FUA, honoured as a write
-//! followed by a flush).
+//! # Data path
+//!
+//! A READ is split by the engine's metadata lookup into pieces: data clusters (of this image,
+//! of qcow2 backing files, or of a raw backing file) become io_uring reads into the request
+//! buffer; zero and unallocated-without-backing pieces are zero-filled; compressed clusters
+//! are decompressed synchronously. A WRITE goes to io_uring in place for clusters allocated
+//! with COPIED (refcount 1); everything else (allocation, copy-on-write from the backing file,
+//! zero or compressed clusters) runs through the synchronous engine before the in-place
+//! writes are submitted. Short transfers are continued; a read that hits the end of the file
+//! reads zeros past it (clusters preallocated beyond EOF); a write that makes no progress
+//! fails the request.
+//!
+//! FLUSH writes the metadata back in dependency order and `fdatasync`s the image (which also
+//! covers data written through io_uring). A FUA write uses `RWF_DSYNC` when it only wrote in
+//! place and no metadata is waiting for write-back; otherwise it is followed by a flush.
+//! DISCARD and WRITE_ZEROES (with `NOUNMAP`) act on whole clusters (see the engine).
+//!
+//! # Concurrency
+//!
+//! Each request registers with the image before its lookup and deregisters when its last
+//! io_uring operation finished, so a host cluster unlinked by a concurrent discard,
+//! write-zeroes or copy-on-write is not reused (for data or metadata) while an operation that
+//! looked up its old mapping may still read or write it. A read racing a write, discard or
+//! write-zeroes of the same range sees the old or the new content of each cluster, never
+//! another cluster's data: allocations write the whole new cluster before the L2 entry points
+//! at it. Overlapping writes issued concurrently land in an unspecified order, as on any
+//! block device.
 
+use super::image::{ReadPiece, ReadSource};
 use super::{Qcow2Image, Qcow2Options, Result};
 use std::io;
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::Arc;
-use ublk_core::{Action, Attrs, DeviceParams, IoCtx, IoFlags, IoRequest, Op, QueueHandler, Target};
+use ublk_core::{
+    Action, Attrs, DeviceParams, DiscardParams, IoCtx, IoFlags, IoRequest, Op, QueueHandler, Target,
+};
+
+use super::entry::Mapping;
+
+/// Largest DISCARD / WRITE_ZEROES request (bytes): bounds the time a request holds a queue
+/// and the refcount drops it leaves pending.
+const MAX_DISCARD_BYTES: u32 = 256 << 20;
 
 /// A qcow2 image exposed as a block device.
 #[derive(Debug)]
@@ -26,9 +58,14 @@ impl Qcow2Target {
             ..Qcow2Options::default()
         };
         let image = Qcow2Image::open(path, &opts)?;
-        Ok(Qcow2Target {
+        Ok(Qcow2Target::from_image(image))
+    }
+
+    /// Serves an already opened image.
+    pub fn from_image(image: Qcow2Image) -> Qcow2Target {
+        Qcow2Target {
             image: Arc::new(image),
-        })
+        }
     }
 
     /// The image.
@@ -36,17 +73,26 @@ impl Qcow2Target {
         &self.image
     }
 
-    /// Device parameters: virtual size, 512-byte logical blocks, cluster-sized optimal IO.
+    /// Device parameters: virtual size, 512-byte logical blocks, cluster-sized optimal IO,
+    /// discard and write-zeroes in whole clusters (writable images).
     pub fn params(&self) -> DeviceParams {
         let mut attrs = Attrs::VOLATILE_CACHE | Attrs::FUA;
         if self.image.is_read_only() {
             attrs |= Attrs::READ_ONLY;
         }
-        let opt_shift = self.image.cluster_size().trailing_zeros().clamp(12, 20) as u8;
+        let cs = self.image.cluster_size();
+        let opt_shift = cs.trailing_zeros().clamp(12, 20) as u8;
+        let discard = (!self.image.is_read_only()).then_some(DiscardParams {
+            alignment: 0,
+            granularity: u32::try_from(cs).unwrap_or(u32::MAX),
+            max_discard_sectors: MAX_DISCARD_BYTES >> 9,
+            max_write_zeroes_sectors: MAX_DISCARD_BYTES >> 9,
+        });
         DeviceParams {
             size: self.image.virtual_size(),
             io_opt_shift: opt_shift,
             attrs,
+            discard,
             ..DeviceParams::default()
         }
     }
@@ -57,44 +103,324 @@ impl Target for Qcow2Target {
     fn open_queue(&self, _q_id: u16) -> io::Result<Qcow2Queue> {
         Ok(Qcow2Queue {
             image: self.image.clone(),
+            tags: Vec::new(),
+            pieces: Vec::new(),
         })
     }
+}
+
+/// One io_uring transfer of a request.
+#[derive(Debug, Clone, Copy)]
+struct Transfer {
+    /// Chain layer whose file is read (always 0 for writes).
+    layer: u8,
+    file_off: u64,
+    buf_off: u32,
+    len: u32,
+    /// Bytes transferred so far.
+    done: u32,
+}
+
+/// A request with io_uring transfers in flight.
+#[derive(Debug)]
+struct InFlight {
+    /// Registration with the image (see the `inflight` module).
+    token: u64,
+    transfers: Vec<Transfer>,
+    /// Transfers not finished yet.
+    outstanding: usize,
+    /// First error.
+    error: Option<i32>,
+    /// Buffer ranges to zero once every transfer finished (reads past the end of a file).
+    zero_fill: Vec<(u32, u32)>,
+    /// RWF_DSYNC on the writes.
+    dsync: bool,
+    /// Flush the image before completing (FUA after metadata changes).
+    flush: bool,
 }
 
 /// The per-queue handler of [`Qcow2Target`].
 #[derive(Debug)]
 pub struct Qcow2Queue {
     image: Arc<Qcow2Image>,
+    /// Requests with transfers in flight, by tag.
+    tags: Vec<Option<InFlight>>,
+    /// Scratch for read planning.
+    pieces: Vec<ReadPiece>,
 }
 
-impl QueueHandler for Qcow2Queue {
-    fn handle_io(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest) -> Action {
-        let len = i32::try_from(req.len).unwrap_or(i32::MAX);
-        let r = match req.op {
-            Op::Read => self.image.read_at(ctx.buf(req.tag), req.offset),
-            Op::Write => self
-                .image
-                .write_at(ctx.buf(req.tag), req.offset)
-                .and_then(|()| {
-                    if req.flags.contains(IoFlags::FUA) {
-                        self.image.flush()
-                    } else {
-                        Ok(())
-                    }
-                }),
-            Op::Flush => return done(self.image.flush(), 0),
-            _ => return Action::Done(-libc::EOPNOTSUPP),
-        };
-        done(r, len)
-    }
+fn errno_of(e: &super::Qcow2Error) -> i32 {
+    log::warn!("qcow2: request failed: {e}");
+    e.errno()
 }
 
 fn done(r: Result<()>, ok: i32) -> Action {
     match r {
         Ok(()) => Action::Done(ok),
-        Err(e) => {
-            log::warn!("qcow2: request failed: {e}");
-            Action::Done(e.errno())
+        Err(e) => Action::Done(errno_of(&e)),
+    }
+}
+
+impl Qcow2Queue {
+    fn in_range(&self, req: &IoRequest) -> bool {
+        req.offset
+            .checked_add(u64::from(req.len))
+            .is_some_and(|end| end <= self.image.virtual_size())
+    }
+
+    fn read(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest) -> Action {
+        let token = self.image.io_begin();
+        let mut pieces = std::mem::take(&mut self.pieces);
+        pieces.clear();
+        let planned = self
+            .image
+            .plan_read(req.offset, u64::from(req.len), &mut pieces);
+        let mut transfers = Vec::new();
+        let r = planned.and_then(|()| {
+            let buf = ctx.buf(req.tag);
+            for p in &pieces {
+                let at = (p.guest - req.offset) as usize;
+                let chunk = &mut buf[at..at + p.len as usize];
+                match p.src {
+                    ReadSource::Zero => chunk.fill(0),
+                    ReadSource::Engine { layer } => match self.image.layer_image(layer) {
+                        Some(img) => img.read_at(chunk, p.guest)?,
+                        None => return Err(layer_missing()),
+                    },
+                    ReadSource::File { layer, host } => transfers.push(Transfer {
+                        layer,
+                        file_off: host,
+                        buf_off: at as u32,
+                        len: p.len as u32,
+                        done: 0,
+                    }),
+                }
+            }
+            Ok(())
+        });
+        self.pieces = pieces;
+        if let Err(e) = r {
+            self.image.io_end(token);
+            return Action::Done(errno_of(&e));
         }
+        self.start(ctx, req, token, transfers, false, false)
+    }
+
+    fn write(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest) -> Action {
+        if self.image.is_read_only() {
+            return Action::Done(-libc::EROFS);
+        }
+        let fua = req.flags.contains(IoFlags::FUA);
+        let token = self.image.io_begin();
+        let mut transfers = Vec::new();
+        let mut engine = false;
+        let r = (|| {
+            let mut slow = Vec::new();
+            let mut pos = 0u64;
+            let len = u64::from(req.len);
+            while pos < len {
+                let (m, n) = self.image.map_extent(req.offset + pos, len - pos)?;
+                match m {
+                    Mapping::Data { host, copied: true } => transfers.push(Transfer {
+                        layer: 0,
+                        file_off: host,
+                        buf_off: pos as u32,
+                        len: n as u32,
+                        done: 0,
+                    }),
+                    _ => slow.push((pos, n)),
+                }
+                pos += n;
+            }
+            if !slow.is_empty() {
+                engine = true;
+                let buf = ctx.buf(req.tag);
+                for (pos, n) in slow {
+                    let at = pos as usize;
+                    self.image
+                        .write_at(&buf[at..at + n as usize], req.offset + pos)?;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            self.image.io_end(token);
+            return Action::Done(errno_of(&e));
+        }
+        let flush = fua && (engine || self.image.metadata_dirty());
+        self.start(ctx, req, token, transfers, fua && !flush, flush)
+    }
+
+    /// Submits the transfers of `req` (or finishes it at once when there are none).
+    fn start(
+        &mut self,
+        ctx: &mut IoCtx<'_>,
+        req: &IoRequest,
+        token: u64,
+        transfers: Vec<Transfer>,
+        dsync: bool,
+        flush: bool,
+    ) -> Action {
+        let mut st = InFlight {
+            token,
+            outstanding: 0,
+            error: None,
+            zero_fill: Vec::new(),
+            dsync,
+            flush,
+            transfers,
+        };
+        for i in 0..st.transfers.len() {
+            match self.submit(ctx, req, &st, i) {
+                Ok(()) => st.outstanding += 1,
+                Err(e) => {
+                    st.error = Some(-e.raw_os_error().unwrap_or(libc::EIO));
+                    break;
+                }
+            }
+        }
+        if st.outstanding == 0 {
+            return self.finish(ctx, req, st);
+        }
+        let slot = usize::from(req.tag);
+        if self.tags.len() <= slot {
+            self.tags.resize_with(slot + 1, || None);
+        }
+        self.tags[slot] = Some(st);
+        Action::Pending
+    }
+
+    /// Submits (the rest of) transfer `i`.
+    fn submit(
+        &self,
+        ctx: &mut IoCtx<'_>,
+        req: &IoRequest,
+        st: &InFlight,
+        i: usize,
+    ) -> io::Result<()> {
+        let t = st.transfers[i];
+        let file = self
+            .image
+            .layer_file(t.layer)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))?;
+        let (off, buf_off, len) = (
+            t.file_off + u64::from(t.done),
+            t.buf_off + t.done,
+            t.len - t.done,
+        );
+        let data = i as u32;
+        if req.op == Op::Read {
+            ctx.read_at(req.tag, file.as_fd(), off, buf_off, len, data)
+        } else {
+            ctx.write_at(req.tag, file.as_fd(), off, buf_off, len, st.dsync, data)
+        }
+    }
+
+    /// Every transfer of `req` finished: zero-fill, flush if needed, complete.
+    fn finish(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest, st: InFlight) -> Action {
+        let mut res = st.error;
+        if res.is_none() && !st.zero_fill.is_empty() {
+            let buf = ctx.buf(req.tag);
+            for &(at, n) in &st.zero_fill {
+                match buf.get_mut(at as usize..(at + n) as usize) {
+                    Some(b) => b.fill(0),
+                    None => res = Some(-libc::EIO),
+                }
+            }
+        }
+        if res.is_none() && st.flush {
+            if let Err(e) = self.image.flush() {
+                res = Some(errno_of(&e));
+            }
+        }
+        self.image.io_end(st.token);
+        Action::Done(res.unwrap_or(i32::try_from(req.len).unwrap_or(i32::MAX)))
+    }
+}
+
+fn layer_missing() -> super::Qcow2Error {
+    super::Qcow2Error::Corrupt("backing chain layer vanished".into())
+}
+
+impl QueueHandler for Qcow2Queue {
+    fn handle_io(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest) -> Action {
+        match req.op {
+            Op::Read | Op::Write | Op::Discard | Op::WriteZeroes if !self.in_range(req) => {
+                Action::Done(-libc::EINVAL)
+            }
+            Op::Read => self.read(ctx, req),
+            Op::Write => self.write(ctx, req),
+            Op::Flush => done(self.image.flush(), 0),
+            Op::Discard => done(self.image.discard(req.offset, u64::from(req.len)), 0),
+            Op::WriteZeroes => {
+                let keep = req.flags.contains(IoFlags::NOUNMAP);
+                let r = self
+                    .image
+                    .write_zeroes(req.offset, u64::from(req.len), keep)
+                    .and_then(|()| {
+                        if req.flags.contains(IoFlags::FUA) {
+                            self.image.flush()
+                        } else {
+                            Ok(())
+                        }
+                    });
+                done(r, 0)
+            }
+            _ => Action::Done(-libc::EOPNOTSUPP),
+        }
+    }
+
+    fn on_complete(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest, data: u32, res: i32) -> Action {
+        let slot = usize::from(req.tag);
+        let Some(mut st) = self.tags.get_mut(slot).and_then(Option::take) else {
+            log::error!("qcow2: completion for tag {} without a request", req.tag);
+            return Action::Done(-libc::EIO);
+        };
+        let i = data as usize;
+        let Some(t) = st.transfers.get_mut(i) else {
+            log::error!(
+                "qcow2: completion for unknown transfer {i} of tag {}",
+                req.tag
+            );
+            st.error.get_or_insert(-libc::EIO);
+            st.outstanding = st.outstanding.saturating_sub(1);
+            return self.park_or_finish(ctx, req, st);
+        };
+        let mut finished = true;
+        if res < 0 {
+            st.error.get_or_insert(res);
+        } else if res == 0 {
+            if req.op == Op::Read {
+                // End of file: clusters allocated past it read as zeros.
+                st.zero_fill.push((t.buf_off + t.done, t.len - t.done));
+            } else {
+                st.error.get_or_insert(-libc::EIO);
+            }
+        } else {
+            t.done = t.done.saturating_add(res as u32).min(t.len);
+            if t.done < t.len && st.error.is_none() {
+                match self.submit(ctx, req, &st, i) {
+                    Ok(()) => finished = false,
+                    Err(e) => {
+                        st.error
+                            .get_or_insert(-e.raw_os_error().unwrap_or(libc::EIO));
+                    }
+                }
+            }
+        }
+        if finished {
+            st.outstanding = st.outstanding.saturating_sub(1);
+        }
+        self.park_or_finish(ctx, req, st)
+    }
+}
+
+impl Qcow2Queue {
+    fn park_or_finish(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest, st: InFlight) -> Action {
+        if st.outstanding > 0 {
+            self.tags[usize::from(req.tag)] = Some(st);
+            return Action::Pending;
+        }
+        self.finish(ctx, req, st)
     }
 }

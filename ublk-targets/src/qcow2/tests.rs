@@ -523,3 +523,30 @@ fn test_image_is_send_and_sync() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<super::Qcow2Image>();
 }
+
+#[test]
+fn test_inflight_epochs_wait_for_older_operations() {
+    use super::inflight::Inflight;
+    let f = Inflight::default();
+    let a = f.begin();
+    let unlinked = f.current(); // a cluster unlinked while `a` runs
+    assert_eq!(
+        f.try_advance(),
+        unlinked + 1,
+        "nothing of the previous epoch runs"
+    );
+    let b = f.begin(); // started after the unlink: cannot have seen the old mapping
+    assert_eq!(f.try_advance(), unlinked + 1, "`a` still runs");
+    assert!(!f.is_quiescent(unlinked));
+    f.end(a);
+    assert_eq!(f.try_advance(), unlinked + 2);
+    assert!(f.is_quiescent(unlinked), "only `b` runs, which began later");
+    assert_eq!(f.try_advance(), unlinked + 2, "`b` blocks the next step");
+    f.end(b);
+    {
+        let _g = f.guard();
+        assert_eq!(f.try_advance(), unlinked + 3);
+        assert_eq!(f.try_advance(), unlinked + 3);
+    }
+    assert_eq!(f.try_advance(), unlinked + 4);
+}

@@ -12,11 +12,15 @@
 //! 3. L2 slices, then sync;
 //! 4. L1 entries, then sync;
 //! 5. only now refcount decrements of clusters that the L2 updates stopped referencing
-//!    (compressed or shared clusters that were copied), then their blocks and a sync.
+//!    (compressed or shared clusters that were copied, discarded or zeroed clusters), then
+//!    their blocks (synced by the next flush: until then a crash only leaks them). Freed clusters keep their host space (no hole punching yet:
+//!    it would have to happen before they become allocatable again).
 //!
 //! So a reference on disk never precedes its refcount, and a refcount drop never precedes the
 //! unlinking; a crash can leak clusters but not corrupt the image. A cluster whose refcount
-//! dropped to zero becomes allocatable only after step 5. A new L2 table is zeroed on disk before
+//! dropped to zero becomes allocatable only after step 5, and step 5 skips (leaves pending)
+//! clusters that a data operation still running may have looked up (see the `inflight`
+//! module). A new L2 table is zeroed on disk before
 //! the L1 entry pointing at it is written. Growing the refcount table writes the new table and
 //! its refcount blocks, syncs, switches the header with one write, syncs, and only then frees the
 //! old table. Dirty slices are never evicted; the write path flushes when too many pile up.
@@ -54,13 +58,19 @@ pub(crate) struct Writer {
     l1_dirty: BTreeSet<usize>,
     /// Cluster index where the search for a free cluster starts.
     next_free: u64,
-    /// Host clusters whose refcount drops once the L2 updates are durable.
-    pending_decref: Vec<u64>,
+    /// Host clusters whose refcount drops once the L2 updates are durable, with the epoch
+    /// in which they were unlinked.
+    pub(super) pending_decref: Vec<(u64, u64)>,
+    /// Pending decrements that trigger a flush from the write path.
+    decref_mark: usize,
     rb_entries: u64,
 }
 
+/// Pending refcount drops that make the write path flush.
+const DECREF_BATCH: usize = 4096;
+
 impl Qcow2Image {
-    fn w_lock(&self) -> Result<MutexGuard<'_, Writer>> {
+    pub(super) fn w_lock(&self) -> Result<MutexGuard<'_, Writer>> {
         match &self.writer {
             None => Err(Qcow2Error::ReadOnly("the image was opened read-only")),
             Some(m) => Ok(m.lock().unwrap_or_else(|p| p.into_inner())),
@@ -114,6 +124,7 @@ impl Qcow2Image {
             l1_dirty: BTreeSet::new(),
             next_free: 0,
             pending_decref: Vec::new(),
+            decref_mark: DECREF_BATCH,
             rb_entries: refcount::block_entries(self.geo.cluster_bits, self.geo.refcount_order),
         }));
         Ok(())
@@ -419,27 +430,50 @@ impl Qcow2Image {
             self.sync()?;
             w.l1_dirty.clear();
         }
-        // 5. Refcount drops for clusters no longer referenced by durable metadata.
+        // 5. Refcount drops for clusters no longer referenced by durable metadata, once no
+        // data operation can still use their old mapping.
         if !w.pending_decref.is_empty() {
+            self.inflight.try_advance();
+            self.inflight.try_advance();
             // Drop one reference at a time, forgetting it only once applied (an error leaves
             // the rest pending; applied drops are written by the next flush).
-            while let Some(&c) = w.pending_decref.last() {
+            let mut i = 0;
+            while i < w.pending_decref.len() {
+                let (c, epoch) = w.pending_decref[i];
+                if !self.inflight.is_quiescent(epoch) {
+                    i += 1;
+                    continue;
+                }
                 if self.change_refcount(w, c, -1)? == 0 {
                     w.next_free = w.next_free.min(c);
                 }
-                w.pending_decref.pop();
+                w.pending_decref.swap_remove(i);
             }
+            // No sync needed: the unlinking is durable, so the old and the new refcount are
+            // both consistent on disk (a lost drop is a leak); the next flush syncs them.
             self.write_refblocks(w)?;
-            self.sync()?;
         }
+        w.decref_mark = w.pending_decref.len() + DECREF_BATCH;
         Ok(())
     }
 
-    fn maybe_flush(&self, w: &mut Writer) -> Result<()> {
+    /// Whether metadata changed since the last write-back (a FUA write into a cluster whose
+    /// mapping may not be durable yet needs a flush rather than RWF_DSYNC).
+    pub fn metadata_dirty(&self) -> bool {
+        let Ok(w) = self.w_lock() else {
+            return false;
+        };
+        !w.l1_dirty.is_empty()
+            || !w.reftable_dirty.is_empty()
+            || w.refblocks.values().any(|b| b.dirty)
+            || self.l2_cache.dirty_count() > 0
+    }
+
+    pub(super) fn maybe_flush(&self, w: &mut Writer) -> Result<()> {
         let dirty_blocks = w.refblocks.values().filter(|b| b.dirty).count();
         if self.l2_cache.dirty_count() * 2 >= self.l2_cache.capacity()
             || dirty_blocks * 2 >= w.refblock_capacity
-            || w.pending_decref.len() > 4096
+            || w.pending_decref.len() > w.decref_mark
         {
             self.flush_locked(w)?;
         }
@@ -469,6 +503,7 @@ impl Qcow2Image {
             return Err(Qcow2Error::ReadOnly("the image was opened read-only"));
         }
         self.check_range(offset, buf.len())?;
+        let _io = self.inflight.guard();
         let cs = self.geo.cluster_size;
         let mut pos = 0usize;
         while pos < buf.len() {
@@ -490,7 +525,7 @@ impl Qcow2Image {
     }
 
     /// The L2 table for `l1_index`, allocated (zeroed on disk) if missing.
-    fn ensure_l2_table(&self, w: &mut Writer, l1_index: usize) -> Result<u64> {
+    pub(super) fn ensure_l2_table(&self, w: &mut Writer, l1_index: usize) -> Result<u64> {
         let cb = self.geo.cluster_bits;
         let l1e = {
             let l1 = self.l1.read().unwrap_or_else(|p| p.into_inner());
@@ -568,18 +603,28 @@ impl Qcow2Image {
             || self.load_l2_slice(key),
             |s| s[i] = target | OFLAG_COPIED,
         )?;
-        match old {
-            Mapping::Compressed(d) => {
-                let (first, last) = d.host_clusters(cb);
-                w.pending_decref.extend(first..=last);
-            }
-            Mapping::Data { host, .. } => w.pending_decref.push(host >> cb),
-            Mapping::Zero if old_host != 0 && !zero_alloc_owned => {
-                w.pending_decref.push(old_host >> cb)
-            }
-            _ => {}
+        if !zero_alloc_owned {
+            self.unlinked(w, old_entry);
         }
         Ok(())
+    }
+
+    /// Queues the refcount drops of the host clusters `old_entry` referenced, after the L2
+    /// entry stopped referencing them (in memory).
+    pub(super) fn unlinked(&self, w: &mut Writer, old_entry: u64) {
+        let cb = self.geo.cluster_bits;
+        let epoch = self.inflight.current();
+        match entry::classify(old_entry, None, 0, cb) {
+            Ok(Mapping::Compressed(d)) => {
+                let (first, last) = d.host_clusters(cb);
+                w.pending_decref.extend((first..=last).map(|c| (c, epoch)));
+            }
+            Ok(Mapping::Data { host, .. }) => w.pending_decref.push((host >> cb, epoch)),
+            Ok(Mapping::Zero) if old_entry & OFFSET_MASK != 0 => w
+                .pending_decref
+                .push(((old_entry & OFFSET_MASK) >> cb, epoch)),
+            _ => {}
+        }
     }
 }
 
