@@ -10,7 +10,7 @@
 use crate::initramfs::Mode;
 use crate::json::{self, Value};
 use crate::kernel::KernelSpec;
-use crate::vm::{self, Boot, Outcome};
+use crate::vm::{self, Boot};
 use anyhow::{bail, Context, Result};
 use std::ffi::OsString;
 use std::fmt::Write as _;
@@ -62,6 +62,8 @@ pub struct BenchOptions {
     pub no_docs: bool,
     /// Seconds to wait, before each boot, for the host to be idle (0: do not wait).
     pub wait_quiet: u64,
+    /// Do not boot: rebuild the tables and the document from the saved results.
+    pub rerender: bool,
 }
 
 /// One fio run as reported by the guest.
@@ -134,15 +136,53 @@ struct KernelResults {
     release: String,
     runs: Vec<Run>,
     skips: Vec<Skip>,
+    /// `@@INFO key=value@@` lines: the guest's, then the host's (`host.*`).
     infos: Vec<(String, String)>,
-    outcome: Outcome,
+    /// The guest printed `@@DONE@@` (it finished the matrix).
     done: bool,
-    load_before: String,
-    load_after: String,
-    /// Host 1-minute load average sampled at every progress line: (min, max).
-    load_range: Option<(f64, f64)>,
-    /// CPUs the host spent on everything but this boot's qemu, on average over the boot.
-    other_cpus: Option<f64>,
+    /// The guest's exit status, `None` if it never reported one.
+    rc: Option<i32>,
+    timed_out: bool,
+    /// Seconds of the whole boot.
+    total: f64,
+}
+
+impl KernelResults {
+    fn parse(label: &str, text: &str) -> Self {
+        let (runs, skips, infos, done) = parse_results(text);
+        let info = |k: &str| {
+            infos
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
+        Self {
+            label: label.to_string(),
+            release: info("kernel")
+                .or_else(|| info("host.release"))
+                .unwrap_or_default(),
+            rc: info("host.rc").and_then(|r| r.parse().ok()),
+            timed_out: info("host.timed_out").as_deref() == Some("true"),
+            total: info("host.total")
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0.0),
+            runs,
+            skips,
+            infos,
+            done,
+        }
+    }
+
+    fn info(&self, key: &str) -> Option<&str> {
+        self.infos
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn finished(&self) -> bool {
+        self.rc == Some(0) && self.done && !self.runs.is_empty()
+    }
 }
 
 pub fn run(opts: &BenchOptions) -> Result<ExitCode> {
@@ -164,96 +204,52 @@ pub fn run(opts: &BenchOptions) -> Result<ExitCode> {
     let date = crate::kernel::run(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
-    let bins = vm::build_binaries(opts.no_build)?;
+    let bins = if opts.rerender {
+        Vec::new()
+    } else {
+        vm::build_binaries(opts.no_build)?
+    };
     let timeout = Duration::from_secs(opts.timeout.unwrap_or(300 + RUNS_PER_BOOT * (runtime + 6)));
 
     let mut all = Vec::new();
     for spec in &opts.kernels {
-        let (kernel, initrd) = vm::prepare(spec, &bins, &Mode::Bench)?;
         let dir = vm::target_dir().join("vm");
         let out_path = dir.join(format!("bench-{}.out", spec.label));
-        let _ = fs::remove_file(&out_path);
-        let mut append = vm::base_append(spec.label);
-        append.push_str(&format!(" UBLK_BENCH_RUNTIME={runtime}"));
-        if let Some(f) = opts.filter.as_deref().filter(|f| !f.is_empty()) {
-            append.push_str(&format!(" UBLK_BENCH_FILTER={f}"));
-        }
-        let mut serial1 = OsString::from("file:");
-        serial1.push(&out_path);
-        let boot = Boot {
-            label: spec.label,
-            kernel: &kernel,
-            initrd: &initrd,
-            append,
-            mem: BENCH_MEM,
-            extra_args: vec!["-serial".into(), serial1],
-            timeout,
-            quiet: opts.quiet,
-            log_path: dir.join(format!("bench-{}.log", spec.label)),
-        };
-        if opts.wait_quiet > 0 {
-            wait_quiet(Duration::from_secs(opts.wait_quiet));
-        }
-        let load_before = loadavg();
-        let (host0, kids0) = (host_busy_ticks(), children_ticks());
-        let mut loads: Vec<f64> = Vec::new();
-        let outcome = vm::run_guest(&boot, |line| {
-            if line.starts_with("bench: ") {
-                if let Some(l) = loadavg()
-                    .split_whitespace()
-                    .next()
-                    .and_then(|l| l.parse().ok())
-                {
-                    loads.push(l);
-                }
-                if opts.quiet {
-                    println!("{}| {line}", spec.label);
-                }
+        if !opts.rerender {
+            let host = boot_and_bench(spec, &bins, opts, runtime, timeout, &out_path)?;
+            // Host-side facts go into the same file, so that --rerender has everything.
+            let mut text = String::new();
+            for (k, v) in [
+                ("host.date", date.clone()),
+                ("host.command", command.clone()),
+                ("host.runtime", runtime.to_string()),
+            ]
+            .into_iter()
+            .chain(host)
+            {
+                let _ = writeln!(text, "@@INFO {k}={v}@@");
             }
-        })?;
-        let load_range = loads.iter().fold(None, |acc: Option<(f64, f64)>, &l| {
-            Some(acc.map_or((l, l), |(a, b)| (a.min(l), b.max(l))))
-        });
-        let load_after = loadavg();
-        let (host1, kids1) = (host_busy_ticks(), children_ticks());
-        // Host busy time minus qemu's (the only child waited for during the boot).
-        let other_cpus = match (host0, host1, kids0, kids1) {
-            (Some(h0), Some(h1), Some(k0), Some(k1)) if outcome.total > 0.0 => {
-                Some((h1 - h0 - (k1 - k0)).max(0.0) / outcome.total)
-            }
-            _ => None,
-        };
+            let mut f = fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&out_path)?;
+            std::io::Write::write_all(&mut f, text.as_bytes())?;
+        }
         let text = fs::read(&out_path)
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .with_context(|| format!("reading {}", out_path.display()))?;
-        let (runs, skips, infos, done) = parse_results(&text);
-        let release = infos
-            .iter()
-            .find(|(k, _)| k == "kernel")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_else(|| kernel.release.clone());
+        let k = KernelResults::parse(spec.label, &text);
         eprintln!(
-            "xtask: {} ({release}): {} runs, {} skipped, guest rc {:?}, {:.0}s{}",
-            spec.label,
-            runs.len(),
-            skips.len(),
-            outcome.rc,
-            outcome.total,
-            if outcome.timed_out { ", TIMED OUT" } else { "" }
+            "xtask: {} ({}): {} runs, {} skipped, guest rc {:?}, {:.0}s{}",
+            k.label,
+            k.release,
+            k.runs.len(),
+            k.skips.len(),
+            k.rc,
+            k.total,
+            if k.timed_out { ", TIMED OUT" } else { "" }
         );
-        all.push(KernelResults {
-            label: spec.label.to_string(),
-            release,
-            runs,
-            skips,
-            infos,
-            outcome,
-            done,
-            load_before,
-            load_after,
-            load_range,
-            other_cpus,
-        });
+        all.push(k);
     }
 
     let mut failed = false;
@@ -277,13 +273,13 @@ pub fn run(opts: &BenchOptions) -> Result<ExitCode> {
                 r.error.as_deref().unwrap_or("fio failed")
             );
         }
-        if k.outcome.rc != Some(0) || !k.done || k.runs.is_empty() {
+        if !k.finished() {
             failed = true;
             println!(
                 "FAIL {}: guest did not finish the matrix (rc {:?}{}); console log in target/vm/bench-{}.log",
                 k.label,
-                k.outcome.rc,
-                if k.outcome.timed_out { ", timed out" } else { "" },
+                k.rc,
+                if k.timed_out { ", timed out" } else { "" },
                 k.label
             );
         }
@@ -293,14 +289,7 @@ pub fn run(opts: &BenchOptions) -> Result<ExitCode> {
     let filtered = opts.filter.as_deref().is_some_and(|f| !f.is_empty());
     if !opts.no_docs && !filtered && !all.is_empty() {
         let path = crate::project_root().join("docs/benchmarks.md");
-        let doc = render_doc(
-            &all,
-            &DocInfo {
-                date,
-                command,
-                runtime,
-            },
-        );
+        let doc = render_doc(&all);
         fs::write(&path, doc).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("xtask: wrote {}", path.display());
     }
@@ -309,6 +298,85 @@ pub fn run(opts: &BenchOptions) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Boot `spec` once in bench mode with the results going to `out_path`; returns host-side facts
+/// as `host.*` key/value pairs.
+fn boot_and_bench(
+    spec: &KernelSpec,
+    bins: &[std::path::PathBuf],
+    opts: &BenchOptions,
+    runtime: u64,
+    timeout: Duration,
+    out_path: &std::path::Path,
+) -> Result<Vec<(&'static str, String)>> {
+    let (kernel, initrd) = vm::prepare(spec, bins, &Mode::Bench)?;
+    let _ = fs::remove_file(out_path);
+    let mut append = vm::base_append(spec.label);
+    append.push_str(&format!(" UBLK_BENCH_RUNTIME={runtime}"));
+    if let Some(f) = opts.filter.as_deref().filter(|f| !f.is_empty()) {
+        append.push_str(&format!(" UBLK_BENCH_FILTER={f}"));
+    }
+    let mut serial1 = OsString::from("file:");
+    serial1.push(out_path);
+    let boot = Boot {
+        label: spec.label,
+        kernel: &kernel,
+        initrd: &initrd,
+        append,
+        mem: BENCH_MEM,
+        extra_args: vec!["-serial".into(), serial1],
+        timeout,
+        quiet: opts.quiet,
+        log_path: vm::target_dir().join(format!("vm/bench-{}.log", spec.label)),
+    };
+    if opts.wait_quiet > 0 {
+        wait_quiet(Duration::from_secs(opts.wait_quiet));
+    }
+    let load_before = loadavg();
+    let (host0, kids0) = (host_busy_ticks(), children_ticks());
+    let mut loads: Vec<f64> = Vec::new();
+    let outcome = vm::run_guest(&boot, |line| {
+        if line.starts_with("bench: ") {
+            if let Some(l) = loadavg()
+                .split_whitespace()
+                .next()
+                .and_then(|l| l.parse().ok())
+            {
+                loads.push(l);
+            }
+            if opts.quiet {
+                println!("{}| {line}", spec.label);
+            }
+        }
+    })?;
+    let load_after = loadavg();
+    let (host1, kids1) = (host_busy_ticks(), children_ticks());
+    let mut facts = vec![
+        ("host.release", kernel.release.clone()),
+        ("host.load_before", load_before),
+        ("host.load_after", load_after),
+        (
+            "host.rc",
+            outcome.rc.map_or("none".into(), |r| r.to_string()),
+        ),
+        ("host.timed_out", outcome.timed_out.to_string()),
+        ("host.total", format!("{:.1}", outcome.total)),
+    ];
+    if let (Some(lo), Some(hi)) = (
+        loads.iter().copied().reduce(f64::min),
+        loads.iter().copied().reduce(f64::max),
+    ) {
+        facts.push(("host.load_range", format!("{lo:.1}-{hi:.1}")));
+    }
+    // Host busy time minus qemu's (the only child waited for during the boot).
+    if let (Some(h0), Some(h1), Some(k0), Some(k1)) = (host0, host1, kids0, kids1) {
+        if outcome.total > 0.0 {
+            let other = (h1 - h0 - (k1 - k0)).max(0.0) / outcome.total;
+            facts.push(("host.other_cpus", format!("{other:.2}")));
+        }
+    }
+    Ok(facts)
 }
 
 /// Busy seconds of all host CPUs so far (all but idle and iowait), from `/proc/stat`.
@@ -676,12 +744,6 @@ fn full_table(k: &KernelResults) -> String {
     table(&header, &rows, &right)
 }
 
-struct DocInfo {
-    date: String,
-    command: String,
-    runtime: u64,
-}
-
 fn first_line(cmd: &str, args: &[&str]) -> String {
     crate::kernel::run(Command::new(cmd).args(args))
         .ok()
@@ -722,8 +784,14 @@ fn host_cpu() -> String {
     format!("{model} ({n} logical CPUs)")
 }
 
-fn render_doc(all: &[KernelResults], d: &DocInfo) -> String {
+fn render_doc(all: &[KernelResults]) -> String {
     let mut s = String::new();
+    let first = |key: &str| {
+        all.iter()
+            .find_map(|k| k.info(key))
+            .unwrap_or("unknown")
+            .to_string()
+    };
     let qemu = first_line("qemu-system-x86_64", &["--version"]);
     let fio = first_line("fio", &["--version"]);
     let _ = writeln!(s, "# Benchmarks under emulation\n");
@@ -733,8 +801,8 @@ fn render_doc(all: &[KernelResults], d: &DocInfo) -> String {
          rerun it rather than editing this file.\n"
     );
     let _ = writeln!(s, "| | |\n|-|-|");
-    let _ = writeln!(s, "| date | {} |", d.date);
-    let _ = writeln!(s, "| command | `{}` |", d.command);
+    let _ = writeln!(s, "| date | {} |", first("host.date"));
+    let _ = writeln!(s, "| command | `{}` |", first("host.command"));
     let _ = writeln!(s, "| commit | {} |", git_commit());
     for k in all {
         let _ = writeln!(s, "| kernel {} | {} |", k.label, k.release);
@@ -746,20 +814,28 @@ fn render_doc(all: &[KernelResults], d: &DocInfo) -> String {
         "| guest | TCG (`-accel tcg,thread=multi`, no KVM), `-cpu max,erms=off,fsrm=off`, 2 vCPUs, {BENCH_MEM} RAM |"
     );
     let _ = writeln!(s, "| fio | {fio} (the host's, copied into the guest) |");
-    let _ = writeln!(s, "| runtime | {} s per fio run, time based |", d.runtime);
+    let _ = writeln!(
+        s,
+        "| runtime | {} s per fio run, time based |",
+        first("host.runtime")
+    );
     for k in all {
         let range = k
-            .load_range
-            .map(|(a, b)| format!("; 1-min load {a:.1}-{b:.1} during the runs"))
+            .info("host.load_range")
+            .map(|r| format!(", {r} during the runs"))
             .unwrap_or_default();
         let other = k
-            .other_cpus
-            .map(|c| format!("; other processes used {c:.2} host CPUs on average"))
+            .info("host.other_cpus")
+            .map(|c| format!("; other processes used {c} host CPUs on average"))
             .unwrap_or_default();
         let _ = writeln!(
             s,
-            "| host load, {} | load avg. {} before, {} after{range}{other} (boot {:.0} s) |",
-            k.label, k.load_before, k.load_after, k.outcome.total
+            "| host load, {} boot | 1-min load avg. {} before{range}{other}; boot took {:.0} s |",
+            k.label,
+            k.info("host.load_before")
+                .and_then(|l| l.split_whitespace().next())
+                .unwrap_or("?"),
+            k.total
         );
     }
     s.push('\n');
@@ -838,12 +914,8 @@ fn render_doc(all: &[KernelResults], d: &DocInfo) -> String {
                 r.error.as_deref().unwrap_or("fio failed")
             );
         }
-        if k.outcome.rc != Some(0) || !k.done {
-            let _ = writeln!(
-                s,
-                "- the guest did not finish the matrix (rc {:?})",
-                k.outcome.rc
-            );
+        if !k.finished() {
+            let _ = writeln!(s, "- the guest did not finish the matrix (rc {:?})", k.rc);
         }
         let idle: Vec<String> = k
             .runs
@@ -903,38 +975,21 @@ mod tests {
         let mut base = r.clone();
         base.dev = "null_blk".into();
         base.iops = 20001.0;
-        let k = KernelResults {
-            label: "6.12".into(),
-            release: "6.12.1".into(),
-            runs: vec![base, r.clone()],
-            skips,
-            infos,
-            outcome: Outcome {
-                rc: Some(0),
-                timed_out: false,
-                booted: Some(3.0),
-                total: 100.0,
-            },
-            done,
-            load_before: "0.1 0.2 0.3".into(),
-            load_after: "1.0 0.5 0.4".into(),
-            load_range: Some((0.1, 1.0)),
-            other_cpus: Some(0.05),
-        };
+        let mut k = KernelResults::parse(
+            "6.12",
+            &format!("{text}@@INFO host.rc=0@@\n@@INFO host.command=cargo xtask bench@@\n"),
+        );
+        assert!(k.finished());
+        assert_eq!(k.info("host.command"), Some("cargo xtask bench"));
+        k.runs.insert(0, base);
         assert!(
             summary_table(&k).contains(" 0.50 |"),
             "{}",
             summary_table(&k)
         );
-        let doc = render_doc(
-            &[k],
-            &DocInfo {
-                date: "today".into(),
-                command: "cargo xtask bench".into(),
-                runtime: 5,
-            },
-        );
+        let doc = render_doc(&[k]);
         assert!(doc.contains("## Linux 6.12 (6.12.1)"), "{doc}");
+        assert!(doc.contains("| command | `cargo xtask bench` |"), "{doc}");
         assert!(doc.contains("0.50 vs null_blk"), "{doc}");
         assert!(
             doc.contains("skipped q2 ublk_loop_u: ublk add -u failed"),

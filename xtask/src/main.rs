@@ -101,6 +101,10 @@ enum Cmd {
         /// makes the figures noisy).
         #[arg(long, value_name = "SECS", default_value_t = 0)]
         wait_quiet: u64,
+        /// Do not boot: rebuild the tables (and docs/benchmarks.md) from the results saved by
+        /// the last run in target/vm/bench-<kernel>.out.
+        #[arg(long)]
+        rerender: bool,
     },
     /// Print the Debian packages the host needs for test-vm / vm-shell.
     VmHostPackages,
@@ -143,6 +147,7 @@ fn main() -> Result<ExitCode> {
             no_build,
             no_docs,
             wait_quiet,
+            rerender,
         } => bench::run(&bench::BenchOptions {
             kernels: vm::parse_kernels(&kernel)?,
             quick,
@@ -153,6 +158,7 @@ fn main() -> Result<ExitCode> {
             no_build,
             no_docs,
             wait_quiet,
+            rerender,
         }),
         Cmd::VmHostPackages => {
             println!("{}", vm::HOST_PACKAGES.join(" "));
