@@ -3,8 +3,9 @@
 use crate::cases::test;
 use crate::util::*;
 use crate::{Outcome, Test};
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -20,6 +21,12 @@ pub fn all() -> Vec<Test> {
             "kernel_qcow2_ext4_backing_chain",
             240,
             qcow2_ext4_backing_chain,
+        ),
+        test("kernel_qcow2_discard", 240, qcow2_discard),
+        test(
+            "kernel_qcow2_write_zeroes_over_backing",
+            240,
+            qcow2_write_zeroes_over_backing,
         ),
     ]
 }
@@ -151,5 +158,206 @@ fn qcow2_ext4_backing_chain() -> Result<Outcome> {
     );
     ublk_del(d.id)?;
     qemu_img_check(&top)?;
+    Ok(Outcome::Pass)
+}
+
+/// The `N` of `qemu-img check`'s "N/M = x% allocated" line (qemu leaves the line out when no
+/// cluster is allocated).
+fn allocated_clusters(img: &Path) -> Result<u64> {
+    let r = qemu_img(&["check", &img.to_string_lossy()])?;
+    let Some(line) = r.stdout.lines().find(|l| l.contains("% allocated")) else {
+        return Ok(0);
+    };
+    line.split('/')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .with_context(|| format!("cannot parse {line:?}"))
+}
+
+/// Reads `len` bytes of a block device from offset 0, after dropping the page cache (so the
+/// device serves them now).
+fn read_dev(bdev: &str, len: u64) -> Result<Vec<u8>> {
+    fs::write("/proc/sys/vm/drop_caches", "1").context("drop caches")?;
+    let mut f = fs::File::open(bdev).with_context(|| format!("open {bdev}"))?;
+    let mut out = vec![0u8; len as usize];
+    f.read_exact(&mut out)
+        .with_context(|| format!("read {bdev}"))?;
+    Ok(out)
+}
+
+/// Writes `data` to a block device at `off` and syncs it.
+fn write_dev(bdev: &str, off: u64, data: &[u8]) -> Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .open(bdev)
+        .with_context(|| format!("open {bdev}"))?;
+    f.seek(SeekFrom::Start(off))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+fn blkdiscard(bdev: &str, zero: bool, off: u64, len: u64) -> Result<()> {
+    let (o, l) = (off.to_string(), len.to_string());
+    let mut args = vec!["-o", &o, "-l", &l, bdev];
+    if zero {
+        args.insert(0, "-z");
+    }
+    check_cmd(
+        Command::new(opt_bin("blkdiscard")).args(&args),
+        Duration::from_secs(60),
+    )?;
+    Ok(())
+}
+
+/// Where `got` first differs from `want` (None if equal).
+fn first_diff(got: &[u8], want: &[u8]) -> Option<usize> {
+    if got.len() != want.len() {
+        return Some(got.len().min(want.len()));
+    }
+    got.iter().zip(want).position(|(a, b)| a != b)
+}
+
+/// blkdiscard on a qcow2 device: whole 64 KiB clusters are released (read as zeros, the
+/// allocated cluster count drops), partial clusters keep their data, qemu-img check is clean.
+fn qcow2_discard() -> Result<Outcome> {
+    let wd = workdir()?;
+    let img = wd.join("discard.qcow2");
+    let f = img.to_string_lossy().into_owned();
+    qemu_img(&["create", "-q", "-f", "qcow2", &f, "128M"])?;
+    let pattern = wd.join("pattern");
+    write_pattern(&pattern, 64 * MIB, 0xd1)?;
+    let data = fs::read(&pattern)?;
+
+    let d = ublk_add(&["-t", "qcow2", "-f", &f, "-q", "2"])?;
+    let q = format!("/sys/block/ublkb{}/queue", d.id);
+    let gran = read_trim(format!("{q}/discard_granularity"))?;
+    ensure!(
+        gran == "65536",
+        "discard_granularity {gran}, want the cluster size"
+    );
+    ensure!(
+        read_trim(format!("{q}/write_zeroes_max_bytes"))? != "0",
+        "device does not advertise write-zeroes"
+    );
+    write_dev(&d.bdev(), 0, &data)?;
+    ublk_del(d.id)?;
+    qemu_img_check(&img)?;
+    let before = allocated_clusters(&img)?;
+    ensure!(
+        before >= 1024,
+        "only {before} clusters allocated after 64 MiB"
+    );
+
+    let d = ublk_add(&["-t", "qcow2", "-f", &f])?;
+    // 48 MiB aligned, then 1 MiB starting 512 bytes into a cluster.
+    blkdiscard(&d.bdev(), false, 0, 48 * MIB)?;
+    blkdiscard(&d.bdev(), false, 48 * MIB + 512, MIB)?;
+    let mut want = data.clone();
+    want[..(48 * MIB) as usize].fill(0);
+    want[(48 * MIB + 65536) as usize..(49 * MIB) as usize].fill(0);
+    let got = read_dev(&d.bdev(), 64 * MIB)?;
+    if let Some(at) = first_diff(&got, &want) {
+        bail!(
+            "after discard: byte {at} is {:#x}, want {:#x}",
+            got[at],
+            want[at]
+        );
+    }
+    ublk_del(d.id)?;
+    qemu_img_check(&img)?;
+    let after = allocated_clusters(&img)?;
+    println!("allocated clusters: {before} before, {after} after discarding 48.9 MiB");
+    ensure!(
+        after + 768 + 15 <= before,
+        "allocated clusters only dropped from {before} to {after}"
+    );
+    // qemu sees the same content.
+    let raw = wd.join("discard.raw");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        &f,
+        &raw.to_string_lossy(),
+    ])?;
+    let conv = fs::read(&raw)?;
+    if let Some(at) = first_diff(&conv[..want.len()], &want) {
+        bail!("qemu-img convert differs at byte {at}");
+    }
+    Ok(Outcome::Pass)
+}
+
+/// Write-zeroes (`blkdiscard -z`, NOUNMAP) and discard on an overlay whose backing file holds
+/// data: the ranges read as zeros (the backing file never shows through), partial clusters
+/// around them keep their data, the base is untouched and qemu reads the same.
+fn qcow2_write_zeroes_over_backing() -> Result<Outcome> {
+    let wd = workdir()?;
+    let base_raw = wd.join("wzbase.raw");
+    write_pattern(&base_raw, 64 * MIB, 0xba5e)?;
+    let base = wd.join("wzbase.qcow2");
+    let top = wd.join("wztop.qcow2");
+    let (bs, ts) = (
+        base.to_string_lossy().into_owned(),
+        top.to_string_lossy().into_owned(),
+    );
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        &base_raw.to_string_lossy(),
+        &bs,
+    ])?;
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", &bs, "-F", "qcow2", &ts])?;
+    let base_hash = sha256(&base)?;
+    let mut want = fs::read(&base_raw)?;
+    fs::remove_file(&base_raw)?;
+    let top_pat = wd.join("wztop.pat");
+    write_pattern(&top_pat, 16 * MIB, 0x7007)?;
+    let top_data = fs::read(&top_pat)?;
+
+    let d = ublk_add(&["-t", "qcow2", "-f", &ts, "-q", "2"])?;
+    write_dev(&d.bdev(), 16 * MIB, &top_data)?;
+    want[(16 * MIB) as usize..(32 * MIB) as usize].copy_from_slice(&top_data);
+    // Zeroes over backing-only and overlay-allocated clusters, unaligned at both ends.
+    let (zo, zl) = (8 * MIB + 4096, 16 * MIB);
+    blkdiscard(&d.bdev(), true, zo, zl)?;
+    want[zo as usize..(zo + zl) as usize].fill(0);
+    // A discard over backing-only and allocated clusters: zero flags, no backing data.
+    blkdiscard(&d.bdev(), false, 28 * MIB, 16 * MIB)?;
+    want[(28 * MIB) as usize..(44 * MIB) as usize].fill(0);
+    let got = read_dev(&d.bdev(), 64 * MIB)?;
+    if let Some(at) = first_diff(&got, &want) {
+        bail!(
+            "through the device: byte {at} is {:#x}, want {:#x}",
+            got[at],
+            want[at]
+        );
+    }
+    ublk_del(d.id)?;
+    qemu_img_check(&top)?;
+    ensure!(
+        sha256(&base)? == base_hash,
+        "the backing image was modified"
+    );
+    let raw = wd.join("wztop.raw");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        &ts,
+        &raw.to_string_lossy(),
+    ])?;
+    let conv = fs::read(&raw)?;
+    if let Some(at) = first_diff(&conv, &want) {
+        bail!("qemu-img convert differs at byte {at}");
+    }
     Ok(Outcome::Pass)
 }
