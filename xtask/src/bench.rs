@@ -223,6 +223,7 @@ pub fn run(opts: &BenchOptions) -> Result<ExitCode> {
                 ("host.date", date.clone()),
                 ("host.command", command.clone()),
                 ("host.runtime", runtime.to_string()),
+                ("host.commit", git_commit()),
             ]
             .into_iter()
             .chain(host)
@@ -482,7 +483,14 @@ fn thread_deltas(before: &str, after: &str) -> Vec<(String, u64)> {
                 .map_or(0, |(_, _, t)| *t);
             (t1 > t0).then(|| (comm, t1 - t0))
         })
-        .collect()
+        .fold(Vec::new(), |mut acc: Vec<(String, u64)>, (comm, t)| {
+            // io_uring names its workers after the thread they serve: add them up.
+            match acc.iter_mut().find(|(c, _)| *c == comm) {
+                Some(e) => e.1 += t,
+                None => acc.push((comm, t)),
+            }
+            acc
+        })
 }
 
 type Parsed = (Vec<Run>, Vec<Skip>, Vec<(String, String)>, bool);
@@ -801,9 +809,25 @@ fn render_doc(all: &[KernelResults]) -> String {
          rerun it rather than editing this file.\n"
     );
     let _ = writeln!(s, "| | |\n|-|-|");
-    let _ = writeln!(s, "| date | {} |", first("host.date"));
-    let _ = writeln!(s, "| command | `{}` |", first("host.command"));
-    let _ = writeln!(s, "| commit | {} |", git_commit());
+    // Facts of each boot: one row when all boots agree, else one per kernel.
+    for (key, name, code) in [
+        ("host.date", "date", false),
+        ("host.command", "command", true),
+        ("host.commit", "commit", false),
+    ] {
+        let vals: Vec<(&str, &str)> = all
+            .iter()
+            .map(|k| (k.label.as_str(), k.info(key).unwrap_or("unknown")))
+            .collect();
+        let q = if code { "`" } else { "" };
+        if vals.windows(2).all(|w| w[0].1 == w[1].1) {
+            let _ = writeln!(s, "| {name} | {q}{}{q} |", first(key));
+        } else {
+            for (label, v) in vals {
+                let _ = writeln!(s, "| {name} ({label}) | {q}{v}{q} |");
+            }
+        }
+    }
     for k in all {
         let _ = writeln!(s, "| kernel {} | {} |", k.label, k.release);
     }
@@ -883,7 +907,8 @@ fn render_doc(all: &[KernelResults]) -> String {
            kernel baselines have. The clock tick is 10 ms (USER_HZ = 100), so the resolution is \
            10 ms / IOs in the window: about 0.5 µs/IO at 20k IOs, 10 µs/IO at 1k IOs. The last \
            column splits the daemon's ticks over the whole run by thread \
-           (`/proc/PID/task/*/stat`).\n\
+           (`/proc/PID/task/*/stat`; `ublkN-qM` are queue threads, `iou-wrk-TID` io_uring's \
+           workers for thread TID, added up; workers that exited during the run are missing).\n\
          - ±%: standard deviation of fio's IOPS samples (one per 500 ms) relative to their mean, a \
            gauge of how steady the run was.\n\
          - IOPS ratio: our IOPS / baseline IOPS in the same boot, same queue count and job; the \
@@ -892,8 +917,19 @@ fn render_doc(all: &[KernelResults]) -> String {
     );
     for k in all {
         let _ = writeln!(s, "## Linux {} ({})\n", k.label, k.release);
-        if let Some(f) = k.infos.iter().find(|(k, _)| k == "features") {
-            let _ = writeln!(s, "`ublk features`: {}\n", f.1.trim());
+        if let Some(f) = k.info("features") {
+            let words: Vec<&str> = f.split_whitespace().collect();
+            let mask = words.iter().find(|w| w.starts_with("0x")).unwrap_or(&"?");
+            let names: Vec<&str> = words
+                .iter()
+                .filter_map(|w| w.strip_prefix("UBLK_F_"))
+                .collect();
+            let _ = writeln!(
+                s,
+                "`ublk features`: {} ({})\n",
+                mask.trim_end_matches(':'),
+                names.join(", ")
+            );
         }
         let _ = writeln!(
             s,
