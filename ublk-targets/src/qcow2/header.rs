@@ -375,7 +375,7 @@ impl Header {
                 )));
             }
             let start = h.backing_file_offset;
-            let end = start + u64::from(h.backing_file_size);
+            let end = start.saturating_add(u64::from(h.backing_file_size));
             if end > cluster_size as u64 {
                 return Err(Qcow2Error::InvalidHeader(format!(
                     "backing file name at {start}..{end} is outside the first cluster"
