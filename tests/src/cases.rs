@@ -488,38 +488,18 @@ fn loop_verify(mode: Option<&str>, queues: u32, depth: u32) -> Result<Outcome> {
         d.queues,
         d.depth
     );
-    let dev = format!("--filename={}", d.bdev());
-    let iod = format!("--iodepth={depth}");
     // QD1 round trips are slow under TCG: keep those runs smaller.
     let sizes = if depth == 1 {
         ["16M", "32M"]
     } else {
         ["32M", "64M"]
     };
-    for (rw, bs, size) in [("randwrite", "4k", sizes[0]), ("write", "128k", sizes[1])] {
-        let t = Instant::now();
-        fio(
-            &[
-                "--name=verify",
-                &dev,
-                &format!("--rw={rw}"),
-                &format!("--bs={bs}"),
-                &format!("--size={size}"),
-                &iod,
-                "--ioengine=io_uring",
-                "--direct=1",
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-            ],
-            Duration::from_secs(150),
-        )
-        .with_context(|| format!("fio {rw} bs={bs} verify"))?;
-        println!(
-            "verify {rw} bs={bs} size={size} iodepth={depth}: ok in {:.1}s",
-            t.elapsed().as_secs_f64()
-        );
-    }
+    fio_verify(
+        &d.bdev(),
+        depth,
+        (sizes[0], sizes[1]),
+        Duration::from_secs(150),
+    )?;
     ublk_del(d.id)?;
     Ok(Outcome::Pass)
 }

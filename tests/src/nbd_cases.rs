@@ -115,25 +115,7 @@ fn nbd_verify(tcp: bool, queues: u32) -> Result<Outcome> {
         wc == "write back",
         "write cache is {wc:?}: FLUSH would never reach the server"
     );
-    for (rw, bs, size) in [("randwrite", "4k", "16M"), ("write", "128k", "48M")] {
-        fio(
-            &[
-                "--name=verify",
-                &format!("--filename={}", d.bdev()),
-                &format!("--rw={rw}"),
-                &format!("--bs={bs}"),
-                &format!("--size={size}"),
-                "--iodepth=32",
-                "--ioengine=io_uring",
-                "--direct=1",
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-            ],
-            Duration::from_secs(180),
-        )
-        .with_context(|| format!("fio {rw} bs={bs} verify on nbd"))?;
-    }
+    fio_verify(&d.bdev(), 32, ("16M", "48M"), Duration::from_secs(180))?;
     // The device content and the server's file agree.
     let rb = workdir()?.join("nbd-readback");
     check_cmd(

@@ -71,25 +71,7 @@ fn qcow2_verify(queues: u32) -> Result<Outcome> {
     let f = img.to_string_lossy().into_owned();
     let d = ublk_add(&["-t", "qcow2", "-f", &f, "-q", &q])?;
     ensure!(d.queues == queues, "device has {} queues", d.queues);
-    for (rw, bs, size) in [("randwrite", "4k", "32M"), ("write", "128k", "64M")] {
-        fio(
-            &[
-                "--name=verify",
-                &format!("--filename={}", d.bdev()),
-                &format!("--rw={rw}"),
-                &format!("--bs={bs}"),
-                &format!("--size={size}"),
-                "--iodepth=32",
-                "--ioengine=io_uring",
-                "--direct=1",
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-            ],
-            Duration::from_secs(180),
-        )
-        .with_context(|| format!("fio {rw} bs={bs} verify on qcow2"))?;
-    }
+    fio_verify(&d.bdev(), 32, ("32M", "64M"), Duration::from_secs(180))?;
     ublk_del(d.id)?;
     qemu_img_check(&img)?;
     Ok(Outcome::Pass)

@@ -601,6 +601,37 @@ pub fn allocated_bytes(path: impl AsRef<Path>) -> Result<u64> {
     }
 }
 
+/// Data-integrity pass on a block device: a 4k random-write and a 128k sequential-write fio job,
+/// each writing `sizes.0` / `sizes.1` with crc32c checksums and verifying them (fatal on the first
+/// mismatch), at `iodepth`.
+pub fn fio_verify(bdev: &str, iodepth: u32, sizes: (&str, &str), timeout: Duration) -> Result<()> {
+    for (rw, bs, size) in [("randwrite", "4k", sizes.0), ("write", "128k", sizes.1)] {
+        let t = std::time::Instant::now();
+        fio(
+            &[
+                "--name=verify",
+                &format!("--filename={bdev}"),
+                &format!("--rw={rw}"),
+                &format!("--bs={bs}"),
+                &format!("--size={size}"),
+                &format!("--iodepth={iodepth}"),
+                "--ioengine=io_uring",
+                "--direct=1",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+            ],
+            timeout,
+        )
+        .with_context(|| format!("fio {rw} bs={bs} verify on {bdev}"))?;
+        println!(
+            "verify {rw} bs={bs} size={size} iodepth={iodepth}: ok in {:.1}s",
+            t.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
