@@ -36,6 +36,7 @@ pub fn all() -> Vec<Test> {
             signals_stop_and_delete,
         ),
         test("kernel_foreground_ctrl_c", 90, foreground_ctrl_c),
+        test("kernel_daemon_log", 60, daemon_log),
     ];
     for (mode, flag) in [
         ("copy", None),
@@ -809,4 +810,23 @@ fn foreground_ctrl_c() -> Result<Outcome> {
         let _ = child.wait();
     }
     r.map(|()| Outcome::Pass)
+}
+
+/// A background daemon logs to /run/ublk/ublkN.log at the level `ublk -v` asked for.
+fn daemon_log() -> Result<Outcome> {
+    let r = ublk_ok(&["-v", "add", "-t", "null"])?;
+    let d = parse_one("ublk -v add", &r)?;
+    let path = format!("/run/ublk/ublk{}.log", d.id);
+    let log = fs::read_to_string(&path).with_context(|| format!("no daemon log at {path}"))?;
+    ensure!(
+        log.contains(&format!("device {} started", d.id)),
+        "daemon log lacks the start message: {log:?}"
+    );
+    let json = ublk_ok(&["list", "-n", &d.id.to_string(), "--json"])?.stdout;
+    ensure!(
+        json.contains(&path),
+        "`ublk list --json` does not name the log: {json}"
+    );
+    ublk_del(d.id)?;
+    Ok(Outcome::Pass)
 }

@@ -196,12 +196,20 @@ fn spawn_daemon(a: &AddArgs) -> Result<()> {
     let exe = std::env::current_exe().context("cannot find the ublk executable")?;
     let mut argv = a.to_argv();
     argv.push("--foreground".into());
+    // The daemon logs to a file, renamed to /run/ublk/ublkN.log once the id is known, so its
+    // warnings outlive this command. Without /run/ublk, its stderr comes back through a pipe.
+    let log = state::open_add_log();
+    let stderr = match &log {
+        Some((_, f)) => Stdio::from(f.try_clone().context("cannot share the daemon log")?),
+        None => Stdio::piped(),
+    };
     let mut child = Command::new(exe)
         .args(&argv)
         .env(NOTIFY_ENV, "1")
+        .env("UBLK_LOG", log::max_level().as_str())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(stderr)
         .process_group(0)
         .spawn()
         .context("cannot start the ublk daemon")?;
@@ -210,6 +218,9 @@ fn spawn_daemon(a: &AddArgs) -> Result<()> {
     for line in BufReader::new(stdout).lines() {
         let Ok(line) = line else { break };
         if line == READY {
+            if let (Some((path, _)), Some(id)) = (&log, parse_dev_id(&out)) {
+                state::keep_log(path, id);
+            }
             print!("{out}");
             return Ok(());
         }
@@ -218,8 +229,16 @@ fn spawn_daemon(a: &AddArgs) -> Result<()> {
     }
     let status = child.wait().context("waiting for the ublk daemon")?;
     let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut err);
+    match &log {
+        Some((path, _)) => {
+            err = std::fs::read_to_string(path).unwrap_or_default();
+            let _ = std::fs::remove_file(path);
+        }
+        None => {
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+        }
     }
     let err = err.trim();
     // The daemon already printed "ublk: <error>": pass it on as is.
@@ -233,6 +252,18 @@ fn spawn_daemon(a: &AddArgs) -> Result<()> {
         None if !err.is_empty() => bail!("the daemon failed ({status}): {err}"),
         None => bail!("the daemon exited ({status}) before the device was ready"),
     }
+}
+
+/// The id in the first `dev id N:` line (the daemon's ready report).
+pub(crate) fn parse_dev_id(text: &str) -> Option<u32> {
+    text.lines().find_map(|l| {
+        l.strip_prefix("dev id ")?
+            .split(':')
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 fn serve(a: AddArgs) -> Result<()> {

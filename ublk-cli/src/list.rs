@@ -35,6 +35,7 @@ fn device_json(ctrl: &mut Ctrl, id: u32) -> Result<serde_json::Value> {
         "ublkb": format!("{}:{}", numbers.disk_dev.0, numbers.disk_dev.1),
         "owner": format!("{}:{}", info.owner_uid, info.owner_gid),
         "target": target,
+        "log": Some(state::log_path(id)).filter(|p| p.exists()),
     }))
 }
 

@@ -244,6 +244,13 @@ mod tests {
     }
 
     #[test]
+    fn test_parse_dev_id_from_ready_report() {
+        let out = "dev id 12: nr_hw_queues 1 queue_depth 128 block size 512 dev_capacity 8\n\tmax rq size 524288 daemon pid 9 flags 0x42 state LIVE\n";
+        assert_eq!(add::parse_dev_id(out), Some(12));
+        assert_eq!(add::parse_dev_id("garbage\n"), None);
+    }
+
+    #[test]
     fn test_daemon_argv_roundtrip() {
         let cli = parse(&[
             "add",

@@ -44,3 +44,27 @@ pub(crate) fn load(id: u32) -> Option<DevState> {
 pub(crate) fn remove(id: u32) {
     let _ = std::fs::remove_file(path(id));
 }
+
+/// A fresh log file for a daemon being started (`/run/ublk/add-PID.log`).
+pub(crate) fn open_add_log() -> Option<(PathBuf, std::fs::File)> {
+    std::fs::create_dir_all(DIR).ok()?;
+    let path = PathBuf::from(DIR).join(format!("add-{}.log", std::process::id()));
+    let f = std::fs::File::create(&path).ok()?;
+    Some((path, f))
+}
+
+/// Where device `id`'s daemon logs.
+pub(crate) fn log_path(id: u32) -> PathBuf {
+    PathBuf::from(DIR).join(format!("ublk{id}.log"))
+}
+
+/// Keeps a started daemon's log as `/run/ublk/ublkN.log`.
+/// The previous log of that id (an earlier daemon of a recovered device, or an older device)
+/// is kept as `ublkN.log.1`.
+pub(crate) fn keep_log(tmp: &std::path::Path, id: u32) {
+    let path = log_path(id);
+    let _ = std::fs::rename(&path, path.with_extension("log.1"));
+    if let Err(e) = std::fs::rename(tmp, &path) {
+        log::warn!("cannot keep the daemon log {}: {e}", tmp.display());
+    }
+}
