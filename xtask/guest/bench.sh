@@ -25,8 +25,18 @@ RAW=$W/raw.img
 QCOW=$W/img.qcow2
 JOBS="randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd32 read-128k-qd8"
 
-stty -F /dev/ttyS1 raw -echo 2>/dev/null
-exec 3>/dev/ttyS1
+# The files need 2 x FILE_MB of tmpfs, more than its default half of RAM in a 2 GiB guest.
+mount -o remount,size=90% /tmp 2>/dev/null
+mkdir -p $W
+# Results go to the second serial port, or to a file when there is none (e.g. in vm-shell: ttyS1
+# then exists but has no UART behind it, type 0).
+if [ "$(cat /sys/class/tty/ttyS1/type 2>/dev/null || echo 0)" != 0 ]; then
+    stty -F /dev/ttyS1 raw -echo 2>/dev/null
+    exec 3>/dev/ttyS1
+else
+    exec 3>$W/results
+    echo "bench: no second serial port; results in $W/results"
+fi
 out() { printf '%s\n' "$*" >&3; }
 log() { echo "bench: [$(cut -d' ' -f1 /proc/uptime)] $*"; }
 
@@ -145,7 +155,7 @@ null_group() { # queues
     if insmod $KO/null_blk.ko queue_mode=2 submit_queues=$q gb=$NULL_GB; then
         i=0; while [ ! -b /dev/nullb0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
         DEV_null_blk=/dev/nullb0
-        log "null_blk: $(cat /sys/block/nullb0/queue/nr_requests 2>/dev/null) requests, hw queues: $(ls /sys/block/nullb0/mq | wc -l)"
+        log "null_blk: $(cat /sys/block/nullb0/queue/nr_requests 2>/dev/null) requests, hw queues (poll queue included): $(ls /sys/block/nullb0/mq | wc -l)"
     else
         skip null $q null_blk "insmod null_blk failed"
     fi
@@ -183,7 +193,6 @@ loop_group() { # queues
     [ -n "$l" ] && /opt/bin/losetup -d $l
 }
 
-mkdir -p $W
 out "@@INFO kernel=$(uname -r)@@"
 out "@@INFO runtime=$RUNTIME@@"
 out "@@INFO features=$(/opt/bin/ublk features 2>/dev/null | tr '\n' ' ')@@"
@@ -191,7 +200,8 @@ out "@@INFO cpus=$(grep -c ^processor /proc/cpuinfo) mem_kb=$(awk '/MemTotal/{pr
 log "kernel $(uname -r), ${RUNTIME}s per run, filter '$FILTER'"
 log "writing ${FILE_MB} MiB raw file and fully allocated qcow2 image on tmpfs"
 dd if=/dev/zero of=$RAW bs=1M count=$FILE_MB 2>/dev/null
-/opt/bin/qemu-img create -q -f qcow2 -o preallocation=full $QCOW ${FILE_MB}M
+/opt/bin/qemu-img create -q -f qcow2 -o preallocation=full $QCOW ${FILE_MB}M ||
+    log "qemu-img create failed (tmpfs: $(df -k /tmp | tail -n 1))"
 /opt/bin/qemu-img check $QCOW | tail -n 2 | sed 's/^/bench: qcow2: /'
 log "tmpfs usage: $(du -sk $W | cut -f1) KiB"
 
