@@ -541,17 +541,7 @@ fn ext4_readd() -> Result<Outcome> {
         "small file differs"
     );
     sh("umount", &[&mnt])?;
-    let r = run_timeout(
-        Command::new(opt_bin("e2fsck")).args(["-fn", &d2.bdev()]),
-        Duration::from_secs(120),
-    )?;
-    ensure!(
-        r.ok(),
-        "e2fsck -fn found problems ({}): {} {}",
-        r.status,
-        r.stdout.trim(),
-        r.stderr.trim()
-    );
+    e2fsck_clean(&d2.bdev())?;
     ublk_del(d2.id)?;
     Ok(Outcome::Pass)
 }

@@ -162,16 +162,7 @@ fn nbd_ext4_readd() -> Result<Outcome> {
         ensure!(&sha256(p)? == want, "{p} differs after re-add");
     }
     sh("umount", &[&mnt])?;
-    let r = run_timeout(
-        Command::new(opt_bin("e2fsck")).args(["-fn", &d.bdev()]),
-        Duration::from_secs(120),
-    )?;
-    ensure!(
-        r.ok(),
-        "e2fsck -fn found problems: {} {}",
-        r.stdout.trim(),
-        r.stderr.trim()
-    );
+    e2fsck_clean(&d.bdev())?;
     ublk_del(d.id)?;
     Ok(Outcome::Pass)
 }

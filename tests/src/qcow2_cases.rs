@@ -128,16 +128,7 @@ fn qcow2_ext4_backing_chain() -> Result<Outcome> {
         ensure!(&sha256(p)? == want, "{p} differs after re-add");
     }
     sh("umount", &[&mnt])?;
-    let r = run_timeout(
-        Command::new(opt_bin("e2fsck")).args(["-fn", &d.bdev()]),
-        Duration::from_secs(120),
-    )?;
-    ensure!(
-        r.ok(),
-        "e2fsck -fn found problems: {} {}",
-        r.stdout.trim(),
-        r.stderr.trim()
-    );
+    e2fsck_clean(&d.bdev())?;
     ublk_del(d.id)?;
     qemu_img_check(&top)?;
     Ok(Outcome::Pass)

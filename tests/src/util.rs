@@ -632,6 +632,22 @@ pub fn fio_verify(bdev: &str, iodepth: u32, sizes: (&str, &str), timeout: Durati
     Ok(())
 }
 
+/// `e2fsck -fn` on `bdev` finds nothing to fix.
+pub fn e2fsck_clean(bdev: &str) -> Result<()> {
+    let r = run_timeout(
+        Command::new(opt_bin("e2fsck")).args(["-fn", bdev]),
+        Duration::from_secs(120),
+    )?;
+    anyhow::ensure!(
+        r.ok(),
+        "e2fsck -fn {bdev} found problems ({}): {} {}",
+        r.status,
+        r.stdout.trim(),
+        r.stderr.trim()
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
