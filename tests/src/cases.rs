@@ -50,6 +50,12 @@ pub fn all() -> Vec<Test> {
             }
         }
     }
+    // The same over a block device: tmpfs files are served inline on the queue thread, block
+    // devices through io_uring.
+    for (mode, flag) in [("copy", None), ("usercopy", Some("-u"))] {
+        let name = format!("kernel_loop_verify_blockdev_{mode}_q2_d128");
+        v.push(test(&name, 180, move || loop_verify_blockdev(flag)));
+    }
     v.extend([
         test("kernel_ext4_readd", 180, ext4_readd),
         test("kernel_flush_reaches_backing", 90, flush_reaches_backing),
@@ -502,6 +508,28 @@ fn loop_verify(mode: Option<&str>, queues: u32, depth: u32) -> Result<Outcome> {
         Duration::from_secs(150),
     )?;
     ublk_del(d.id)?;
+    Ok(Outcome::Pass)
+}
+
+/// 4b. fio verify on loop over a block device (a kernel loop device with direct IO over a tmpfs
+///     file), the io_uring path.
+fn loop_verify_blockdev(mode: Option<&str>) -> Result<Outcome> {
+    let wd = workdir()?;
+    let file = wd.join("backing");
+    zero_file(&file, 128)?;
+    let f = file.to_string_lossy().into_owned();
+    let kloop = sh(&opt_bin("losetup"), &["-f", "--show", "--direct-io=on", &f])?;
+    let kloop = kloop.trim().to_string();
+    let res = (|| -> Result<()> {
+        let mut args = vec!["-q", "2", "-d", "128"];
+        args.extend(mode);
+        let d = add_loop(Path::new(&kloop), &args)?;
+        fio_verify(&d.bdev(), 128, ("32M", "64M"), Duration::from_secs(150))?;
+        ublk_del(d.id)
+    })();
+    let detached = sh(&opt_bin("losetup"), &["-d", &kloop]);
+    res?;
+    detached?;
     Ok(Outcome::Pass)
 }
 

@@ -4,11 +4,17 @@
 //! buffered IO, with a warning, where the backing file system refuses it). FLUSH becomes
 //! `fdatasync`, FUA writes use `RWF_DSYNC`, DISCARD punches a hole, WRITE_ZEROES zeroes the
 //! range (punching when the kernel allows unmapping).
+//!
+//! On a memory-backed file system (tmpfs, ramfs) a read or write is a memory copy that never
+//! waits for a device, and io_uring cannot do it without blocking: it hands every such
+//! operation to one of its worker threads, a thread switch and wake-up per request for a copy
+//! of a few microseconds. There, reads and writes are done inline on the queue thread instead
+//! ([`LoopTarget::is_inline`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use ublk_core::{
@@ -59,6 +65,7 @@ pub struct LoopTarget {
     params: DeviceParams,
     direct: bool,
     block_device: bool,
+    inline: bool,
 }
 
 const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
@@ -147,18 +154,25 @@ impl LoopTarget {
             }),
             ..DeviceParams::default()
         };
+        let inline = !block_device && memory_backed(&file);
         log::info!(
-            "loop: {} ({} bytes, {}, {})",
+            "loop: {} ({} bytes, {}, {}{})",
             path.display(),
             size,
             if direct { "direct" } else { "buffered" },
-            if block_device { "block device" } else { "file" }
+            if block_device { "block device" } else { "file" },
+            if inline {
+                ", memory-backed: reads and writes inline"
+            } else {
+                ""
+            }
         );
         Ok(LoopTarget {
             file: Arc::new(file),
             params,
             direct,
             block_device,
+            inline,
         })
     }
 
@@ -175,6 +189,25 @@ impl LoopTarget {
     /// Whether the backing store is a block device.
     pub fn is_block_device(&self) -> bool {
         self.block_device
+    }
+
+    /// Whether reads and writes are done inline on the queue thread (memory-backed file
+    /// systems) rather than through io_uring.
+    pub fn is_inline(&self) -> bool {
+        self.inline
+    }
+}
+
+/// Whether `file` lives on a memory-backed file system (tmpfs, ramfs), where IO is a memory copy.
+fn memory_backed(file: &File) -> bool {
+    const TMPFS_MAGIC: u64 = 0x0102_1994;
+    const RAMFS_MAGIC: u64 = 0x8584_58f6;
+    match rustix::fs::fstatfs(file) {
+        Ok(st) => matches!(st.f_type as u64, TMPFS_MAGIC | RAMFS_MAGIC),
+        Err(e) => {
+            log::debug!("loop: fstatfs failed: {e}");
+            false
+        }
     }
 }
 
@@ -196,6 +229,7 @@ impl Target for LoopTarget {
         Ok(LoopQueue {
             zero_range: true,
             file: self.file.clone(),
+            inline: self.inline,
         })
     }
 }
@@ -206,12 +240,36 @@ pub struct LoopQueue {
     file: Arc<File>,
     /// Cleared once the backing file system refuses FALLOC_FL_ZERO_RANGE (e.g. tmpfs).
     zero_range: bool,
+    /// Reads and writes inline (see the module documentation).
+    inline: bool,
 }
 
 /// Marks the `data` of a write issued to emulate WRITE_ZEROES; the rest is sectors done before.
 const ZERO_WRITE: u32 = 1 << 31;
 
 impl LoopQueue {
+    /// Reads or writes the whole of `req` synchronously (memory-backed files).
+    fn transfer_inline(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest) -> Action {
+        let buf = ctx.buf(req.tag);
+        if buf.len() != req.len as usize {
+            return Action::Done(-libc::EINVAL);
+        }
+        let r = match req.op {
+            Op::Read => read_full_at(&self.file, buf, req.offset),
+            _ => self.file.write_all_at(buf, req.offset).and_then(|()| {
+                if req.flags.contains(IoFlags::FUA) {
+                    self.file.sync_data()
+                } else {
+                    Ok(())
+                }
+            }),
+        };
+        match r {
+            Ok(()) => Action::Done(req.len as i32),
+            Err(e) => Action::from_error(&e),
+        }
+    }
+
     /// Starts (or continues, after a short transfer) the data transfer of `req` at `done`.
     fn transfer(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest, done: u32) -> Action {
         let fd = self.file.as_fd();
@@ -298,10 +356,30 @@ impl LoopQueue {
     }
 }
 
+/// Fills `buf` from `file` at `off`; past the end of the file (which may have shrunk), zeros.
+fn read_full_at(file: &File, mut buf: &mut [u8], mut off: u64) -> io::Result<()> {
+    while !buf.is_empty() {
+        match file.read_at(buf, off) {
+            Ok(0) => {
+                buf.fill(0);
+                break;
+            }
+            Ok(n) => {
+                buf = &mut buf[n..];
+                off += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 impl QueueHandler for LoopQueue {
     fn handle_io(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest) -> Action {
         let fd = self.file.as_fd();
         let r = match req.op {
+            Op::Read | Op::Write if self.inline => return self.transfer_inline(ctx, req),
             Op::Read | Op::Write => return self.transfer(ctx, req, 0),
             Op::Flush => ctx.fsync(req.tag, fd, true, 0),
             Op::Discard => ctx.fallocate(
