@@ -42,6 +42,7 @@ pub fn all() -> Vec<Test> {
         ("copy", None),
         ("getdata", Some("-g")),
         ("usercopy", Some("-u")),
+        ("zerocopy", Some("-z")),
     ] {
         for queues in [1u32, 2] {
             for depth in [1u32, 128] {
@@ -52,7 +53,11 @@ pub fn all() -> Vec<Test> {
     }
     // The same over a block device: tmpfs files are served inline on the queue thread, block
     // devices through io_uring.
-    for (mode, flag) in [("copy", None), ("usercopy", Some("-u"))] {
+    for (mode, flag) in [
+        ("copy", None),
+        ("usercopy", Some("-u")),
+        ("zerocopy", Some("-z")),
+    ] {
         let name = format!("kernel_loop_verify_blockdev_{mode}_q2_d128");
         v.push(test(&name, 180, move || loop_verify_blockdev(flag)));
     }
@@ -60,7 +65,16 @@ pub fn all() -> Vec<Test> {
         test("kernel_ext4_readd", 180, ext4_readd),
         test("kernel_flush_reaches_backing", 90, flush_reaches_backing),
         test("kernel_discard_punches_holes", 120, discard_punches_holes),
-        test("kernel_write_zeroes_keeps_allocation", 120, write_zeroes),
+        test("kernel_write_zeroes_keeps_allocation", 120, || {
+            write_zeroes(&[])
+        }),
+        test("kernel_write_zeroes_zero_copy", 120, || {
+            if !zero_copy_supported()? {
+                return Ok(Outcome::Skip("zero copy needs Linux 6.16".into()));
+            }
+            write_zeroes(&["-z"])
+        }),
+        test("kernel_zero_copy_errors", 60, zero_copy_errors),
     ]);
     v.extend(crate::qcow2_cases::all());
     v.extend(crate::nbd_cases::all());
@@ -260,6 +274,55 @@ fn unsupported_mode() -> Result<Outcome> {
         wait_for_path(d.bdev(), Duration::from_secs(5))?;
         ublk_del(d.id)?;
     }
+    Ok(Outcome::Pass)
+}
+
+/// 7b. Zero copy: before 6.16 `-z` fails naming the release and leaves nothing behind; from
+///     6.16 a target that needs the data in user space (qcow2) refuses it, and null works.
+fn zero_copy_errors() -> Result<Outcome> {
+    let check_refused = |r: &Run, want: &str| -> Result<()> {
+        ensure!(!r.ok(), "succeeded: {}", r.stdout);
+        ensure!(
+            r.stderr.contains(want),
+            "error does not mention {want:?}: {:?}",
+            r.stderr
+        );
+        println!("error as expected: {}", r.stderr.trim());
+        sleep(Duration::from_millis(300));
+        ensure!(
+            ublk_ok(&["list"])?.stdout.trim().is_empty() && ublk_char_devs().is_empty(),
+            "a device was left behind: {:?}",
+            ublk_char_devs()
+        );
+        Ok(())
+    };
+    if !zero_copy_supported()? {
+        check_refused(&ublk(&["add", "-t", "null", "-z"])?, "6.16")?;
+        return Ok(Outcome::Pass);
+    }
+    let img = workdir()?.join("zc.qcow2");
+    let _ = fs::remove_file(&img);
+    sh(
+        &opt_bin("qemu-img"),
+        &["create", "-q", "-f", "qcow2", &img.to_string_lossy(), "16M"],
+    )?;
+    let r = ublk(&["add", "-t", "qcow2", "-z", "-f", &img.to_string_lossy()])?;
+    check_refused(&r, "zero copy")?;
+    let d = ublk_add(&["-t", "null", "-z", "-q", "2"])?;
+    fio(
+        &[
+            "--name=zc",
+            &format!("--filename={}", d.bdev()),
+            "--rw=randrw",
+            "--bs=4k",
+            "--size=16M",
+            "--iodepth=16",
+            "--ioengine=io_uring",
+            "--direct=1",
+        ],
+        Duration::from_secs(60),
+    )?;
+    ublk_del(d.id)?;
     Ok(Outcome::Pass)
 }
 
@@ -480,8 +543,16 @@ fn kill_recovery() -> Result<Outcome> {
     Ok(Outcome::Pass)
 }
 
+/// Whether the kernel has zero copy with automatic buffer registration (6.16).
+fn zero_copy_supported() -> Result<bool> {
+    Ok(kernel_version()? >= (6, 16))
+}
+
 /// 4. fio verify (random 4k and sequential 128k writes) on loop over a 256 MiB file.
 fn loop_verify(mode: Option<&str>, queues: u32, depth: u32) -> Result<Outcome> {
+    if mode == Some("-z") && !zero_copy_supported()? {
+        return Ok(Outcome::Skip("zero copy needs Linux 6.16".into()));
+    }
     let wd = workdir()?;
     let file = wd.join("backing");
     zero_file(&file, 256)?;
@@ -514,6 +585,9 @@ fn loop_verify(mode: Option<&str>, queues: u32, depth: u32) -> Result<Outcome> {
 /// 4b. fio verify on loop over a block device (a kernel loop device with direct IO over a tmpfs
 ///     file), the io_uring path.
 fn loop_verify_blockdev(mode: Option<&str>) -> Result<Outcome> {
+    if mode == Some("-z") && !zero_copy_supported()? {
+        return Ok(Outcome::Skip("zero copy needs Linux 6.16".into()));
+    }
     let wd = workdir()?;
     let file = wd.join("backing");
     zero_file(&file, 128)?;
@@ -718,11 +792,11 @@ fn discard_punches_holes() -> Result<Outcome> {
 
 /// WRITE_ZEROES with NOUNMAP (`blkdiscard -z` = BLKZEROOUT) zeroes the range and keeps it
 /// allocated, also on tmpfs, which lacks FALLOC_FL_ZERO_RANGE (the target writes zeros then).
-fn write_zeroes() -> Result<Outcome> {
+fn write_zeroes(args: &[&str]) -> Result<Outcome> {
     let wd = workdir()?;
     let file = wd.join("backing");
     write_pattern(&file, 64 * MIB, 0x2e20)?;
-    let d = add_loop(&file, &[])?;
+    let d = add_loop(&file, args)?;
     let max = read_trim(format!(
         "/sys/block/ublkb{}/queue/write_zeroes_max_bytes",
         d.id

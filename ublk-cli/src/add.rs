@@ -8,8 +8,8 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use ublk_core::{
-    kernel_release, Ctrl, DataMode, DevInfo, Device, DeviceBuilder, DeviceParams, Recovery,
-    RunOptions, StopReason, Target,
+    Ctrl, DataMode, DevInfo, Device, DeviceBuilder, DeviceParams, Recovery, RunOptions, StopReason,
+    Target,
 };
 use ublk_targets::loop_::{LoopConfig, LoopTarget};
 use ublk_targets::nbd::{NbdAddr, NbdConfig, NbdTarget, NbdUri};
@@ -85,17 +85,12 @@ impl AddArgs {
     }
 
     fn data_mode(&self) -> Result<DataMode> {
-        if self.zero_copy {
-            bail!(
-                "zero copy (-z) is not implemented yet (it needs Linux 6.15; this kernel is {})",
-                kernel_release()
-            );
-        }
-        match (self.need_get_data, self.user_copy) {
-            (true, true) => bail!("-g (NEED_GET_DATA) and -u (USER_COPY) exclude each other"),
-            (true, false) => Ok(DataMode::NeedGetData),
-            (false, true) => Ok(DataMode::UserCopy),
-            (false, false) => Ok(DataMode::Copy),
+        match (self.need_get_data, self.user_copy, self.zero_copy) {
+            (false, false, false) => Ok(DataMode::Copy),
+            (true, false, false) => Ok(DataMode::NeedGetData),
+            (false, true, false) => Ok(DataMode::UserCopy),
+            (false, false, true) => Ok(DataMode::ZeroCopy),
+            _ => bail!("-g (NEED_GET_DATA), -u (USER_COPY) and -z (zero copy) exclude each other"),
         }
     }
 
@@ -341,6 +336,12 @@ fn serve_target<T: Target + 'static>(
     params: DeviceParams,
     json: serde_json::Value,
 ) -> Result<()> {
+    if a.data_mode()? == DataMode::ZeroCopy && !target.zero_copy() {
+        bail!(
+            "the {} target cannot use zero copy (-z): it needs the request data in user space",
+            json["name"].as_str().unwrap_or("chosen")
+        );
+    }
     let ctrl = Ctrl::open()?;
     let dev = match a.recover_id {
         Some(id) => Device::recover(ctrl, id)?,

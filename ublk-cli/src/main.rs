@@ -79,7 +79,8 @@ pub(crate) struct AddArgs {
     /// USER_COPY mode: data moved with pread/pwrite on /dev/ublkcN (Linux 6.5).
     #[arg(short = 'u', long = "user-copy")]
     pub(crate) user_copy: bool,
-    /// Zero copy (Linux 6.15); not implemented yet.
+    /// Zero copy: request pages are registered in the queue's io_uring and the target's IO
+    /// uses them directly (UBLK_F_AUTO_BUF_REG, Linux 6.16; null and loop targets).
     #[arg(short = 'z', long = "zero-copy")]
     pub(crate) zero_copy: bool,
     /// Fall back to copy mode (with a warning) when the kernel lacks the requested mode.

@@ -17,6 +17,7 @@ pub fn build_commit_sqe(q_id: u16, tag: u16, result: i32, addr: u64) -> u64 {
         tag,
         result,
         addr,
+        None,
     )
     .get_user_data()
 }

@@ -349,6 +349,11 @@ impl Device {
         T: Target + 'static,
         F: FnOnce(&DevInfo),
     {
+        if self.mode == DataMode::ZeroCopy && !target.zero_copy() {
+            return Err(DeviceError::Config(
+                "this target needs the request data in user space and cannot use zero copy".into(),
+            ));
+        }
         let signals = if opts.handle_signals {
             Some(SignalSet::block_termination().map_err(DeviceError::Signals)?)
         } else {

@@ -9,7 +9,10 @@
 //! # Safety
 //!
 //! Every SQE pushed here points either at nothing or at the tag's own buffer slot in
-//! [`IoBufs`] (or at `event_buf`, owned by the queue). A slot is only handed to the kernel or
+//! [`IoBufs`] (or at `event_buf`, owned by the queue). In zero-copy mode the target's reads and
+//! writes address instead the fixed buffer the kernel registered for the tag (index = tag,
+//! offsets from 0, bounds checked against the request), which the kernel keeps alive until the
+//! tag's COMMIT, sent only once no operation is in flight. A slot is only handed to the kernel or
 //! to an io_uring operation while the tag's state says so, and a slice of it is only given to
 //! the target while the tag is `InTarget` with no operation in flight, or for the bounds of an
 //! operation the target itself requested. The ring is dropped (cancelling what is left) before
@@ -40,6 +43,12 @@ pub enum DataMode {
     NeedGetData,
     /// The server copies with pread/pwrite on `/dev/ublkcN` (`UBLK_F_USER_COPY`, Linux 6.5).
     UserCopy,
+    /// No copy at all: the kernel registers each request's pages in the queue's io_uring buffer
+    /// table (index = tag) before handing the request over, and the target's io_uring reads and
+    /// writes use them as fixed buffers (`UBLK_F_AUTO_BUF_REG`, Linux 6.16). The server never
+    /// sees the data: [`IoCtx::buf`] is empty, so only targets that move data with
+    /// [`IoCtx::read_at`] / [`IoCtx::write_at`] alone can use it ([`Target::zero_copy`]).
+    ZeroCopy,
 }
 
 impl DataMode {
@@ -49,12 +58,15 @@ impl DataMode {
             DataMode::Copy => DeviceFlags::empty(),
             DataMode::NeedGetData => DeviceFlags::NEED_GET_DATA,
             DataMode::UserCopy => DeviceFlags::USER_COPY,
+            DataMode::ZeroCopy => DeviceFlags::AUTO_BUF_REG,
         }
     }
 
     /// The mode a device with these (negotiated) flags uses.
     pub fn from_flags(flags: DeviceFlags) -> DataMode {
-        if flags.contains(DeviceFlags::USER_COPY) {
+        if flags.contains(DeviceFlags::AUTO_BUF_REG) {
+            DataMode::ZeroCopy
+        } else if flags.contains(DeviceFlags::USER_COPY) {
             DataMode::UserCopy
         } else if flags.contains(DeviceFlags::NEED_GET_DATA) {
             DataMode::NeedGetData
@@ -63,12 +75,13 @@ impl DataMode {
         }
     }
 
-    /// Short name (`copy`, `get_data`, `user_copy`).
+    /// Short name (`copy`, `get_data`, `user_copy`, `zero_copy`).
     pub fn name(self) -> &'static str {
         match self {
             DataMode::Copy => "copy",
             DataMode::NeedGetData => "get_data",
             DataMode::UserCopy => "user_copy",
+            DataMode::ZeroCopy => "zero_copy",
         }
     }
 }
@@ -169,6 +182,7 @@ pub struct IoCtx<'a> {
     bufs: &'a IoBufs,
     tags: &'a mut Tags,
     q_id: u16,
+    mode: DataMode,
     completer: &'a Completer,
 }
 
@@ -186,15 +200,22 @@ impl IoCtx<'_> {
         self.q_id
     }
 
+    /// Whether requests' data stays in the kernel ([`DataMode::ZeroCopy`]): then
+    /// [`IoCtx::buf`] is empty and data moves only with [`IoCtx::read_at`] / [`IoCtx::write_at`].
+    pub fn zero_copy(&self) -> bool {
+        self.mode == DataMode::ZeroCopy
+    }
+
     /// A handle to complete requests of this queue from another thread.
     pub fn completer(&self) -> Completer {
         self.completer.clone()
     }
 
     /// The data buffer of request `tag` (`req.len` bytes): WRITE data to consume, or room for
-    /// READ data. Empty if the tag is not with the target or has operations in flight.
+    /// READ data. Empty if the tag is not with the target or has operations in flight, and
+    /// always in zero-copy mode.
     pub fn buf(&mut self, tag: u16) -> &mut [u8] {
-        if !self.tags.owned_by_target(tag, true) {
+        if self.mode == DataMode::ZeroCopy || !self.tags.owned_by_target(tag, true) {
             return &mut [];
         }
         let len = self
@@ -216,6 +237,10 @@ impl IoCtx<'_> {
         let end = u64::from(buf_off) + u64::from(len);
         if end > req_len || end > self.bufs.buf_size() as u64 {
             return Err(einval("range outside the request buffer"));
+        }
+        if self.mode == DataMode::ZeroCopy {
+            // A fixed buffer registered by the kernel is addressed from 0.
+            return Ok(std::ptr::null_mut::<u8>().wrapping_add(buf_off as usize));
         }
         // SAFETY: in bounds of the slot (checked above).
         Ok(unsafe { self.bufs.addr(tag).add(buf_off as usize) })
@@ -243,9 +268,14 @@ impl IoCtx<'_> {
         data: u32,
     ) -> io::Result<()> {
         let p = self.check_range(tag, buf_off, len)?;
-        let sqe = opcode::Read::new(types::Fd(fd.as_raw_fd()), p, len)
-            .offset(file_off)
-            .build();
+        let fd = types::Fd(fd.as_raw_fd());
+        let sqe = if self.mode == DataMode::ZeroCopy {
+            opcode::ReadFixed::new(fd, p, len, tag)
+                .offset(file_off)
+                .build()
+        } else {
+            opcode::Read::new(fd, p, len).offset(file_off).build()
+        };
         self.push(tag, data, sqe)
     }
 
@@ -264,10 +294,18 @@ impl IoCtx<'_> {
     ) -> io::Result<()> {
         let p = self.check_range(tag, buf_off, len)?;
         let flags = if fua { libc::RWF_DSYNC } else { 0 };
-        let sqe = opcode::Write::new(types::Fd(fd.as_raw_fd()), p, len)
-            .offset(file_off)
-            .rw_flags(flags)
-            .build();
+        let fd = types::Fd(fd.as_raw_fd());
+        let sqe = if self.mode == DataMode::ZeroCopy {
+            opcode::WriteFixed::new(fd, p, len, tag)
+                .offset(file_off)
+                .rw_flags(flags)
+                .build()
+        } else {
+            opcode::Write::new(fd, p, len)
+                .offset(file_off)
+                .rw_flags(flags)
+                .build()
+        };
         self.push(tag, data, sqe)
     }
 
@@ -362,6 +400,12 @@ pub(crate) fn setup<T: Target>(
     ring.submitter()
         .register_files(&[cfg.cdev.as_raw_fd()])
         .map_err(|e| QueueError::Ring(q, e))?;
+    if cfg.mode == DataMode::ZeroCopy {
+        // The kernel installs request tag's pages at index tag of this table.
+        ring.submitter()
+            .register_buffers_sparse(u32::from(cfg.depth))
+            .map_err(|e| QueueError::Ring(q, e))?;
+    }
     let desc = DescArea::map(&cfg.cdev, q, cfg.depth, cfg.desc_size)
         .map_err(|e| QueueError::Memory(q, e))?;
     let bufs = IoBufs::new(cfg.depth, cfg.buf_size).map_err(|e| QueueError::Memory(q, e))?;
@@ -394,15 +438,17 @@ pub(crate) fn setup<T: Target>(
 }
 
 impl<H: QueueHandler> Queue<H> {
+    /// The `addr` of a FETCH / COMMIT_AND_FETCH for `tag`.
     fn buf_addr(&self, tag: u16) -> u64 {
         match self.cfg.mode {
-            DataMode::UserCopy => 0,
+            DataMode::UserCopy | DataMode::ZeroCopy => 0,
             DataMode::Copy | DataMode::NeedGetData => self.bufs.addr(tag) as u64,
         }
     }
 
     fn submit_cmd(&mut self, op: u32, tag: u16, result: i32) -> io::Result<()> {
-        let sqe = io_cmd_sqe(op, self.cfg.q_id, tag, result, self.buf_addr(tag));
+        let auto_buf = (self.cfg.mode == DataMode::ZeroCopy).then_some(tag);
+        let sqe = io_cmd_sqe(op, self.cfg.q_id, tag, result, self.buf_addr(tag), auto_buf);
         // SAFETY: the command's addr is the tag's own slot, handed to the kernel together
         // with the tag (state Fetching/GettingData), or 0 in user-copy mode.
         push_sqe(&mut self.ring, &sqe)
@@ -622,6 +668,7 @@ macro_rules! ctx {
             bufs: &$q.bufs,
             tags: &mut $q.tags,
             q_id: $q.cfg.q_id,
+            mode: $q.cfg.mode,
             completer: &$q.completer,
         }
     };
@@ -629,8 +676,17 @@ macro_rules! ctx {
 use ctx;
 
 /// The SQE of an io command (`struct ublksrv_io_cmd` in a 64-byte `URING_CMD` SQE, on the
-/// registered `/dev/ublkcN`).
-pub(crate) fn io_cmd_sqe(op: u32, q_id: u16, tag: u16, result: i32, addr: u64) -> squeue::Entry {
+/// registered `/dev/ublkcN`). `auto_buf` (zero copy) goes in the SQE's own `addr` as
+/// `struct ublk_auto_buf_reg`: the kernel registers the next request's pages at that index of
+/// the ring's buffer table (no flags, reserved fields zero).
+pub(crate) fn io_cmd_sqe(
+    op: u32,
+    q_id: u16,
+    tag: u16,
+    result: i32,
+    addr: u64,
+    auto_buf: Option<u16>,
+) -> squeue::Entry {
     let mut raw = [0u8; 16];
     raw[0..2].copy_from_slice(&q_id.to_ne_bytes());
     raw[2..4].copy_from_slice(&tag.to_ne_bytes());
@@ -643,6 +699,7 @@ pub(crate) fn io_cmd_sqe(op: u32, q_id: u16, tag: u16, result: i32, addr: u64) -
     };
     opcode::UringCmd16::new(CDEV, op)
         .cmd(raw)
+        .addr(auto_buf.map(u64::from))
         .build()
         .user_data(user_data(kind, tag, 0))
 }
@@ -676,7 +733,7 @@ mod tests {
         assert_eq!(offset_of!(sys::ublksrv_io_cmd, tag), 2);
         assert_eq!(offset_of!(sys::ublksrv_io_cmd, result), 4);
         assert_eq!(offset_of!(sys::ublksrv_io_cmd, __bindgen_anon_1), 8);
-        let e = io_cmd_sqe(sys::UBLK_U_IO_NEED_GET_DATA, 3, 7, -5, 0x1000);
+        let e = io_cmd_sqe(sys::UBLK_U_IO_NEED_GET_DATA, 3, 7, -5, 0x1000, None);
         assert_eq!(e.get_user_data(), user_data(KIND_GET_DATA, 7, 0));
     }
 

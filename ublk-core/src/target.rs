@@ -4,8 +4,9 @@
 //! the queue thread. The handler either finishes at once ([`Action::Done`]) or starts work and
 //! returns [`Action::Pending`]; it then finishes later from [`QueueHandler::on_complete`] (after
 //! an io_uring operation it submitted through [`IoCtx`](crate::IoCtx)), or from any thread
-//! through a [`Completer`](crate::Completer). Data is always in the request's buffer
-//! ([`IoCtx::buf`](crate::IoCtx::buf)), whatever the data mode.
+//! through a [`Completer`](crate::Completer). Data is in the request's buffer
+//! ([`IoCtx::buf`](crate::IoCtx::buf)) in every data mode but zero copy, where it stays in the
+//! kernel and only the request's io_uring reads and writes reach it ([`Target::zero_copy`]).
 
 use crate::queue::IoCtx;
 use std::io;
@@ -120,6 +121,14 @@ pub trait Target: Send + Sync {
 
     /// Creates the handler of queue `q_id`, on the queue's thread.
     fn open_queue(&self, q_id: u16) -> io::Result<Self::Queue>;
+
+    /// Whether the target works in [`DataMode::ZeroCopy`](crate::DataMode::ZeroCopy), where it
+    /// never sees request data ([`IoCtx::buf`] is empty) and moves it only with
+    /// [`IoCtx::read_at`] / [`IoCtx::write_at`]. [`Device::run`](crate::Device::run) refuses a
+    /// zero-copy device for a target that says no.
+    fn zero_copy(&self) -> bool {
+        false
+    }
 }
 
 /// Serves the requests of one queue.

@@ -232,6 +232,12 @@ impl Target for LoopTarget {
             inline: self.inline,
         })
     }
+
+    /// Reads and writes go through io_uring (never inline) and zeros are written from a
+    /// buffer of the target's own.
+    fn zero_copy(&self) -> bool {
+        true
+    }
 }
 
 /// The per-queue handler of [`LoopTarget`].
@@ -300,6 +306,14 @@ impl LoopQueue {
         let left = u64::from(req.len) - done;
         if left == 0 {
             return Action::Done(0);
+        }
+        if ctx.zero_copy() {
+            // No request buffer to fill: write zeros of our own, synchronously (a fallback for
+            // file systems without FALLOC_FL_ZERO_RANGE).
+            return match write_zeros_at(&self.file, req.offset + done, left, req.flags) {
+                Ok(()) => Action::Done(0),
+                Err(e) => Action::from_error(&e),
+            };
         }
         let buf = ctx.buf(req.tag);
         if done == 0 {
@@ -375,11 +389,31 @@ fn read_full_at(file: &File, mut buf: &mut [u8], mut off: u64) -> io::Result<()>
     Ok(())
 }
 
+/// Writes `len` zero bytes at `off` (then `fdatasync` for FUA).
+fn write_zeros_at(file: &File, mut off: u64, mut len: u64, flags: IoFlags) -> io::Result<()> {
+    /// Page aligned, for O_DIRECT.
+    #[repr(align(4096))]
+    struct Zeros([u8; 64 << 10]);
+    static ZEROS: Zeros = Zeros([0; 64 << 10]);
+    while len > 0 {
+        let n = len.min(ZEROS.0.len() as u64);
+        file.write_all_at(&ZEROS.0[..n as usize], off)?;
+        off += n;
+        len -= n;
+    }
+    if flags.contains(IoFlags::FUA) {
+        file.sync_data()?;
+    }
+    Ok(())
+}
+
 impl QueueHandler for LoopQueue {
     fn handle_io(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest) -> Action {
         let fd = self.file.as_fd();
         let r = match req.op {
-            Op::Read | Op::Write if self.inline => return self.transfer_inline(ctx, req),
+            Op::Read | Op::Write if self.inline && !ctx.zero_copy() => {
+                return self.transfer_inline(ctx, req)
+            }
             Op::Read | Op::Write => return self.transfer(ctx, req, 0),
             Op::Flush => ctx.fsync(req.tag, fd, true, 0),
             Op::Discard => ctx.fallocate(
@@ -428,6 +462,13 @@ impl QueueHandler for LoopQueue {
                 return Action::Done(-libc::EIO);
             }
             // Reading past the end of a file that shrank: the rest is zeros.
+            if ctx.zero_copy() {
+                log::warn!(
+                    "loop: read at {} past the end of the backing file; failing it (zero copy cannot fill zeros)",
+                    req.offset + u64::from(total)
+                );
+                return Action::Done(-libc::EIO);
+            }
             ctx.buf(req.tag)[total as usize..].fill(0);
             return Action::Done(req.len as i32);
         }

@@ -16,6 +16,10 @@ impl Target for NullTarget {
     fn open_queue(&self, _q_id: u16) -> io::Result<NullQueue> {
         Ok(NullQueue)
     }
+
+    fn zero_copy(&self) -> bool {
+        true
+    }
 }
 
 impl QueueHandler for NullQueue {
