@@ -102,6 +102,9 @@ pub enum QueueError {
     /// Submitting or waiting on the ring failed.
     #[error("io_uring submission failed on queue {0}")]
     Submit(u16, #[source] io::Error),
+    /// The kernel refused a tag's FETCH command.
+    #[error("the kernel refused FETCH for queue {0} tag {1}")]
+    Fetch(u16, u16, #[source] io::Error),
 }
 
 // user_data layout: bits 0-15 tag, 16-23 kind, 32-63 target data.
@@ -434,6 +437,17 @@ pub(crate) fn setup<T: Target>(
     }
     queue.arm_event().map_err(|e| QueueError::Submit(q, e))?;
     queue.ring.submit().map_err(|e| QueueError::Submit(q, e))?;
+    // No request can arrive before START_DEV / END_USER_RECOVERY, so a completion now is a
+    // FETCH the kernel refused (bad flags or buffer setup): fail here rather than let the
+    // start wait for a tag that will never be fetched.
+    for c in queue.ring.completion() {
+        let (ud, res) = (c.user_data(), c.result());
+        if res < 0 && (ud >> 16) & 0xff == KIND_CMD {
+            let err = io::Error::from_raw_os_error(-res);
+            return Err(QueueError::Fetch(q, (ud & 0xffff) as u16, err));
+        }
+        queue.cqes.push((ud, res));
+    }
     Ok(move || queue.run())
 }
 
