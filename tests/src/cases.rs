@@ -29,7 +29,13 @@ pub fn all() -> Vec<Test> {
         test("kernel_null_fio_randread", 90, null_fio),
         test("kernel_del_during_fio", 120, del_during_fio),
         test("kernel_kill_daemon_no_recovery", 90, kill_no_recovery),
-        test("kernel_kill_daemon_recovery", 120, kill_recovery),
+        test("kernel_kill_daemon_recovery", 120, || kill_recovery(&[])),
+        test("kernel_kill_daemon_recovery_zero_copy", 120, || {
+            if !zero_copy_supported()? {
+                return Ok(Outcome::Skip("zero copy needs Linux 6.16".into()));
+            }
+            kill_recovery(&["-z"])
+        }),
         test(
             "kernel_signals_stop_and_delete",
             120,
@@ -451,14 +457,16 @@ fn kill_no_recovery() -> Result<Outcome> {
 }
 
 /// 3b. kill -9 with user recovery: QUIESCED, `ublk recover` brings it back LIVE, data intact.
-fn kill_recovery() -> Result<Outcome> {
+fn kill_recovery(extra: &[&str]) -> Result<Outcome> {
     let wd = workdir()?;
     let file = wd.join("backing");
     sparse_file(&file, 64)?;
     let pat = wd.join("pattern");
     write_pattern(&pat, 4 * MIB, 0x5eed)?;
     let want = sha256(&pat)?;
-    let d = add_loop(&file, &["-r", "1"])?;
+    let mut args = vec!["-r", "1"];
+    args.extend_from_slice(extra);
+    let d = add_loop(&file, &args)?;
     dd(&[
         &format!("if={}", pat.display()),
         &format!("of={}", d.bdev()),
