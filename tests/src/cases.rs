@@ -26,7 +26,9 @@ pub fn all() -> Vec<Test> {
         test("kernel_lifecycle", 90, lifecycle),
         test("kernel_bad_backing_path", 60, bad_backing_path),
         test("kernel_unsupported_mode_error", 60, unsupported_mode),
-        test("kernel_null_fio_randread", 90, null_fio),
+        test("kernel_null_fio_randrw", 90, || null_fio(&[])),
+        // The null target uses no data: in user-copy mode the queue copies nothing.
+        test("kernel_null_fio_randrw_user_copy", 90, || null_fio(&["-u"])),
         test("kernel_del_during_fio", 120, del_during_fio),
         test("kernel_kill_daemon_no_recovery", 90, kill_no_recovery),
         test("kernel_kill_daemon_recovery", 120, || kill_recovery(&[])),
@@ -333,14 +335,16 @@ fn zero_copy_errors() -> Result<Outcome> {
 }
 
 /// 8. null target under fio: 4k randread QD32, 2 queues, ~5 s.
-fn null_fio() -> Result<Outcome> {
-    let d = ublk_add(&["-t", "null", "-q", "2"])?;
+fn null_fio(extra: &[&str]) -> Result<Outcome> {
+    let mut args = vec!["-t", "null", "-q", "2"];
+    args.extend_from_slice(extra);
+    let d = ublk_add(&args)?;
     let dev = format!("--filename={}", d.bdev());
     let j = fio(
         &[
             "--name=nullrr",
             &dev,
-            "--rw=randread",
+            "--rw=randrw",
             "--bs=4k",
             "--iodepth=32",
             "--ioengine=io_uring",
@@ -352,9 +356,10 @@ fn null_fio() -> Result<Outcome> {
         ],
         Duration::from_secs(60),
     )?;
-    let iops = j["jobs"][0]["read"]["iops"].as_f64().unwrap_or(0.0);
-    println!("null randread 4k QD32 x2: {iops:.0} IOPS");
-    ensure!(iops > 0.0, "fio reported {iops} IOPS");
+    let iops = |dir: &str| j["jobs"][0][dir]["iops"].as_f64().unwrap_or(0.0);
+    let (r, w) = (iops("read"), iops("write"));
+    println!("null {extra:?} randrw 4k QD32 x2: {r:.0} + {w:.0} IOPS");
+    ensure!(r > 0.0 && w > 0.0, "fio reported {r} + {w} IOPS");
     ublk_del(d.id)?;
     Ok(Outcome::Pass)
 }

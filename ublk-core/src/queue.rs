@@ -380,6 +380,9 @@ struct Queue<H: QueueHandler> {
     bufs: IoBufs,
     tags: Tags,
     cfg: QueueConfig,
+    /// In user-copy mode, whether request data is copied in and out at all
+    /// ([`Target::uses_data`]).
+    copy_data: bool,
     completer: Completer,
     rx: Receiver<(u16, i32)>,
     event_buf: Box<u64>,
@@ -421,6 +424,7 @@ pub(crate) fn setup<T: Target>(
     let mut queue = Queue {
         ring,
         handler,
+        copy_data: target.uses_data(),
         desc,
         bufs,
         tags: Tags::new(cfg.depth),
@@ -575,7 +579,7 @@ impl<H: QueueHandler> Queue<H> {
             );
             return self.finish(tag, Action::Done(-libc::EINVAL));
         }
-        if self.cfg.mode == DataMode::UserCopy && req.has_write_data() {
+        if self.cfg.mode == DataMode::UserCopy && self.copy_data && req.has_write_data() {
             // SAFETY: the tag is InTarget with no operation in flight; the slice is dropped
             // before the target sees the tag.
             let buf = unsafe { self.bufs.slice(tag, req.len as usize) };
@@ -647,7 +651,7 @@ impl<H: QueueHandler> Queue<H> {
         let Some(&req) = self.tags.req(tag) else {
             return;
         };
-        if self.cfg.mode == DataMode::UserCopy && req.op == Op::Read && res > 0 {
+        if self.cfg.mode == DataMode::UserCopy && self.copy_data && req.op == Op::Read && res > 0 {
             let len = (res as usize).min(req.len as usize);
             // SAFETY: the tag is InTarget with no operation in flight.
             let buf = unsafe { self.bufs.slice(tag, len) };

@@ -129,6 +129,13 @@ pub trait Target: Send + Sync {
     fn zero_copy(&self) -> bool {
         false
     }
+
+    /// Whether the target reads WRITE data or produces READ data at all. A target that does
+    /// neither (null) says no, and in user-copy mode the queue then skips both copies: READs
+    /// leave the request's pages as they were.
+    fn uses_data(&self) -> bool {
+        true
+    }
 }
 
 /// Serves the requests of one queue.

@@ -3,7 +3,8 @@
 use std::io;
 use ublk_core::{Action, IoCtx, IoRequest, Op, QueueHandler, Target};
 
-/// A device that completes every request immediately (READ data is left as is).
+/// A device that completes every request immediately (READ data is left as is: in copy mode
+/// the queue's buffer, in user-copy and zero-copy modes the request's own pages, untouched).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NullTarget;
 
@@ -19,6 +20,10 @@ impl Target for NullTarget {
 
     fn zero_copy(&self) -> bool {
         true
+    }
+
+    fn uses_data(&self) -> bool {
+        false
     }
 }
 
