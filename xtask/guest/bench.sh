@@ -9,8 +9,8 @@
 # Progress goes to the console; results go to the second serial port (/dev/ttyS1), which the
 # host saves to a file, so kernel messages cannot interleave with them:
 #   @@RUN group=G queues=Q dev=D job=J rc=N daemon_ticks=T sys_busy=B sys_total=A win_busy=W
-#         win_secs=S win_ios=I win_daemon=T [server_ticks=T win_server=T]
-#         threads_before=TID:COMM:TICKS,... threads_after=...@@
+#         win_secs=S win_ios=I win_daemon=T [server_ticks=T win_server=T] win_slices=N win_ctxt=N
+#         threads_before=TID:COMM:TICKS:SLICES,... threads_after=...@@
 #   <fio --output-format=json output>
 #   @@END@@
 #   @@SKIP group=G queues=Q dev=D reason=...@@
@@ -61,12 +61,19 @@ matches() { # name
 
 # utime+stime of a whole process (all its threads), in clock ticks.
 proc_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
-# Per-thread "tid:comm:ticks" for a process, comma-separated (one awk for all threads: forks are
-# slow under TCG).
+# Per-thread "tid:comm:ticks:slices" for a process, comma-separated (one awk for all threads:
+# forks are slow under TCG); slices: the times the thread was switched in (/proc/.../schedstat,
+# empty without CONFIG_SCHED_INFO): its wake-ups, a count that host load does not distort.
 thread_ticks() {
-    awk '{c = $2; gsub(/[()]/, "", c); printf "%s%s:%s:%d", sep, $1, c, $14 + $15; sep = ","}' \
-        /proc/$1/task/*/stat 2>/dev/null
+    awk 'FILENAME ~ /schedstat$/ { split(FILENAME, p, "/"); sl[p[5]] = $3; next }
+        { c = $2; gsub(/[()]/, "", c); t[$1] = c ":" $14 + $15; id[++n] = $1 }
+        END { for (i = 1; i <= n; i++) printf "%s%s:%s:%s", (i > 1 ? "," : ""), id[i], t[id[i]], sl[id[i]] }' \
+        /proc/$1/task/*/schedstat /proc/$1/task/*/stat 2>/dev/null
 }
+# Timeslices of all threads of a process (see thread_ticks).
+proc_slices() { cat /proc/$1/task/*/schedstat 2>/dev/null | awk '{s += $3} END {print s + 0}'; }
+# Context switches of the whole guest so far.
+guest_ctxt() { awk '/^ctxt/{print $2}' /proc/stat; }
 # Busy and total ticks of all CPUs (busy = all but idle and iowait).
 sys_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat; }
 
@@ -82,11 +89,14 @@ window() { # dev pid [server-pid]
         srv=${3:-}
         sleep 1.5
         set -- "$2" $(sys_ticks) $(cut -d' ' -f1 /proc/uptime) $(awk '{print $1 + $5}' $blk) \
-            $([ -n "$2" ] && proc_ticks "$2" || echo 0) $([ -n "$srv" ] && proc_ticks "$srv" || echo 0)
+            $([ -n "$2" ] && proc_ticks "$2" || echo 0) $([ -n "$srv" ] && proc_ticks "$srv" || echo 0) \
+            $([ -n "$2" ] && proc_slices "$2" || echo 0) $(guest_ctxt)
         sleep $((RUNTIME - 2)).5
         set -- "$@" $(sys_ticks) $(cut -d' ' -f1 /proc/uptime) $(awk '{print $1 + $5}' $blk) \
-            $([ -n "$1" ] && proc_ticks "$1" || echo 0) $([ -n "$srv" ] && proc_ticks "$srv" || echo 0)
-        echo "$((${8} - $2)) $(awk -v a="$4" -v b="${10}" 'BEGIN{printf "%.2f", b - a}') $((${11} - $5)) $((${12} - $6)) $((${13} - $7))" >$W/win
+            $([ -n "$1" ] && proc_ticks "$1" || echo 0) $([ -n "$srv" ] && proc_ticks "$srv" || echo 0) \
+            $([ -n "$1" ] && proc_slices "$1" || echo 0) $(guest_ctxt)
+        # busy secs ios daemon server daemon-slices guest-ctxt
+        echo "$((${10} - $2)) $(awk -v a="$4" -v b="${12}" 'BEGIN{printf "%.2f", b - a}') $((${13} - $5)) $((${14} - $6)) $((${15} - $7)) $((${16} - $8)) $((${17} - $9))" >$W/win
     ) &
     WINDOW_PID=$!
 }
@@ -152,7 +162,7 @@ run() {
     set -- $s0 $s1 $win
     srv=""
     [ -n "$SERVER_PID" ] && srv=" server_ticks=$((v1 - v0)) win_server=${9:-}"
-    out "@@RUN group=$group queues=$q dev=$name job=$job rc=$rc daemon_ticks=$((t1 - t0)) sys_busy=$(($3 - $1)) sys_total=$(($4 - $2)) win_busy=${5:-} win_secs=${6:-} win_ios=${7:-} win_daemon=${8:-}$srv threads_before=$th0 threads_after=$th1@@"
+    out "@@RUN group=$group queues=$q dev=$name job=$job rc=$rc daemon_ticks=$((t1 - t0)) sys_busy=$(($3 - $1)) sys_total=$(($4 - $2)) win_busy=${5:-} win_secs=${6:-} win_ios=${7:-} win_daemon=${8:-}$srv win_slices=${10:-} win_ctxt=${11:-} threads_before=$th0 threads_after=$th1@@"
     cat $W/fio.json >&3
     out "@@END@@"
 }

@@ -176,8 +176,12 @@ struct Run {
     /// Ticks of the NBD server (qemu-nbd) that both NBD clients talk to, whole run and window.
     server_ticks: Option<u64>,
     win_server: Option<u64>,
-    /// Per-thread daemon ticks during the run: (comm, ticks), non-zero only.
-    threads: Vec<(String, u64)>,
+    /// Timeslices of the daemon's threads (times switched in: wake-ups) and context switches
+    /// of the whole guest, in the window.
+    win_slices: Option<u64>,
+    win_ctxt: Option<u64>,
+    /// Per-thread daemon ticks and timeslices during the run (threads with either non-zero).
+    threads: Vec<ThreadUse>,
     error: Option<String>,
 }
 
@@ -213,11 +217,32 @@ impl Run {
         let (ios, _, busy, _) = self.cpu_sample()?;
         Some(busy as f64 / CLK_TCK * 1e6 / ios)
     }
+    /// Daemon wake-ups (timeslices of all its threads) per IO, in the window.
+    fn daemon_wakeups(&self) -> Option<f64> {
+        let ios = self.win_ios.filter(|&n| n > 0 && self.ok())?;
+        self.has_daemon
+            .then_some(self.win_slices?)
+            .map(|s| s as f64 / ios as f64)
+    }
+    /// Context switches of the whole guest per IO, in the window.
+    fn guest_switches(&self) -> Option<f64> {
+        let ios = self.win_ios.filter(|&n| n > 0 && self.ok())?;
+        Some(self.win_ctxt? as f64 / ios as f64)
+    }
     /// CPU time of the NBD server per IO in microseconds (nbd group only).
     fn server_us(&self) -> Option<f64> {
         let (ios, _, _, server) = self.cpu_sample()?;
         server.map(|t| t as f64 / CLK_TCK * 1e6 / ios)
     }
+}
+
+/// One daemon thread's use during a run (`iou-wrk-*` workers of one thread added up).
+#[derive(Debug, Clone, PartialEq)]
+struct ThreadUse {
+    comm: String,
+    ticks: u64,
+    /// Times it was switched in (`/proc/PID/task/TID/schedstat`), if the kernel reports it.
+    slices: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -561,16 +586,18 @@ fn field<'a>(f: &'a [(String, String)], key: &str) -> &'a str {
         .unwrap_or("")
 }
 
-/// `tid:comm:ticks,...` before and after -> per-thread deltas (non-zero).
-fn thread_deltas(before: &str, after: &str) -> Vec<(String, u64)> {
-    let parse = |s: &str| -> Vec<(String, String, u64)> {
+/// `tid:comm:ticks[:slices],...` before and after -> per-thread deltas (threads that ran).
+fn thread_deltas(before: &str, after: &str) -> Vec<ThreadUse> {
+    type Sample = (String, String, u64, Option<u64>);
+    let parse = |s: &str| -> Vec<Sample> {
         s.split(',')
             .filter_map(|t| {
-                let mut it = t.splitn(3, ':');
+                let mut it = t.splitn(4, ':');
                 Some((
                     it.next()?.to_string(),
                     it.next()?.to_string(),
                     it.next()?.parse().ok()?,
+                    it.next().and_then(|x| x.parse().ok()),
                 ))
             })
             .collect()
@@ -578,18 +605,27 @@ fn thread_deltas(before: &str, after: &str) -> Vec<(String, u64)> {
     let b = parse(before);
     parse(after)
         .into_iter()
-        .filter_map(|(tid, comm, t1)| {
-            let t0 = b
+        .filter_map(|(tid, comm, t1, s1)| {
+            let (t0, s0) = b
                 .iter()
-                .find(|(t, _, _)| *t == tid)
-                .map_or(0, |(_, _, t)| *t);
-            (t1 > t0).then(|| (comm, t1 - t0))
+                .find(|(t, _, _, _)| *t == tid)
+                .map_or((0, Some(0)), |(_, _, t, s)| (*t, *s));
+            let slices = s1.zip(s0).map(|(a, b)| a.saturating_sub(b));
+            let ticks = t1.saturating_sub(t0);
+            (ticks > 0 || slices.unwrap_or(0) > 0).then_some(ThreadUse {
+                comm,
+                ticks,
+                slices,
+            })
         })
-        .fold(Vec::new(), |mut acc: Vec<(String, u64)>, (comm, t)| {
+        .fold(Vec::new(), |mut acc: Vec<ThreadUse>, u| {
             // io_uring names its workers after the thread they serve: add them up.
-            match acc.iter_mut().find(|(c, _)| *c == comm) {
-                Some(e) => e.1 += t,
-                None => acc.push((comm, t)),
+            match acc.iter_mut().find(|a| a.comm == u.comm) {
+                Some(e) => {
+                    e.ticks += u.ticks;
+                    e.slices = e.slices.zip(u.slices).map(|(a, b)| a + b);
+                }
+                None => acc.push(u),
             }
             acc
         })
@@ -663,6 +699,8 @@ fn make_run(f: &[(String, String)], fio_json: &str) -> Run {
         has_daemon: !field(f, "threads_before").is_empty(),
         server_ticks: field(f, "server_ticks").parse().ok(),
         win_server: field(f, "win_server").parse().ok(),
+        win_slices: field(f, "win_slices").parse().ok(),
+        win_ctxt: field(f, "win_ctxt").parse().ok(),
         threads: thread_deltas(field(f, "threads_before"), field(f, "threads_after")),
         error: None,
         job,
@@ -875,8 +913,10 @@ fn full_table(k: &KernelResults) -> String {
         "daemon CPU µs/IO",
         "guest CPU µs/IO",
         "server CPU µs/IO",
+        "daemon wake-ups/IO",
+        "guest cs/IO",
         "IOPS ratio",
-        "daemon ticks by thread",
+        "daemon ticks (wake-ups/IO) by thread",
     ];
     let mut rows = Vec::new();
     for (group, devices) in GROUPS {
@@ -906,10 +946,17 @@ fn full_table(k: &KernelResults) -> String {
                         fmt_opt(r.daemon_us(), 2),
                         fmt_opt(r.guest_us(), 2),
                         fmt_opt(r.server_us(), 2),
+                        fmt_opt(r.daemon_wakeups(), 2),
+                        fmt_opt(r.guest_switches(), 2),
                         ratio,
                         r.threads
                             .iter()
-                            .map(|(c, t)| format!("{c} {t}"))
+                            .map(|t| match t.slices {
+                                Some(s) if r.ios > 0.0 => {
+                                    format!("{} {} ({:.2})", t.comm, t.ticks, s as f64 / r.ios)
+                                }
+                                _ => format!("{} {}", t.comm, t.ticks),
+                            })
                             .collect::<Vec<_>>()
                             .join(", "),
                     ]);
@@ -918,7 +965,8 @@ fn full_table(k: &KernelResults) -> String {
         }
     }
     let right = [
-        true, false, false, true, true, true, true, true, true, true, true, false, false,
+        true, false, false, true, true, true, true, true, true, true, true, true, true, false,
+        false,
     ];
     table(&header, &rows, &right)
 }
@@ -1098,7 +1146,14 @@ fn render_doc(all: &[KernelResults], notes: Option<&str>) -> String {
            10 ms / IOs in the window: about 0.5 µs/IO at 20k IOs, 10 µs/IO at 1k IOs. The last \
            column splits the daemon's ticks over the whole run by thread \
            (`/proc/PID/task/*/stat`; `ublkN-qM` are queue threads, `iou-wrk-TID` io_uring's \
-           workers for thread TID, added up; workers that exited during the run are missing).\n\
+           workers for thread TID, added up; workers that exited during the run are missing), \
+           with in parentheses the thread's wake-ups per IO over the whole run.\n\
+         - Wake-ups and context switches are counts, which host load hardly changes (it \
+           stretches times): the steadiest figures of a noisy boot. Daemon wake-ups/IO: \
+           timeslices (times switched in, the third field of `/proc/PID/task/*/schedstat`) of all \
+           the daemon's threads in the window, per IO. Guest cs/IO: context switches of the \
+           whole guest (`ctxt` in `/proc/stat`: fio, kernel threads, daemons, idle) in the window, \
+           per IO; the only such figure the kernel baselines have.\n\
          - ±%: standard deviation of fio's IOPS samples (one per 500 ms) relative to their mean, a \
            gauge of how steady the run was.\n\
          - IOPS ratio: our IOPS / baseline IOPS in the same boot, same queue count and job; the \
@@ -1249,7 +1304,14 @@ mod tests {
         assert!(r.ok(), "{r:?}");
         assert_eq!(r.iops, 10000.5);
         assert_eq!(r.lat_p99_ns, 150000.0);
-        assert_eq!(r.threads, vec![("ublk0-q0".to_string(), 50)]);
+        assert_eq!(
+            r.threads,
+            vec![ThreadUse {
+                comm: "ublk0-q0".into(),
+                ticks: 50,
+                slices: None
+            }]
+        );
         // Window: 30 ticks = 0.3 s over 60000 IOs = 5 µs/IO; 90 ticks: 15 µs/IO.
         assert!((r.daemon_us().unwrap() - 5.0).abs() < 1e-9);
         assert!((r.guest_us().unwrap() - 15.0).abs() < 1e-9);
@@ -1295,7 +1357,8 @@ mod tests {
         };
         format!(
             "@@RUN {header} job={job} rc=0 daemon_ticks=10 sys_busy=100 sys_total=200 \
-             win_busy=50 win_secs=1.00 win_ios=1000 win_daemon=5@@\n\
+             win_busy=50 win_secs=1.00 win_ios=1000 win_daemon=5 win_slices=2500 \
+             win_ctxt=4000@@\n\
              {{\"jobs\":[{{\"error\":0,\"{dir}\":{{\"iops\":{iops},\"bw_bytes\":1,\
              \"total_ios\":2000,\"lat_ns\":{{\"mean\":1.0}}}}}}]}}\n@@END@@\n"
         )
@@ -1303,7 +1366,8 @@ mod tests {
 
     #[test]
     fn qcow2_and_nbd_groups() {
-        let daemon = "threads_before=5:ublk:0 threads_after=5:ublk:3";
+        let daemon = "threads_before=5:ublk:0:10,6:nbd-reader:1:100 \
+                      threads_after=5:ublk:3:10,6:nbd-reader:2:1100,7:iou-wrk-5:1:7";
         let mut text = String::from("@@INFO cmd.qemu_nbd=qemu-nbd --connect=/dev/nbd0 X@@\n");
         for (header, iops) in [
             ("group=loop queues=1 dev=ublk_loop", 1000.0),
@@ -1352,7 +1416,35 @@ mod tests {
         let kn = r("nbd", "nbd", "randread-4k-qd32");
         assert_eq!(kn.daemon_us(), None);
         assert!((kn.server_us().unwrap() - 100.0).abs() < 1e-9);
-        assert!(r("nbd", "ublk_nbd", "read-128k-qd8").daemon_us().is_some());
+        let un = r("nbd", "ublk_nbd", "read-128k-qd8");
+        assert!(un.daemon_us().is_some());
+        // Counts: 2500 daemon timeslices, 4000 guest context switches over 1000 IOs.
+        assert_eq!(un.daemon_wakeups(), Some(2.5));
+        assert_eq!(un.guest_switches(), Some(4.0));
+        assert_eq!(kn.daemon_wakeups(), None);
+        assert_eq!(kn.guest_switches(), Some(4.0));
+        assert_eq!(
+            un.threads,
+            vec![
+                ThreadUse {
+                    comm: "ublk".into(),
+                    ticks: 3,
+                    slices: Some(0)
+                },
+                ThreadUse {
+                    comm: "nbd-reader".into(),
+                    ticks: 1,
+                    slices: Some(1000)
+                },
+                ThreadUse {
+                    comm: "iou-wrk-5".into(),
+                    ticks: 1,
+                    slices: Some(7)
+                },
+            ]
+        );
+        // Whole run: 2000 IOs.
+        assert!(full_table(&k).contains("nbd-reader 1 (0.50)"));
 
         let t = targets_table(&k);
         assert!(t.contains("3.50 ≥ 3.00 ✓"), "{t}");
