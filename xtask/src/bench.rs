@@ -1148,8 +1148,9 @@ fn render_doc(all: &[KernelResults], notes: Option<&str>) -> String {
            (`/proc/PID/task/*/stat`; `ublkN-qM` are queue threads, `iou-wrk-TID` io_uring's \
            workers for thread TID, added up; workers that exited during the run are missing), \
            with in parentheses the thread's wake-ups per IO over the whole run.\n\
-         - Wake-ups and context switches are counts, which host load hardly changes (it \
-           stretches times): the steadiest figures of a noisy boot. Daemon wake-ups/IO: \
+         - Wake-ups and context switches are counts, which host load moves much less than times \
+           (at QD1 the path fixes them; at higher depths how much batches depends on timing): \
+           the steadiest figures of a noisy boot. Daemon wake-ups/IO: \
            timeslices (times switched in, the third field of `/proc/PID/task/*/schedstat`) of all \
            the daemon's threads in the window, per IO. Guest cs/IO: context switches of the \
            whole guest (`ctxt` in `/proc/stat`: fio, kernel threads, daemons, idle) in the window, \
