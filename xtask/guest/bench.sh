@@ -3,19 +3,23 @@
 # xtask/src/initramfs.rs; the host side is xtask/src/bench.rs).
 #
 # Runs a fixed fio matrix against kernel baselines (null_blk, loop with direct IO) and our ublk
-# devices (null, loop in copy / NEED_GET_DATA / USER_COPY mode, qcow2), with 1 and 2 queues.
+# devices (null, loop in copy / NEED_GET_DATA / USER_COPY mode, qcow2), with 1 and 2 queues; then
+# qcow2 served by qemu-nbd through the kernel nbd driver vs our qcow2, and the kernel nbd driver
+# (nbd-client) vs our nbd target, both connected to one qemu-nbd server.
 # Progress goes to the console; results go to the second serial port (/dev/ttyS1), which the
 # host saves to a file, so kernel messages cannot interleave with them:
 #   @@RUN group=G queues=Q dev=D job=J rc=N daemon_ticks=T sys_busy=B sys_total=A win_busy=W
-#         win_secs=S win_ios=I win_daemon=T threads_before=TID:COMM:TICKS,... threads_after=...@@
+#         win_secs=S win_ios=I win_daemon=T [server_ticks=T win_server=T] win_slices=N win_ctxt=N
+#         threads_before=TID:COMM:TICKS:SLICES,... threads_after=...@@
 #   <fio --output-format=json output>
 #   @@END@@
 #   @@SKIP group=G queues=Q dev=D reason=...@@
-#   @@INFO key=value@@
+#   @@INFO key=value@@         (cmd.DEV=... is the exact command that set DEV up)
 # Parameters (kernel command-line words): UBLK_BENCH_RUNTIME (seconds per fio run),
 # UBLK_BENCH_FILTER (comma-separated substrings of "dev/qQ/job"), UBLK_BENCH_FILE_MB.
 
 RUNTIME=${UBLK_BENCH_RUNTIME:-8}
+SERVER_PID=""
 FILTER=${UBLK_BENCH_FILTER:-}
 FILE_MB=${UBLK_BENCH_FILE_MB:-512}
 NULL_GB=4
@@ -23,11 +27,16 @@ KO=/lib/modules/$(uname -r)
 W=/tmp/bench
 RAW=$W/raw.img
 QCOW=$W/img.qcow2
+# qemu-nbd's copy of the qcow2 image (byte for byte the same), so that qemu-nbd and our qcow2
+# never have one image open read-write at the same time.
+QCOW_NBD=$W/nbd.qcow2
+NBD_SOCK=$W/nbd.sock
 JOBS="randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd32 read-128k-qd8"
 
 # The files need 2 x FILE_MB of tmpfs, more than its default half of RAM in a 2 GiB guest.
 mount -o remount,size=90% /tmp 2>/dev/null
-mkdir -p $W
+# qemu-nbd --connect puts its socket in /var/lock unless told otherwise.
+mkdir -p $W /var/lock
 # Results go to the second serial port, or to a file when there is none (e.g. in vm-shell: ttyS1
 # then exists but has no UART behind it, type 0).
 if [ "$(cat /sys/class/tty/ttyS1/type 2>/dev/null || echo 0)" != 0 ]; then
@@ -52,12 +61,19 @@ matches() { # name
 
 # utime+stime of a whole process (all its threads), in clock ticks.
 proc_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
-# Per-thread "tid:comm:ticks" for a process, comma-separated (one awk for all threads: forks are
-# slow under TCG).
+# Per-thread "tid:comm:ticks:slices" for a process, comma-separated (one awk for all threads:
+# forks are slow under TCG); slices: the times the thread was switched in (/proc/.../schedstat,
+# empty without CONFIG_SCHED_INFO): its wake-ups, a count that host load does not distort.
 thread_ticks() {
-    awk '{c = $2; gsub(/[()]/, "", c); printf "%s%s:%s:%d", sep, $1, c, $14 + $15; sep = ","}' \
-        /proc/$1/task/*/stat 2>/dev/null
+    awk 'FILENAME ~ /schedstat$/ { split(FILENAME, p, "/"); sl[p[5]] = $3; next }
+        { c = $2; gsub(/[()]/, "", c); t[$1] = c ":" $14 + $15; id[++n] = $1 }
+        END { for (i = 1; i <= n; i++) printf "%s%s:%s:%s", (i > 1 ? "," : ""), id[i], t[id[i]], sl[id[i]] }' \
+        /proc/$1/task/*/schedstat /proc/$1/task/*/stat 2>/dev/null
 }
+# Timeslices of all threads of a process (see thread_ticks).
+proc_slices() { cat /proc/$1/task/*/schedstat 2>/dev/null | awk '{s += $3} END {print s + 0}'; }
+# Context switches of the whole guest so far.
+guest_ctxt() { awk '/^ctxt/{print $2}' /proc/stat; }
 # Busy and total ticks of all CPUs (busy = all but idle and iowait).
 sys_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat; }
 
@@ -65,18 +81,22 @@ sys_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9}' /p
 # RUNTIME - 1.5 s (fio's own start-up costs most of a second under TCG and would otherwise weigh
 # on every figure). Writes "busy_ticks window_seconds ios daemon_ticks" to $W/win: guest busy
 # ticks (both CPUs), the IOs the device completed (/sys/block/DEV/stat), the daemon's ticks.
-window() { # dev pid
+window() { # dev pid [server-pid]
     rm -f $W/win
     [ "$RUNTIME" -ge 3 ] || return 0
     (
         blk=/sys/block/${1#/dev/}/stat
+        srv=${3:-}
         sleep 1.5
         set -- "$2" $(sys_ticks) $(cut -d' ' -f1 /proc/uptime) $(awk '{print $1 + $5}' $blk) \
-            $([ -n "$2" ] && proc_ticks "$2" || echo 0)
+            $([ -n "$2" ] && proc_ticks "$2" || echo 0) $([ -n "$srv" ] && proc_ticks "$srv" || echo 0) \
+            $([ -n "$2" ] && proc_slices "$2" || echo 0) $(guest_ctxt)
         sleep $((RUNTIME - 2)).5
         set -- "$@" $(sys_ticks) $(cut -d' ' -f1 /proc/uptime) $(awk '{print $1 + $5}' $blk) \
-            $([ -n "$1" ] && proc_ticks "$1" || echo 0)
-        echo "$(($7 - $2)) $(awk -v a="$4" -v b="$9" 'BEGIN{printf "%.2f", b - a}') $((${10} - $5)) $((${11} - $6))" >$W/win
+            $([ -n "$1" ] && proc_ticks "$1" || echo 0) $([ -n "$srv" ] && proc_ticks "$srv" || echo 0) \
+            $([ -n "$1" ] && proc_slices "$1" || echo 0) $(guest_ctxt)
+        # busy secs ios daemon server daemon-slices guest-ctxt
+        echo "$((${10} - $2)) $(awk -v a="$4" -v b="${12}" 'BEGIN{printf "%.2f", b - a}') $((${13} - $5)) $((${14} - $6)) $((${15} - $7)) $((${16} - $8)) $((${17} - $9))" >$W/win
     ) &
     WINDOW_PID=$!
 }
@@ -126,19 +146,23 @@ run() {
         fi
     fi
     log "$group q$q $name $job ($dev)"
-    t0=0 t1=0 th0="" th1="" WINDOW_PID=""
+    t0=0 t1=0 th0="" th1="" WINDOW_PID="" v0=0 v1=0
     [ -n "$pid" ] && t0=$(proc_ticks $pid) && th0=$(thread_ticks $pid)
+    [ -n "$SERVER_PID" ] && v0=$(proc_ticks $SERVER_PID)
     s0=$(sys_ticks)
-    window "$dev" "$pid"
+    window "$dev" "$pid" "$SERVER_PID"
     /opt/bin/fio "$@" >$W/fio.err 2>&1
     rc=$?
     s1=$(sys_ticks)
     [ -n "$pid" ] && t1=$(proc_ticks $pid) && th1=$(thread_ticks $pid)
+    [ -n "$SERVER_PID" ] && v1=$(proc_ticks $SERVER_PID)
     [ -n "$WINDOW_PID" ] && wait $WINDOW_PID
     win=$(cat $W/win 2>/dev/null)
     [ $rc = 0 ] || log "fio failed ($rc): $(tail -n 3 $W/fio.err | tr '\n' ' ')"
     set -- $s0 $s1 $win
-    out "@@RUN group=$group queues=$q dev=$name job=$job rc=$rc daemon_ticks=$((t1 - t0)) sys_busy=$(($3 - $1)) sys_total=$(($4 - $2)) win_busy=${5:-} win_secs=${6:-} win_ios=${7:-} win_daemon=${8:-} threads_before=$th0 threads_after=$th1@@"
+    srv=""
+    [ -n "$SERVER_PID" ] && srv=" server_ticks=$((v1 - v0)) win_server=${9:-}"
+    out "@@RUN group=$group queues=$q dev=$name job=$job rc=$rc daemon_ticks=$((t1 - t0)) sys_busy=$(($3 - $1)) sys_total=$(($4 - $2)) win_busy=${5:-} win_secs=${6:-} win_ios=${7:-} win_daemon=${8:-}$srv win_slices=${10:-} win_ctxt=${11:-} threads_before=$th0 threads_after=$th1@@"
     cat $W/fio.json >&3
     out "@@END@@"
 }
@@ -193,6 +217,133 @@ loop_group() { # queues
     [ -n "$l" ] && /opt/bin/losetup -d $l
 }
 
+# Wait until the nbd device has a size (it is connected); false after 10 s.
+nbd_ready() { # /dev/nbdN
+    i=0
+    while [ "$(cat /sys/block/${1#/dev/}/size 2>/dev/null || echo 0)" = 0 ] && [ $i -lt 100 ]; do
+        sleep 0.1; i=$((i + 1))
+    done
+    [ "$(cat /sys/block/${1#/dev/}/size 2>/dev/null || echo 0)" != 0 ]
+}
+
+# Why the kernel nbd driver cannot be used, or nothing.
+nbd_missing() {
+    [ -e /sys/module/nbd ] || { echo "nbd module not loaded (no nbd.ko for $(uname -r)?)"; return; }
+    [ -b /dev/nbd0 ] && [ -b /dev/nbd1 ] || { echo "no /dev/nbd0 and /dev/nbd1"; return; }
+    [ -x /opt/bin/qemu-nbd ] || echo "qemu-nbd missing from the initramfs"
+}
+
+# Wait for a process to exit (at most 10 s).
+wait_gone() { # pid
+    i=0
+    while [ -n "$1" ] && [ -d /proc/$1 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+}
+
+# qemu-nbd's cache and AIO options: O_DIRECT (cache=none) with io_uring, else native AIO, else
+# threads; tmpfs accepts O_DIRECT from Linux 6.6 on. Probed once on the raw file.
+QNBD_OPTS=""
+qnbd_opts() {
+    [ -n "$QNBD_OPTS" ] && return 0
+    for o in "--cache=none --aio=io_uring" "--cache=none --aio=native" "--cache=writeback --aio=threads"; do
+        # shellcheck disable=SC2086
+        if /opt/bin/qemu-nbd --fork -f raw $o -k $W/probe.sock --pid-file=$W/probe.pid $RAW \
+            >$W/probe.out 2>&1; then
+            kill "$(cat $W/probe.pid)" 2>/dev/null; wait_gone "$(cat $W/probe.pid)"
+            QNBD_OPTS=$o
+            out "@@INFO qemu_nbd_opts=$o@@"
+            log "qemu-nbd options: $o"
+            return 0
+        fi
+        log "qemu-nbd $o refused: $(tr '\n' ' ' <$W/probe.out)"
+    done
+    return 1
+}
+
+# qcow2 served by qemu-nbd, which connects the kernel nbd driver itself (`--connect`), vs ours.
+qcow2_group() { # queues
+    q=$1
+    DEV_qemu_nbd="" PID_qemu_nbd="" DEV_ublk_qcow2="" PID_ublk_qcow2=""
+    why=$(nbd_missing)
+    if [ -n "$why" ]; then
+        skip qcow2 $q qemu_nbd "$why"
+    elif ! qnbd_opts; then
+        skip qcow2 $q qemu_nbd "qemu-nbd refused every cache/aio choice"
+    else
+        set -- /opt/bin/qemu-nbd --connect=/dev/nbd0 -f qcow2 $QNBD_OPTS --pid-file=$W/qnbd.pid $QCOW_NBD
+        if "$@" >$W/qnbd.out 2>&1 && nbd_ready /dev/nbd0; then
+            DEV_qemu_nbd=/dev/nbd0 PID_qemu_nbd=$(cat $W/qnbd.pid)
+            out "@@INFO cmd.qemu_nbd=qemu-nbd --connect=/dev/nbd0 -f qcow2 $QNBD_OPTS IMG.qcow2@@"
+            log "qemu_nbd: /dev/nbd0 qemu-nbd pid $PID_qemu_nbd ($*)"
+        else
+            skip qcow2 $q qemu_nbd "qemu-nbd --connect failed: $(tr '\n' ' ' <$W/qnbd.out)"
+        fi
+    fi
+    ublk_add ublk_qcow2 -t qcow2 -q $q -f $QCOW || skip qcow2 $q ublk_qcow2 "ublk add -t qcow2 failed"
+    for job in $JOBS; do
+        run qcow2 $q qemu_nbd $job
+        run qcow2 $q ublk_qcow2 $job
+    done
+    /opt/bin/ublk del -a
+    if [ -n "$DEV_qemu_nbd" ]; then
+        /opt/bin/qemu-nbd --disconnect /dev/nbd0 >/dev/null 2>&1
+        wait_gone "$PID_qemu_nbd"
+    fi
+}
+
+# One qemu-nbd server (raw file, Unix socket) and two clients connected at the same time: the
+# kernel nbd driver (nbd-client) and ours (`ublk add -t nbd`), with as many connections each as
+# queues. (qemu-nbd offers multi-conn when it allows more than one client, and ours then opens
+# one connection per queue; nbd-client -C N gives the kernel driver N connections and N hardware
+# queues.)
+nbd_group() { # queues
+    q=$1
+    DEV_nbd="" PID_nbd="" DEV_ublk_nbd="" PID_ublk_nbd="" SERVER_PID=""
+    why=$(nbd_missing)
+    [ -z "$why" ] && [ ! -x /opt/bin/nbd-client ] && why="nbd-client missing from the initramfs"
+    [ -z "$why" ] && ! qnbd_opts && why="qemu-nbd refused every cache/aio choice"
+    rm -f $NBD_SOCK
+    if [ -z "$why" ]; then
+        # shellcheck disable=SC2086
+        if /opt/bin/qemu-nbd --fork -f raw $QNBD_OPTS -k $NBD_SOCK -x bench --shared=4 \
+            --pid-file=$W/srv.pid $RAW >$W/srv.out 2>&1; then
+            SERVER_PID=$(cat $W/srv.pid)
+            out "@@INFO cmd.nbd_server=qemu-nbd --fork -f raw $QNBD_OPTS -k SOCK -x bench --shared=4 RAW@@"
+            log "nbd server: qemu-nbd pid $SERVER_PID"
+        else
+            why="qemu-nbd server failed: $(tr '\n' ' ' <$W/srv.out)"
+        fi
+    fi
+    if [ -n "$why" ]; then
+        skip nbd $q nbd "$why"
+        skip nbd $q ublk_nbd "$why"
+        return 0
+    fi
+    if /opt/bin/nbd-client -unix $NBD_SOCK /dev/nbd1 -N bench -C $q >$W/nbdc.out 2>&1 &&
+        nbd_ready /dev/nbd1; then
+        DEV_nbd=/dev/nbd1
+        out "@@INFO cmd.nbd=nbd-client -unix SOCK /dev/nbd1 -N bench -C N@@"
+        log "nbd: /dev/nbd1 ($(tr '\n' ' ' <$W/nbdc.out)) lbs $(cat /sys/block/nbd1/queue/logical_block_size) nr_requests $(cat /sys/block/nbd1/queue/nr_requests) hw queues $(ls /sys/block/nbd1/mq | wc -l)"
+    else
+        skip nbd $q nbd "nbd-client failed: $(tr '\n' ' ' <$W/nbdc.out)"
+    fi
+    if ublk_add ublk_nbd -t nbd -q $q --uri "nbd+unix:///bench?socket=$NBD_SOCK"; then
+        out "@@INFO cmd.ublk_nbd=ublk add -t nbd -q N --uri nbd+unix:///bench?socket=SOCK@@"
+        d=${DEV_ublk_nbd#/dev/}
+        log "ublk_nbd: lbs $(cat /sys/block/$d/queue/logical_block_size) nr_requests $(cat /sys/block/$d/queue/nr_requests) hw queues $(ls /sys/block/$d/mq | wc -l) connections to the server: $(ls -l /proc/$SERVER_PID/fd 2>/dev/null | grep -c socket) sockets in qemu-nbd"
+    else
+        skip nbd $q ublk_nbd "ublk add -t nbd failed"
+    fi
+    for job in $JOBS; do
+        run nbd $q nbd $job
+        run nbd $q ublk_nbd $job
+    done
+    /opt/bin/ublk del -a
+    [ -n "$DEV_nbd" ] && /opt/bin/nbd-client -d /dev/nbd1 >/dev/null 2>&1
+    kill "$SERVER_PID" 2>/dev/null
+    wait_gone "$SERVER_PID"
+    SERVER_PID=""
+}
+
 out "@@INFO kernel=$(uname -r)@@"
 out "@@INFO runtime=$RUNTIME@@"
 out "@@INFO features=$(/opt/bin/ublk features 2>/dev/null | tr '\n' ' ')@@"
@@ -203,11 +354,14 @@ dd if=/dev/zero of=$RAW bs=1M count=$FILE_MB 2>/dev/null
 /opt/bin/qemu-img create -q -f qcow2 -o preallocation=full $QCOW ${FILE_MB}M ||
     log "qemu-img create failed (tmpfs: $(df -k /tmp | tail -n 1))"
 /opt/bin/qemu-img check $QCOW | tail -n 2 | sed 's/^/bench: qcow2: /'
+cp $QCOW $QCOW_NBD || log "cp $QCOW $QCOW_NBD failed"
 log "tmpfs usage: $(du -sk $W | cut -f1) KiB"
 
 for q in 1 2; do
     null_group $q
     loop_group $q
+    qcow2_group $q
+    nbd_group $q
 done
 out "@@DONE@@"
 exec 3>&-

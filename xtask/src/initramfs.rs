@@ -3,7 +3,8 @@
 //! Layout inside the guest:
 //! * `/bin/busybox` and its applet symlinks (`busybox --list-full`), `/init` (a busybox sh script);
 //! * `/opt/bin/`: `ublk`, `ublk-vm-tests`, `fio`, `mke2fs` (+ `mkfs.ext4`), `e2fsck`, `blkdiscard`,
-//!   `losetup` (util-linux), `qemu-img` (qcow2 images for the qcow2 target's tests), `ublk-bench`
+//!   `losetup` (util-linux), `qemu-img` (qcow2 images for the qcow2 target's tests), `qemu-nbd`,
+//!   `nbd-client` (the kernel nbd driver's client, for `cargo xtask bench`), `ublk-bench`
 //!   (`xtask/guest/bench.sh`, the guest side of `cargo xtask bench`);
 //! * the shared libraries `ldd` lists for them, at the paths `ldd` prints;
 //! * `/lib/modules/<release>/*.ko`: decompressed modules, loaded by `/init` in dependency order;
@@ -27,6 +28,7 @@ const HOST_TOOLS: &[(&str, &[&str])] = &[
     ("losetup", &["/usr/sbin/losetup", "/sbin/losetup"]),
     ("qemu-img", &["/usr/bin/qemu-img"]),
     ("qemu-nbd", &["/usr/bin/qemu-nbd"]),
+    ("nbd-client", &["/usr/sbin/nbd-client", "/sbin/nbd-client"]),
 ];
 
 const BUSYBOX: &[&str] = &["/usr/bin/busybox", "/bin/busybox"];
