@@ -68,14 +68,17 @@ pub struct NbdTarget {
 impl NbdTarget {
     /// Connects (one connection per queue if the server sets `CAN_MULTI_CONN`, else one).
     pub fn connect(cfg: &NbdConfig) -> Result<NbdTarget> {
-        let first = Client::connect(&cfg.uri, cfg.client.clone())?;
+        // Credentials are loaded once, for every connection and reconnect.
+        let mut client_opts = cfg.client.clone();
+        client_opts.connect = client_opts.connect.for_uri(&cfg.uri)?;
+        let first = Client::connect(&cfg.uri, client_opts.clone())?;
         let info = first.info().clone();
         let mut conns = vec![Arc::new(first)];
         if info.flags.contains(TF::CAN_MULTI_CONN) {
             for _ in 1..cfg.queues.max(1) {
                 conns.push(Arc::new(Client::connect_like(
                     &cfg.uri,
-                    cfg.client.clone(),
+                    client_opts.clone(),
                     &info,
                 )?));
             }
