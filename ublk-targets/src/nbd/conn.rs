@@ -479,3 +479,27 @@ fn list_after_greeting<S: Read + Write>(s: &mut S) -> Result<Vec<ExportEntry>> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_tcp_connections_get_nodelay_and_keepalive() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = NbdAddr::Tcp {
+            host: "127.0.0.1".into(),
+            port: l.local_addr().unwrap().port(),
+        };
+        let s = Stream::connect(&addr, Duration::from_secs(5)).unwrap();
+        let Stream::Tcp(t) = &s else {
+            panic!("not TCP: {s:?}")
+        };
+        assert!(t.nodelay().unwrap());
+        let r = socket2::SockRef::from(t);
+        assert!(r.keepalive().unwrap());
+        assert_eq!(r.keepalive_time().unwrap(), KEEPALIVE_IDLE);
+        assert_eq!(r.keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert_eq!(r.keepalive_retries().unwrap(), KEEPALIVE_COUNT);
+    }
+}
