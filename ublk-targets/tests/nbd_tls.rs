@@ -221,7 +221,18 @@ fn test_nbd_tls_client_certificate() {
         std::fs::create_dir_all(&no_client).unwrap();
         std::fs::copy(certs.join("ca-cert.pem"), no_client.join("ca-cert.pem")).unwrap();
         let e = Client::connect(&tls_uri(&srv.sock, &no_client, ""), quick_opts()).unwrap_err();
-        eprintln!("expected error: {}", chain(&e));
+        let msg = chain(&e);
+        assert!(
+            matches!(
+                e,
+                NbdError::TlsHandshake { .. } | NbdError::TlsClosed { .. }
+            ),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("alert") || msg.contains("client certificate"),
+            "{msg}"
+        );
     });
 }
 

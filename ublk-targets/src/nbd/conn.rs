@@ -326,6 +326,42 @@ fn start_tls(s: Stream, tls: &TlsConfig, addr: &NbdAddr) -> Result<Stream> {
     Ok(Stream::Tls(Box::new(TlsStream::handshake(s, tls, addr)?)))
 }
 
+/// With TLS 1.3 a server that rejects the client's certificate says so in an alert after the
+/// handshake (GnuTLS servers often just close); the first option then fails with a plain IO
+/// error. Reads what the server sent last, so the error names the alert, or says that the
+/// server dropped the session.
+fn tls_alert(s: &Stream, addr: &NbdAddr, e: io::Error) -> NbdError {
+    let mut b = [0u8; 64];
+    let mut alert = None;
+    for _ in 0..16 {
+        match (&*s).read(&mut b) {
+            Ok(n) if n > 0 => continue,
+            Err(r) if r.kind() == io::ErrorKind::InvalidData => alert = Some(r),
+            _ => {}
+        }
+        break;
+    }
+    match alert {
+        Some(source) => NbdError::TlsHandshake {
+            addr: addr.to_string(),
+            source,
+        },
+        None if matches!(
+            e.kind(),
+            io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::UnexpectedEof
+        ) =>
+        {
+            NbdError::TlsClosed {
+                addr: addr.to_string(),
+                source: e,
+            }
+        }
+        None => NbdError::Io(e),
+    }
+}
+
 /// Everything after the greeting (and after STARTTLS, if any).
 fn negotiate_export<S: Read + Write>(
     s: &mut S,
@@ -428,7 +464,10 @@ pub fn open(addr: &NbdAddr, export: &str, opts: &ConnectOptions) -> Result<(Stre
         Some(tls) => start_tls(s, tls, addr)?,
         None => s,
     };
-    let info = negotiate_export(&mut &s, hflags, export, opts)?;
+    let info = match negotiate_export(&mut &s, hflags, export, opts) {
+        Err(NbdError::Io(e)) if opts.tls.is_some() => return Err(tls_alert(&s, addr, e)),
+        r => r?,
+    };
     s.set_timeouts(None, None)?;
     log::debug!("nbd: connected to {addr}, export {export:?}: {info:?}");
     Ok((s, info))

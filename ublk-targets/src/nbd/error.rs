@@ -51,6 +51,15 @@ pub enum NbdError {
     /// A request did not complete in time.
     #[error("the request timed out")]
     Timeout,
+    /// The server ended the TLS session right after the handshake.
+    #[error("{addr} closed the TLS session during negotiation (did it reject the client certificate, or want one?)")]
+    TlsClosed {
+        /// The server address.
+        addr: String,
+        /// The IO error seen.
+        #[source]
+        source: io::Error,
+    },
     /// TLS credentials could not be loaded.
     #[error("bad TLS credentials {}: {reason}", .path.display())]
     TlsCredentials {

@@ -153,11 +153,18 @@ impl TlsStream {
         let mut conn = ClientConnection::new(cfg.config.clone(), cfg.server_name.clone())
             .map_err(NbdError::TlsSetup)?;
         while conn.is_handshaking() {
-            conn.complete_io(&mut &sock)
-                .map_err(|source| NbdError::TlsHandshake {
+            if let Err(source) = conn.complete_io(&mut &sock) {
+                // Tell the server why (the alert rustls queued), best effort.
+                while conn.wants_write() {
+                    if conn.write_tls(&mut &sock).is_err() {
+                        break;
+                    }
+                }
+                return Err(NbdError::TlsHandshake {
                     addr: addr.to_string(),
                     source,
-                })?;
+                });
+            }
         }
         log::debug!(
             "nbd: TLS with {addr}: {:?}, {:?}",
