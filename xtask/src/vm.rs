@@ -25,7 +25,8 @@ pub const HOST_PACKAGES: &[&str] = &[
     "fio",                    // guest I/O load and verification
     "e2fsprogs",              // mke2fs, e2fsck for the guest
     "util-linux",             // blkdiscard, losetup for the guest
-    "qemu-utils",             // qemu-img for the guest (qcow2 images)
+    "qemu-utils",             // qemu-img, qemu-nbd for the guest (qcow2 images, nbd server)
+    "nbdkit",                 // nbdkit + memory plugin for the guest (nbd server)
     "kmod",                   // modinfo: module dependencies
     "xz-utils",               // decompress .ko.xz
     "zstd",                   // decompress .ko.zst (newer Debian kernels)
