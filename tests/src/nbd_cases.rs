@@ -86,7 +86,9 @@ fn nbdkit_tls() -> Result<Outcome> {
         "2",
     ])?;
     ensure!(d.queues == 2, "device has {} queues", d.queues);
-    fio_verify(&d.bdev(), 32, ("16M", "48M"), Duration::from_secs(180))?;
+    // Smaller than the plaintext cases: TLS under TCG is slow (about 2 minutes on 7.3 for
+    // 16M + 48M).
+    fio_verify(&d.bdev(), 32, ("8M", "24M"), Duration::from_secs(200))?;
     ublk_del(d.id)?;
     Ok(Outcome::Pass)
 }
