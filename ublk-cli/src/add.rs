@@ -12,7 +12,7 @@ use ublk_core::{
     Target,
 };
 use ublk_targets::loop_::{LoopConfig, LoopTarget};
-use ublk_targets::nbd::{NbdAddr, NbdConfig, NbdTarget, NbdUri};
+use ublk_targets::nbd::{NbdAddr, NbdConfig, NbdTarget, NbdUri, TlsParams};
 use ublk_targets::null::NullTarget;
 use ublk_targets::qcow2::Qcow2Target;
 
@@ -59,6 +59,11 @@ impl AddArgs {
                 self.unix.as_ref().map(|p| p.display().to_string()),
             ),
             ("--export_name", self.export_name.clone()),
+            (
+                "--tls-certs",
+                self.tls_certs.as_ref().map(|p| p.display().to_string()),
+            ),
+            ("--tls-hostname", self.tls_hostname.clone()),
         ] {
             if let Some(val) = val {
                 opt(k, val);
@@ -76,6 +81,7 @@ impl AddArgs {
             (self.read_only, "--read-only"),
             (self.no_affinity, "--no-affinity"),
             (self.foreground, "--foreground"),
+            (self.tls, "--tls"),
         ] {
             if on {
                 v.push(flag.into());
@@ -135,6 +141,14 @@ pub(crate) fn run(a: AddArgs) -> Result<()> {
             }
         }
     }
+    let mut a = a;
+    if a.target != TargetType::Nbd && (a.tls || a.tls_certs.is_some() || a.tls_hostname.is_some()) {
+        bail!("--tls, --tls-certs and --tls-hostname are for the nbd target");
+    }
+    if let Some(d) = &a.tls_certs {
+        // The daemon may run elsewhere; keep the directory meaning what the user meant.
+        a.tls_certs = Some(std::path::absolute(d).context("bad --tls-certs directory")?);
+    }
     if a.target == TargetType::Nbd {
         nbd_uri(&a)?;
     }
@@ -146,26 +160,38 @@ pub(crate) fn run(a: AddArgs) -> Result<()> {
 }
 
 /// The NBD server from `--uri`, or from ublksrv's `--host/--port/--unix/--export_name`.
-fn nbd_uri(a: &AddArgs) -> Result<NbdUri> {
+pub(crate) fn nbd_uri(a: &AddArgs) -> Result<NbdUri> {
     let export = a.export_name.clone().unwrap_or_default();
-    let uri = match (&a.uri, &a.host, &a.unix) {
-        (Some(u), None, None) => return Ok(NbdUri::parse(u)?),
+    let mut uri = match (&a.uri, &a.host, &a.unix) {
+        (Some(u), None, None) => NbdUri::parse(u)?,
         (None, Some(h), None) => NbdUri {
             addr: NbdAddr::Tcp {
                 host: h.clone(),
                 port: a.port.unwrap_or(10809),
             },
             export,
+            tls: None,
         },
         (None, None, Some(p)) => NbdUri {
             addr: NbdAddr::Unix(p.clone()),
             export,
+            tls: None,
         },
         (None, None, None) => {
             bail!("the nbd target needs a server: --uri nbd://HOST/EXPORT (or --host / --unix)")
         }
         _ => bail!("give the NBD server once: --uri, --host or --unix"),
     };
+    // --tls-* override the URI's tls- parameters; any of them requires TLS.
+    if a.tls || a.tls_certs.is_some() || a.tls_hostname.is_some() {
+        let t = uri.tls.get_or_insert_with(TlsParams::default);
+        if let Some(d) = &a.tls_certs {
+            t.certificates = Some(d.clone());
+        }
+        if let Some(h) = &a.tls_hostname {
+            t.hostname = Some(h.clone());
+        }
+    }
     Ok(uri)
 }
 
@@ -304,6 +330,7 @@ fn serve(a: AddArgs) -> Result<()> {
                 "name": "nbd",
                 "server": uri.addr.to_string(),
                 "export": uri.export,
+                "tls": uri.tls.is_some(),
                 "dev_size": params.size,
                 "connections": t.connections(),
                 "multi_conn": t.multi_conn(),

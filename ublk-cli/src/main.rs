@@ -32,7 +32,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Add a device and serve it (in the background unless --foreground).
-    Add(AddArgs),
+    Add(Box<AddArgs>),
     /// Stop and delete devices.
     Del(DelArgs),
     /// Show devices.
@@ -131,6 +131,17 @@ pub(crate) struct AddArgs {
     /// NBD export name (nbd).
     #[arg(long = "export_name", alias = "export-name")]
     pub(crate) export_name: Option<String>,
+    /// Require TLS (NBD_OPT_STARTTLS) with --host/--unix; nbds:// URIs imply it (nbd).
+    #[arg(long)]
+    pub(crate) tls: bool,
+    /// Directory with ca-cert.pem, optionally client-cert.pem + client-key.pem (nbd TLS;
+    /// default: the system CA bundle). Implies --tls.
+    #[arg(long = "tls-certs")]
+    pub(crate) tls_certs: Option<PathBuf>,
+    /// Name the server certificate must carry (nbd TLS; default: the host, or localhost for
+    /// Unix sockets). Implies --tls.
+    #[arg(long = "tls-hostname")]
+    pub(crate) tls_hostname: Option<String>,
     /// Internal: re-attach to this device instead of adding one.
     #[arg(long, hide = true)]
     pub(crate) recover_id: Option<u32>,
@@ -175,7 +186,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     logger::init(cli.verbose);
     let r = match cli.cmd {
-        Cmd::Add(a) => add::run(a),
+        Cmd::Add(a) => add::run(*a),
         Cmd::Del(d) => del::run(d.id, d.all),
         Cmd::List(l) => list::run(l.id, l.json),
         Cmd::Recover(r) => add::recover(r.id, r.foreground),
@@ -279,5 +290,63 @@ mod tests {
             serde_json::to_value(&a).unwrap(),
             serde_json::to_value(&b).unwrap()
         );
+    }
+
+    #[test]
+    fn test_nbd_tls_options() {
+        let cli = parse(&[
+            "add",
+            "-t",
+            "nbd",
+            "--host",
+            "srv",
+            "--export_name",
+            "e",
+            "--tls-certs",
+            "/etc/pki/x",
+            "--tls-hostname",
+            "srv.example",
+        ])
+        .unwrap();
+        let Cmd::Add(a) = cli.cmd else {
+            panic!("not add")
+        };
+        let u = add::nbd_uri(&a).unwrap();
+        let t = u.tls.expect("--tls-certs implies TLS");
+        assert_eq!(
+            t.certificates.as_deref(),
+            Some(std::path::Path::new("/etc/pki/x"))
+        );
+        assert_eq!(t.hostname.as_deref(), Some("srv.example"));
+        // The daemon gets the same options.
+        let again =
+            Cli::try_parse_from(std::iter::once("ublk".to_string()).chain(a.to_argv())).unwrap();
+        let Cmd::Add(b) = again.cmd else {
+            panic!("not add")
+        };
+        assert_eq!(
+            serde_json::to_value(&a).unwrap(),
+            serde_json::to_value(&b).unwrap()
+        );
+
+        // --tls alone; plain otherwise; nbds:// URIs need no flag.
+        let tls_of = |args: &[&str]| {
+            let Cmd::Add(a) = parse(args).unwrap().cmd else {
+                panic!("not add")
+            };
+            add::nbd_uri(&a).unwrap().tls
+        };
+        assert!(tls_of(&["add", "-t", "nbd", "--unix", "/s", "--tls"]).is_some());
+        assert!(tls_of(&["add", "-t", "nbd", "--unix", "/s"]).is_none());
+        let t = tls_of(&[
+            "add",
+            "-t",
+            "nbd",
+            "--uri",
+            "nbds://h/x?tls-hostname=a",
+            "--tls-hostname",
+            "b",
+        ]);
+        assert_eq!(t.unwrap().hostname.as_deref(), Some("b"), "the flag wins");
     }
 }

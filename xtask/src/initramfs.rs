@@ -3,9 +3,11 @@
 //! Layout inside the guest:
 //! * `/bin/busybox` and its applet symlinks (`busybox --list-full`), `/init` (a busybox sh script);
 //! * `/opt/bin/`: `ublk`, `ublk-vm-tests`, `fio`, `mke2fs` (+ `mkfs.ext4`), `e2fsck`, `blkdiscard`,
-//!   `losetup` (util-linux), `qemu-img` (qcow2 images for the qcow2 target's tests), `qemu-nbd`,
-//!   `nbd-client` (the kernel nbd driver's client, for `cargo xtask bench`), `ublk-bench`
-//!   (`xtask/guest/bench.sh`, the guest side of `cargo xtask bench`);
+//!   `losetup` (util-linux), `qemu-img` (qcow2 images for the qcow2 target's tests), `qemu-nbd`
+//!   and `nbdkit` (servers for the nbd target's tests), `nbd-client` (the kernel nbd driver's
+//!   client, for `cargo xtask bench`), `ublk-bench` (`xtask/guest/bench.sh`, the guest side of
+//!   `cargo xtask bench`);
+//! * nbdkit's memory plugin at its host path (nbdkit's compiled-in plugin directory);
 //! * the shared libraries `ldd` lists for them, at the paths `ldd` prints;
 //! * `/lib/modules/<release>/*.ko`: decompressed modules, loaded by `/init` in dependency order;
 //! * `/dev/console` so that init has a console before devtmpfs is mounted.
@@ -29,7 +31,15 @@ const HOST_TOOLS: &[(&str, &[&str])] = &[
     ("qemu-img", &["/usr/bin/qemu-img"]),
     ("qemu-nbd", &["/usr/bin/qemu-nbd"]),
     ("nbd-client", &["/usr/sbin/nbd-client", "/sbin/nbd-client"]),
+    ("nbdkit", &["/usr/bin/nbdkit", "/usr/sbin/nbdkit"]),
 ];
+
+/// nbdkit plugins (and filters) copied to the same path in the guest, where the guest's
+/// nbdkit looks for them (`nbdkit --dump-config`: plugindir, filterdir).
+const NBDKIT_MODULES: &[&[&str]] = &[&[
+    "/usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-memory-plugin.so",
+    "/usr/lib64/nbdkit/plugins/nbdkit-memory-plugin.so",
+]];
 
 const BUSYBOX: &[&str] = &["/usr/bin/busybox", "/bin/busybox"];
 
@@ -258,6 +268,11 @@ pub fn build(kernel: &Kernel, bins: &[PathBuf], mode: &Mode, out: &Path) -> Resu
     for (name, candidates) in HOST_TOOLS {
         let src = find_first(candidates)?;
         t.program(&format!("opt/bin/{name}"), &src)?;
+    }
+    for candidates in NBDKIT_MODULES {
+        let src = find_first(candidates)?;
+        let guest = src.to_string_lossy().trim_start_matches('/').to_string();
+        t.program(&guest, &src)?;
     }
     t.add("opt/bin/mkfs.ext4", Entry::Symlink("mke2fs".into()));
     t.add(

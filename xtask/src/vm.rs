@@ -27,6 +27,7 @@ pub const HOST_PACKAGES: &[&str] = &[
     "util-linux",             // blkdiscard, losetup for the guest
     "qemu-utils",             // qemu-img, qemu-nbd for the guest (qcow2 images, NBD server)
     "nbd-client",             // nbd-client for the guest (kernel nbd baseline of the bench)
+    "nbdkit",                 // nbdkit + memory plugin for the guest (nbd server)
     "kmod",                   // modinfo: module dependencies
     "xz-utils",               // decompress .ko.xz
     "zstd",                   // decompress .ko.zst (newer Debian kernels)

@@ -15,6 +15,9 @@
 //! Requests are only ever completed once; a request pending for longer than the timeout
 //! completes with `-EIO`.
 //!
+//! With TLS the stream is a [`TlsStream`](super::tls::TlsStream), which lets the reader and the
+//! writer share one rustls session; reconnecting redoes STARTTLS and the handshake.
+//!
 //! Buffers move with the request (`Vec<u8>`, handed back on completion), so a caller that
 //! recycles them allocates nothing per request once warmed up.
 
@@ -230,7 +233,8 @@ impl Inner {
 
 impl Client {
     /// Connects and negotiates; fails if the server cannot be reached or refuses the export.
-    pub fn connect(uri: &NbdUri, opts: ClientOptions) -> Result<Client> {
+    pub fn connect(uri: &NbdUri, mut opts: ClientOptions) -> Result<Client> {
+        opts.connect = opts.connect.for_uri(uri)?;
         let (stream, info) = conn::open(&uri.addr, &uri.export, &opts.connect)?;
         check_servable(&info)?;
         Ok(Client::start(uri, opts, stream, info))
@@ -238,7 +242,12 @@ impl Client {
 
     /// Connects another connection to the same export; it must present the same properties
     /// as `expect` (for one connection per queue with `CAN_MULTI_CONN`).
-    pub fn connect_like(uri: &NbdUri, opts: ClientOptions, expect: &ExportInfo) -> Result<Client> {
+    pub fn connect_like(
+        uri: &NbdUri,
+        mut opts: ClientOptions,
+        expect: &ExportInfo,
+    ) -> Result<Client> {
+        opts.connect = opts.connect.for_uri(uri)?;
         let (stream, info) = conn::open(&uri.addr, &uri.export, &opts.connect)?;
         expect.same_export(&info).map_err(NbdError::ExportChanged)?;
         Ok(Client::start(uri, opts, stream, info))
@@ -816,7 +825,9 @@ impl Writer {
             } else {
                 b.extend_from_slice(&disc.encode_compact());
             }
-            let _ = (&*stream).write_all(&b);
+            if (&*stream).write_all(&b).is_ok() {
+                stream.close_notify();
+            }
             kill(inner, &mut st, gen, &"shutting down");
         }
         if let Some(r) = st.reader.take() {

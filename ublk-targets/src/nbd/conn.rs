@@ -5,11 +5,31 @@
 
 use super::error::{NbdError, ProtoError, Result};
 use super::proto::{self, BlockSizes, Info, OptReply, TransmissionFlags};
-use super::uri::NbdAddr;
+use super::tls::{TlsConfig, TlsStream};
+use super::uri::{NbdAddr, NbdUri};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::time::Duration;
+
+/// TCP keepalive: first probe after this much idle time.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// TCP keepalive: time between probes.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// TCP keepalive: unanswered probes before the connection is declared dead.
+pub const KEEPALIVE_COUNT: u32 = 3;
+
+/// `TCP_NODELAY` (requests are batched by the writer already) and keepalive, so a peer that
+/// vanished without a FIN or RST is noticed even when no request is outstanding.
+fn tune_tcp(s: &TcpStream) -> io::Result<()> {
+    s.set_nodelay(true)?;
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_COUNT);
+    socket2::SockRef::from(s).set_tcp_keepalive(&ka)
+}
 
 /// A connected socket.
 #[derive(Debug)]
@@ -18,6 +38,8 @@ pub enum Stream {
     Tcp(TcpStream),
     /// Unix domain socket.
     Unix(UnixStream),
+    /// A TLS session over one of the above.
+    Tls(Box<TlsStream>),
 }
 
 impl Stream {
@@ -33,7 +55,7 @@ impl Stream {
                 for sa in (host.as_str(), *port).to_socket_addrs().map_err(err)? {
                     match TcpStream::connect_timeout(&sa, timeout) {
                         Ok(s) => {
-                            s.set_nodelay(true).map_err(err)?;
+                            tune_tcp(&s).map_err(err)?;
                             return Ok(Stream::Tcp(s));
                         }
                         Err(e) => last = e,
@@ -62,7 +84,15 @@ impl Stream {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tls(_) => return Err(io::ErrorKind::Unsupported.into()),
         })
+    }
+
+    /// Ends a TLS session cleanly (`close_notify`); nothing for plain sockets.
+    pub fn close_notify(&self) {
+        if let Stream::Tls(t) = self {
+            t.close_notify();
+        }
     }
 
     /// Shuts the socket down (both directions); wakes any thread blocked on it.
@@ -70,6 +100,10 @@ impl Stream {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
+            Stream::Tls(t) => {
+                t.socket().shutdown();
+                Ok(())
+            }
         };
     }
 
@@ -84,6 +118,7 @@ impl Stream {
                 s.set_read_timeout(read)?;
                 s.set_write_timeout(write)
             }
+            Stream::Tls(t) => t.socket().set_timeouts(read, write),
         }
     }
 }
@@ -93,6 +128,7 @@ impl Read for &Stream {
         match self {
             Stream::Tcp(s) => (&*s).read(buf),
             Stream::Unix(s) => (&*s).read(buf),
+            Stream::Tls(t) => (&**t).read(buf),
         }
     }
 }
@@ -102,6 +138,7 @@ impl Write for &Stream {
         match self {
             Stream::Tcp(s) => (&*s).write(buf),
             Stream::Unix(s) => (&*s).write(buf),
+            Stream::Tls(t) => (&**t).write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -118,6 +155,19 @@ pub struct ConnectOptions {
     pub structured_replies: bool,
     /// Ask for extended headers first (`NBD_OPT_EXTENDED_HEADERS`, experimental).
     pub extended_headers: bool,
+    /// Require TLS with these credentials (`NBD_OPT_STARTTLS` first; no plaintext fallback).
+    /// [`ConnectOptions::for_uri`] fills it from an `nbds://` URI.
+    pub tls: Option<Arc<TlsConfig>>,
+}
+
+impl ConnectOptions {
+    /// Loads the TLS credentials `uri` asks for, unless TLS is already configured.
+    pub fn for_uri(mut self, uri: &NbdUri) -> Result<ConnectOptions> {
+        if let (None, Some(p)) = (&self.tls, &uri.tls) {
+            self.tls = Some(Arc::new(TlsConfig::new(p, &uri.addr)?));
+        }
+        Ok(self)
+    }
 }
 
 impl Default for ConnectOptions {
@@ -126,6 +176,7 @@ impl Default for ConnectOptions {
             timeout: Duration::from_secs(10),
             structured_replies: true,
             extended_headers: false,
+            tls: None,
         }
     }
 }
@@ -205,6 +256,11 @@ fn read_opt_reply<S: Read>(s: &mut S, opt: u32) -> Result<(OptReply, Vec<u8>)> {
 }
 
 fn refused(opt: u32, r: &OptReply, payload: &[u8]) -> NbdError {
+    if r.reply == proto::REP_ERR_TLS_REQD {
+        return NbdError::TlsRequired {
+            option: proto::option_name(opt),
+        };
+    }
     NbdError::OptionRefused {
         option: proto::option_name(opt),
         reply: proto::reply_name(r.reply),
@@ -249,6 +305,70 @@ pub fn negotiate<S: Read + Write>(
     opts: &ConnectOptions,
 ) -> Result<ExportInfo> {
     let hflags = greet(s)?;
+    negotiate_export(s, hflags, export, opts)
+}
+
+/// `NBD_OPT_STARTTLS` and the TLS handshake, right after the greeting. A refusal is an error:
+/// there is no fallback to plaintext.
+fn start_tls(s: Stream, tls: &TlsConfig, addr: &NbdAddr) -> Result<Stream> {
+    send_option(&mut &s, proto::OPT_STARTTLS, &[])?;
+    let (r, p) = read_opt_reply(&mut &s, proto::OPT_STARTTLS)?;
+    match r.reply {
+        proto::REP_ACK => {}
+        _ if r.is_error() => {
+            return Err(NbdError::TlsRefused {
+                reply: proto::reply_name(r.reply),
+                message: String::from_utf8_lossy(&p).into_owned(),
+            })
+        }
+        _ => return Err(ProtoError::Mismatch("unexpected reply to NBD_OPT_STARTTLS").into()),
+    }
+    Ok(Stream::Tls(Box::new(TlsStream::handshake(s, tls, addr)?)))
+}
+
+/// With TLS 1.3 a server that rejects the client's certificate says so in an alert after the
+/// handshake (GnuTLS servers often just close); the first option then fails with a plain IO
+/// error. Reads what the server sent last, so the error names the alert, or says that the
+/// server dropped the session.
+fn tls_alert(s: &Stream, addr: &NbdAddr, e: io::Error) -> NbdError {
+    let mut b = [0u8; 64];
+    let mut alert = None;
+    for _ in 0..16 {
+        match (&*s).read(&mut b) {
+            Ok(n) if n > 0 => continue,
+            Err(r) if r.kind() == io::ErrorKind::InvalidData => alert = Some(r),
+            _ => {}
+        }
+        break;
+    }
+    match alert {
+        Some(source) => NbdError::TlsHandshake {
+            addr: addr.to_string(),
+            source,
+        },
+        None if matches!(
+            e.kind(),
+            io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::UnexpectedEof
+        ) =>
+        {
+            NbdError::TlsClosed {
+                addr: addr.to_string(),
+                source: e,
+            }
+        }
+        None => NbdError::Io(e),
+    }
+}
+
+/// Everything after the greeting (and after STARTTLS, if any).
+fn negotiate_export<S: Read + Write>(
+    s: &mut S,
+    hflags: u16,
+    export: &str,
+    opts: &ConnectOptions,
+) -> Result<ExportInfo> {
     let mut extended = false;
     let mut structured = false;
     if opts.extended_headers {
@@ -339,7 +459,15 @@ pub fn negotiate<S: Read + Write>(
 pub fn open(addr: &NbdAddr, export: &str, opts: &ConnectOptions) -> Result<(Stream, ExportInfo)> {
     let s = Stream::connect(addr, opts.timeout)?;
     s.set_timeouts(Some(opts.timeout), Some(opts.timeout))?;
-    let info = negotiate(&mut &s, export, opts)?;
+    let hflags = greet(&mut &s)?;
+    let s = match &opts.tls {
+        Some(tls) => start_tls(s, tls, addr)?,
+        None => s,
+    };
+    let info = match negotiate_export(&mut &s, hflags, export, opts) {
+        Err(NbdError::Io(e)) if opts.tls.is_some() => return Err(tls_alert(&s, addr, e)),
+        r => r?,
+    };
     s.set_timeouts(None, None)?;
     log::debug!("nbd: connected to {addr}, export {export:?}: {info:?}");
     Ok((s, info))
@@ -349,12 +477,18 @@ pub fn open(addr: &NbdAddr, export: &str, opts: &ConnectOptions) -> Result<(Stre
 pub fn list_exports(addr: &NbdAddr, opts: &ConnectOptions) -> Result<Vec<ExportEntry>> {
     let s = Stream::connect(addr, opts.timeout)?;
     s.set_timeouts(Some(opts.timeout), Some(opts.timeout))?;
+    greet(&mut &s)?;
+    let s = match &opts.tls {
+        Some(tls) => start_tls(s, tls, addr)?,
+        None => s,
+    };
     let mut s = &s;
-    let list = list_on(&mut s)?;
+    let list = list_after_greeting(&mut s)?;
     // Soft disconnect; a server that just closes is fine.
     if send_option(&mut s, proto::OPT_ABORT, &[]).is_ok() {
         let _ = read_opt_reply(&mut s, proto::OPT_ABORT);
     }
+    s.close_notify();
     s.shutdown();
     Ok(list)
 }
@@ -362,6 +496,10 @@ pub fn list_exports(addr: &NbdAddr, opts: &ConnectOptions) -> Result<Vec<ExportE
 /// `NBD_OPT_LIST` on a fresh stream.
 pub fn list_on<S: Read + Write>(s: &mut S) -> Result<Vec<ExportEntry>> {
     greet(s)?;
+    list_after_greeting(s)
+}
+
+fn list_after_greeting<S: Read + Write>(s: &mut S) -> Result<Vec<ExportEntry>> {
     send_option(s, proto::OPT_LIST, &[])?;
     let mut out = Vec::new();
     loop {
@@ -378,5 +516,29 @@ pub fn list_on<S: Read + Write>(s: &mut S) -> Result<Vec<ExportEntry>> {
             _ if r.is_error() => return Err(refused(proto::OPT_LIST, &r, &p)),
             _ => return Err(ProtoError::Mismatch("unexpected reply to NBD_OPT_LIST").into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_tcp_connections_get_nodelay_and_keepalive() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = NbdAddr::Tcp {
+            host: "127.0.0.1".into(),
+            port: l.local_addr().unwrap().port(),
+        };
+        let s = Stream::connect(&addr, Duration::from_secs(5)).unwrap();
+        let Stream::Tcp(t) = &s else {
+            panic!("not TCP: {s:?}")
+        };
+        assert!(t.nodelay().unwrap());
+        let r = socket2::SockRef::from(t);
+        assert!(r.keepalive().unwrap());
+        assert_eq!(r.keepalive_time().unwrap(), KEEPALIVE_IDLE);
+        assert_eq!(r.keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert_eq!(r.keepalive_retries().unwrap(), KEEPALIVE_COUNT);
     }
 }

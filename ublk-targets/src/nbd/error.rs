@@ -51,9 +51,52 @@ pub enum NbdError {
     /// A request did not complete in time.
     #[error("the request timed out")]
     Timeout,
-    /// `nbds://` (TLS) was requested; TLS is not supported yet.
-    #[error("TLS (nbds://) is not supported yet")]
-    TlsUnsupported,
+    /// The server ended the TLS session right after the handshake.
+    #[error("{addr} closed the TLS session during negotiation (did it reject the client certificate, or want one?)")]
+    TlsClosed {
+        /// The server address.
+        addr: String,
+        /// The IO error seen.
+        #[source]
+        source: io::Error,
+    },
+    /// TLS credentials could not be loaded.
+    #[error("bad TLS credentials {}: {reason}", .path.display())]
+    TlsCredentials {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The TLS handshake failed (e.g. the server's certificate is not trusted).
+    #[error("TLS handshake with {addr} failed")]
+    TlsHandshake {
+        /// The server address.
+        addr: String,
+        /// Cause (a rustls error inside an `io::Error`, or the socket's error).
+        #[source]
+        source: io::Error,
+    },
+    /// The name to check the server's certificate against is not a valid DNS name or address.
+    #[error("invalid TLS host name {0:?}")]
+    TlsHostname(String),
+    /// The server refused `NBD_OPT_STARTTLS` while TLS was required.
+    #[error("TLS is required but the server refused NBD_OPT_STARTTLS with {reply}{} (is TLS enabled on the server?)", fmt_msg(.message))]
+    TlsRefused {
+        /// Reply type name.
+        reply: &'static str,
+        /// The server's message, if any.
+        message: String,
+    },
+    /// The server requires TLS and the client did not ask for it.
+    #[error("the server requires TLS (refused {option} with NBD_REP_ERR_TLS_REQD): use nbds:// or --tls")]
+    TlsRequired {
+        /// The option refused.
+        option: &'static str,
+    },
+    /// A TLS configuration rustls refuses.
+    #[error("cannot set up TLS")]
+    TlsSetup(#[source] rustls::Error),
     /// The URI is not a usable NBD URI.
     #[error("invalid NBD URI: {0}")]
     Uri(String),
@@ -137,7 +180,13 @@ mod tests {
         assert_eq!(NbdError::Request(95).errno(), -libc::EOPNOTSUPP);
         assert_eq!(NbdError::Request(12345).errno(), -libc::EINVAL);
         assert_eq!(NbdError::Timeout.errno(), -libc::EIO);
-        assert_eq!(NbdError::TlsUnsupported.errno(), -libc::EIO);
+        assert_eq!(
+            NbdError::TlsRequired {
+                option: "NBD_OPT_GO"
+            }
+            .errno(),
+            -libc::EIO
+        );
         let m = NbdError::OptionRefused {
             option: "NBD_OPT_GO",
             reply: "NBD_REP_ERR_UNKNOWN",

@@ -1,8 +1,9 @@
 //! The NBD target: a network block device client serving a ublk device.
 //!
 //! * [`proto`]: the wire protocol, pure encode/decode (no IO), fuzz-tested.
-//! * [`uri`]: `nbd://HOST[:PORT]/EXPORT` and `nbd+unix:///EXPORT?socket=PATH`.
+//! * [`uri`]: `nbd[s]://HOST[:PORT]/EXPORT` and `nbd[s]+unix:///EXPORT?socket=PATH`.
 //! * [`conn`]: connecting, negotiating (GO / EXPORT_NAME), listing exports.
+//! * [`tls`]: `NBD_OPT_STARTTLS` with rustls (X.509), a TLS stream for two threads.
 //! * [`client`]: the pipelined transmission engine with reconnect and timeouts.
 //! * [`target`]: [`NbdTarget`], the ublk [`Target`](ublk_core::Target).
 //! * [`NbdError`]: everything that can go wrong, with an [`errno`](NbdError::errno) mapping.
@@ -12,10 +13,12 @@ pub mod conn;
 mod error;
 pub mod proto;
 pub mod target;
+pub mod tls;
 pub mod uri;
 
 pub use client::{Client, ClientOptions, Cmd, Completion, Request};
 pub use conn::{list_exports, ConnectOptions, ExportEntry, ExportInfo};
 pub use error::{NbdError, ProtoError, Result};
 pub use target::{NbdConfig, NbdQueue, NbdTarget};
-pub use uri::{NbdAddr, NbdUri};
+pub use tls::TlsConfig;
+pub use uri::{NbdAddr, NbdUri, TlsParams};

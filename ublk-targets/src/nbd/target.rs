@@ -7,23 +7,25 @@
 //!
 //! # Buffers
 //!
-//! The request buffer ([`IoCtx::buf`]) is only reachable on the queue thread during
-//! `handle_io`, so each tag owns a buffer of its own that travels with the NBD request and
-//! comes back with the completion (no allocation per IO once warm). WRITE data is copied into
-//! it in `handle_io` (it must survive a reconnect and be resent anyway). READ data lands in
-//! it on the reader thread and must be copied into the request buffer on the queue thread
-//! before the commit: ublk-core has no hook for that yet, so READs currently wait for their
-//! reply on the queue thread (pipelined across queues and with writes, but one READ at a time
-//! per queue). [`NbdQueue::on_remote_complete`] is the asynchronous path, ready for a
-//! `QueueHandler::on_remote_complete` hook.
+//! The request buffer ([`IoCtx::buf`]) is only reachable on the queue thread, so each tag owns
+//! a buffer of its own that travels with the NBD request and comes back with the completion
+//! (no allocation per IO once warm). WRITE data is copied into it in `handle_io` (it must
+//! survive a reconnect and be resent anyway). READ data lands in it on the reader thread and
+//! is copied into the request buffer on the queue thread, in
+//! [`QueueHandler::on_remote_complete`], before the commit.
+//!
+//! The buffer goes back to the queue thread through a bounded lock-free channel (sent before
+//! the [`Completer`] is told, so it is there when the queue thread hears of the completion);
+//! the queue thread parks buffers per tag in a table only it touches. No lock per IO.
 
 use super::client::{Client, ClientOptions, Cmd, Completion, Request, Waiter};
 use super::conn::ExportInfo;
 use super::error::Result;
 use super::proto::TransmissionFlags as TF;
 use super::uri::NbdUri;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 use std::io;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use ublk_core::{
     Action, Attrs, Completer, DeviceParams, DiscardParams, IoCtx, IoFlags, IoRequest, Op,
     QueueHandler, Target,
@@ -68,14 +70,17 @@ pub struct NbdTarget {
 impl NbdTarget {
     /// Connects (one connection per queue if the server sets `CAN_MULTI_CONN`, else one).
     pub fn connect(cfg: &NbdConfig) -> Result<NbdTarget> {
-        let first = Client::connect(&cfg.uri, cfg.client.clone())?;
+        // Credentials are loaded once, for every connection and reconnect.
+        let mut client_opts = cfg.client.clone();
+        client_opts.connect = client_opts.connect.for_uri(&cfg.uri)?;
+        let first = Client::connect(&cfg.uri, client_opts.clone())?;
         let info = first.info().clone();
         let mut conns = vec![Arc::new(first)];
         if info.flags.contains(TF::CAN_MULTI_CONN) {
             for _ in 1..cfg.queues.max(1) {
                 conns.push(Arc::new(Client::connect_like(
                     &cfg.uri,
-                    cfg.client.clone(),
+                    client_opts.clone(),
                     &info,
                 )?));
             }
@@ -189,9 +194,17 @@ impl Target for NbdTarget {
     type Queue = NbdQueue;
     fn open_queue(&self, q_id: u16) -> io::Result<NbdQueue> {
         let client = self.conns[usize::from(q_id) % self.conns.len()].clone();
+        let (tx, rx) = crossbeam_channel::bounded(RETURN_SLOTS);
         Ok(NbdQueue {
             client,
-            sink: Arc::new(QueueSink::default()),
+            sink: Arc::new(QueueSink {
+                completer: OnceLock::new(),
+                tx,
+            }),
+            bufs: TagBufs {
+                rx,
+                parked: Vec::new(),
+            },
             waiter: Arc::new(Waiter::default()),
             async_reads: true,
             read_only: self.read_only,
@@ -199,36 +212,27 @@ impl Target for NbdTarget {
     }
 }
 
-/// Where completions of one queue go: the tag's buffer is parked here, then the
-/// [`Completer`] is told.
-#[derive(Default)]
+/// Capacity of a queue's buffer return channel: a queue never has more requests in flight
+/// than the largest ublk queue depth (`UBLK_MAX_QUEUE_DEPTH`).
+const RETURN_SLOTS: usize = 4096;
+
+/// Where completions of one queue go (on the connection's threads): the tag's buffer is
+/// sent back to the queue thread, then the [`Completer`] is told.
 struct QueueSink {
     completer: OnceLock<Completer>,
-    bufs: Mutex<Vec<Vec<u8>>>,
-}
-
-impl QueueSink {
-    fn put(&self, tag: u16, buf: Vec<u8>) {
-        let mut b = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
-        let t = usize::from(tag);
-        if b.len() <= t {
-            b.resize_with(t + 1, Vec::new);
-        }
-        b[t] = buf;
-    }
-
-    fn take(&self, tag: u16) -> Vec<u8> {
-        let mut b = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
-        b.get_mut(usize::from(tag))
-            .map(std::mem::take)
-            .unwrap_or_default()
-    }
+    tx: Sender<(u16, Vec<u8>)>,
 }
 
 impl Completion for QueueSink {
     fn complete(&self, token: u64, res: i32, buf: Vec<u8>) {
         let tag = token as u16;
-        self.put(tag, buf);
+        match self.tx.try_send((tag, buf)) {
+            Ok(()) => {}
+            // Cannot happen while a queue has at most RETURN_SLOTS requests; losing the
+            // buffer only costs an allocation later.
+            Err(TrySendError::Full(_)) => log::warn!("nbd: buffer return channel full"),
+            Err(TrySendError::Disconnected(_)) => {}
+        }
         match self.completer.get() {
             Some(c) => c.complete(tag, res),
             None => log::error!("nbd: completion for tag {tag} before any request"),
@@ -236,10 +240,40 @@ impl Completion for QueueSink {
     }
 }
 
+/// The queue thread's per-tag buffers: those returned through the channel are moved into
+/// `parked` before any is taken.
+struct TagBufs {
+    rx: Receiver<(u16, Vec<u8>)>,
+    parked: Vec<Vec<u8>>,
+}
+
+impl TagBufs {
+    fn put(&mut self, tag: u16, buf: Vec<u8>) {
+        let t = usize::from(tag);
+        if self.parked.len() <= t {
+            self.parked.resize_with(t + 1, Vec::new);
+        }
+        self.parked[t] = buf;
+    }
+
+    /// The buffer of `tag` (empty if it has none yet). A buffer sent before the completion of
+    /// `tag` was announced is always found.
+    fn take(&mut self, tag: u16) -> Vec<u8> {
+        while let Ok((t, buf)) = self.rx.try_recv() {
+            self.put(t, buf);
+        }
+        self.parked
+            .get_mut(usize::from(tag))
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+}
+
 /// The per-queue handler of [`NbdTarget`].
 pub struct NbdQueue {
     client: Arc<Client>,
     sink: Arc<QueueSink>,
+    bufs: TagBufs,
     waiter: Arc<Waiter>,
     /// READs complete through `QueueHandler::on_remote_complete` (else they wait on the queue
     /// thread).
@@ -256,11 +290,11 @@ impl std::fmt::Debug for NbdQueue {
 }
 
 impl NbdQueue {
-    fn submit(&self, req: Request, tag: u16) -> Action {
+    fn submit(&mut self, req: Request, tag: u16) -> Action {
         match self.client.submit(req, self.sink.clone(), u64::from(tag)) {
             Ok(()) => Action::Pending,
             Err((e, buf)) => {
-                self.sink.put(tag, buf);
+                self.bufs.put(tag, buf);
                 Action::Done(e)
             }
         }
@@ -276,7 +310,7 @@ impl NbdQueue {
         } else {
             res
         };
-        self.sink.put(req.tag, buf);
+        self.bufs.put(req.tag, buf);
         Action::Done(res)
     }
 
@@ -286,9 +320,9 @@ impl NbdQueue {
         if req.op != Op::Read || res <= 0 {
             return Action::Done(res);
         }
-        let buf = self.sink.take(req.tag);
+        let buf = self.bufs.take(req.tag);
         let res = copy_read(ctx.buf(req.tag), &buf, req.len, res);
-        self.sink.put(req.tag, buf);
+        self.bufs.put(req.tag, buf);
         Action::Done(res)
     }
 }
@@ -318,7 +352,7 @@ impl QueueHandler for NbdQueue {
         match req.op {
             Op::Read => {
                 r.cmd = Cmd::Read;
-                r.buf = self.sink.take(tag);
+                r.buf = self.bufs.take(tag);
                 if !self.async_reads {
                     return self.read_sync(ctx, req, r);
                 }
@@ -332,7 +366,7 @@ impl QueueHandler for NbdQueue {
                 if data.len() < n {
                     return Action::Done(-libc::EIO);
                 }
-                let mut buf = self.sink.take(tag);
+                let mut buf = self.bufs.take(tag);
                 buf.clear();
                 buf.extend_from_slice(&data[..n]);
                 r.cmd = Cmd::Write;
@@ -465,11 +499,29 @@ mod tests {
     }
 
     #[test]
-    fn test_queue_sink_parks_buffers_per_tag() {
-        let s = QueueSink::default();
-        s.put(5, vec![1, 2, 3]);
-        assert_eq!(s.take(5), vec![1, 2, 3]);
-        assert!(s.take(5).is_empty());
-        assert!(s.take(100).is_empty());
+    fn test_queue_sink_returns_buffers_per_tag() {
+        let (tx, rx) = crossbeam_channel::bounded(RETURN_SLOTS);
+        let sink = Arc::new(QueueSink {
+            completer: OnceLock::new(),
+            tx,
+        });
+        let mut bufs = TagBufs {
+            rx,
+            parked: Vec::new(),
+        };
+        // Completions arrive on other threads, in any order.
+        let s2 = sink.clone();
+        std::thread::spawn(move || {
+            s2.complete(5, 3, vec![1, 2, 3]);
+            s2.complete(2, 1, vec![9]);
+        })
+        .join()
+        .unwrap();
+        assert_eq!(bufs.take(2), vec![9]);
+        assert_eq!(bufs.take(5), vec![1, 2, 3]);
+        assert!(bufs.take(5).is_empty(), "taken once");
+        assert!(bufs.take(100).is_empty());
+        bufs.put(7, vec![4]);
+        assert_eq!(bufs.take(7), vec![4]);
     }
 }

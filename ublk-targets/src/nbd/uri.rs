@@ -1,4 +1,5 @@
-//! NBD URIs (`nbd://`, `nbd+unix://`; `nbds*` refused), after the NBD project's `doc/uri.md`.
+//! NBD URIs (`nbd://`, `nbd+unix://`, and with TLS `nbds://`, `nbds+unix://`), after the NBD
+//! project's `doc/uri.md`.
 
 use super::error::NbdError;
 use super::proto::DEFAULT_PORT;
@@ -31,6 +32,17 @@ impl fmt::Display for NbdAddr {
     }
 }
 
+/// TLS settings of a URI (or of the command line).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct TlsParams {
+    /// Directory with `ca-cert.pem` and optionally `client-cert.pem` + `client-key.pem` (the
+    /// qemu / nbdkit layout; `tls-certificates=`). `None`: trust the system CA bundle.
+    pub certificates: Option<PathBuf>,
+    /// Name the server's certificate must carry (`tls-hostname=`); default: the host
+    /// (`localhost` for Unix sockets).
+    pub hostname: Option<String>,
+}
+
 /// A parsed NBD URI.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct NbdUri {
@@ -38,6 +50,8 @@ pub struct NbdUri {
     pub addr: NbdAddr,
     /// The export name (percent-decoded; empty for the default export).
     pub export: String,
+    /// TLS is required (`nbds://`), with these settings. `None`: plaintext.
+    pub tls: Option<TlsParams>,
 }
 
 fn bad(msg: impl Into<String>) -> NbdError {
@@ -67,17 +81,20 @@ pub fn percent_decode(s: &str) -> Result<Vec<u8>, NbdError> {
 }
 
 impl NbdUri {
-    /// Parses `nbd://HOST[:PORT][/EXPORT]` or `nbd+unix:///[EXPORT]?socket=PATH`.
-    /// `nbds://` and `nbds+unix://` fail with [`NbdError::TlsUnsupported`].
+    /// Parses `nbd[s]://HOST[:PORT][/EXPORT]` or `nbd[s]+unix:///[EXPORT]?socket=PATH`.
+    /// With `nbds`, TLS (X.509) is required; the query may carry `tls-certificates=DIR`,
+    /// `tls-hostname=NAME`, `tls-type=x509` and `tls-verify-peer=1`. Other TLS modes (PSK,
+    /// anonymous, no peer verification) are refused.
     pub fn parse(uri: &str) -> Result<NbdUri, NbdError> {
         let (scheme, rest) = uri
             .split_once("://")
             .ok_or_else(|| bad(format!("{uri:?} has no scheme")))?;
-        let unix = match scheme.to_ascii_lowercase().as_str() {
-            "nbd" => false,
-            "nbd+unix" => true,
-            "nbds" | "nbds+unix" | "nbds+vsock" => return Err(NbdError::TlsUnsupported),
-            "nbd+vsock" => return Err(bad("vsock transport is not supported")),
+        let (unix, tls) = match scheme.to_ascii_lowercase().as_str() {
+            "nbd" => (false, false),
+            "nbd+unix" => (true, false),
+            "nbds" => (false, true),
+            "nbds+unix" => (true, true),
+            "nbd+vsock" | "nbds+vsock" => return Err(bad("vsock transport is not supported")),
             s => return Err(bad(format!("unknown scheme {s:?}"))),
         };
         if rest.contains('#') {
@@ -99,6 +116,7 @@ impl NbdUri {
         }
 
         let mut socket = None;
+        let mut tls_params = TlsParams::default();
         for kv in query.into_iter().flat_map(|q| q.split('&')) {
             if kv.is_empty() {
                 continue;
@@ -107,9 +125,35 @@ impl NbdUri {
             match k {
                 "socket" if unix => socket = Some(percent_decode(v)?),
                 "socket" => return Err(bad("socket= is only valid with nbd+unix://")),
-                k if k.starts_with("tls-") => {
+                k if k.starts_with("tls-") && !tls => {
                     log::warn!("nbd: ignoring {k}= in a non-TLS URI");
                 }
+                "tls-certificates" => {
+                    let d = percent_decode(v)?;
+                    if d.is_empty() {
+                        return Err(bad("empty tls-certificates= directory"));
+                    }
+                    tls_params.certificates = Some(PathBuf::from(OsString::from_vec(d)));
+                }
+                "tls-hostname" => {
+                    let h = String::from_utf8(percent_decode(v)?)
+                        .map_err(|_| bad("tls-hostname= is not valid UTF-8"))?;
+                    if h.is_empty() {
+                        return Err(bad("empty tls-hostname="));
+                    }
+                    tls_params.hostname = Some(h);
+                }
+                "tls-type" if v.eq_ignore_ascii_case("x509") => {}
+                "tls-type" => {
+                    return Err(bad(format!(
+                        "tls-type={v} is not supported (only x509 certificates)"
+                    )))
+                }
+                "tls-verify-peer" if v == "1" || v.eq_ignore_ascii_case("true") => {}
+                "tls-verify-peer" => return Err(bad(
+                    "tls-verify-peer=0 is not supported: the server certificate is always verified",
+                )),
+                "tls-psk-file" => return Err(bad("TLS-PSK (tls-psk-file=) is not supported")),
                 k if k.starts_with("x-") => {}
                 k => return Err(bad(format!("unknown query parameter {k:?}"))),
             }
@@ -157,7 +201,11 @@ impl NbdUri {
             };
             NbdAddr::Tcp { host, port }
         };
-        Ok(NbdUri { addr, export })
+        Ok(NbdUri {
+            addr,
+            export,
+            tls: tls.then_some(tls_params),
+        })
     }
 }
 
@@ -220,15 +268,41 @@ mod tests {
     }
 
     #[test]
+    fn test_uri_tls_forms() {
+        assert_eq!(NbdUri::parse("nbd://h/x").unwrap().tls, None);
+        let u = NbdUri::parse("nbds://h:99/x").unwrap();
+        assert_eq!(u.addr, tcp("h", 99));
+        assert_eq!(u.tls, Some(TlsParams::default()));
+        let u = NbdUri::parse(
+            "NBDS+UNIX:///x?socket=/s&tls-certificates=/etc/pki/a%20b&tls-hostname=srv.example&tls-type=X509&tls-verify-peer=1",
+        )
+        .unwrap();
+        assert_eq!(u.addr, NbdAddr::Unix("/s".into()));
+        assert_eq!(
+            u.tls,
+            Some(TlsParams {
+                certificates: Some("/etc/pki/a b".into()),
+                hostname: Some("srv.example".into()),
+            })
+        );
+        for bad in [
+            "nbds://h/x?tls-type=psk",
+            "nbds://h/x?tls-verify-peer=0",
+            "nbds://h/x?tls-psk-file=/k",
+            "nbds://h/x?tls-certificates=",
+            "nbds://h/x?tls-hostname=",
+            "nbds://h/x?tls-bogus=1",
+            "nbds+vsock://1/x",
+        ] {
+            assert!(
+                matches!(NbdUri::parse(bad), Err(NbdError::Uri(_))),
+                "{bad} accepted"
+            );
+        }
+    }
+
+    #[test]
     fn test_uri_errors() {
-        assert!(matches!(
-            NbdUri::parse("nbds://h/x"),
-            Err(NbdError::TlsUnsupported)
-        ));
-        assert!(matches!(
-            NbdUri::parse("nbds+unix:///x?socket=/s"),
-            Err(NbdError::TlsUnsupported)
-        ));
         for bad in [
             "h/x",
             "http://h/x",

@@ -139,6 +139,7 @@ impl Server {
         NbdUri {
             addr: NbdAddr::Unix(self.sock.clone()),
             export: export.into(),
+            tls: None,
         }
     }
 }
@@ -296,6 +297,7 @@ impl Fake {
                 port: self.port,
             },
             export: "fake".into(),
+            tls: None,
         }
     }
 }

@@ -1,0 +1,327 @@
+//! TLS (`NBD_OPT_STARTTLS`) with rustls: loading X.509 credentials and a TLS stream that a
+//! reader thread and a writer thread can use at the same time.
+//!
+//! A `rustls::ClientConnection` cannot be split into a read half and a write half, so
+//! [`TlsStream`] keeps it behind a mutex that is **never held across a blocking socket call**:
+//!
+//! * the reader takes the lock, hands out decrypted data if there is any, and otherwise reads
+//!   ciphertext from the socket *without* the lock, then feeds it in under the lock;
+//! * the writer holds a second lock (`wlock`) for the whole of a write: it encrypts under the
+//!   connection lock, then writes the records out without it, so records leave in order and the
+//!   reader can decrypt meanwhile.
+//!
+//! When decrypting makes rustls queue output of its own (a `KeyUpdate` answer, an alert), the
+//! reader sends it only if no write is in progress (`try_lock` on `wlock`, under the connection
+//! lock); otherwise the writer, which checks for queued output under the connection lock before
+//! it lets go of `wlock`, sends it. So nothing queued is forgotten and the reader never waits
+//! for the writer. (The reader may block briefly sending such a small record itself if the
+//! socket's send buffer is full; this only arises on a server-requested key update.)
+//!
+//! The plaintext path does not go through this module at all.
+
+use super::conn::Stream;
+use super::error::{NbdError, Result};
+use super::uri::{NbdAddr, TlsParams};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+
+/// The CA bundle used when no certificate directory is given (Debian's `ca-certificates`).
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// A ready TLS client configuration: credentials and the name the server must prove.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    config: Arc<ClientConfig>,
+    server_name: ServerName<'static>,
+}
+
+fn cred_err(path: &Path, reason: impl std::fmt::Display) -> NbdError {
+    NbdError::TlsCredentials {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| cred_err(path, e))?
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| cred_err(path, e))?;
+    if certs.is_empty() {
+        return Err(cred_err(path, "no PEM certificate in the file"));
+    }
+    Ok(certs)
+}
+
+impl TlsConfig {
+    /// Loads the credentials `params` names, for a server at `addr`.
+    ///
+    /// With a certificate directory (the qemu / nbdkit layout), `ca-cert.pem` is the trusted CA
+    /// and `client-cert.pem` + `client-key.pem`, if present, authenticate the client. Without
+    /// one, the system CA bundle ([`SYSTEM_CA_BUNDLE`]) is trusted. The server must present a
+    /// certificate for `params.hostname`, else the TCP host, else (Unix sockets) `localhost`.
+    pub fn new(params: &TlsParams, addr: &NbdAddr) -> Result<TlsConfig> {
+        let ca_path = match &params.certificates {
+            Some(dir) => dir.join("ca-cert.pem"),
+            None => PathBuf::from(SYSTEM_CA_BUNDLE),
+        };
+        let mut roots = RootCertStore::empty();
+        for c in load_certs(&ca_path)? {
+            roots.add(c).map_err(|e| cred_err(&ca_path, e))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(NbdError::TlsSetup)?
+            .with_root_certificates(roots);
+        let client_pair = params
+            .certificates
+            .as_ref()
+            .map(|d| (d.join("client-cert.pem"), d.join("client-key.pem")));
+        let config = match client_pair {
+            Some((cert, key)) if cert.exists() || key.exists() => {
+                if !key.exists() {
+                    return Err(cred_err(&key, "missing (client-cert.pem needs its key)"));
+                }
+                let chain = load_certs(&cert)?;
+                let key_der = PrivateKeyDer::from_pem_file(&key).map_err(|e| cred_err(&key, e))?;
+                builder
+                    .with_client_auth_cert(chain, key_der)
+                    .map_err(NbdError::TlsSetup)?
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        let name = match (&params.hostname, addr) {
+            (Some(h), _) => h.clone(),
+            (None, NbdAddr::Tcp { host, .. }) => host.clone(),
+            (None, NbdAddr::Unix(_)) => "localhost".to_string(),
+        };
+        let server_name =
+            ServerName::try_from(name.clone()).map_err(|_| NbdError::TlsHostname(name))?;
+        Ok(TlsConfig {
+            config: Arc::new(config),
+            server_name,
+        })
+    }
+}
+
+/// What [`TlsStream`]'s lock protects.
+struct TlsState {
+    conn: ClientConnection,
+    /// Ciphertext read from the socket, `rx[rx_pos..rx_end]` not yet given to rustls. Taken
+    /// out (empty) while the reader reads the socket without the lock.
+    rx: Vec<u8>,
+    rx_pos: usize,
+    rx_end: usize,
+    /// The socket reached end of file (and rustls was told).
+    eof: bool,
+    /// Scratch space for outgoing records.
+    tx: Vec<u8>,
+}
+
+/// A TLS session over a connected socket, usable by one reader and one writer thread at once
+/// (through `Read`/`Write` for `&TlsStream`).
+pub struct TlsStream {
+    sock: Stream,
+    st: Mutex<TlsState>,
+    /// Held for the whole of a write: records reach the socket in the order rustls made them.
+    wlock: Mutex<()>,
+}
+
+impl std::fmt::Debug for TlsStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsStream")
+            .field("sock", &self.sock)
+            .finish_non_exhaustive()
+    }
+}
+
+const RX_BUF: usize = 64 << 10;
+
+fn tls_io_err(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+impl TlsStream {
+    /// Runs the TLS handshake on `sock` (right after the server acknowledged
+    /// `NBD_OPT_STARTTLS`); `sock`'s timeouts bound it.
+    pub fn handshake(sock: Stream, cfg: &TlsConfig, addr: &NbdAddr) -> Result<TlsStream> {
+        let mut conn = ClientConnection::new(cfg.config.clone(), cfg.server_name.clone())
+            .map_err(NbdError::TlsSetup)?;
+        while conn.is_handshaking() {
+            if let Err(source) = conn.complete_io(&mut &sock) {
+                // Tell the server why (the alert rustls queued), best effort.
+                while conn.wants_write() {
+                    if conn.write_tls(&mut &sock).is_err() {
+                        break;
+                    }
+                }
+                return Err(NbdError::TlsHandshake {
+                    addr: addr.to_string(),
+                    source,
+                });
+            }
+        }
+        log::debug!(
+            "nbd: TLS with {addr}: {:?}, {:?}",
+            conn.protocol_version(),
+            conn.negotiated_cipher_suite().map(|s| s.suite())
+        );
+        Ok(TlsStream {
+            sock,
+            st: Mutex::new(TlsState {
+                conn,
+                rx: vec![0; RX_BUF],
+                rx_pos: 0,
+                rx_end: 0,
+                eof: false,
+                tx: Vec::new(),
+            }),
+            wlock: Mutex::new(()),
+        })
+    }
+
+    /// The socket under the session.
+    pub fn socket(&self) -> &Stream {
+        &self.sock
+    }
+
+    fn lock(&self) -> MutexGuard<'_, TlsState> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes out everything rustls has queued. The caller holds `wlock`.
+    fn drain<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, TlsState>,
+    ) -> io::Result<MutexGuard<'a, TlsState>> {
+        while st.conn.wants_write() {
+            let mut out = std::mem::take(&mut st.tx);
+            out.clear();
+            while st.conn.wants_write() {
+                st.conn.write_tls(&mut out)?;
+            }
+            drop(st);
+            let r = (&self.sock).write_all(&out);
+            st = self.lock();
+            st.tx = out;
+            r?;
+        }
+        Ok(st)
+    }
+
+    /// Sends what decrypting queued, unless a write is in progress (it will send it).
+    fn flush_from_reader<'a>(
+        &'a self,
+        st: MutexGuard<'a, TlsState>,
+    ) -> io::Result<MutexGuard<'a, TlsState>> {
+        if !st.conn.wants_write() {
+            return Ok(st);
+        }
+        let w = match self.wlock.try_lock() {
+            Ok(w) => w,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return Ok(st),
+        };
+        let st = self.drain(st)?;
+        // Released under the connection lock, like the writer does.
+        drop(w);
+        Ok(st)
+    }
+
+    /// Sends a TLS `close_notify` (best effort, for a clean end of the session).
+    pub fn close_notify(&self) {
+        let w = self.wlock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.lock();
+        st.conn.send_close_notify();
+        if let Ok(st) = self.drain(st) {
+            drop(w);
+            drop(st);
+        }
+    }
+
+    fn read_plain(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let mut st = self.lock();
+        loop {
+            match st.conn.reader().read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            if st.eof {
+                // rustls saw end of file and still has nothing: a truncated stream.
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            if st.rx_pos < st.rx_end {
+                let s = &mut *st;
+                let n = s.conn.read_tls(&mut &s.rx[s.rx_pos..s.rx_end])?;
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "TLS input not accepted",
+                    ));
+                }
+                s.rx_pos += n;
+                let r = s.conn.process_new_packets();
+                // An error queues an alert for the server: send it before failing.
+                st = self.flush_from_reader(st)?;
+                r.map_err(tls_io_err)?;
+                continue;
+            }
+            let mut rx = std::mem::take(&mut st.rx);
+            drop(st);
+            let r = (&self.sock).read(&mut rx);
+            st = self.lock();
+            st.rx = rx;
+            match r {
+                Ok(0) => {
+                    st.eof = true;
+                    st.conn.read_tls(&mut &[][..])?;
+                    let r = st.conn.process_new_packets();
+                    r.map_err(tls_io_err)?;
+                }
+                Ok(n) => {
+                    st.rx_pos = 0;
+                    st.rx_end = n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn write_plain(&self, buf: &[u8]) -> io::Result<usize> {
+        let w = self.wlock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.lock();
+        let n = st.conn.writer().write(buf)?;
+        let st = self.drain(st)?;
+        // Let go of the write lock while still holding the connection lock: a reader that
+        // queued output after our last check either sees the write lock free or has its
+        // output sent by the check above.
+        drop(w);
+        drop(st);
+        Ok(n)
+    }
+}
+
+impl Read for &TlsStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read_plain(buf)
+    }
+}
+
+impl Write for &TlsStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_plain(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
