@@ -1177,14 +1177,6 @@ fn test_qcow2_write_refusals() {
         Qcow2Image::open(&ext, &rw()),
         Err(Qcow2Error::ReadOnly(_))
     ));
-    let dirty = dir.path("dirty.qcow2");
-    qemu_img(&["create", "-f", "qcow2", s(&dirty), "1M"]);
-    patch(&dirty, 72, &1u64.to_be_bytes());
-    assert!(matches!(
-        Qcow2Image::open(&dirty, &rw()),
-        Err(Qcow2Error::Dirty)
-    ));
-    Qcow2Image::open(&dirty, &Qcow2Options::default()).expect("dirty opens read-only");
     let corrupt = dir.path("corrupt.qcow2");
     qemu_img(&["create", "-f", "qcow2", s(&corrupt), "1M"]);
     patch(&corrupt, 72, &2u64.to_be_bytes());
@@ -1976,4 +1968,117 @@ fn test_qcow2_freed_clusters_wait_for_inflight_io() {
     assert!(b.iter().all(|&x| x == 0x44), "freed clusters not reused");
     drop(q);
     assert_eq!(qemu_check(&img), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dirty images: qemu-io writes to a lazy-refcounts image and is killed, leaving the dirty bit
+// and refcounts that lag behind the L2 tables. A writable open must rebuild the refcounts.
+// ---------------------------------------------------------------------------------------------
+
+/// Runs qemu-io commands ending in `sigraise 9` on a qcow2 image (the process dies).
+fn qemu_io_killed(img: &Path, cmds: &[&str]) {
+    let mut args: Vec<&str> = vec!["-f", "qcow2"];
+    for c in cmds.iter().chain(&["sigraise 9"]) {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(s(img));
+    let out = std::process::Command::new("qemu-io")
+        .args(&args)
+        .output()
+        .expect("spawn qemu-io");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(9),
+        "qemu-io {args:?} was not killed"
+    );
+}
+
+/// Makes `img` dirty: writes through qemu-io with lazy refcounts and kills it. Applies the
+/// writes to `model` too.
+fn make_dirty(img: &Path, model: &mut [u8], writes: &[(u64, u64, u8)]) {
+    let cmds: Vec<String> = writes
+        .iter()
+        .map(|(off, len, b)| format!("write -P {b:#x} {off} {len}"))
+        .collect();
+    let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io_killed(img, &refs);
+    for &(off, len, b) in writes {
+        model[off as usize..(off + len) as usize].fill(b);
+    }
+    assert_eq!(be64_at(img, 72) & 1, 1, "{}: dirty bit set", img.display());
+}
+
+#[test]
+fn test_qcow2_dirty_image_is_repaired_on_writable_open() {
+    require_qemu!();
+    let dir = TempDir::new("dirty");
+    for opts in [
+        "cluster_size=64k",
+        "cluster_size=4k,refcount_bits=1",
+        "cluster_size=512,refcount_bits=64",
+        "cluster_size=64k,extended_l2=off,compression_type=zstd",
+    ] {
+        let img = dir.path(&format!("{}.qcow2", opts.replace([',', '='], "_")));
+        qemu_img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("lazy_refcounts=on,{opts}"),
+            s(&img),
+            "16M",
+        ]);
+        qemu_io(&img, &["write -c -P 0x44 12M 64k", "write -P 0x55 13M 64k"]);
+        let mut model = qemu_raw(&img);
+        make_dirty(
+            &img,
+            &mut model,
+            &[
+                (0, MIB, 0x11),
+                (5 * MIB, 300 * 1024, 0x22),
+                (9 * MIB + 512, 70_000, 0x33),
+                (13 * MIB + 4096, 4096, 0x66), // in place
+                (12 * MIB, 1024, 0x77),        // over the compressed cluster
+            ],
+        );
+        assert_ne!(qemu_check(&img), 0, "{opts}: qemu sees the damage");
+
+        // Read-only: reads the data, writes nothing.
+        let before = std::fs::read(&img).expect("read image");
+        {
+            let q = Qcow2Image::open(&img, &Qcow2Options::default()).expect("open ro");
+            assert_model(&q, &model, "dirty, read-only");
+        }
+        assert!(
+            std::fs::read(&img).expect("read image") == before,
+            "{opts}: ro open wrote"
+        );
+
+        // Writable: repaired first, then written.
+        {
+            let q = Qcow2Image::open(&img, &rw()).expect("open rw repairs");
+            assert_eq!(
+                be64_at(&img, 72) & 1,
+                0,
+                "{opts}: dirty bit cleared on open"
+            );
+            assert_model(&q, &model, "repaired");
+            let mut rng = Rng(7);
+            for _ in 0..60 {
+                let len = rng.below(100_000) + 1;
+                let off = rng.below(16 * MIB - len);
+                let b = rng.next() as u8;
+                q.write_at(&vec![b; len as usize], off).expect("write");
+                model[off as usize..(off + len) as usize].fill(b);
+            }
+            q.discard(2 * MIB, 2 * MIB).expect("discard");
+            model[2 * MIB as usize..4 * MIB as usize].fill(0);
+            q.flush().expect("flush");
+            assert_model(&q, &model, "after writes");
+        }
+        assert_eq!(qemu_check(&img), 0, "{opts}: clean after repair and writes");
+        assert!(qemu_raw(&img) == model, "{opts}: content");
+    }
 }

@@ -52,9 +52,6 @@ pub enum Qcow2Error {
         /// What went wrong.
         reason: String,
     },
-    /// The image is in use by a lazy-refcount writer, or was not closed cleanly (dirty bit).
-    #[error("image is dirty (lazy refcounts not written back); repair it with `qemu-img check -r all` before writing")]
-    Dirty,
     /// The image is encrypted.
     #[error("encrypted images are not supported (crypt_method {method})")]
     Encrypted {

@@ -231,9 +231,6 @@ impl Qcow2Image {
             );
         }
         if writable {
-            if header.incompatible_features & INCOMPAT_DIRTY != 0 {
-                return Err(Qcow2Error::Dirty);
-            }
             if header.nb_snapshots > 0 {
                 return Err(Qcow2Error::ReadOnly(
                     "image has internal snapshots (writes would need COW of shared clusters)",
@@ -298,6 +295,9 @@ impl Qcow2Image {
             inflight: Inflight::default(),
         };
         if writable {
+            if img.header.incompatible_features & INCOMPAT_DIRTY != 0 {
+                img.repair_refcounts()?;
+            }
             img.open_writer()?;
         }
         Ok(img)

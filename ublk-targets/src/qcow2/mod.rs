@@ -35,6 +35,8 @@ pub mod header;
 mod image;
 mod inflight;
 pub mod refcount;
+mod repair;
+pub mod snapshot;
 pub mod target;
 #[cfg(test)]
 mod tests;
