@@ -2082,3 +2082,57 @@ fn test_qcow2_dirty_image_is_repaired_on_writable_open() {
         assert!(qemu_raw(&img) == model, "{opts}: content");
     }
 }
+
+fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("stat").blocks() * 512
+}
+
+#[test]
+fn test_qcow2_freed_clusters_are_punched() {
+    require_qemu!();
+    let dir = TempDir::new("punch");
+    for opts in ["cluster_size=64k", "cluster_size=4k,compat=0.10"] {
+        let img = dir.path("p.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&["create", "-f", "qcow2", "-o", opts, s(&img), "32M"]);
+        // Compressed clusters share host clusters: discarding one must not punch the others.
+        qemu_io(
+            &img,
+            &[
+                "write -c -P 0x31 24M 64k",
+                "write -c -P 0x32 25M 64k",
+                "write -c -P 0x33 26M 64k",
+            ],
+        );
+        let mut model = qemu_raw(&img);
+        let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+        let mut rng = Rng(99);
+        let data: Vec<u8> = (0..16 * MIB).map(|_| rng.next() as u8).collect();
+        q.write_at(&data, 0).expect("write");
+        model[..16 * MIB as usize].copy_from_slice(&data);
+        q.flush().expect("flush");
+        let full = allocated_bytes(&img);
+        q.discard(2 * MIB, 12 * MIB).expect("discard");
+        q.discard(25 * MIB, 64 * 1024).expect("discard compressed");
+        model[2 * MIB as usize..14 * MIB as usize].fill(0);
+        model[25 * MIB as usize..(25 * MIB + 64 * 1024) as usize].fill(0);
+        q.flush().expect("flush");
+        let after = allocated_bytes(&img);
+        assert!(
+            after + 11 * MIB < full,
+            "{opts}: discarding 12 MiB left {after} of {full} bytes allocated"
+        );
+        assert_model(&q, &model, "after discard");
+        // Punched clusters are reused by new allocations and hold what is written there.
+        q.write_at(&data[..8 * MIB as usize], 16 * MIB)
+            .expect("reuse");
+        model[16 * MIB as usize..24 * MIB as usize].copy_from_slice(&data[..8 * MIB as usize]);
+        q.flush().expect("flush");
+        assert_model(&q, &model, "after reuse");
+        assert!(q.punched_clusters() > 0);
+        drop(q);
+        assert_eq!(qemu_check(&img), 0, "{opts}");
+        assert!(qemu_raw(&img) == model, "{opts}: content");
+    }
+}

@@ -13,8 +13,9 @@
 //! 4. L1 entries, then sync;
 //! 5. only now refcount decrements of clusters that the L2 updates stopped referencing
 //!    (compressed or shared clusters that were copied, discarded or zeroed clusters), then
-//!    their blocks (synced by the next flush: until then a crash only leaks them). Freed clusters keep their host space (no hole punching yet:
-//!    it would have to happen before they become allocatable again).
+//!    their blocks (synced by the next flush: until then a crash only leaks them). A cluster
+//!    whose refcount reaches zero is punched out of the file (`FALLOC_FL_PUNCH_HOLE`) right
+//!    there, under the allocation lock and so before it can be allocated again.
 //!
 //! So a reference on disk never precedes its refcount, and a refcount drop never precedes the
 //! unlinking; a crash can leak clusters but not corrupt the image. A cluster whose refcount
@@ -63,6 +64,10 @@ pub(crate) struct Writer {
     pub(super) pending_decref: Vec<(u64, u64)>,
     /// Pending decrements that trigger a flush from the write path.
     decref_mark: usize,
+    /// Punch freed clusters (turned off when the file system cannot).
+    punch_holes: bool,
+    /// Clusters punched since open.
+    punched: u64,
     rb_entries: u64,
 }
 
@@ -125,6 +130,8 @@ impl Qcow2Image {
             next_free: 0,
             pending_decref: Vec::new(),
             decref_mark: DECREF_BATCH,
+            punch_holes: true,
+            punched: 0,
             rb_entries: refcount::block_entries(self.geo.cluster_bits, self.geo.refcount_order),
         }));
         Ok(())
@@ -358,7 +365,7 @@ impl Qcow2Image {
         for c in 0..old_clusters {
             let cluster = old_off / cs + c;
             if self.change_refcount(w, cluster, -1)? == 0 {
-                w.next_free = w.next_free.min(cluster);
+                self.release_host_cluster(w, cluster);
             }
         }
         Ok(())
@@ -445,7 +452,7 @@ impl Qcow2Image {
                     continue;
                 }
                 if self.change_refcount(w, c, -1)? == 0 {
-                    w.next_free = w.next_free.min(c);
+                    self.release_host_cluster(w, c);
                 }
                 w.pending_decref.swap_remove(i);
             }
@@ -455,6 +462,34 @@ impl Qcow2Image {
         }
         w.decref_mark = w.pending_decref.len() + DECREF_BATCH;
         Ok(())
+    }
+
+    /// A host cluster whose refcount just dropped to zero: punches it out of the file (so the
+    /// host space is returned) and makes it allocatable again.
+    ///
+    /// Callers hold the allocation lock and have checked that nothing can still use the
+    /// cluster: the metadata that stopped referencing it is durable and no data operation that
+    /// may have looked it up is running. The punch happens before the cluster can be handed
+    /// out (allocation needs the same lock), so it never erases a reused cluster. A crash
+    /// before the refcount drop is durable leaves a leaked cluster that reads as zeros.
+    fn release_host_cluster(&self, w: &mut Writer, cluster: u64) {
+        w.next_free = w.next_free.min(cluster);
+        if !w.punch_holes {
+            return;
+        }
+        let cs = self.geo.cluster_size;
+        if let Err(e) = ublk_core::punch_hole(&self.file, cluster * cs, cs) {
+            // Not fatal: the cluster is free either way, only the host space stays allocated.
+            log::debug!("{}: not punching freed clusters: {e}", self.path.display());
+            w.punch_holes = false;
+        } else {
+            w.punched += 1;
+        }
+    }
+
+    /// Number of freed host clusters punched out of the image file since open.
+    pub fn punched_clusters(&self) -> u64 {
+        self.w_lock().map_or(0, |w| w.punched)
     }
 
     /// Whether metadata changed since the last write-back (a FUA write into a cluster whose
