@@ -2136,3 +2136,131 @@ fn test_qcow2_freed_clusters_are_punched() {
         assert!(qemu_raw(&img) == model, "{opts}: content");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Creating images.
+// ---------------------------------------------------------------------------------------------
+
+fn qemu_info(img: &Path) -> String {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json", s(img)])
+        .output()
+        .expect("qemu-img info");
+    assert!(out.status.success(), "qemu-img info {}", img.display());
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn test_qcow2_create_makes_images_qemu_accepts() {
+    require_qemu!();
+    use ublk_targets::qcow2::CreateOptions;
+    let dir = TempDir::new("create");
+    for (size, cs) in [
+        (10u64 << 30, 64 * 1024u64),
+        (16 * MIB, 512),
+        (3 * MIB + 512, 4096),
+        (1 << 40, 2 * MIB),
+        (64 << 30, 512), // L1 of 32 MiB: several refcount blocks for the tables alone
+    ] {
+        let img = dir.path(&format!("c-{size}-{cs}.qcow2"));
+        let opts = CreateOptions {
+            cluster_size: cs,
+            ..Default::default()
+        };
+        Qcow2Image::create(&img, size, &opts).expect("create");
+        assert_eq!(qemu_check(&img), 0, "{size} {cs}");
+        let info = qemu_info(&img);
+        assert!(
+            info.contains(&format!("\"virtual-size\": {size},")),
+            "{size} {cs}: {info}"
+        );
+        assert!(
+            info.contains(&format!("\"cluster-size\": {cs},")),
+            "{size} {cs}: {info}"
+        );
+        assert!(info.contains("\"compat\": \"1.1\""), "{info}");
+        // Data written through the engine reads back, in the engine and in qemu.
+        let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let off = size / 2 - 1000;
+        q.write_at(&data, off).expect("write");
+        q.write_at(&data[..512], size - 512)
+            .expect("write at the end");
+        drop(q);
+        assert_eq!(qemu_check(&img), 0, "{size} {cs} after writes");
+        if size <= 16 * MIB {
+            let raw = qemu_raw(&img);
+            assert!(raw[off as usize..off as usize + data.len()] == data[..]);
+        }
+        let q = Qcow2Image::open(&img, &Qcow2Options::default()).expect("open ro");
+        let mut b = vec![0u8; data.len()];
+        q.read_at(&mut b, off).expect("read");
+        assert!(b == data, "{size} {cs}: read back");
+        std::fs::remove_file(&img).ok();
+    }
+
+    // With a backing file (relative to the image's directory), probed as qcow2 or raw.
+    let base = dir.path("base.raw");
+    write_pattern_raw(&base, 4 * MIB, 5);
+    let base_q = dir.path("base.qcow2");
+    qemu_img(&["convert", "-f", "raw", "-O", "qcow2", s(&base), s(&base_q)]);
+    for (name, fmt) in [("base.raw", "raw"), ("base.qcow2", "qcow2")] {
+        let img = dir.path(&format!("over-{fmt}.qcow2"));
+        let opts = CreateOptions {
+            backing: Some(name.into()),
+            ..Default::default()
+        };
+        Qcow2Image::create(&img, 4 * MIB, &opts).expect("create with backing");
+        let info = qemu_info(&img);
+        assert!(
+            info.contains(&format!("\"backing-filename-format\": \"{fmt}\"")),
+            "{info}"
+        );
+        assert_eq!(qemu_check(&img), 0);
+        let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+        q.write_at(&[0xee; 1000], 70_000).expect("write");
+        drop(q);
+        let mut want = std::fs::read(&base).expect("base");
+        want[70_000..71_000].fill(0xee);
+        assert!(qemu_raw(&img) == want, "{fmt}: overlay content");
+        assert_eq!(qemu_check(&img), 0);
+    }
+}
+
+#[test]
+fn test_qcow2_create_refuses_bad_requests_and_leaves_nothing() {
+    use ublk_targets::qcow2::CreateOptions;
+    let dir = TempDir::new("create-bad");
+    let existing = dir.path("exists.qcow2");
+    std::fs::write(&existing, b"precious").expect("write");
+    match Qcow2Image::create(&existing, MIB, &CreateOptions::default()) {
+        Err(Qcow2Error::AlreadyExists { path }) => assert_eq!(path, existing),
+        other => panic!("overwrote? {other:?}"),
+    }
+    assert_eq!(std::fs::read(&existing).expect("read"), b"precious");
+    let img = dir.path("new.qcow2");
+    for (size, cs, backing) in [
+        (0, 65536, None),
+        (1000, 65536, None),
+        (MIB, 3000, None),
+        (MIB, 256, None),
+        (MIB, 4 * MIB, None),
+        (1 << 50, 512, None), // L1 too large
+        (MIB, 65536, Some("missing.raw")),
+        (MIB, 512, Some("x".repeat(1000).leak() as &str)),
+    ] {
+        let opts = CreateOptions {
+            cluster_size: cs,
+            backing: backing.map(Into::into),
+        };
+        let r = Qcow2Image::create(&img, size, &opts);
+        assert!(
+            matches!(
+                r,
+                Err(Qcow2Error::InvalidCreate(_) | Qcow2Error::BackingOpen { .. })
+            ),
+            "{size} {cs} {backing:?}: {r:?}"
+        );
+        assert!(!img.exists(), "{size} {cs} {backing:?}: file left behind");
+    }
+}

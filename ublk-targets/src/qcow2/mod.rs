@@ -27,6 +27,7 @@
 //! * qcow2 specification: `docs/interop/qcow2.txt` in the qemu tree.
 
 pub mod cache;
+mod create;
 pub mod decompress;
 mod discard;
 pub mod entry;
@@ -42,6 +43,7 @@ pub mod target;
 mod tests;
 mod write;
 
+pub use create::CreateOptions;
 pub use error::{Qcow2Error, Result};
 pub use header::{CompressionType, Geometry, Header, HeaderExtension};
 pub use image::{Backing, Qcow2Image, Qcow2Options, ReadPiece, ReadSource, L2_SLICE_BYTES};
