@@ -30,6 +30,8 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+// Parsed once per run: the size of `AddArgs` does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Cmd {
     /// Add a device and serve it (in the background unless --foreground).
     Add(AddArgs),

@@ -569,7 +569,7 @@ fn test_qcow2_backing_without_format_extension_is_probed() {
 }
 
 #[test]
-fn test_qcow2_snapshots_allow_read_only_only() {
+fn test_qcow2_snapshots_are_readable() {
     require_qemu!();
     let dir = TempDir::new("snap");
     let img = pattern_image(&dir, "snap", "cluster_size=64k");
@@ -578,13 +578,80 @@ fn test_qcow2_snapshots_allow_read_only_only() {
     let q = Qcow2Image::open(&img, &Qcow2Options::default()).expect("open ro");
     assert_eq!(q.snapshot_count(), 1);
     assert_same_as_qemu(&img);
-    let rw = Qcow2Options {
-        writable: true,
-        ..Default::default()
-    };
-    match Qcow2Image::open(&img, &rw) {
-        Err(Qcow2Error::ReadOnly(_)) => {}
-        other => panic!("expected ReadOnly, got {other:?}"),
+}
+
+/// Applies `ops` random writes, write-zeroes and discards to `q` and `model`.
+fn random_snapshot_ops(q: &Qcow2Image, model: &mut [u8], seed: u64, ops: usize) {
+    let size = model.len() as u64;
+    let cs = q.cluster_size();
+    let mut rng = Rng(seed | 1);
+    for op in 0..ops {
+        match rng.below(8) {
+            0..=4 => {
+                let len = rng.below(3 * cs.min(64 * 1024)) + 1;
+                let off = rng.below(size - len);
+                let b = (op as u8).wrapping_mul(29) | 0x80;
+                let data: Vec<u8> = (0..len).map(|i| b ^ (i as u8 & 3)).collect();
+                q.write_at(&data, off).expect("write");
+                model[off as usize..(off + len) as usize].copy_from_slice(&data);
+            }
+            5 => {
+                let len = rng.below(4 * cs) + 1;
+                let off = rng.below(size - len);
+                q.write_zeroes(off, len, rng.below(2) == 0)
+                    .expect("write zeroes");
+                model[off as usize..(off + len) as usize].fill(0);
+            }
+            6 => {
+                let len = rng.below(4 * cs) + 1;
+                let off = rng.below(size - len);
+                q.discard(off, len).expect("discard");
+                let first = off.div_ceil(cs) * cs;
+                let last = ((off + len) / cs * cs).max(first);
+                model[first as usize..last as usize].fill(0);
+            }
+            _ => q.flush().expect("flush"),
+        }
+    }
+}
+
+#[test]
+fn test_qcow2_snapshots_are_writable() {
+    require_qemu!();
+    let dir = TempDir::new("snapw");
+    for opts in [
+        "cluster_size=64k",
+        "cluster_size=4k",
+        "cluster_size=512",
+        "compat=0.10,cluster_size=16k",
+        "extended_l2=on,cluster_size=64k",
+    ] {
+        let name = opts.replace([',', '='], "_");
+        let img = pattern_image(&dir, &name, opts);
+        let s1 = qemu_raw(&img);
+        qemu_img(&["snapshot", "-c", "s1", s(&img)]);
+        qemu_io(&img, &["write -P 0xee 0 64k", "write -z 2M 128k"]);
+        let s2 = qemu_raw(&img);
+        qemu_img(&["snapshot", "-c", "s2", s(&img)]);
+        let mut model = s2.clone();
+        for round in 0..2u64 {
+            {
+                let q = Qcow2Image::open(&img, &rw()).expect("open rw with snapshots");
+                assert_eq!(q.snapshot_count(), 2);
+                random_snapshot_ops(&q, &mut model, 77 + round, 300);
+                q.flush().expect("flush");
+                assert_model(&q, &model, &name);
+            }
+            assert_eq!(qemu_check(&img), 0, "{opts}: round {round}");
+            assert!(qemu_raw(&img) == model, "{opts}: active layer");
+        }
+        for (snap, want) in [("s1", &s1), ("s2", &s2)] {
+            let copy = dir.path("copy.qcow2");
+            std::fs::copy(&img, &copy).expect("copy");
+            qemu_img(&["snapshot", "-a", snap, s(&copy)]);
+            assert_eq!(qemu_check(&copy), 0, "{opts}: after applying {snap}");
+            assert!(&qemu_raw(&copy) == want, "{opts}: {snap} content changed");
+        }
     }
 }
 
@@ -1163,20 +1230,6 @@ fn test_qcow2_write_refusals() {
         Err(Qcow2Error::OutOfRange { .. })
     ));
     drop(q);
-    let ext = dir.path("ext.qcow2");
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-o",
-        "extended_l2=on",
-        s(&ext),
-        "1M",
-    ]);
-    assert!(matches!(
-        Qcow2Image::open(&ext, &rw()),
-        Err(Qcow2Error::ReadOnly(_))
-    ));
     let corrupt = dir.path("corrupt.qcow2");
     qemu_img(&["create", "-f", "qcow2", s(&corrupt), "1M"]);
     patch(&corrupt, 72, &2u64.to_be_bytes());
@@ -2262,5 +2315,157 @@ fn test_qcow2_create_refuses_bad_requests_and_leaves_nothing() {
             "{size} {cs} {backing:?}: {r:?}"
         );
         assert!(!img.exists(), "{size} {cs} {backing:?}: file left behind");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Extended L2 entries: writes allocate and copy on write per subcluster.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn test_qcow2_extended_l2_writes_match_qemu() {
+    require_qemu!();
+    let dir = TempDir::new("extl2");
+    let base = dir.path("base.raw");
+    write_pattern_raw(&base, 16 * MIB, 77);
+    let base_bytes = std::fs::read(&base).expect("read base");
+
+    // The subcluster bits of a small write, as qemu maps them: 64 KiB clusters, 2 KiB
+    // subclusters; 4 KiB at 2 KiB allocates subclusters 1 and 2 only.
+    let img = dir.path("bits.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on,cluster_size=64k",
+        s(&img),
+        "1M",
+    ]);
+    {
+        let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+        q.write_at(&[0x5a; 4096], 2048).expect("write");
+    }
+    let out = std::process::Command::new("qemu-img")
+        .args(["map", "--output=json", s(&img)])
+        .output()
+        .expect("qemu-img map");
+    let map = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        map.contains(r#""start": 2048, "length": 4096, "depth": 0, "present": true, "zero": false, "data": true"#),
+        "{map}"
+    );
+    assert!(
+        map.contains(r#""start": 0, "length": 2048, "depth": 0, "present": false"#),
+        "{map}"
+    );
+    assert_eq!(qemu_check(&img), 0);
+
+    for (name, opts, backing) in [
+        ("ext-64k", "extended_l2=on,cluster_size=64k", None),
+        (
+            "ext-16k-raw",
+            "extended_l2=on,cluster_size=16k",
+            Some("raw"),
+        ),
+        (
+            "ext-128k-qcow2",
+            "extended_l2=on,cluster_size=128k",
+            Some("qcow2"),
+        ),
+        ("ext-2M-raw", "extended_l2=on,cluster_size=2M", Some("raw")),
+    ] {
+        let img = dir.path(&format!("{name}.qcow2"));
+        let mut args = vec!["create", "-f", "qcow2", "-o", opts];
+        let base_q = dir.path("base.qcow2");
+        if backing == Some("qcow2") && !base_q.exists() {
+            qemu_img(&[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-o",
+                "extended_l2=on",
+                s(&base),
+                s(&base_q),
+            ]);
+        }
+        match backing {
+            Some("raw") => args.extend(["-b", "base.raw", "-F", "raw"]),
+            Some(_) => args.extend(["-b", "base.qcow2", "-F", "qcow2"]),
+            None => {}
+        }
+        args.extend([s(&img), "16M"]);
+        qemu_img(&args);
+        // qemu's own subcluster states to start from: data, zero subclusters, compressed.
+        qemu_io(
+            &img,
+            &[
+                "write -P 0x61 100k 5k",
+                "write -z 1M 8k",
+                "write -z -u 2M 256k",
+                "write -c -P 0x62 4M 2M",
+            ],
+        );
+        let mut model = qemu_raw(&img);
+        if backing.is_some() {
+            assert!(model[8 * MIB as usize..] == base_bytes[8 * MIB as usize..]);
+        }
+        {
+            let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+            let mut rng = Rng(0xe1 + name.len() as u64);
+            for op in 0..300 {
+                let kind = rng.below(10);
+                match kind {
+                    0..=5 => {
+                        let len = match rng.below(3) {
+                            0 => rng.below(3000) + 1,
+                            1 => (rng.below(8) + 1) * 512,
+                            _ => rng.below(200_000) + 1,
+                        };
+                        let off = rng.below(16 * MIB - len);
+                        let b = (op as u8).wrapping_mul(13) | 1;
+                        let data: Vec<u8> = (0..len).map(|i| b ^ (i as u8 & 7)).collect();
+                        q.write_at(&data, off).expect("write");
+                        model[off as usize..(off + len) as usize].copy_from_slice(&data);
+                    }
+                    6 => {
+                        let len = rng.below(600_000) + 1;
+                        let off = rng.below(16 * MIB - len);
+                        let keep = rng.below(2) == 0;
+                        q.write_zeroes(off, len, keep).expect("write zeroes");
+                        model[off as usize..(off + len) as usize].fill(0);
+                    }
+                    7 => {
+                        // Discard: whole clusters read as zeros, the rest is unchanged.
+                        let len = rng.below(600_000) + 1;
+                        let off = rng.below(16 * MIB - len);
+                        q.discard(off, len).expect("discard");
+                        let cs = q.cluster_size();
+                        let first = off.div_ceil(cs) * cs;
+                        let last = (off + len) / cs * cs;
+                        if last > first {
+                            model[first as usize..last as usize].fill(0);
+                        }
+                    }
+                    8 => q.flush().expect("flush"),
+                    _ => {
+                        let len = rng.below(300_000) + 1;
+                        let off = rng.below(16 * MIB - len);
+                        let mut b = vec![0u8; len as usize];
+                        q.read_at(&mut b, off).expect("read");
+                        assert!(
+                            b == model[off as usize..(off + len) as usize],
+                            "{name}: op {op}: read at {off}+{len} differs"
+                        );
+                    }
+                }
+            }
+            q.flush().expect("flush");
+            assert_model(&q, &model, name);
+        }
+        assert_eq!(qemu_check(&img), 0, "{name}");
+        assert!(qemu_raw(&img) == model, "{name}: qemu sees other content");
     }
 }
