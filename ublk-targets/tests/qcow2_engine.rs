@@ -1061,12 +1061,24 @@ fn test_qcow2_write_random_ops_match_qemu() {
             "v2-prealloc-falloc",
             "preallocation=falloc,compat=0.10,cluster_size=4k",
         ),
+        ("v3-ext-64k", "extended_l2=on,cluster_size=64k"),
+        ("v3-ext-16k-snap", "extended_l2=on,cluster_size=16k"),
+        ("v3-4k-snap", "cluster_size=4k"),
+        ("v3-lazy-dirty", "lazy_refcounts=on,cluster_size=4k"),
+        ("v3-ext-lazy-dirty", "lazy_refcounts=on,extended_l2=on"),
     ];
     for (i, (name, opts)) in configs.iter().enumerate() {
         let img = dir.path(&format!("{name}.qcow2"));
         qemu_img(&["create", "-f", "qcow2", "-o", opts, s(&img), "16M"]);
-        if i % 2 == 0 {
+        if i % 2 == 0 || name.contains("snap") {
             qemu_io(&img, MIXED_WRITES);
+        }
+        if name.ends_with("snap") {
+            qemu_img(&["snapshot", "-c", "s1", s(&img)]);
+        }
+        if name.ends_with("dirty") {
+            qemu_io_killed(&img, &["write -P 0x99 3M 2M", "write -z 9M 1M"]);
+            assert_eq!(be64_at(&img, 72) & 1, 1, "{name}: not dirty");
         }
         random_writes(&img, 1000 + i as u64, 400, &[0]);
     }
@@ -1442,14 +1454,29 @@ fn test_qcow2_killed_writer_leaves_a_consistent_image() {
     let base = dir.path("base.raw");
     write_pattern_raw(&base, 16 * MIB, 21);
     let base_bytes = std::fs::read(&base).expect("read base");
-    for (round, cs) in ["4k", "512", "64k"].iter().enumerate() {
+    // (create options, take internal snapshots between children, leave the image dirty
+    // between children with a killed lazy-refcounts qemu-io)
+    for (round, (opts, snapshots, dirty)) in [
+        ("cluster_size=4k", false, false),
+        ("cluster_size=512", false, false),
+        ("cluster_size=64k", false, false),
+        (
+            "cluster_size=64k,extended_l2=on,lazy_refcounts=on",
+            true,
+            true,
+        ),
+        ("cluster_size=4k,lazy_refcounts=on", false, true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let img = dir.path(&format!("k{round}.qcow2"));
         qemu_img(&[
             "create",
             "-f",
             "qcow2",
             "-o",
-            &format!("cluster_size={cs}"),
+            opts,
             "-b",
             "base.raw",
             "-F",
@@ -1512,6 +1539,22 @@ fn test_qcow2_killed_writer_leaves_a_consistent_image() {
                 "round {round}: untouched tail changed"
             );
             next = last + 1;
+            if snapshots && k % 3 == 1 {
+                // The next children write through L2 tables and clusters shared with it.
+                qemu_img(&["snapshot", "-c", &format!("s{k}"), s(&img)]);
+            }
+            if dirty && k < 7 {
+                // The next child repairs the refcounts when it opens the image.
+                let off = 12 * MIB + k as u64 * 448 * 1024;
+                qemu_io_killed(
+                    &img,
+                    &[
+                        &format!("write -P 0x7{k} {off} 300k"),
+                        &format!("write -z {} 64k", off + 320 * 1024),
+                    ],
+                );
+                assert_eq!(be64_at(&img, 72) & 1, 1, "round {round}: not dirty");
+            }
         }
         assert_same_as_qemu(&img);
     }
@@ -1851,6 +1894,12 @@ fn test_qcow2_discard_write_zeroes_random_ops_match_raw() {
         ),
         ("v3-2M", "cluster_size=2M", None),
         ("v3-rc1", "cluster_size=4k,refcount_bits=1", None),
+        ("v3-ext-64k", "extended_l2=on,cluster_size=64k", None),
+        (
+            "v3-ext-32k-qcow2-backing",
+            "extended_l2=on,cluster_size=32k",
+            Some(("base.qcow2", "qcow2")),
+        ),
     ];
     for (i, (name, opts, backing)) in configs.iter().enumerate() {
         let img = dir.path(&format!("{name}.qcow2"));
