@@ -5,7 +5,9 @@ use crate::{list, AddArgs, TargetType};
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use ublk_core::{
     Ctrl, DataMode, DevInfo, Device, DeviceBuilder, DeviceParams, Recovery, RunOptions, StopReason,
@@ -14,7 +16,7 @@ use ublk_core::{
 use ublk_targets::loop_::{LoopConfig, LoopTarget};
 use ublk_targets::nbd::{NbdAddr, NbdConfig, NbdTarget, NbdUri, TlsParams};
 use ublk_targets::null::NullTarget;
-use ublk_targets::qcow2::Qcow2Target;
+use ublk_targets::qcow2::{CreateOptions, Qcow2Image, Qcow2Target};
 
 /// Marker the daemon prints once the device is up; the parent stops reading there.
 const READY: &str = "@@ublk-ready@@";
@@ -114,12 +116,56 @@ impl AddArgs {
     }
 }
 
+/// Set once the device was started and reported: from then on a failure must not remove an
+/// image that `--create` made (it may hold data).
+static DEVICE_STARTED: AtomicBool = AtomicBool::new(false);
+
 /// `ublk add`.
-pub(crate) fn run(a: AddArgs) -> Result<()> {
+pub(crate) fn run(mut a: AddArgs) -> Result<()> {
     a.data_mode()?;
     if a.fail_io == 1 && a.reissue == 1 {
         bail!("-e 1 (fail io) and -i 1 (reissue) exclude each other");
     }
+    let created = create_image(&mut a)?;
+    let r = run_created(a);
+    if let (Err(_), Some(path)) = (&r, &created) {
+        if !DEVICE_STARTED.load(Ordering::SeqCst) {
+            // The device never came up: leave nothing half-done.
+            if let Err(e) = std::fs::remove_file(path) {
+                log::warn!("cannot remove {} made by --create: {e}", path.display());
+            }
+        }
+    }
+    r
+}
+
+/// `--create SIZE`: makes the qcow2 image before anything else, then drops the create flags
+/// (a daemon restarted by `recover` must open the image, not create it again). Returns the
+/// path of the new image.
+fn create_image(a: &mut AddArgs) -> Result<Option<PathBuf>> {
+    let Some(size) = a.create.take() else {
+        return Ok(None);
+    };
+    if a.target != TargetType::Qcow2 {
+        bail!("--create works with -t qcow2 only");
+    }
+    let path = a
+        .file
+        .clone()
+        .ok_or_else(|| anyhow!("--create needs the new image's path: -f FILE"))?;
+    let mut opts = CreateOptions {
+        backing: a.backing.take(),
+        ..CreateOptions::default()
+    };
+    if let Some(cs) = a.cluster_size.take() {
+        opts.cluster_size = cs;
+    }
+    Qcow2Image::create(&path, size, &opts)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    Ok(Some(path))
+}
+
+fn run_created(a: AddArgs) -> Result<()> {
     match a.target {
         TargetType::Loop | TargetType::Qcow2 => {
             let what = if a.target == TargetType::Loop {
@@ -393,6 +439,7 @@ fn serve_target<T: Target + 'static>(
     saved.foreground = false;
     saved.recover_id = None;
     let started = |info: &DevInfo| {
+        DEVICE_STARTED.store(true, Ordering::SeqCst);
         saved.id = Some(info.dev_id);
         state::save(
             info.dev_id,

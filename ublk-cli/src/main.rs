@@ -30,6 +30,8 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+// Parsed once per run: the size of `AddArgs` does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Cmd {
     /// Add a device and serve it (in the background unless --foreground).
     Add(Box<AddArgs>),
@@ -110,6 +112,20 @@ pub(crate) struct AddArgs {
     /// Device size, e.g. 1G, 512M (null; default 250G).
     #[arg(long, value_parser = size::parse_size)]
     pub(crate) size: Option<u64>,
+    /// Create the image given with -f first, a new qcow2 v3 image of this size (e.g. 10G);
+    /// an existing file is never overwritten (qcow2).
+    #[arg(long, value_parser = size::parse_size, value_name = "SIZE")]
+    #[serde(default)]
+    pub(crate) create: Option<u64>,
+    /// Cluster size of the image made by --create (default 64K; 512 to 2M).
+    #[arg(long = "cluster-size", value_parser = size::parse_size, requires = "create")]
+    #[serde(default)]
+    pub(crate) cluster_size: Option<u64>,
+    /// Backing file of the image made by --create (qcow2 or raw, probed; a relative name is
+    /// relative to the image's directory).
+    #[arg(long, requires = "create")]
+    #[serde(default)]
+    pub(crate) backing: Option<PathBuf>,
     /// Largest request, e.g. 512K, 1M.
     #[arg(long = "max-io-size", value_parser = size::parse_size)]
     pub(crate) max_io_size: Option<u64>,
@@ -253,6 +269,35 @@ mod tests {
                 json: true
             })
         ));
+    }
+
+    #[test]
+    fn test_add_create_flags() {
+        let cli = parse(&[
+            "add",
+            "-t",
+            "qcow2",
+            "-f",
+            "/tmp/n.qcow2",
+            "--create",
+            "10G",
+            "--cluster-size",
+            "4K",
+            "--backing",
+            "b.raw",
+        ])
+        .unwrap();
+        let Cmd::Add(a) = cli.cmd else {
+            panic!("not add")
+        };
+        assert_eq!(a.create, Some(10 << 30));
+        assert_eq!(a.cluster_size, Some(4096));
+        assert_eq!(a.backing.as_deref(), Some(std::path::Path::new("b.raw")));
+        assert!(
+            parse(&["add", "-t", "qcow2", "-f", "x", "--cluster-size", "4K"]).is_err(),
+            "--cluster-size needs --create"
+        );
+        assert!(parse(&["add", "-t", "qcow2", "-f", "x", "--create", "0"]).is_err());
     }
 
     #[test]

@@ -569,7 +569,7 @@ fn test_qcow2_backing_without_format_extension_is_probed() {
 }
 
 #[test]
-fn test_qcow2_snapshots_allow_read_only_only() {
+fn test_qcow2_snapshots_are_readable() {
     require_qemu!();
     let dir = TempDir::new("snap");
     let img = pattern_image(&dir, "snap", "cluster_size=64k");
@@ -578,13 +578,80 @@ fn test_qcow2_snapshots_allow_read_only_only() {
     let q = Qcow2Image::open(&img, &Qcow2Options::default()).expect("open ro");
     assert_eq!(q.snapshot_count(), 1);
     assert_same_as_qemu(&img);
-    let rw = Qcow2Options {
-        writable: true,
-        ..Default::default()
-    };
-    match Qcow2Image::open(&img, &rw) {
-        Err(Qcow2Error::ReadOnly(_)) => {}
-        other => panic!("expected ReadOnly, got {other:?}"),
+}
+
+/// Applies `ops` random writes, write-zeroes and discards to `q` and `model`.
+fn random_snapshot_ops(q: &Qcow2Image, model: &mut [u8], seed: u64, ops: usize) {
+    let size = model.len() as u64;
+    let cs = q.cluster_size();
+    let mut rng = Rng(seed | 1);
+    for op in 0..ops {
+        match rng.below(8) {
+            0..=4 => {
+                let len = rng.below(3 * cs.min(64 * 1024)) + 1;
+                let off = rng.below(size - len);
+                let b = (op as u8).wrapping_mul(29) | 0x80;
+                let data: Vec<u8> = (0..len).map(|i| b ^ (i as u8 & 3)).collect();
+                q.write_at(&data, off).expect("write");
+                model[off as usize..(off + len) as usize].copy_from_slice(&data);
+            }
+            5 => {
+                let len = rng.below(4 * cs) + 1;
+                let off = rng.below(size - len);
+                q.write_zeroes(off, len, rng.below(2) == 0)
+                    .expect("write zeroes");
+                model[off as usize..(off + len) as usize].fill(0);
+            }
+            6 => {
+                let len = rng.below(4 * cs) + 1;
+                let off = rng.below(size - len);
+                q.discard(off, len).expect("discard");
+                let first = off.div_ceil(cs) * cs;
+                let last = ((off + len) / cs * cs).max(first);
+                model[first as usize..last as usize].fill(0);
+            }
+            _ => q.flush().expect("flush"),
+        }
+    }
+}
+
+#[test]
+fn test_qcow2_snapshots_are_writable() {
+    require_qemu!();
+    let dir = TempDir::new("snapw");
+    for opts in [
+        "cluster_size=64k",
+        "cluster_size=4k",
+        "cluster_size=512",
+        "compat=0.10,cluster_size=16k",
+        "extended_l2=on,cluster_size=64k",
+    ] {
+        let name = opts.replace([',', '='], "_");
+        let img = pattern_image(&dir, &name, opts);
+        let s1 = qemu_raw(&img);
+        qemu_img(&["snapshot", "-c", "s1", s(&img)]);
+        qemu_io(&img, &["write -P 0xee 0 64k", "write -z 2M 128k"]);
+        let s2 = qemu_raw(&img);
+        qemu_img(&["snapshot", "-c", "s2", s(&img)]);
+        let mut model = s2.clone();
+        for round in 0..2u64 {
+            {
+                let q = Qcow2Image::open(&img, &rw()).expect("open rw with snapshots");
+                assert_eq!(q.snapshot_count(), 2);
+                random_snapshot_ops(&q, &mut model, 77 + round, 300);
+                q.flush().expect("flush");
+                assert_model(&q, &model, &name);
+            }
+            assert_eq!(qemu_check(&img), 0, "{opts}: round {round}");
+            assert!(qemu_raw(&img) == model, "{opts}: active layer");
+        }
+        for (snap, want) in [("s1", &s1), ("s2", &s2)] {
+            let copy = dir.path("copy.qcow2");
+            std::fs::copy(&img, &copy).expect("copy");
+            qemu_img(&["snapshot", "-a", snap, s(&copy)]);
+            assert_eq!(qemu_check(&copy), 0, "{opts}: after applying {snap}");
+            assert!(&qemu_raw(&copy) == want, "{opts}: {snap} content changed");
+        }
     }
 }
 
@@ -994,12 +1061,24 @@ fn test_qcow2_write_random_ops_match_qemu() {
             "v2-prealloc-falloc",
             "preallocation=falloc,compat=0.10,cluster_size=4k",
         ),
+        ("v3-ext-64k", "extended_l2=on,cluster_size=64k"),
+        ("v3-ext-16k-snap", "extended_l2=on,cluster_size=16k"),
+        ("v3-4k-snap", "cluster_size=4k"),
+        ("v3-lazy-dirty", "lazy_refcounts=on,cluster_size=4k"),
+        ("v3-ext-lazy-dirty", "lazy_refcounts=on,extended_l2=on"),
     ];
     for (i, (name, opts)) in configs.iter().enumerate() {
         let img = dir.path(&format!("{name}.qcow2"));
         qemu_img(&["create", "-f", "qcow2", "-o", opts, s(&img), "16M"]);
-        if i % 2 == 0 {
+        if i % 2 == 0 || name.contains("snap") {
             qemu_io(&img, MIXED_WRITES);
+        }
+        if name.ends_with("snap") {
+            qemu_img(&["snapshot", "-c", "s1", s(&img)]);
+        }
+        if name.ends_with("dirty") {
+            qemu_io_killed(&img, &["write -P 0x99 3M 2M", "write -z 9M 1M"]);
+            assert_eq!(be64_at(&img, 72) & 1, 1, "{name}: not dirty");
         }
         random_writes(&img, 1000 + i as u64, 400, &[0]);
     }
@@ -1163,28 +1242,6 @@ fn test_qcow2_write_refusals() {
         Err(Qcow2Error::OutOfRange { .. })
     ));
     drop(q);
-    let ext = dir.path("ext.qcow2");
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-o",
-        "extended_l2=on",
-        s(&ext),
-        "1M",
-    ]);
-    assert!(matches!(
-        Qcow2Image::open(&ext, &rw()),
-        Err(Qcow2Error::ReadOnly(_))
-    ));
-    let dirty = dir.path("dirty.qcow2");
-    qemu_img(&["create", "-f", "qcow2", s(&dirty), "1M"]);
-    patch(&dirty, 72, &1u64.to_be_bytes());
-    assert!(matches!(
-        Qcow2Image::open(&dirty, &rw()),
-        Err(Qcow2Error::Dirty)
-    ));
-    Qcow2Image::open(&dirty, &Qcow2Options::default()).expect("dirty opens read-only");
     let corrupt = dir.path("corrupt.qcow2");
     qemu_img(&["create", "-f", "qcow2", s(&corrupt), "1M"]);
     patch(&corrupt, 72, &2u64.to_be_bytes());
@@ -1397,14 +1454,29 @@ fn test_qcow2_killed_writer_leaves_a_consistent_image() {
     let base = dir.path("base.raw");
     write_pattern_raw(&base, 16 * MIB, 21);
     let base_bytes = std::fs::read(&base).expect("read base");
-    for (round, cs) in ["4k", "512", "64k"].iter().enumerate() {
+    // (create options, take internal snapshots between children, leave the image dirty
+    // between children with a killed lazy-refcounts qemu-io)
+    for (round, (opts, snapshots, dirty)) in [
+        ("cluster_size=4k", false, false),
+        ("cluster_size=512", false, false),
+        ("cluster_size=64k", false, false),
+        (
+            "cluster_size=64k,extended_l2=on,lazy_refcounts=on",
+            true,
+            true,
+        ),
+        ("cluster_size=4k,lazy_refcounts=on", false, true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let img = dir.path(&format!("k{round}.qcow2"));
         qemu_img(&[
             "create",
             "-f",
             "qcow2",
             "-o",
-            &format!("cluster_size={cs}"),
+            opts,
             "-b",
             "base.raw",
             "-F",
@@ -1467,6 +1539,22 @@ fn test_qcow2_killed_writer_leaves_a_consistent_image() {
                 "round {round}: untouched tail changed"
             );
             next = last + 1;
+            if snapshots && k % 3 == 1 {
+                // The next children write through L2 tables and clusters shared with it.
+                qemu_img(&["snapshot", "-c", &format!("s{k}"), s(&img)]);
+            }
+            if dirty && k < 7 {
+                // The next child repairs the refcounts when it opens the image.
+                let off = 12 * MIB + k as u64 * 448 * 1024;
+                qemu_io_killed(
+                    &img,
+                    &[
+                        &format!("write -P 0x7{k} {off} 300k"),
+                        &format!("write -z {} 64k", off + 320 * 1024),
+                    ],
+                );
+                assert_eq!(be64_at(&img, 72) & 1, 1, "round {round}: not dirty");
+            }
         }
         assert_same_as_qemu(&img);
     }
@@ -1806,6 +1894,12 @@ fn test_qcow2_discard_write_zeroes_random_ops_match_raw() {
         ),
         ("v3-2M", "cluster_size=2M", None),
         ("v3-rc1", "cluster_size=4k,refcount_bits=1", None),
+        ("v3-ext-64k", "extended_l2=on,cluster_size=64k", None),
+        (
+            "v3-ext-32k-qcow2-backing",
+            "extended_l2=on,cluster_size=32k",
+            Some(("base.qcow2", "qcow2")),
+        ),
     ];
     for (i, (name, opts, backing)) in configs.iter().enumerate() {
         let img = dir.path(&format!("{name}.qcow2"));
@@ -1976,4 +2070,451 @@ fn test_qcow2_freed_clusters_wait_for_inflight_io() {
     assert!(b.iter().all(|&x| x == 0x44), "freed clusters not reused");
     drop(q);
     assert_eq!(qemu_check(&img), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dirty images: qemu-io writes to a lazy-refcounts image and is killed, leaving the dirty bit
+// and refcounts that lag behind the L2 tables. A writable open must rebuild the refcounts.
+// ---------------------------------------------------------------------------------------------
+
+/// Runs qemu-io commands ending in `sigraise 9` on a qcow2 image (the process dies).
+fn qemu_io_killed(img: &Path, cmds: &[&str]) {
+    let mut args: Vec<&str> = vec!["-f", "qcow2"];
+    for c in cmds.iter().chain(&["sigraise 9"]) {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(s(img));
+    let out = std::process::Command::new("qemu-io")
+        .args(&args)
+        .output()
+        .expect("spawn qemu-io");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(9),
+        "qemu-io {args:?} was not killed"
+    );
+}
+
+/// Makes `img` dirty: writes through qemu-io with lazy refcounts and kills it. Applies the
+/// writes to `model` too.
+fn make_dirty(img: &Path, model: &mut [u8], writes: &[(u64, u64, u8)]) {
+    let cmds: Vec<String> = writes
+        .iter()
+        .map(|(off, len, b)| format!("write -P {b:#x} {off} {len}"))
+        .collect();
+    let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io_killed(img, &refs);
+    for &(off, len, b) in writes {
+        model[off as usize..(off + len) as usize].fill(b);
+    }
+    assert_eq!(be64_at(img, 72) & 1, 1, "{}: dirty bit set", img.display());
+}
+
+#[test]
+fn test_qcow2_dirty_image_is_repaired_on_writable_open() {
+    require_qemu!();
+    let dir = TempDir::new("dirty");
+    for opts in [
+        "cluster_size=64k",
+        "cluster_size=4k,refcount_bits=1",
+        "cluster_size=512,refcount_bits=64",
+        "cluster_size=64k,extended_l2=off,compression_type=zstd",
+    ] {
+        let img = dir.path(&format!("{}.qcow2", opts.replace([',', '='], "_")));
+        qemu_img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("lazy_refcounts=on,{opts}"),
+            s(&img),
+            "16M",
+        ]);
+        qemu_io(&img, &["write -c -P 0x44 12M 64k", "write -P 0x55 13M 64k"]);
+        let mut model = qemu_raw(&img);
+        make_dirty(
+            &img,
+            &mut model,
+            &[
+                (0, MIB, 0x11),
+                (5 * MIB, 300 * 1024, 0x22),
+                (9 * MIB + 512, 70_000, 0x33),
+                (13 * MIB + 4096, 4096, 0x66), // in place
+                (12 * MIB, 1024, 0x77),        // over the compressed cluster
+            ],
+        );
+        assert_ne!(qemu_check(&img), 0, "{opts}: qemu sees the damage");
+
+        // Read-only: reads the data, writes nothing.
+        let before = std::fs::read(&img).expect("read image");
+        {
+            let q = Qcow2Image::open(&img, &Qcow2Options::default()).expect("open ro");
+            assert_model(&q, &model, "dirty, read-only");
+        }
+        assert!(
+            std::fs::read(&img).expect("read image") == before,
+            "{opts}: ro open wrote"
+        );
+
+        // Writable: repaired first, then written.
+        {
+            let q = Qcow2Image::open(&img, &rw()).expect("open rw repairs");
+            assert_eq!(
+                be64_at(&img, 72) & 1,
+                0,
+                "{opts}: dirty bit cleared on open"
+            );
+            assert_model(&q, &model, "repaired");
+            let mut rng = Rng(7);
+            for _ in 0..60 {
+                let len = rng.below(100_000) + 1;
+                let off = rng.below(16 * MIB - len);
+                let b = rng.next() as u8;
+                q.write_at(&vec![b; len as usize], off).expect("write");
+                model[off as usize..(off + len) as usize].fill(b);
+            }
+            q.discard(2 * MIB, 2 * MIB).expect("discard");
+            model[2 * MIB as usize..4 * MIB as usize].fill(0);
+            q.flush().expect("flush");
+            assert_model(&q, &model, "after writes");
+        }
+        assert_eq!(qemu_check(&img), 0, "{opts}: clean after repair and writes");
+        assert!(qemu_raw(&img) == model, "{opts}: content");
+    }
+}
+
+fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("stat").blocks() * 512
+}
+
+#[test]
+fn test_qcow2_freed_clusters_are_punched() {
+    require_qemu!();
+    let dir = TempDir::new("punch");
+    for opts in ["cluster_size=64k", "cluster_size=4k,compat=0.10"] {
+        let img = dir.path("p.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&["create", "-f", "qcow2", "-o", opts, s(&img), "32M"]);
+        // Compressed clusters share host clusters: discarding one must not punch the others.
+        qemu_io(
+            &img,
+            &[
+                "write -c -P 0x31 24M 64k",
+                "write -c -P 0x32 25M 64k",
+                "write -c -P 0x33 26M 64k",
+            ],
+        );
+        let mut model = qemu_raw(&img);
+        let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+        let mut rng = Rng(99);
+        let data: Vec<u8> = (0..16 * MIB).map(|_| rng.next() as u8).collect();
+        q.write_at(&data, 0).expect("write");
+        model[..16 * MIB as usize].copy_from_slice(&data);
+        q.flush().expect("flush");
+        let full = allocated_bytes(&img);
+        q.discard(2 * MIB, 12 * MIB).expect("discard");
+        q.discard(25 * MIB, 64 * 1024).expect("discard compressed");
+        model[2 * MIB as usize..14 * MIB as usize].fill(0);
+        model[25 * MIB as usize..(25 * MIB + 64 * 1024) as usize].fill(0);
+        q.flush().expect("flush");
+        let after = allocated_bytes(&img);
+        assert!(
+            after + 11 * MIB < full,
+            "{opts}: discarding 12 MiB left {after} of {full} bytes allocated"
+        );
+        assert_model(&q, &model, "after discard");
+        // Punched clusters are reused by new allocations and hold what is written there.
+        q.write_at(&data[..8 * MIB as usize], 16 * MIB)
+            .expect("reuse");
+        model[16 * MIB as usize..24 * MIB as usize].copy_from_slice(&data[..8 * MIB as usize]);
+        q.flush().expect("flush");
+        assert_model(&q, &model, "after reuse");
+        assert!(q.punched_clusters() > 0);
+        drop(q);
+        assert_eq!(qemu_check(&img), 0, "{opts}");
+        assert!(qemu_raw(&img) == model, "{opts}: content");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Creating images.
+// ---------------------------------------------------------------------------------------------
+
+fn qemu_info(img: &Path) -> String {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json", s(img)])
+        .output()
+        .expect("qemu-img info");
+    assert!(out.status.success(), "qemu-img info {}", img.display());
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn test_qcow2_create_makes_images_qemu_accepts() {
+    require_qemu!();
+    use ublk_targets::qcow2::CreateOptions;
+    let dir = TempDir::new("create");
+    for (size, cs) in [
+        (10u64 << 30, 64 * 1024u64),
+        (16 * MIB, 512),
+        (3 * MIB + 512, 4096),
+        (1 << 40, 2 * MIB),
+        (64 << 30, 512), // L1 of 32 MiB: several refcount blocks for the tables alone
+    ] {
+        let img = dir.path(&format!("c-{size}-{cs}.qcow2"));
+        let opts = CreateOptions {
+            cluster_size: cs,
+            ..Default::default()
+        };
+        Qcow2Image::create(&img, size, &opts).expect("create");
+        assert_eq!(qemu_check(&img), 0, "{size} {cs}");
+        let info = qemu_info(&img);
+        assert!(
+            info.contains(&format!("\"virtual-size\": {size},")),
+            "{size} {cs}: {info}"
+        );
+        assert!(
+            info.contains(&format!("\"cluster-size\": {cs},")),
+            "{size} {cs}: {info}"
+        );
+        assert!(info.contains("\"compat\": \"1.1\""), "{info}");
+        // Data written through the engine reads back, in the engine and in qemu.
+        let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let off = size / 2 - 1000;
+        q.write_at(&data, off).expect("write");
+        q.write_at(&data[..512], size - 512)
+            .expect("write at the end");
+        drop(q);
+        assert_eq!(qemu_check(&img), 0, "{size} {cs} after writes");
+        if size <= 16 * MIB {
+            let raw = qemu_raw(&img);
+            assert!(raw[off as usize..off as usize + data.len()] == data[..]);
+        }
+        let q = Qcow2Image::open(&img, &Qcow2Options::default()).expect("open ro");
+        let mut b = vec![0u8; data.len()];
+        q.read_at(&mut b, off).expect("read");
+        assert!(b == data, "{size} {cs}: read back");
+        std::fs::remove_file(&img).ok();
+    }
+
+    // With a backing file (relative to the image's directory), probed as qcow2 or raw.
+    let base = dir.path("base.raw");
+    write_pattern_raw(&base, 4 * MIB, 5);
+    let base_q = dir.path("base.qcow2");
+    qemu_img(&["convert", "-f", "raw", "-O", "qcow2", s(&base), s(&base_q)]);
+    for (name, fmt) in [("base.raw", "raw"), ("base.qcow2", "qcow2")] {
+        let img = dir.path(&format!("over-{fmt}.qcow2"));
+        let opts = CreateOptions {
+            backing: Some(name.into()),
+            ..Default::default()
+        };
+        Qcow2Image::create(&img, 4 * MIB, &opts).expect("create with backing");
+        let info = qemu_info(&img);
+        assert!(
+            info.contains(&format!("\"backing-filename-format\": \"{fmt}\"")),
+            "{info}"
+        );
+        assert_eq!(qemu_check(&img), 0);
+        let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+        q.write_at(&[0xee; 1000], 70_000).expect("write");
+        drop(q);
+        let mut want = std::fs::read(&base).expect("base");
+        want[70_000..71_000].fill(0xee);
+        assert!(qemu_raw(&img) == want, "{fmt}: overlay content");
+        assert_eq!(qemu_check(&img), 0);
+    }
+}
+
+#[test]
+fn test_qcow2_create_refuses_bad_requests_and_leaves_nothing() {
+    use ublk_targets::qcow2::CreateOptions;
+    let dir = TempDir::new("create-bad");
+    let existing = dir.path("exists.qcow2");
+    std::fs::write(&existing, b"precious").expect("write");
+    match Qcow2Image::create(&existing, MIB, &CreateOptions::default()) {
+        Err(Qcow2Error::AlreadyExists { path }) => assert_eq!(path, existing),
+        other => panic!("overwrote? {other:?}"),
+    }
+    assert_eq!(std::fs::read(&existing).expect("read"), b"precious");
+    let img = dir.path("new.qcow2");
+    for (size, cs, backing) in [
+        (0, 65536, None),
+        (1000, 65536, None),
+        (MIB, 3000, None),
+        (MIB, 256, None),
+        (MIB, 4 * MIB, None),
+        (1 << 50, 512, None), // L1 too large
+        (MIB, 65536, Some("missing.raw")),
+        (MIB, 512, Some("x".repeat(1000).leak() as &str)),
+    ] {
+        let opts = CreateOptions {
+            cluster_size: cs,
+            backing: backing.map(Into::into),
+        };
+        let r = Qcow2Image::create(&img, size, &opts);
+        assert!(
+            matches!(
+                r,
+                Err(Qcow2Error::InvalidCreate(_) | Qcow2Error::BackingOpen { .. })
+            ),
+            "{size} {cs} {backing:?}: {r:?}"
+        );
+        assert!(!img.exists(), "{size} {cs} {backing:?}: file left behind");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Extended L2 entries: writes allocate and copy on write per subcluster.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn test_qcow2_extended_l2_writes_match_qemu() {
+    require_qemu!();
+    let dir = TempDir::new("extl2");
+    let base = dir.path("base.raw");
+    write_pattern_raw(&base, 16 * MIB, 77);
+    let base_bytes = std::fs::read(&base).expect("read base");
+
+    // The subcluster bits of a small write, as qemu maps them: 64 KiB clusters, 2 KiB
+    // subclusters; 4 KiB at 2 KiB allocates subclusters 1 and 2 only.
+    let img = dir.path("bits.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on,cluster_size=64k",
+        s(&img),
+        "1M",
+    ]);
+    {
+        let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+        q.write_at(&[0x5a; 4096], 2048).expect("write");
+    }
+    let out = std::process::Command::new("qemu-img")
+        .args(["map", "--output=json", s(&img)])
+        .output()
+        .expect("qemu-img map");
+    let map = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        map.contains(r#""start": 2048, "length": 4096, "depth": 0, "present": true, "zero": false, "data": true"#),
+        "{map}"
+    );
+    assert!(
+        map.contains(r#""start": 0, "length": 2048, "depth": 0, "present": false"#),
+        "{map}"
+    );
+    assert_eq!(qemu_check(&img), 0);
+
+    for (name, opts, backing) in [
+        ("ext-64k", "extended_l2=on,cluster_size=64k", None),
+        (
+            "ext-16k-raw",
+            "extended_l2=on,cluster_size=16k",
+            Some("raw"),
+        ),
+        (
+            "ext-128k-qcow2",
+            "extended_l2=on,cluster_size=128k",
+            Some("qcow2"),
+        ),
+        ("ext-2M-raw", "extended_l2=on,cluster_size=2M", Some("raw")),
+    ] {
+        let img = dir.path(&format!("{name}.qcow2"));
+        let mut args = vec!["create", "-f", "qcow2", "-o", opts];
+        let base_q = dir.path("base.qcow2");
+        if backing == Some("qcow2") && !base_q.exists() {
+            qemu_img(&[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-o",
+                "extended_l2=on",
+                s(&base),
+                s(&base_q),
+            ]);
+        }
+        match backing {
+            Some("raw") => args.extend(["-b", "base.raw", "-F", "raw"]),
+            Some(_) => args.extend(["-b", "base.qcow2", "-F", "qcow2"]),
+            None => {}
+        }
+        args.extend([s(&img), "16M"]);
+        qemu_img(&args);
+        // qemu's own subcluster states to start from: data, zero subclusters, compressed.
+        qemu_io(
+            &img,
+            &[
+                "write -P 0x61 100k 5k",
+                "write -z 1M 8k",
+                "write -z -u 2M 256k",
+                "write -c -P 0x62 4M 2M",
+            ],
+        );
+        let mut model = qemu_raw(&img);
+        if backing.is_some() {
+            assert!(model[8 * MIB as usize..] == base_bytes[8 * MIB as usize..]);
+        }
+        {
+            let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+            let mut rng = Rng(0xe1 + name.len() as u64);
+            for op in 0..300 {
+                let kind = rng.below(10);
+                match kind {
+                    0..=5 => {
+                        let len = match rng.below(3) {
+                            0 => rng.below(3000) + 1,
+                            1 => (rng.below(8) + 1) * 512,
+                            _ => rng.below(200_000) + 1,
+                        };
+                        let off = rng.below(16 * MIB - len);
+                        let b = (op as u8).wrapping_mul(13) | 1;
+                        let data: Vec<u8> = (0..len).map(|i| b ^ (i as u8 & 7)).collect();
+                        q.write_at(&data, off).expect("write");
+                        model[off as usize..(off + len) as usize].copy_from_slice(&data);
+                    }
+                    6 => {
+                        let len = rng.below(600_000) + 1;
+                        let off = rng.below(16 * MIB - len);
+                        let keep = rng.below(2) == 0;
+                        q.write_zeroes(off, len, keep).expect("write zeroes");
+                        model[off as usize..(off + len) as usize].fill(0);
+                    }
+                    7 => {
+                        // Discard: whole clusters read as zeros, the rest is unchanged.
+                        let len = rng.below(600_000) + 1;
+                        let off = rng.below(16 * MIB - len);
+                        q.discard(off, len).expect("discard");
+                        let cs = q.cluster_size();
+                        let first = off.div_ceil(cs) * cs;
+                        let last = (off + len) / cs * cs;
+                        if last > first {
+                            model[first as usize..last as usize].fill(0);
+                        }
+                    }
+                    8 => q.flush().expect("flush"),
+                    _ => {
+                        let len = rng.below(300_000) + 1;
+                        let off = rng.below(16 * MIB - len);
+                        let mut b = vec![0u8; len as usize];
+                        q.read_at(&mut b, off).expect("read");
+                        assert!(
+                            b == model[off as usize..(off + len) as usize],
+                            "{name}: op {op}: read at {off}+{len} differs"
+                        );
+                    }
+                }
+            }
+            q.flush().expect("flush");
+            assert_model(&q, &model, name);
+        }
+        assert_eq!(qemu_check(&img), 0, "{name}");
+        assert!(qemu_raw(&img) == model, "{name}: qemu sees other content");
+    }
 }

@@ -23,6 +23,7 @@
 use super::entry::{self, Mapping, OFFSET_MASK, OFLAG_ZERO};
 use super::error::{Qcow2Error, Result};
 use super::image::Qcow2Image;
+use super::write::Writer;
 
 /// What whole clusters should become.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +123,42 @@ impl Qcow2Image {
         Ok(())
     }
 
+    /// One cluster of [`Self::zero_whole`] with extended L2 entries: every subcluster gets
+    /// its zero bit (none allocated). Without a backing file, unmapping clears the entry
+    /// entirely instead. The host cluster is kept for `ZeroKeep` (unless compressed) and
+    /// released otherwise.
+    fn zero_whole_ext(&self, w: &mut Writer, key: u64, i: usize, mode: Whole) -> Result<()> {
+        const ALL_ZERO: u64 = 0xffff_ffff << 32;
+        let (old, old_bm) = self.l2_cache.with(
+            key,
+            || self.load_l2_slice(key),
+            |s| (s[2 * i], s[2 * i + 1]),
+        )?;
+        let keep =
+            mode == Whole::ZeroKeep && old & entry::OFLAG_COMPRESSED == 0 && old & OFFSET_MASK != 0;
+        let (new, new_bm) = if keep {
+            (old, ALL_ZERO)
+        } else if self.backing.is_some() || mode == Whole::ZeroKeep {
+            (0, ALL_ZERO)
+        } else {
+            (0, 0)
+        };
+        if (new, new_bm) != (old, old_bm) {
+            self.l2_cache.modify(
+                key,
+                || self.load_l2_slice(key),
+                |s| {
+                    s[2 * i] = new;
+                    s[2 * i + 1] = new_bm;
+                },
+            )?;
+            if !keep {
+                self.unlinked(w, old);
+            }
+        }
+        Ok(())
+    }
+
     /// Rewrites the L2 entries of clusters `first..first + count` so that they read as zeros.
     fn zero_whole(&self, first: u64, count: u64, mode: Whole) -> Result<()> {
         let cb = self.geo.cluster_bits;
@@ -149,6 +186,11 @@ impl Qcow2Image {
                 }
                 let l2_off = self.ensure_l2_table(&mut w, l1i as usize)?;
                 let (key, i) = self.l2_slot(l2_off, l2i);
+                if self.geo.extended_l2 {
+                    self.zero_whole_ext(&mut w, key, i, mode)?;
+                    c += 1;
+                    continue;
+                }
                 let old = self
                     .l2_cache
                     .with(key, || self.load_l2_slice(key), |s| s[i])?;

@@ -9,6 +9,12 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Qcow2Error {
+    /// The file to create exists already (it is left alone).
+    #[error("{path} already exists; not overwriting it")]
+    AlreadyExists {
+        /// The path.
+        path: PathBuf,
+    },
     /// The backing chain refers back to an image already in the chain.
     #[error("backing chain loop: {path} is already in the chain")]
     BackingChainLoop {
@@ -52,9 +58,6 @@ pub enum Qcow2Error {
         /// What went wrong.
         reason: String,
     },
-    /// The image is in use by a lazy-refcount writer, or was not closed cleanly (dirty bit).
-    #[error("image is dirty (lazy refcounts not written back); repair it with `qemu-img check -r all` before writing")]
-    Dirty,
     /// The image is encrypted.
     #[error("encrypted images are not supported (crypt_method {method})")]
     Encrypted {
@@ -64,6 +67,9 @@ pub enum Qcow2Error {
     /// The image keeps its data in an external data file.
     #[error("images with an external data file are not supported")]
     ExternalDataFile,
+    /// Parameters of a new image that cannot be created.
+    #[error("cannot create the image: {0}")]
+    InvalidCreate(String),
     /// Malformed header or header extension.
     #[error("invalid header: {0}")]
     InvalidHeader(String),
@@ -161,7 +167,7 @@ impl Qcow2Error {
     /// The negative errno to complete a block request with.
     pub fn errno(&self) -> i32 {
         match self {
-            Qcow2Error::OutOfRange { .. } => -libc::EINVAL,
+            Qcow2Error::OutOfRange { .. } | Qcow2Error::InvalidCreate(_) => -libc::EINVAL,
             Qcow2Error::ReadOnly(_) => -libc::EROFS,
             Qcow2Error::Unsupported(_) => -libc::EOPNOTSUPP,
             Qcow2Error::Io { source, .. } => -source.raw_os_error().unwrap_or(libc::EIO),

@@ -230,24 +230,9 @@ impl Qcow2Image {
                 path.display()
             );
         }
-        if writable {
-            if header.incompatible_features & INCOMPAT_DIRTY != 0 {
-                return Err(Qcow2Error::Dirty);
-            }
-            if header.nb_snapshots > 0 {
-                return Err(Qcow2Error::ReadOnly(
-                    "image has internal snapshots (writes would need COW of shared clusters)",
-                ));
-            }
-            if geo.extended_l2 {
-                return Err(Qcow2Error::ReadOnly(
-                    "writing images with extended L2 entries is not supported",
-                ));
-            }
-        }
         if header.nb_snapshots > 0 {
             log::info!(
-                "{}: {} internal snapshots; only the active layer is visible and writes are refused",
+                "{}: {} internal snapshots; only the active layer is visible (writes copy shared clusters)",
                 path.display(),
                 header.nb_snapshots
             );
@@ -298,6 +283,9 @@ impl Qcow2Image {
             inflight: Inflight::default(),
         };
         if writable {
+            if img.header.incompatible_features & INCOMPAT_DIRTY != 0 {
+                img.repair_refcounts()?;
+            }
             img.open_writer()?;
         }
         Ok(img)
@@ -394,7 +382,8 @@ impl Qcow2Image {
         self.writer.is_none()
     }
 
-    /// Number of internal snapshots (images with snapshots can only be opened read-only).
+    /// Number of internal snapshots (the engine serves the active layer; writes copy clusters
+    /// shared with snapshots first).
     pub fn snapshot_count(&self) -> u32 {
         self.header.nb_snapshots
     }

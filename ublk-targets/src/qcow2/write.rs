@@ -13,8 +13,9 @@
 //! 4. L1 entries, then sync;
 //! 5. only now refcount decrements of clusters that the L2 updates stopped referencing
 //!    (compressed or shared clusters that were copied, discarded or zeroed clusters), then
-//!    their blocks (synced by the next flush: until then a crash only leaks them). Freed clusters keep their host space (no hole punching yet:
-//!    it would have to happen before they become allocatable again).
+//!    their blocks (synced by the next flush: until then a crash only leaks them). A cluster
+//!    whose refcount reaches zero is punched out of the file (`FALLOC_FL_PUNCH_HOLE`) right
+//!    there, under the allocation lock and so before it can be allocated again.
 //!
 //! So a reference on disk never precedes its refcount, and a refcount drop never precedes the
 //! unlinking; a crash can leak clusters but not corrupt the image. A cluster whose refcount
@@ -25,8 +26,14 @@
 //! its refcount blocks, syncs, switches the header with one write, syncs, and only then frees the
 //! old table. Dirty slices are never evicted; the write path flushes when too many pile up.
 //!
-//! Not supported for writing (refused at open): internal snapshots, the dirty bit, the corrupt
-//! bit and extended L2 entries. Unknown autoclear bits (bitmaps) are cleared at open.
+//! Extended L2 entries: allocation and copy-on-write work per subcluster (the touched
+//! subclusters of a cluster are filled and get their allocation bits; the others keep their
+//! state). Internal snapshots: an L2 table with refcount > 1 is copied before it is changed
+//! (`copy_l2_table`), a data cluster without COPIED is copied like a compressed one, and the
+//! old cluster's reference is dropped in step 5 like any other.
+//!
+//! Refused at open for writing: the corrupt bit. The dirty bit is repaired first (see the
+//! `repair` module). Unknown autoclear bits (bitmaps) are cleared at open.
 
 use super::entry::{self, Mapping, OFFSET_MASK, OFLAG_COPIED};
 use super::error::{Qcow2Error, Result};
@@ -63,6 +70,10 @@ pub(crate) struct Writer {
     pub(super) pending_decref: Vec<(u64, u64)>,
     /// Pending decrements that trigger a flush from the write path.
     decref_mark: usize,
+    /// Punch freed clusters (turned off when the file system cannot).
+    punch_holes: bool,
+    /// Clusters punched since open.
+    punched: u64,
     rb_entries: u64,
 }
 
@@ -125,6 +136,8 @@ impl Qcow2Image {
             next_free: 0,
             pending_decref: Vec::new(),
             decref_mark: DECREF_BATCH,
+            punch_holes: true,
+            punched: 0,
             rb_entries: refcount::block_entries(self.geo.cluster_bits, self.geo.refcount_order),
         }));
         Ok(())
@@ -358,7 +371,7 @@ impl Qcow2Image {
         for c in 0..old_clusters {
             let cluster = old_off / cs + c;
             if self.change_refcount(w, cluster, -1)? == 0 {
-                w.next_free = w.next_free.min(cluster);
+                self.release_host_cluster(w, cluster);
             }
         }
         Ok(())
@@ -445,7 +458,7 @@ impl Qcow2Image {
                     continue;
                 }
                 if self.change_refcount(w, c, -1)? == 0 {
-                    w.next_free = w.next_free.min(c);
+                    self.release_host_cluster(w, c);
                 }
                 w.pending_decref.swap_remove(i);
             }
@@ -455,6 +468,34 @@ impl Qcow2Image {
         }
         w.decref_mark = w.pending_decref.len() + DECREF_BATCH;
         Ok(())
+    }
+
+    /// A host cluster whose refcount just dropped to zero: punches it out of the file (so the
+    /// host space is returned) and makes it allocatable again.
+    ///
+    /// Callers hold the allocation lock and have checked that nothing can still use the
+    /// cluster: the metadata that stopped referencing it is durable and no data operation that
+    /// may have looked it up is running. The punch happens before the cluster can be handed
+    /// out (allocation needs the same lock), so it never erases a reused cluster. A crash
+    /// before the refcount drop is durable leaves a leaked cluster that reads as zeros.
+    fn release_host_cluster(&self, w: &mut Writer, cluster: u64) {
+        w.next_free = w.next_free.min(cluster);
+        if !w.punch_holes {
+            return;
+        }
+        let cs = self.geo.cluster_size;
+        if let Err(e) = ublk_core::punch_hole(&self.file, cluster * cs, cs) {
+            // Not fatal: the cluster is free either way, only the host space stays allocated.
+            log::debug!("{}: not punching freed clusters: {e}", self.path.display());
+            w.punch_holes = false;
+        } else {
+            w.punched += 1;
+        }
+    }
+
+    /// Number of freed host clusters punched out of the image file since open.
+    pub fn punched_clusters(&self) -> u64 {
+        self.w_lock().map_or(0, |w| w.punched)
     }
 
     /// Whether metadata changed since the last write-back (a FUA write into a cluster whose
@@ -534,10 +575,8 @@ impl Qcow2Image {
         };
         if let Some(off) = entry::l1_l2_offset(l1e, cb).map_err(Qcow2Error::Corrupt)? {
             if l1e & OFLAG_COPIED == 0 {
-                if self.refcount(w, off >> cb)? != 1 {
-                    return Err(Qcow2Error::Unsupported(
-                        "writing through a shared L2 table (internal snapshots)",
-                    ));
+                if self.refcount(w, off >> cb)? > 1 {
+                    return self.copy_l2_table(w, l1_index, off);
                 }
                 let mut l1 = self.l1.write().unwrap_or_else(|p| p.into_inner());
                 l1[l1_index] |= OFLAG_COPIED;
@@ -557,6 +596,34 @@ impl Qcow2Image {
         Ok(off)
     }
 
+    /// Copy-on-write of an L2 table shared with internal snapshots (refcount > 1): the active
+    /// L1 entry gets a private copy.
+    ///
+    /// The copy references the same clusters through the same number of L1 tables as before
+    /// (the active one now reaches them through the copy), so data refcounts do not change and
+    /// the copied entries keep their (clear) COPIED bits: writes to them copy the data
+    /// clusters in turn. The copy is written (and counted) before the L1 entry points at it;
+    /// the old table loses the active L1's reference only after that L1 entry is durable.
+    fn copy_l2_table(&self, w: &mut Writer, l1_index: usize, old: u64) -> Result<u64> {
+        let cs = self.geo.cluster_size;
+        // A shared table is never modified in place, so the file holds its current content
+        // (the cache may hold clean slices of it, never dirty ones).
+        let mut table = vec![0u8; cs as usize];
+        read_zero_fill(&self.file, &mut table, old, "reading a shared L2 table")?;
+        let new = self.alloc_cluster(w)?;
+        self.write_all(&table, new, "writing a copied L2 table")?;
+        log::debug!(
+            "{}: L2 table {l1_index} shared with a snapshot: copied from {old:#x} to {new:#x}",
+            self.path.display()
+        );
+        let mut l1 = self.l1.write().unwrap_or_else(|p| p.into_inner());
+        l1[l1_index] = new | OFLAG_COPIED;
+        w.l1_dirty.insert(l1_index);
+        w.pending_decref
+            .push((old >> self.geo.cluster_bits, self.inflight.current()));
+        Ok(new)
+    }
+
     /// Writes `data` (within one cluster) at `guest` when the cluster is not writable in place.
     fn write_allocating(&self, w: &mut Writer, guest: u64, data: &[u8]) -> Result<()> {
         let cs = self.geo.cluster_size;
@@ -564,6 +631,9 @@ impl Qcow2Image {
         let (l1i, l2i, in_cluster) = self.geo.split(guest);
         let l2_off = self.ensure_l2_table(w, l1i as usize)?;
         let (key, i) = self.l2_slot(l2_off, l2i);
+        if self.geo.extended_l2 {
+            return self.write_allocating_ext(w, guest, data, key, i);
+        }
         let old_entry = self
             .l2_cache
             .with(key, || self.load_l2_slice(key), |s| s[i])?;
@@ -607,6 +677,125 @@ impl Qcow2Image {
             self.unlinked(w, old_entry);
         }
         Ok(())
+    }
+
+    /// [`Self::write_allocating`] for extended L2 entries: copy-on-write happens per
+    /// subcluster.
+    ///
+    /// * A cluster with its own host cluster (COPIED): the touched subclusters that are not
+    ///   allocated are written whole (the rest of each from the backing file, or zeros for
+    ///   zero or backing-less subclusters) and get their allocation bit (zero bit cleared);
+    ///   allocated ones are written in place. Untouched subclusters keep their state.
+    /// * A cluster without a host cluster: one is allocated, then as above.
+    /// * A compressed cluster, or a host cluster shared with a snapshot: the whole cluster is
+    ///   copied into a new one with every subcluster allocated.
+    fn write_allocating_ext(
+        &self,
+        w: &mut Writer,
+        guest: u64,
+        data: &[u8],
+        key: u64,
+        i: usize,
+    ) -> Result<()> {
+        let cs = self.geo.cluster_size;
+        let cb = self.geo.cluster_bits;
+        let sub_bits = cb - 5;
+        let sub_size = 1u64 << sub_bits;
+        let in_cluster = guest & (cs - 1);
+        let start = guest - in_cluster;
+        let (old_entry, old_bm) = self.l2_cache.with(
+            key,
+            || self.load_l2_slice(key),
+            |s| (s[2 * i], s[2 * i + 1]),
+        )?;
+        let old_host = old_entry & OFFSET_MASK;
+        let full_copy = old_entry & entry::OFLAG_COMPRESSED != 0
+            || (old_host != 0 && old_entry & OFLAG_COPIED == 0);
+        if full_copy {
+            let mut cluster = self.cluster_content(old_entry, old_bm, start)?;
+            cluster[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
+            let target = self.alloc_cluster(w)?;
+            self.write_all(&cluster, target, "writing a new cluster")?;
+            self.l2_cache.modify(
+                key,
+                || self.load_l2_slice(key),
+                |s| {
+                    s[2 * i] = target | OFLAG_COPIED;
+                    s[2 * i + 1] = 0xffff_ffff;
+                },
+            )?;
+            self.unlinked(w, old_entry);
+            return Ok(());
+        }
+        let host = if old_host == 0 {
+            self.alloc_cluster(w)?
+        } else {
+            old_host
+        };
+        let mut bm = old_bm;
+        let end = in_cluster + data.len() as u64;
+        let mut sub_buf = Vec::new();
+        let mut pos = in_cluster;
+        while pos < end {
+            let sub = pos >> sub_bits;
+            let sub_start = sub << sub_bits;
+            let piece_end = (sub_start + sub_size).min(end);
+            let piece = &data[(pos - in_cluster) as usize..(piece_end - in_cluster) as usize];
+            if bm & (1 << sub) != 0 || piece.len() as u64 == sub_size {
+                self.write_all(piece, host + pos, "writing guest data")?;
+            } else {
+                sub_buf.clear();
+                sub_buf.resize(sub_size as usize, 0);
+                let zero = bm & (1 << (sub + 32)) != 0;
+                if !zero {
+                    if let Some(b) = &self.backing {
+                        b.read_at(&mut sub_buf, start + sub_start)?;
+                    }
+                }
+                let at = (pos - sub_start) as usize;
+                sub_buf[at..at + piece.len()].copy_from_slice(piece);
+                self.write_all(&sub_buf, host + sub_start, "writing a new subcluster")?;
+            }
+            bm = (bm | (1 << sub)) & !(1 << (sub + 32));
+            pos = piece_end;
+        }
+        self.l2_cache.modify(
+            key,
+            || self.load_l2_slice(key),
+            |s| {
+                s[2 * i] = host | OFLAG_COPIED;
+                s[2 * i + 1] = bm;
+            },
+        )?;
+        Ok(())
+    }
+
+    /// What the guest cluster starting at `start` reads as, given its extended L2 entry.
+    fn cluster_content(&self, e: u64, bm: u64, start: u64) -> Result<Vec<u8>> {
+        let cs = self.geo.cluster_size;
+        let cb = self.geo.cluster_bits;
+        let sub_size = (cs / 32) as usize;
+        let mut cluster = vec![0u8; cs as usize];
+        for sub in 0..32u32 {
+            let chunk = &mut cluster[sub as usize * sub_size..(sub as usize + 1) * sub_size];
+            let off = u64::from(sub) * sub_size as u64;
+            match entry::classify(e, Some(bm), sub, cb).map_err(Qcow2Error::Corrupt)? {
+                Mapping::Compressed(d) => {
+                    cluster.copy_from_slice(&self.decompress_cluster(d)?);
+                    break;
+                }
+                Mapping::Zero => {}
+                Mapping::Unallocated => {
+                    if let Some(b) = &self.backing {
+                        b.read_at(chunk, start + off)?;
+                    }
+                }
+                Mapping::Data { host, .. } => {
+                    read_zero_fill(&self.file, chunk, host + off, "copying a shared cluster")?
+                }
+            }
+        }
+        Ok(cluster)
     }
 
     /// Queues the refcount drops of the host clusters `old_entry` referenced, after the L2
