@@ -16,8 +16,17 @@ const MIB: u64 = 1 << 20;
 /// The qcow2 tests, in run order.
 pub fn all() -> Vec<Test> {
     vec![
-        test("kernel_qcow2_verify_q1", 240, || qcow2_verify(1)),
-        test("kernel_qcow2_verify_q2", 240, || qcow2_verify(2)),
+        test("kernel_qcow2_verify_q1", 240, || {
+            qcow2_verify(&workdir()?, 1)
+        }),
+        test("kernel_qcow2_verify_q2", 240, || {
+            qcow2_verify(&workdir()?, 2)
+        }),
+        // tmpfs image files are served inline; on ext4 the data goes through io_uring.
+        test("kernel_qcow2_verify_ext4_q2", 240, || {
+            let scratch = Ext4Scratch::new("qcow2-ext4", 400)?;
+            qcow2_verify(&scratch.dir, 2)
+        }),
         test(
             "kernel_qcow2_ext4_backing_chain",
             240,
@@ -59,9 +68,8 @@ fn qemu_img_check(img: &Path) -> Result<()> {
 }
 
 /// fio verify through a qcow2 device; afterwards qemu-img check is clean.
-fn qcow2_verify(queues: u32) -> Result<Outcome> {
-    let wd = workdir()?;
-    let img = wd.join("disk.qcow2");
+fn qcow2_verify(dir: &Path, queues: u32) -> Result<Outcome> {
+    let img = dir.join("disk.qcow2");
     qemu_img(&[
         "create",
         "-q",

@@ -257,6 +257,59 @@ pub fn workdir() -> Result<PathBuf> {
     Ok(d)
 }
 
+/// A scratch directory on ext4 (on a kernel loop device over a tmpfs file), for files whose IO
+/// must go through io_uring for real: tmpfs files are served inline by the targets. Unmounted
+/// and detached on drop.
+pub struct Ext4Scratch {
+    pub dir: PathBuf,
+    loop_dev: String,
+}
+
+impl Ext4Scratch {
+    pub fn new(name: &str, mib: u64) -> Result<Ext4Scratch> {
+        let file = workdir()?.join(format!("{name}.ext4"));
+        sparse_file(&file, mib)?;
+        let f = file.to_string_lossy().into_owned();
+        let loop_dev = sh(&opt_bin("losetup"), &["-f", "--show", &f])?
+            .trim()
+            .to_string();
+        let dir = PathBuf::from(format!("{MNT_BASE}/{name}"));
+        let made = (|| -> Result<()> {
+            // Kernel loop over tmpfs fails WRITE_ZEROES (no FALLOC_FL_ZERO_RANGE): zero as
+            // little as possible at mkfs and mount time.
+            sh(
+                &opt_bin("mkfs.ext4"),
+                &[
+                    "-F",
+                    "-q",
+                    "-E",
+                    "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+                    &loop_dev,
+                ],
+            )?;
+            fs::create_dir_all(&dir)?;
+            let d = dir.to_string_lossy();
+            sh(
+                "mount",
+                &["-t", "ext4", "-o", "noinit_itable", &loop_dev, &d],
+            )?;
+            Ok(())
+        })();
+        if let Err(e) = made {
+            let _ = sh(&opt_bin("losetup"), &["-d", &loop_dev]);
+            return Err(e);
+        }
+        Ok(Ext4Scratch { dir, loop_dev })
+    }
+}
+
+impl Drop for Ext4Scratch {
+    fn drop(&mut self) {
+        let _ = sh("umount", &[&self.dir.to_string_lossy()]);
+        let _ = sh(&opt_bin("losetup"), &["-d", &self.loop_dev]);
+    }
+}
+
 /// Mount points used by tests live below this directory.
 pub const MNT_BASE: &str = "/mnt/ublk-test";
 

@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod loop_;
+mod memfile;
 pub mod nbd;
 pub mod null;
 pub mod qcow2;

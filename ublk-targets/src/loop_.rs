@@ -5,12 +5,11 @@
 //! `fdatasync`, FUA writes use `RWF_DSYNC`, DISCARD punches a hole, WRITE_ZEROES zeroes the
 //! range (punching when the kernel allows unmapping).
 //!
-//! On a memory-backed file system (tmpfs, ramfs) a read or write is a memory copy that never
-//! waits for a device, and io_uring cannot do it without blocking: it hands every such
-//! operation to one of its worker threads, a thread switch and wake-up per request for a copy
-//! of a few microseconds. There, reads and writes are done inline on the queue thread instead
-//! ([`LoopTarget::is_inline`]).
+//! On a memory-backed file system (tmpfs, ramfs) reads and writes are done inline on the queue
+//! thread instead, where io_uring would hand each to a worker thread (`crate::memfile`,
+//! [`LoopTarget::is_inline`]).
 
+use crate::memfile::{memory_backed, read_full_at};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsFd;
@@ -198,19 +197,6 @@ impl LoopTarget {
     }
 }
 
-/// Whether `file` lives on a memory-backed file system (tmpfs, ramfs), where IO is a memory copy.
-fn memory_backed(file: &File) -> bool {
-    const TMPFS_MAGIC: u64 = 0x0102_1994;
-    const RAMFS_MAGIC: u64 = 0x8584_58f6;
-    match rustix::fs::fstatfs(file) {
-        Ok(st) => matches!(st.f_type as u64, TMPFS_MAGIC | RAMFS_MAGIC),
-        Err(e) => {
-            log::debug!("loop: fstatfs failed: {e}");
-            false
-        }
-    }
-}
-
 fn sysfs_block_size(rdev: u64) -> Option<u64> {
     let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & !0xfff);
     let minor = (rdev & 0xff) | ((rdev >> 12) & !0xff);
@@ -368,25 +354,6 @@ impl LoopQueue {
         }
         self.write_zeroes(ctx, req, done)
     }
-}
-
-/// Fills `buf` from `file` at `off`; past the end of the file (which may have shrunk), zeros.
-fn read_full_at(file: &File, mut buf: &mut [u8], mut off: u64) -> io::Result<()> {
-    while !buf.is_empty() {
-        match file.read_at(buf, off) {
-            Ok(0) => {
-                buf.fill(0);
-                break;
-            }
-            Ok(n) => {
-                buf = &mut buf[n..];
-                off += n as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// Writes `len` zero bytes at `off` (then `fdatasync` for FUA).

@@ -8,7 +8,8 @@
 //! are decompressed synchronously. A WRITE goes to io_uring in place for clusters allocated
 //! with COPIED (refcount 1); everything else (allocation, copy-on-write from the backing file,
 //! zero or compressed clusters) runs through the synchronous engine before the in-place
-//! writes are submitted. Short transfers are continued; a read that hits the end of the file
+//! writes are submitted. Transfers to or from memory-backed files (tmpfs) are done inline on
+//! the queue thread instead of through io_uring (`crate::memfile`). Short transfers are continued; a read that hits the end of the file
 //! reads zeros past it (clusters preallocated beyond EOF); a write that makes no progress
 //! fails the request.
 //!
@@ -30,8 +31,10 @@
 
 use super::image::{ReadPiece, ReadSource};
 use super::{Qcow2Image, Qcow2Options, Result};
+use crate::memfile::{memory_backed, read_full_at};
 use std::io;
 use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 use ublk_core::{
@@ -48,6 +51,8 @@ const MAX_DISCARD_BYTES: u32 = 256 << 20;
 #[derive(Debug)]
 pub struct Qcow2Target {
     image: Arc<Qcow2Image>,
+    /// Per chain layer: on a memory-backed file system, so transfers are done inline.
+    inline: Arc<[bool]>,
 }
 
 impl Qcow2Target {
@@ -63,8 +68,20 @@ impl Qcow2Target {
 
     /// Serves an already opened image.
     pub fn from_image(image: Qcow2Image) -> Qcow2Target {
+        let inline: Arc<[bool]> = (0..image.chain_depth())
+            .map(|l| {
+                u8::try_from(l)
+                    .ok()
+                    .and_then(|l| image.layer_file(l))
+                    .is_some_and(memory_backed)
+            })
+            .collect();
+        if inline.contains(&true) {
+            log::info!("qcow2: memory-backed image files ({inline:?} by layer): transfers inline");
+        }
         Qcow2Target {
             image: Arc::new(image),
+            inline,
         }
     }
 
@@ -103,6 +120,7 @@ impl Target for Qcow2Target {
     fn open_queue(&self, _q_id: u16) -> io::Result<Qcow2Queue> {
         Ok(Qcow2Queue {
             image: self.image.clone(),
+            inline: self.inline.clone(),
             tags: Vec::new(),
             pieces: Vec::new(),
         })
@@ -143,6 +161,8 @@ struct InFlight {
 #[derive(Debug)]
 pub struct Qcow2Queue {
     image: Arc<Qcow2Image>,
+    /// See [`Qcow2Target`].
+    inline: Arc<[bool]>,
     /// Requests with transfers in flight, by tag.
     tags: Vec<Option<InFlight>>,
     /// Scratch for read planning.
@@ -270,7 +290,11 @@ impl Qcow2Queue {
             flush,
             transfers,
         };
+        self.transfer_inline(ctx, req, &mut st);
         for i in 0..st.transfers.len() {
+            if st.error.is_some() {
+                break;
+            }
             match self.submit(ctx, req, &st, i) {
                 Ok(()) => st.outstanding += 1,
                 Err(e) => {
@@ -288,6 +312,49 @@ impl Qcow2Queue {
         }
         self.tags[slot] = Some(st);
         Action::Pending
+    }
+
+    /// Does (and removes) the transfers of `st` whose file is memory-backed, synchronously:
+    /// io_uring would hand each to a worker thread (see `crate::memfile`). Runs before any
+    /// operation of the request is submitted, while the request buffer is accessible.
+    fn transfer_inline(&self, ctx: &mut IoCtx<'_>, req: &IoRequest, st: &mut InFlight) {
+        if !self.inline.contains(&true) {
+            return;
+        }
+        let buf = ctx.buf(req.tag);
+        let (image, inline, dsync) = (&self.image, &self.inline, st.dsync);
+        let mut error = None;
+        st.transfers.retain(|t| {
+            if !inline.get(usize::from(t.layer)).copied().unwrap_or(false) {
+                return true;
+            }
+            if error.is_some() {
+                return false;
+            }
+            let range = t.buf_off as usize..(t.buf_off as usize + t.len as usize);
+            let (Some(file), Some(chunk)) = (image.layer_file(t.layer), buf.get_mut(range)) else {
+                error = Some(-libc::EIO);
+                return false;
+            };
+            let r = if req.op == Op::Read {
+                read_full_at(file, chunk, t.file_off)
+            } else {
+                file.write_all_at(chunk, t.file_off).and_then(|()| {
+                    if dsync {
+                        file.sync_data()
+                    } else {
+                        Ok(())
+                    }
+                })
+            };
+            if let Err(e) = r {
+                error = Some(-e.raw_os_error().unwrap_or(libc::EIO));
+            }
+            false
+        });
+        if let Some(e) = error {
+            st.error.get_or_insert(e);
+        }
     }
 
     /// Submits (the rest of) transfer `i`.
