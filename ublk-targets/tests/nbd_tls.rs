@@ -339,3 +339,53 @@ fn test_nbd_tls_reconnect_after_server_restart() {
         assert!(c.is_connected());
     });
 }
+
+/// TLS over TCP to 127.0.0.1: the server certificate is checked against the IP address.
+#[test]
+fn test_nbd_tls_tcp_ip_address() {
+    require_bin!("nbdkit");
+    with_timeout(60, || {
+        let dir = TempDir::new("tls-tcp");
+        let certs = dir.path("pki");
+        make_pki(&certs, "ublk test CA");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        struct Kill(std::process::Child);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let _server = Kill(
+            std::process::Command::new("nbdkit")
+                .args(["-f", "-i", "127.0.0.1", "-p", &port.to_string()])
+                .arg("--tls=require")
+                .arg(format!("--tls-certificates={}", certs.display()))
+                .args(["memory", "8M"])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let uri = NbdUri::parse(&format!(
+            "nbds://127.0.0.1:{port}/?tls-certificates={}",
+            certs.display()
+        ))
+        .unwrap();
+        let r = loop {
+            match Client::connect(&uri, quick_opts()) {
+                Err(NbdError::Connect { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                r => break r,
+            }
+        };
+        let c = r.unwrap();
+        round_trip(&c, 5);
+    });
+}
