@@ -389,6 +389,16 @@ pub fn run(opts: &BenchOptions) -> Result<ExitCode> {
         for s in &k.skips {
             println!("SKIP {} q{} {}: {}", s.group, s.queues, s.dev, s.reason);
         }
+        if !k.skips.is_empty() {
+            // A device that could not be set up (a tool or module missing, a server that did
+            // not start) leaves its comparison empty: that is a failure, not a quiet gap.
+            failed = true;
+            println!(
+                "FAIL {}: {} device(s) could not be set up (SKIP lines above); their rows and ratios are missing",
+                k.label,
+                k.skips.len()
+            );
+        }
         for r in k.runs.iter().filter(|r| !r.ok()) {
             failed = true;
             println!(
