@@ -183,11 +183,17 @@ null_group() { # queues
     else
         skip null $q null_blk "insmod null_blk failed"
     fi
-    DEV_ublk_null="" PID_ublk_null=""
+    DEV_ublk_null="" PID_ublk_null="" DEV_ublk_null_u="" PID_ublk_null_u="" DEV_ublk_null_z="" PID_ublk_null_z=""
     ublk_add ublk_null -t null -q $q --size ${NULL_GB}G || skip null $q ublk_null "ublk add failed"
+    # The null target uses no data: in user-copy and zero-copy modes nothing is copied at all.
+    ublk_add ublk_null_u -t null -u -q $q --size ${NULL_GB}G || skip null $q ublk_null_u "ublk add -u failed"
+    if [ $ZERO_COPY = 1 ]; then
+        ublk_add ublk_null_z -t null -z -q $q --size ${NULL_GB}G || skip null $q ublk_null_z "ublk add -z failed"
+    fi
     for job in $JOBS; do
-        run null $q null_blk $job
-        run null $q ublk_null $job
+        for d in null_blk ublk_null ublk_null_u ublk_null_z; do
+            run null $q $d $job
+        done
     done
     /opt/bin/ublk del -a
     rmmod null_blk
@@ -203,13 +209,16 @@ loop_group() { # queues
     else
         skip loop $q loop "losetup failed"
     fi
-    for v in ublk_loop ublk_loop_g ublk_loop_u ublk_qcow2; do eval "DEV_$v='' PID_$v=''"; done
+    for v in ublk_loop ublk_loop_g ublk_loop_u ublk_loop_z ublk_qcow2; do eval "DEV_$v='' PID_$v=''"; done
     ublk_add ublk_loop -t loop -q $q -f $RAW || skip loop $q ublk_loop "ublk add failed"
     ublk_add ublk_loop_g -t loop -q $q -g -f $RAW || skip loop $q ublk_loop_g "ublk add -g failed"
     ublk_add ublk_loop_u -t loop -q $q -u -f $RAW || skip loop $q ublk_loop_u "ublk add -u failed"
+    if [ $ZERO_COPY = 1 ]; then
+        ublk_add ublk_loop_z -t loop -q $q -z -f $RAW || skip loop $q ublk_loop_z "ublk add -z failed"
+    fi
     ublk_add ublk_qcow2 -t qcow2 -q $q -f $QCOW || skip loop $q ublk_qcow2 "ublk add -t qcow2 failed"
     for job in $JOBS; do
-        for d in loop ublk_loop ublk_loop_g ublk_loop_u ublk_qcow2; do
+        for d in loop ublk_loop ublk_loop_g ublk_loop_u ublk_loop_z ublk_qcow2; do
             run loop $q $d $job
         done
     done
@@ -347,6 +356,10 @@ nbd_group() { # queues
 out "@@INFO kernel=$(uname -r)@@"
 out "@@INFO runtime=$RUNTIME@@"
 out "@@INFO features=$(/opt/bin/ublk features 2>/dev/null | tr '\n' ' ')@@"
+# Zero copy (-z) needs UBLK_F_AUTO_BUF_REG (Linux 6.16): without it those devices are not made.
+ZERO_COPY=0
+/opt/bin/ublk features 2>/dev/null | grep -q AUTO_BUF_REG && ZERO_COPY=1
+log "zero copy: $ZERO_COPY"
 out "@@INFO cpus=$(grep -c ^processor /proc/cpuinfo) mem_kb=$(awk '/MemTotal/{print $2}' /proc/meminfo) clk_tck=100@@"
 log "kernel $(uname -r), ${RUNTIME}s per run, filter '$FILTER'"
 log "writing ${FILE_MB} MiB raw file and fully allocated qcow2 image on tmpfs"

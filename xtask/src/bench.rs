@@ -49,6 +49,8 @@ const GROUPS: &[(&str, &[Device])] = &[
         &[
             ("null_blk", "null_blk", None),
             ("ublk_null", "ublk null", Some("null_blk")),
+            ("ublk_null_u", "ublk null -u", Some("null_blk")),
+            ("ublk_null_z", "ublk null -z", Some("null_blk")),
         ],
     ),
     (
@@ -58,6 +60,7 @@ const GROUPS: &[(&str, &[Device])] = &[
             ("ublk_loop", "ublk loop", Some("loop")),
             ("ublk_loop_g", "ublk loop -g", Some("loop")),
             ("ublk_loop_u", "ublk loop -u", Some("loop")),
+            ("ublk_loop_z", "ublk loop -z", Some("loop")),
             ("ublk_qcow2", "ublk qcow2", Some("ublk_loop")),
         ],
     ),
@@ -1136,11 +1139,16 @@ fn render_doc(all: &[KernelResults], notes: Option<&str>) -> String {
            null_blk gets `submit_queues=2`; kernel loop has a single hardware queue whatever the \
            count (its row under \"2\" is the same device driven by two jobs).\n\
          - null: `null_blk queue_mode=2 submit_queues=N gb=4` (memory-less, default softirq \
-           completion, reloaded for each N) vs `ublk add -t null -q N --size 4G`.\n\
+           completion, reloaded for each N) vs `ublk add -t null -q N --size 4G` in copy mode, \
+           with `-u` (user copy: the null target uses no data, so nothing is copied) and, where \
+           the kernel has UBLK_F_AUTO_BUF_REG (6.16+), with `-z` (zero copy).\n\
          - loop: a 512 MiB file on tmpfs written in full with `dd` (not sparse). Kernel loop: \
            util-linux `losetup --direct-io=on` (`/sys/block/loopN/loop/dio` checked to read 1). \
-           Ours: `ublk add -t loop -f FILE -q N` in copy mode, with `-g` (NEED_GET_DATA) and with \
-           `-u` (USER_COPY), all O_DIRECT on the same file.\n\
+           Ours: `ublk add -t loop -f FILE -q N` in copy mode, with `-g` (NEED_GET_DATA), with \
+           `-u` (USER_COPY) and (6.16+) with `-z` (zero copy), all O_DIRECT on the same file. \
+           On tmpfs the loop and qcow2 targets read and write inline on the queue thread \
+           (io_uring would hand each operation to a worker thread); in zero-copy mode they cannot \
+           (the data never reaches user space), so `-z` goes through io_uring and its workers.\n\
          - qcow2: `ublk add -t qcow2 -f img.qcow2 -q N` on a 512 MiB image made with `qemu-img \
            create -f qcow2 -o preallocation=full` (every cluster allocated, 64 KiB clusters), \
            compared with our loop (copy mode) on the raw file.\n\
