@@ -5,18 +5,21 @@
 //! A READ is split by the engine's metadata lookup into pieces: data clusters (of this image,
 //! of qcow2 backing files, or of a raw backing file) become io_uring reads into the request
 //! buffer; zero and unallocated-without-backing pieces are zero-filled; compressed clusters
-//! are decompressed synchronously. A WRITE goes to io_uring in place for clusters allocated
-//! with COPIED (refcount 1); everything else (allocation, copy-on-write from the backing file,
-//! zero or compressed clusters) runs through the synchronous engine before the in-place
-//! writes are submitted. Transfers to or from memory-backed files (tmpfs) are done inline on
-//! the queue thread instead of through io_uring (`crate::memfile`). Short transfers are continued; a read that hits the end of the file
-//! reads zeros past it (clusters preallocated beyond EOF); a write that makes no progress
-//! fails the request.
+//! are decompressed synchronously. A WRITE that lies entirely in clusters allocated with
+//! COPIED (refcount 1) goes to io_uring in place; any other write (allocation, copy-on-write
+//! from the backing file, zero, compressed or shared clusters, subclusters) is copied out of
+//! the request buffer and handed whole to the queue's *allocation worker* thread, which runs
+//! the synchronous engine and completes the request through the queue's `Completer`.
+//! Transfers to or from memory-backed files (tmpfs) are done inline on the queue thread
+//! instead of through io_uring (`crate::memfile`). Short transfers are continued; a read that hits the end of the file reads zeros past it
+//! (clusters preallocated beyond EOF); a write that makes no progress fails the request.
 //!
-//! FLUSH writes the metadata back in dependency order and `fdatasync`s the image (which also
-//! covers data written through io_uring). A FUA write uses `RWF_DSYNC` when it only wrote in
-//! place and no metadata is waiting for write-back; otherwise it is followed by a flush.
-//! DISCARD and WRITE_ZEROES (with `NOUNMAP`) act on whole clusters (see the engine).
+//! FLUSH (metadata write-back in dependency order, then `fdatasync`, which also covers data
+//! written through io_uring), DISCARD and WRITE_ZEROES (whole clusters, see the engine) run on
+//! the allocation worker too, so the queue thread never waits for the allocation lock or a
+//! sync and keeps serving reads and in-place writes. A FUA write uses `RWF_DSYNC` when it
+//! only wrote in place and no metadata is waiting for write-back; otherwise it is followed by
+//! a flush.
 //!
 //! # Concurrency
 //!
@@ -36,9 +39,12 @@ use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::mpsc;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use ublk_core::{
-    Action, Attrs, DeviceParams, DiscardParams, IoCtx, IoFlags, IoRequest, Op, QueueHandler, Target,
+    Action, Attrs, Completer, DeviceParams, DiscardParams, IoCtx, IoFlags, IoRequest, Op,
+    QueueHandler, Target,
 };
 
 use super::entry::Mapping;
@@ -117,13 +123,74 @@ impl Qcow2Target {
 
 impl Target for Qcow2Target {
     type Queue = Qcow2Queue;
-    fn open_queue(&self, _q_id: u16) -> io::Result<Qcow2Queue> {
+    fn open_queue(&self, q_id: u16) -> io::Result<Qcow2Queue> {
+        let worker = if self.image.is_read_only() {
+            None
+        } else {
+            let (tx, rx) = mpsc::channel::<Job>();
+            let image = self.image.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("qcow2-alloc-{q_id}"))
+                .spawn(move || worker_loop(&image, &rx))?;
+            Some((tx, handle))
+        };
         Ok(Qcow2Queue {
             image: self.image.clone(),
             inline: self.inline.clone(),
             tags: Vec::new(),
             pieces: Vec::new(),
+            worker,
         })
+    }
+}
+
+/// Work the queue thread hands to its allocation worker.
+#[derive(Debug)]
+enum JobKind {
+    /// A write that allocates or copies clusters (the whole request, data copied out of the
+    /// request buffer); `fua` flushes afterwards.
+    Write { data: Vec<u8>, fua: bool },
+    /// Discard.
+    Discard,
+    /// Write-zeroes; `keep` is NOUNMAP.
+    WriteZeroes { keep: bool, fua: bool },
+    /// Flush (metadata write-back and fdatasync).
+    Flush,
+}
+
+#[derive(Debug)]
+struct Job {
+    tag: u16,
+    offset: u64,
+    len: u32,
+    kind: JobKind,
+    completer: Completer,
+}
+
+/// The allocation worker of one queue: runs the engine for requests that need the allocation
+/// lock (allocating writes, discard, write-zeroes), so that the queue thread keeps serving
+/// reads and in-place writes meanwhile, and completes them through the queue's [`Completer`].
+fn worker_loop(image: &Qcow2Image, rx: &mpsc::Receiver<Job>) {
+    while let Ok(job) = rx.recv() {
+        let len = u64::from(job.len);
+        let r = match &job.kind {
+            JobKind::Write { data, fua } => {
+                image
+                    .write_at(data, job.offset)
+                    .and_then(|()| if *fua { image.flush() } else { Ok(()) })
+            }
+            JobKind::Discard => image.discard(job.offset, len),
+            JobKind::WriteZeroes { keep, fua } => image
+                .write_zeroes(job.offset, len, *keep)
+                .and_then(|()| if *fua { image.flush() } else { Ok(()) }),
+            JobKind::Flush => image.flush(),
+        };
+        let res = match (r, &job.kind) {
+            (Ok(()), JobKind::Write { .. }) => i32::try_from(job.len).unwrap_or(i32::MAX),
+            (Ok(()), _) => 0,
+            (Err(e), _) => errno_of(&e),
+        };
+        job.completer.complete(job.tag, res);
     }
 }
 
@@ -167,6 +234,19 @@ pub struct Qcow2Queue {
     tags: Vec<Option<InFlight>>,
     /// Scratch for read planning.
     pieces: Vec<ReadPiece>,
+    /// The allocation worker (writable images).
+    worker: Option<(mpsc::Sender<Job>, JoinHandle<()>)>,
+}
+
+impl Drop for Qcow2Queue {
+    fn drop(&mut self) {
+        if let Some((tx, handle)) = self.worker.take() {
+            drop(tx);
+            if handle.join().is_err() {
+                log::error!("qcow2: the allocation worker panicked");
+            }
+        }
+    }
 }
 
 fn errno_of(e: &super::Qcow2Error) -> i32 {
@@ -233,9 +313,7 @@ impl Qcow2Queue {
         let fua = req.flags.contains(IoFlags::FUA);
         let token = self.image.io_begin();
         let mut transfers = Vec::new();
-        let mut engine = false;
         let r = (|| {
-            let mut slow = Vec::new();
             let mut pos = 0u64;
             let len = u64::from(req.len);
             while pos < len {
@@ -248,27 +326,55 @@ impl Qcow2Queue {
                         len: n as u32,
                         done: 0,
                     }),
-                    _ => slow.push((pos, n)),
+                    // Allocation or copy-on-write needed: the whole request goes to the
+                    // allocation worker (which writes the in-place parts too).
+                    _ => return Ok(false),
                 }
                 pos += n;
             }
-            if !slow.is_empty() {
-                engine = true;
-                let buf = ctx.buf(req.tag);
-                for (pos, n) in slow {
-                    let at = pos as usize;
-                    self.image
-                        .write_at(&buf[at..at + n as usize], req.offset + pos)?;
-                }
-            }
-            Ok(())
+            Ok(true)
         })();
-        if let Err(e) = r {
-            self.image.io_end(token);
-            return Action::Done(errno_of(&e));
+        match r {
+            Err(e) => {
+                self.image.io_end(token);
+                Action::Done(errno_of(&e))
+            }
+            Ok(false) => {
+                self.image.io_end(token);
+                let data = ctx.buf(req.tag).to_vec();
+                self.to_worker(ctx, req, JobKind::Write { data, fua })
+                    .unwrap_or_else(|| {
+                        let r = self
+                            .image
+                            .write_at(ctx.buf(req.tag), req.offset)
+                            .and_then(|()| if fua { self.image.flush() } else { Ok(()) });
+                        done(r, i32::try_from(req.len).unwrap_or(i32::MAX))
+                    })
+            }
+            Ok(true) => {
+                let flush = fua && self.image.metadata_dirty();
+                self.start(ctx, req, token, transfers, fua && !flush, flush)
+            }
         }
-        let flush = fua && (engine || self.image.metadata_dirty());
-        self.start(ctx, req, token, transfers, fua && !flush, flush)
+    }
+
+    /// Hands a request to the allocation worker; None if there is no worker (any more).
+    fn to_worker(&self, ctx: &IoCtx<'_>, req: &IoRequest, kind: JobKind) -> Option<Action> {
+        let (tx, _) = self.worker.as_ref()?;
+        let job = Job {
+            tag: req.tag,
+            offset: req.offset,
+            len: req.len,
+            kind,
+            completer: ctx.completer(),
+        };
+        match tx.send(job) {
+            Ok(()) => Some(Action::Pending),
+            Err(_) => {
+                log::error!("qcow2: the allocation worker is gone; running on the queue thread");
+                None
+            }
+        }
     }
 
     /// Submits the transfers of `req` (or finishes it at once when there are none).
@@ -417,10 +523,18 @@ impl QueueHandler for Qcow2Queue {
             }
             Op::Read => self.read(ctx, req),
             Op::Write => self.write(ctx, req),
-            Op::Flush => done(self.image.flush(), 0),
-            Op::Discard => done(self.image.discard(req.offset, u64::from(req.len)), 0),
+            Op::Flush => self
+                .to_worker(ctx, req, JobKind::Flush)
+                .unwrap_or_else(|| done(self.image.flush(), 0)),
+            Op::Discard => self
+                .to_worker(ctx, req, JobKind::Discard)
+                .unwrap_or_else(|| done(self.image.discard(req.offset, u64::from(req.len)), 0)),
             Op::WriteZeroes => {
                 let keep = req.flags.contains(IoFlags::NOUNMAP);
+                let fua = req.flags.contains(IoFlags::FUA);
+                if let Some(a) = self.to_worker(ctx, req, JobKind::WriteZeroes { keep, fua }) {
+                    return a;
+                }
                 let r = self
                     .image
                     .write_zeroes(req.offset, u64::from(req.len), keep)
