@@ -176,7 +176,8 @@ fn test_nbd_tls_pipelined_stress() {
         };
         let sink = Arc::new(Collect::default());
         // Writes (low half) and reads (high half) interleaved, all in flight together.
-        let off = |i: u64| (i / 2) * u64::from(LEN) + if i % 2 == 0 { 0 } else { 32 * MIB };
+        let off =
+            |i: u64| (i / 2) * u64::from(LEN) + if i.is_multiple_of(2) { 0 } else { 32 * MIB };
         for i in 0..N {
             if i % 2 == 0 {
                 c.submit(write(off(i), pattern(i), false), sink.clone(), i)

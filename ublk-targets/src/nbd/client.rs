@@ -344,7 +344,7 @@ impl Client {
             && req
                 .offset
                 .checked_add(req.len.into())
-                .map_or(true, |e| e > info.size)
+                .is_none_or(|e| e > info.size)
         {
             return refuse(libc::EINVAL, req.buf);
         }

@@ -431,7 +431,7 @@ impl BlockSizes {
             && self.preferred.is_power_of_two()
             && self.preferred >= self.min
             && (self.max_payload >= self.preferred || self.max_payload == u32::MAX)
-            && self.max_payload % self.min == 0;
+            && self.max_payload.is_multiple_of(self.min);
         if ok {
             Ok(self)
         } else {

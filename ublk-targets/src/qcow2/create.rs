@@ -169,7 +169,7 @@ impl Layout {
                 "cluster size {cs} is not a power of two from 512 to 2M"
             )));
         }
-        if size == 0 || size % 512 != 0 || size > MAX_VIRTUAL_SIZE {
+        if size == 0 || !size.is_multiple_of(512) || size > MAX_VIRTUAL_SIZE {
             return Err(Qcow2Error::InvalidCreate(format!(
                 "size {size} must be a non-zero multiple of 512 up to 2^62"
             )));

@@ -345,7 +345,7 @@ impl Header {
             h.autoclear_features = be64(buf, 88);
             h.refcount_order = be32(buf, 96);
             h.header_length = be32(buf, 100);
-            if h.header_length < V3_MIN_HEADER_LEN || h.header_length % 8 != 0 {
+            if h.header_length < V3_MIN_HEADER_LEN || !h.header_length.is_multiple_of(8) {
                 return Err(Qcow2Error::InvalidHeader(format!(
                     "header_length {} must be >= 104 and a multiple of 8",
                     h.header_length
@@ -597,7 +597,7 @@ impl Header {
 }
 
 fn check_table(what: &'static str, offset: u64, len: u64, cs: u64, file_size: u64) -> Result<()> {
-    if offset % cs != 0 {
+    if !offset.is_multiple_of(cs) {
         return Err(Qcow2Error::InvalidHeader(format!(
             "{what} offset {offset:#x} is not cluster aligned"
         )));

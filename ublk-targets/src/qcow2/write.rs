@@ -157,7 +157,7 @@ impl Qcow2Image {
             return Ok(None);
         }
         let cs = self.geo.cluster_size;
-        if off % cs != 0 {
+        if !off.is_multiple_of(cs) {
             return Err(Qcow2Error::Corrupt(format!(
                 "refcount block offset {off:#x} is not cluster aligned"
             )));
@@ -263,7 +263,7 @@ impl Qcow2Image {
         loop {
             let c = w.next_free;
             if c.checked_mul(cs)
-                .map_or(true, |o| o >= super::header::MAX_HOST_OFFSET)
+                .is_none_or(|o| o >= super::header::MAX_HOST_OFFSET)
             {
                 return Err(Qcow2Error::Unsupported(
                     "image file would exceed 2^56 bytes",
