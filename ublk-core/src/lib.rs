@@ -31,7 +31,7 @@ pub use device::{
     Device, DeviceBuilder, DeviceError, Recovery, RunOptions, StopHandle, StopReason,
 };
 pub use flags::DeviceFlags;
-pub use os::{gettid, punch_hole, SignalSet};
+pub use os::{gettid, SignalSet};
 pub use params::{Attrs, DevNumbers, DeviceParams, DiscardParams};
 pub use queue::{Completer, DataMode, IoCtx, QueueError};
 pub use target::{Action, IoFlags, IoRequest, Op, QueueHandler, Target};

@@ -1,5 +1,5 @@
 //! Thin wrappers over the few OS calls the std library lacks: mmap, prctl, CPU affinity,
-//! signal masks, eventfd and hole punching.
+//! signal masks and eventfd.
 //!
 //! # Safety
 //!
@@ -125,33 +125,6 @@ pub(crate) fn set_thread_affinity(cpus: &[usize]) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
-}
-
-/// Deallocates `[offset, offset + len)` of `file` (`fallocate(PUNCH_HOLE | KEEP_SIZE)`): the
-/// range reads as zeros afterwards and the file keeps its size. Fails with `EOPNOTSUPP` on file
-/// systems without hole punching.
-pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-        return Err(io::Error::from_raw_os_error(libc::EINVAL));
-    };
-    loop {
-        // SAFETY: fallocate takes no pointers; the fd is valid for the life of `file`.
-        let r = unsafe {
-            libc::fallocate(
-                file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                len,
-            )
-        };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
 }
 
 /// The calling thread's kernel task id.

@@ -484,7 +484,14 @@ impl Qcow2Image {
             return;
         }
         let cs = self.geo.cluster_size;
-        if let Err(e) = ublk_core::punch_hole(&self.file, cluster * cs, cs) {
+        let mode = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
+        let punched = loop {
+            match rustix::fs::fallocate(&self.file, mode, cluster * cs, cs) {
+                Err(rustix::io::Errno::INTR) => {}
+                r => break r,
+            }
+        };
+        if let Err(e) = punched {
             // Not fatal: the cluster is free either way, only the host space stays allocated.
             log::debug!("{}: not punching freed clusters: {e}", self.path.display());
             w.punch_holes = false;
