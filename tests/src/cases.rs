@@ -29,6 +29,9 @@ pub fn all() -> Vec<Test> {
         test("kernel_null_fio_randrw", 90, || null_fio(&[])),
         // The null target uses no data: in user-copy mode the queue copies nothing.
         test("kernel_null_fio_randrw_user_copy", 90, || null_fio(&["-u"])),
+        test("kernel_null_fio_randrw_no_batch_sched", 90, || {
+            null_fio(&["--no-batch-sched"])
+        }),
         test("kernel_del_during_fio", 120, del_during_fio),
         test("kernel_kill_daemon_no_recovery", 90, kill_no_recovery),
         test("kernel_kill_daemon_recovery", 120, || kill_recovery(&[])),
@@ -339,6 +342,17 @@ fn null_fio(extra: &[&str]) -> Result<Outcome> {
     let mut args = vec!["-t", "null", "-q", "2"];
     args.extend_from_slice(extra);
     let d = ublk_add(&args)?;
+    // Queue threads run under SCHED_BATCH unless told otherwise.
+    let want = if extra.contains(&"--no-batch-sched") {
+        0
+    } else {
+        3
+    };
+    let policies = queue_thread_policies(d.pid)?;
+    ensure!(
+        policies.len() == 2 && policies.iter().all(|(_, p)| *p == want),
+        "queue thread policies {policies:?}, want {want}"
+    );
     let dev = format!("--filename={}", d.bdev());
     let j = fio(
         &[

@@ -310,6 +310,29 @@ impl Drop for Ext4Scratch {
     }
 }
 
+/// Scheduling policy (`/proc/PID/task/TID/stat` field 41) of each queue thread (`ublkN-qM`) of
+/// daemon `pid`: 0 normal, 3 SCHED_BATCH.
+pub fn queue_thread_policies(pid: i64) -> Result<Vec<(String, u32)>> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(format!("/proc/{pid}/task"))? {
+        let stat = fs::read_to_string(e?.path().join("stat"))?;
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            bail!("cannot parse {stat:?}");
+        };
+        let comm = &stat[open + 1..close];
+        if !comm.contains("-q") {
+            continue;
+        }
+        let policy = stat[close + 1..]
+            .split_whitespace()
+            .nth(41 - 3)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| anyhow!("no policy in {stat:?}"))?;
+        out.push((comm.to_string(), policy));
+    }
+    Ok(out)
+}
+
 /// Mount points used by tests live below this directory.
 pub const MNT_BASE: &str = "/mnt/ublk-test";
 

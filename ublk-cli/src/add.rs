@@ -82,6 +82,7 @@ impl AddArgs {
             (self.buffered, "--buffered"),
             (self.read_only, "--read-only"),
             (self.no_affinity, "--no-affinity"),
+            (self.no_batch_sched, "--no-batch-sched"),
             (self.foreground, "--foreground"),
             (self.tls, "--tls"),
         ] {
@@ -416,7 +417,7 @@ fn serve_target<T: Target + 'static>(
         );
     }
     let ctrl = Ctrl::open()?;
-    let dev = match a.recover_id {
+    let mut dev = match a.recover_id {
         Some(id) => Device::recover(ctrl, id)?,
         None => {
             let mut b = DeviceBuilder::new()
@@ -434,6 +435,7 @@ fn serve_target<T: Target + 'static>(
             b.build(ctrl)?
         }
     };
+    dev.set_batch_scheduling(!a.no_batch_sched);
     let notify = std::env::var_os(NOTIFY_ENV).is_some();
     let mut saved = a.clone();
     saved.foreground = false;

@@ -132,6 +132,10 @@ pub(crate) struct AddArgs {
     /// Do not pin queue threads to the CPUs the kernel suggests.
     #[arg(long = "no-affinity")]
     pub(crate) no_affinity: bool,
+    /// Keep queue threads in the normal scheduling policy instead of SCHED_BATCH (which lets a
+    /// batch of requests build up before the queue thread takes the CPU from the submitter).
+    #[arg(long = "no-batch-sched")]
+    pub(crate) no_batch_sched: bool,
     /// NBD server: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (nbd).
     #[arg(long)]
     pub(crate) uri: Option<String>,

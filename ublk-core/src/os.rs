@@ -109,6 +109,17 @@ pub(crate) fn set_io_flusher() -> io::Result<()> {
     Ok(())
 }
 
+/// Puts the calling thread in the SCHED_BATCH policy.
+pub(crate) fn set_sched_batch() -> io::Result<()> {
+    let p = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `p` is a valid sched_param.
+    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &p) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Pins the calling thread to `cpus`.
 pub(crate) fn set_thread_affinity(cpus: &[usize]) -> io::Result<()> {
     // SAFETY: cpu_set_t is plain data; an all-zero value is the empty set.
