@@ -33,5 +33,5 @@ pub use device::{
 pub use flags::DeviceFlags;
 pub use os::{gettid, SignalSet};
 pub use params::{Attrs, DevNumbers, DeviceParams, DiscardParams};
-pub use queue::{Completer, DataMode, IoCtx, QueueError};
+pub use queue::{Completer, DataMode, IoCtx, QueueError, SendPart};
 pub use target::{Action, IoFlags, IoRequest, Op, QueueHandler, Target};

@@ -31,6 +31,7 @@ use std::io::{self, Write};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
+use std::time::Duration;
 use ublk_sys as sys;
 
 /// How request data moves between the kernel and the server.
@@ -112,6 +113,8 @@ const KIND_CMD: u64 = 1;
 const KIND_GET_DATA: u64 = 2;
 const KIND_TARGET: u64 = 3;
 const KIND_EVENT: u64 = 4;
+/// A target operation of its own, not tied to a request: tag bits = index in `OwnOps`.
+const KIND_OWN: u64 = 5;
 const CDEV: types::Fixed = types::Fixed(0);
 
 fn user_data(kind: u64, tag: u16, data: u32) -> u64 {
@@ -187,6 +190,8 @@ pub struct IoCtx<'a> {
     q_id: u16,
     mode: DataMode,
     completer: &'a Completer,
+    own: &'a mut OwnOps,
+    done: &'a mut Vec<(u16, i32)>,
 }
 
 impl std::fmt::Debug for IoCtx<'_> {
@@ -349,7 +354,248 @@ impl IoCtx<'_> {
             .build();
         self.push(tag, data, sqe)
     }
+
+    /// Completes request `tag` with `res` (bytes or negative errno), for a request the handler
+    /// left `Pending` and finishes from another callback (e.g. [`QueueHandler::on_event`]).
+    /// The commit waits for operations still pointing into the tag's buffer.
+    pub fn complete(&mut self, tag: u16, res: i32) {
+        self.done.push((tag, res));
+    }
+
+    /// Receives exactly `len` bytes (`MSG_WAITALL`) from socket `fd` into request `tag`'s
+    /// buffer at `buf_off`; the completion arrives in [`QueueHandler::on_complete`] with
+    /// `data` (fewer bytes when the connection ends or fails). Not in zero-copy mode.
+    pub fn recv_at(
+        &mut self,
+        tag: u16,
+        fd: BorrowedFd<'_>,
+        buf_off: u32,
+        len: u32,
+        data: u32,
+    ) -> io::Result<()> {
+        if self.mode == DataMode::ZeroCopy {
+            return Err(einval("no receive into a zero-copy request"));
+        }
+        let p = self.check_range(tag, buf_off, len)?;
+        let sqe = opcode::Recv::new(types::Fd(fd.as_raw_fd()), p, len)
+            .flags(libc::MSG_WAITALL)
+            .build();
+        self.push(tag, data, sqe)
+    }
+
+    /// Receives from socket `fd` into the spare capacity of `buf` (from `buf.len()` to
+    /// `buf.capacity()`). The buffer is lent to the kernel until the completion, which
+    /// arrives in [`QueueHandler::on_event`] with `data` and `buf` back, its length grown by
+    /// the bytes received.
+    pub fn recv(&mut self, fd: BorrowedFd<'_>, mut buf: Vec<u8>, data: u32) -> io::Result<()> {
+        let room = u32::try_from(buf.capacity() - buf.len()).unwrap_or(u32::MAX);
+        if room == 0 {
+            return Err(einval("no room to receive into"));
+        }
+        let p = buf.spare_capacity_mut().as_mut_ptr().cast::<u8>();
+        let sqe = opcode::Recv::new(types::Fd(fd.as_raw_fd()), p, room).build();
+        if !self.own.has_room() {
+            return Err(io::Error::other("too many operations in flight"));
+        }
+        let idx = self.own.insert(data, OwnBuf::Recv(buf));
+        // SAFETY: the buffer's heap block now belongs to the op table entry `idx`, which is
+        // neither touched nor freed until this operation's completion (or the queue's drop,
+        // after the ring's).
+        unsafe { self.push_own(idx, sqe) }
+    }
+
+    /// Sends `parts` in order on socket `fd` with one `sendmsg` (`MSG_WAITALL`, so a short
+    /// count means the connection failed). [`SendPart::Bytes`] ranges are of `bytes`, which is
+    /// lent to the kernel until the completion; [`SendPart::Tag`] ranges are of request
+    /// buffers, whose commits wait for it. The completion arrives in
+    /// [`QueueHandler::on_event`] with `data`, the bytes sent, and `bytes` back. Request
+    /// buffers cannot be sent in zero-copy mode.
+    pub fn send(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        bytes: Vec<u8>,
+        parts: &[SendPart],
+        data: u32,
+    ) -> io::Result<()> {
+        if parts.is_empty() || parts.len() > 1024 {
+            return Err(einval("a send takes 1 to 1024 parts"));
+        }
+        if !self.own.has_room() {
+            return Err(io::Error::other("too many operations in flight"));
+        }
+        let mut iov = self.own.take_iov();
+        let mut tags = Vec::new();
+        for part in parts {
+            let (base, len) = match *part {
+                SendPart::Bytes(ref r) => match bytes.get(r.clone()) {
+                    Some(b) => (b.as_ptr().cast_mut(), b.len()),
+                    None => {
+                        self.own.put_iov(iov);
+                        return Err(einval("byte range outside the send buffer"));
+                    }
+                },
+                SendPart::Tag { tag, off, len } => {
+                    let p = match self.check_range(tag, off, len) {
+                        Ok(_) if self.mode == DataMode::ZeroCopy => {
+                            Err(einval("no send from a zero-copy request"))
+                        }
+                        r => r,
+                    };
+                    match p {
+                        Ok(p) => {
+                            tags.push(tag);
+                            (p, len as usize)
+                        }
+                        Err(e) => {
+                            self.own.put_iov(iov);
+                            return Err(e);
+                        }
+                    }
+                }
+            };
+            iov.push(libc::iovec {
+                iov_base: base.cast(),
+                iov_len: len,
+            });
+        }
+        // SAFETY: an all-zero msghdr is valid (no name, no control data).
+        let mut hdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+        hdr.msg_iov = iov.as_mut_ptr();
+        hdr.msg_iovlen = iov.len();
+        let sqe = opcode::SendMsg::new(types::Fd(fd.as_raw_fd()), &*hdr)
+            .flags((libc::MSG_WAITALL | libc::MSG_NOSIGNAL) as u32)
+            .build();
+        for &t in &tags {
+            self.tags.op_submitted(t);
+        }
+        let idx = self.own.insert(
+            data,
+            OwnBuf::Send {
+                bytes,
+                iov,
+                hdr,
+                tags,
+            },
+        );
+        // SAFETY: the message header, the iovec array and `bytes` are owned by the op table
+        // entry `idx` until the completion; request buffer ranges were checked against their
+        // requests, whose tags now count this operation (their commits wait for it).
+        unsafe { self.push_own(idx, sqe) }
+    }
+
+    /// A timer: [`QueueHandler::on_event`] is called with `data` and `-ETIME` after `after`.
+    pub fn timeout(&mut self, after: Duration, data: u32) -> io::Result<()> {
+        let ts = Box::new(
+            types::Timespec::new()
+                .sec(after.as_secs())
+                .nsec(after.subsec_nanos()),
+        );
+        let sqe = opcode::Timeout::new(&*ts).build();
+        if !self.own.has_room() {
+            return Err(io::Error::other("too many operations in flight"));
+        }
+        let idx = self.own.insert(data, OwnBuf::Timer(ts));
+        // SAFETY: the timespec is owned by the op table entry `idx` until the completion.
+        unsafe { self.push_own(idx, sqe) }
+    }
+
+    /// Pushes the SQE of own operation `idx`; on failure forgets the entry (and the request
+    /// buffers it pointed into stop counting it).
+    ///
+    /// # Safety
+    ///
+    /// As [`push_sqe`]: whatever the entry points to is owned by the op table entry `idx`, or
+    /// is a checked range of a request buffer whose tag counts the operation.
+    unsafe fn push_own(&mut self, idx: u16, sqe: squeue::Entry) -> io::Result<()> {
+        let sqe = sqe.user_data(user_data(KIND_OWN, idx, 0));
+        let r = push_sqe(self.ring, &sqe);
+        if r.is_err() {
+            if let Some((_, OwnBuf::Send { iov, tags, .. })) = self.own.remove(idx) {
+                for t in tags {
+                    self.tags.op_completed(t);
+                }
+                self.own.put_iov(iov);
+            }
+        }
+        r
+    }
 }
+
+/// One part of an [`IoCtx::send`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendPart {
+    /// A byte range of the send's own buffer.
+    Bytes(std::ops::Range<usize>),
+    /// `len` bytes of request `tag`'s buffer from `off`.
+    Tag {
+        /// The request.
+        tag: u16,
+        /// Offset in its buffer.
+        off: u32,
+        /// Length.
+        len: u32,
+    },
+}
+
+/// A target operation of its own in flight, with the memory the kernel may touch until it
+/// completes.
+#[derive(Debug)]
+enum OwnBuf {
+    Recv(Vec<u8>),
+    Send {
+        bytes: Vec<u8>,
+        iov: Vec<libc::iovec>,
+        /// Only kept alive: the kernel reads it.
+        #[allow(dead_code)]
+        hdr: Box<libc::msghdr>,
+        tags: Vec<u16>,
+    },
+    /// Only kept alive: the kernel reads it.
+    Timer(#[allow(dead_code)] Box<types::Timespec>),
+}
+
+/// The target's own operations in flight (indexed by the low 16 bits of their user data).
+#[derive(Debug, Default)]
+pub(crate) struct OwnOps {
+    slots: Vec<Option<(u32, OwnBuf)>>,
+    free: Vec<u16>,
+    iovs: Vec<Vec<libc::iovec>>,
+}
+
+impl OwnOps {
+    /// Whether [`OwnOps::insert`] has an index left (16 bits of user data).
+    fn has_room(&self) -> bool {
+        !self.free.is_empty() || self.slots.len() <= usize::from(u16::MAX)
+    }
+
+    /// Parks an operation's memory; the caller checked [`OwnOps::has_room`].
+    fn insert(&mut self, data: u32, buf: OwnBuf) -> u16 {
+        if let Some(i) = self.free.pop() {
+            self.slots[usize::from(i)] = Some((data, buf));
+            return i;
+        }
+        self.slots.push(Some((data, buf)));
+        (self.slots.len() - 1) as u16
+    }
+
+    fn remove(&mut self, idx: u16) -> Option<(u32, OwnBuf)> {
+        let r = self.slots.get_mut(usize::from(idx))?.take();
+        if r.is_some() {
+            self.free.push(idx);
+        }
+        r
+    }
+
+    fn take_iov(&mut self) -> Vec<libc::iovec> {
+        self.iovs.pop().unwrap_or_default()
+    }
+
+    fn put_iov(&mut self, mut iov: Vec<libc::iovec>) {
+        iov.clear();
+        self.iovs.push(iov);
+    }
+}
+
 
 fn einval(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg.to_string())
@@ -387,6 +633,10 @@ struct Queue<H: QueueHandler> {
     rx: Receiver<(u16, i32)>,
     event_buf: Box<u64>,
     cqes: Vec<(u64, i32)>,
+    /// The target's own operations in flight (after the ring: dropped once it is gone).
+    own: OwnOps,
+    /// Requests the target completed through [`IoCtx::complete`], to commit.
+    done: Vec<(u16, i32)>,
 }
 
 /// Sets up queue `cfg.q_id` and submits a FETCH for every tag. The returned closure serves the
@@ -433,6 +683,8 @@ pub(crate) fn setup<T: Target>(
         completer,
         rx,
         event_buf: Box::new(0),
+        own: OwnOps::default(),
+        done: Vec::new(),
     };
     for tag in 0..queue.cfg.depth {
         queue
@@ -505,6 +757,10 @@ impl<H: QueueHandler> Queue<H> {
             }
             cqes.clear();
             self.cqes = cqes;
+            if self.tags.live() {
+                self.handler.end_batch(&mut ctx!(self));
+                self.finish_done();
+            }
         }
         log::debug!("queue {q}: all tags aborted, exiting");
         Ok(())
@@ -517,6 +773,7 @@ impl<H: QueueHandler> Queue<H> {
         match kind {
             KIND_CMD | KIND_GET_DATA => self.on_cmd(tag, kind, res),
             KIND_TARGET => self.on_target(tag, data, res),
+            KIND_OWN => self.on_own(tag, res),
             KIND_EVENT => {
                 while let Ok((tag, res)) = self.rx.try_recv() {
                     self.on_remote(tag, res);
@@ -597,6 +854,7 @@ impl<H: QueueHandler> Queue<H> {
         }
         let action = self.handler.handle_io(&mut ctx!(self), &req);
         self.finish(tag, action);
+        self.finish_done();
     }
 
     fn on_target(&mut self, tag: u16, data: u32, res: i32) {
@@ -607,12 +865,56 @@ impl<H: QueueHandler> Queue<H> {
                 };
                 let action = self.handler.on_complete(&mut ctx!(self), &req, data, res);
                 self.finish(tag, action);
+                self.finish_done();
             }
             Some(Finish::Commit(res)) => self.commit(tag, res),
             Some(Finish::Deferred) => {}
             Some(Finish::Invalid) => {
                 log::error!("queue {} tag {tag}: stray target completion", self.cfg.q_id)
             }
+        }
+    }
+
+    /// The target's own operation `idx` completed.
+    fn on_own(&mut self, idx: u16, res: i32) {
+        let Some((data, buf)) = self.own.remove(idx) else {
+            log::error!("queue {}: stray completion of own operation {idx}", self.cfg.q_id);
+            return;
+        };
+        let buf = match buf {
+            OwnBuf::Recv(mut b) => {
+                if res > 0 {
+                    let n = (res as usize).min(b.capacity() - b.len());
+                    // SAFETY: the kernel initialised `n` bytes of the spare capacity.
+                    unsafe { b.set_len(b.len() + n) };
+                }
+                b
+            }
+            OwnBuf::Send {
+                bytes, iov, tags, ..
+            } => {
+                self.own.put_iov(iov);
+                for t in tags {
+                    match self.tags.op_completed(t) {
+                        Some(Finish::Commit(r)) => self.commit(t, r),
+                        Some(Finish::Invalid) => {
+                            log::error!("queue {} tag {t}: stray send completion", self.cfg.q_id)
+                        }
+                        None | Some(Finish::Deferred) => {}
+                    }
+                }
+                bytes
+            }
+            OwnBuf::Timer(_) => Vec::new(),
+        };
+        self.handler.on_event(&mut ctx!(self), data, res, buf);
+        self.finish_done();
+    }
+
+    /// Commits what the target completed with [`IoCtx::complete`].
+    fn finish_done(&mut self) {
+        while let Some((tag, res)) = self.done.pop() {
+            self.finish(tag, Action::Done(res));
         }
     }
 
@@ -630,6 +932,7 @@ impl<H: QueueHandler> Queue<H> {
         };
         let action = self.handler.on_remote_complete(&mut ctx!(self), &req, res);
         self.finish(tag, action);
+        self.finish_done();
     }
 
     /// Applies the handler's decision for `tag`.
@@ -688,6 +991,8 @@ macro_rules! ctx {
             q_id: $q.cfg.q_id,
             mode: $q.cfg.mode,
             completer: &$q.completer,
+            own: &mut $q.own,
+            done: &mut $q.done,
         }
     };
 }

@@ -152,6 +152,21 @@ pub trait QueueHandler {
         Action::Done(res)
     }
 
+    /// An operation of the handler's own, not tied to a request ([`IoCtx::recv`],
+    /// [`IoCtx::send`], [`IoCtx::timeout`]), completed with `res`; `data` is the value given
+    /// at submission and `buf` the buffer lent with it (received bytes appended), or empty.
+    /// Requests are finished from here with [`IoCtx::complete`].
+    fn on_event(&mut self, ctx: &mut IoCtx<'_>, data: u32, res: i32, buf: Vec<u8>) {
+        let _ = (ctx, data, res, buf);
+        log::error!("queue handler without on_event got an event");
+    }
+
+    /// Called after each batch of completions, before the ring is entered again: the place
+    /// to submit work gathered while handling the batch (one `send` for many requests).
+    fn end_batch(&mut self, ctx: &mut IoCtx<'_>) {
+        let _ = ctx;
+    }
+
     /// An io_uring operation this handler submitted for `req` completed with `res`; `data` is
     /// the value given at submission.
     fn on_complete(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest, data: u32, res: i32) -> Action {
