@@ -14,10 +14,16 @@ const MIB: u64 = 1 << 20;
 /// The nbd tests, in run order.
 pub fn all() -> Vec<Test> {
     vec![
-        test("kernel_nbd_verify_unix_q1", 240, || nbd_verify(false, 1)),
-        test("kernel_nbd_verify_tcp_q2_multiconn", 240, || {
-            nbd_verify(true, 2)
+        test("kernel_nbd_verify_unix_q1", 240, || {
+            nbd_verify(false, 1, false)
         }),
+        test("kernel_nbd_verify_tcp_q2_multiconn", 240, || {
+            nbd_verify(true, 2, false)
+        }),
+        test("kernel_nbd_verify_threads_q2", 240, || {
+            nbd_verify(false, 2, true)
+        }),
+        test("kernel_nbd_server_restart", 240, nbd_server_restart),
         test("kernel_nbd_ext4_readd", 240, nbd_ext4_readd),
         test("kernel_nbd_nbdkit_memory_q1", 300, || nbdkit_memory(1)),
         test("kernel_nbd_nbdkit_memory_q2_multiconn", 300, || {
@@ -86,6 +92,8 @@ fn nbdkit_tls() -> Result<Outcome> {
         "2",
     ])?;
     ensure!(d.queues == 2, "device has {} queues", d.queues);
+    // TLS goes through the threaded engine.
+    check_engine(d.pid, true, 2)?;
     // Smaller than the plaintext cases: TLS under TCG is slow (about 2 minutes on 7.3 for
     // 16M + 48M).
     fio_verify(&d.bdev(), 32, ("8M", "24M"), Duration::from_secs(200))?;
@@ -133,6 +141,7 @@ fn nbdkit_memory(queues: u32) -> Result<Outcome> {
     let q = queues.to_string();
     let d = ublk_add(&["-t", "nbd", "--uri", &uri, "-q", &q])?;
     ensure!(d.queues == queues, "device has {} queues", d.queues);
+    check_engine(d.pid, false, queues as usize)?;
     ensure!(
         d.capacity * 512 == 256 * MIB,
         "capacity {} sectors",
@@ -251,13 +260,39 @@ fn backing(name: &str, mib: u64) -> Result<PathBuf> {
     Ok(f)
 }
 
+/// Threads of daemon `pid` belonging to the threaded NBD engine (`nbd-reader`, `nbd-writer`).
+fn engine_threads(pid: i64) -> Result<usize> {
+    let mut n = 0;
+    for e in fs::read_dir(format!("/proc/{pid}/task"))? {
+        let comm = fs::read_to_string(e?.path().join("comm")).unwrap_or_default();
+        if comm.starts_with("nbd-reader") || comm.starts_with("nbd-writer") {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Checks which engine daemon `pid` runs: the io_uring engine has no thread of its own, the
+/// threaded one a writer and a reader per connection.
+fn check_engine(pid: i64, threads: bool, conns: usize) -> Result<()> {
+    let n = engine_threads(pid)?;
+    let want = if threads { 2 * conns } else { 0 };
+    ensure!(n == want, "{n} nbd-reader/writer threads, expected {want}");
+    Ok(())
+}
+
 /// fio verify through an nbd device; the data also reached the server's file.
-fn nbd_verify(tcp: bool, queues: u32) -> Result<Outcome> {
+fn nbd_verify(tcp: bool, queues: u32, threads: bool) -> Result<Outcome> {
     let file = backing("nbd.raw", 256)?;
     let (_server, ep) = Server::start(&file, tcp, if queues > 1 { 4 } else { 1 })?;
     let q = queues.to_string();
-    let d = add_nbd(&ep, &["-q", &q])?;
+    let mut extra = vec!["-q", &q];
+    if threads {
+        extra.push("--nbd-threads");
+    }
+    let d = add_nbd(&ep, &extra)?;
     ensure!(d.queues == queues, "device has {} queues", d.queues);
+    check_engine(d.pid, threads, queues as usize)?;
     ensure!(
         d.capacity * 512 == 256 * MIB,
         "capacity {} sectors",
@@ -288,6 +323,70 @@ fn nbd_verify(tcp: bool, queues: u32) -> Result<Outcome> {
     ensure!(
         served[..seen.len()] == seen[..],
         "the server's file differs from what the device read"
+    );
+    Ok(Outcome::Pass)
+}
+
+/// The server is killed and restarted under the io_uring engine: writes issued while it is
+/// down complete once it is back, and nothing written before or after is lost.
+fn nbd_server_restart() -> Result<Outcome> {
+    let file = backing("nbd-restart.raw", 64)?;
+    let (server, ep) = Server::start(&file, false, 1)?;
+    let d = add_nbd(&ep, &[])?;
+    check_engine(d.pid, false, 1)?;
+    let dir = workdir()?;
+    let (a, b) = (dir.join("restart-a"), dir.join("restart-b"));
+    write_pattern(&a, 8 * MIB, 31)?;
+    write_pattern(&b, 8 * MIB, 32)?;
+    let dd = |src: &Path, seek_mib: u64| {
+        let mut c = Command::new("dd");
+        c.args([
+            &format!("if={}", src.display()),
+            &format!("of={}", d.bdev()),
+            "bs=64k",
+            &format!("seek={}", seek_mib * 16),
+            "oflag=direct",
+            "conv=fsync,notrunc",
+            "status=none",
+        ]);
+        c
+    };
+    check_cmd(&mut dd(&a, 0), Duration::from_secs(60))?;
+    drop(server);
+    // Written while the server is down: blocks until the connection is back.
+    let mut writer = dd(&b, 8).stdin(Stdio::null()).spawn()?;
+    std::thread::sleep(Duration::from_millis(1500));
+    ensure!(
+        writer.try_wait()?.is_none(),
+        "dd finished while the server was down"
+    );
+    let (_server, _) = Server::start(&file, false, 1)?;
+    let st = wait_child(&mut writer, Duration::from_secs(60))?
+        .ok_or_else(|| anyhow::anyhow!("dd still blocked 60 s after the server came back"))?;
+    ensure!(st.success(), "dd after the restart failed: {st}");
+    let rb = dir.join("restart-readback");
+    check_cmd(
+        Command::new("dd").args([
+            &format!("if={}", d.bdev()),
+            &format!("of={}", rb.display()),
+            "bs=1M",
+            "count=16",
+            "iflag=direct",
+            "status=none",
+        ]),
+        Duration::from_secs(60),
+    )?;
+    ublk_del(d.id)?;
+    let seen = fs::read(&rb)?;
+    let mut want = fs::read(&a)?;
+    want.extend(fs::read(&b)?);
+    ensure!(
+        seen == want,
+        "the device does not read back what was written"
+    );
+    ensure!(
+        fs::read(&file)?[..want.len()] == want[..],
+        "the server's file differs from what was written"
     );
     Ok(Outcome::Pass)
 }

@@ -14,7 +14,7 @@ use ublk_core::{
     Target,
 };
 use ublk_targets::loop_::{LoopConfig, LoopTarget};
-use ublk_targets::nbd::{NbdAddr, NbdConfig, NbdTarget, NbdUri, TlsParams};
+use ublk_targets::nbd::{Engine, NbdAddr, NbdConfig, NbdTarget, NbdUri, TlsParams};
 use ublk_targets::null::NullTarget;
 use ublk_targets::qcow2::{CreateOptions, Qcow2Image, Qcow2Target};
 
@@ -85,6 +85,7 @@ impl AddArgs {
             (self.no_batch_sched, "--no-batch-sched"),
             (self.foreground, "--foreground"),
             (self.tls, "--tls"),
+            (self.nbd_threads, "--nbd-threads"),
         ] {
             if on {
                 v.push(flag.into());
@@ -191,6 +192,9 @@ fn run_created(a: AddArgs) -> Result<()> {
     let mut a = a;
     if a.target != TargetType::Nbd && (a.tls || a.tls_certs.is_some() || a.tls_hostname.is_some()) {
         bail!("--tls, --tls-certs and --tls-hostname are for the nbd target");
+    }
+    if a.target != TargetType::Nbd && a.nbd_threads {
+        bail!("--nbd-threads is for the nbd target");
     }
     if let Some(d) = &a.tls_certs {
         // The daemon may run elsewhere; keep the directory meaning what the user meant.
@@ -369,6 +373,9 @@ fn serve(a: AddArgs) -> Result<()> {
             let mut cfg = NbdConfig::new(uri.clone());
             cfg.queues = a.queues;
             cfg.read_only = a.read_only;
+            if a.nbd_threads {
+                cfg.engine = Engine::Threads;
+            }
             let t = NbdTarget::connect(&cfg).context("cannot connect to the NBD server")?;
             let params = t.params();
             let mut a = a;
@@ -381,6 +388,7 @@ fn serve(a: AddArgs) -> Result<()> {
                 "dev_size": params.size,
                 "connections": t.connections(),
                 "multi_conn": t.multi_conn(),
+                "engine": if t.engine() == Engine::Ring { "io_uring" } else { "threads" },
             });
             serve_target(a, Arc::new(t), params, json)
         }

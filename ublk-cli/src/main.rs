@@ -162,6 +162,10 @@ pub(crate) struct AddArgs {
     /// Unix sockets). Implies --tls.
     #[arg(long = "tls-hostname")]
     pub(crate) tls_hostname: Option<String>,
+    /// Drive NBD connections with writer and reader threads instead of the queue threads'
+    /// io_uring (which is used whenever each queue has a plaintext connection of its own).
+    #[arg(long = "nbd-threads")]
+    pub(crate) nbd_threads: bool,
     /// Internal: re-attach to this device instead of adding one.
     #[arg(long, hide = true)]
     pub(crate) recover_id: Option<u32>,

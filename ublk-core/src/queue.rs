@@ -596,7 +596,6 @@ impl OwnOps {
     }
 }
 
-
 fn einval(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg.to_string())
 }
@@ -878,7 +877,10 @@ impl<H: QueueHandler> Queue<H> {
     /// The target's own operation `idx` completed.
     fn on_own(&mut self, idx: u16, res: i32) {
         let Some((data, buf)) = self.own.remove(idx) else {
-            log::error!("queue {}: stray completion of own operation {idx}", self.cfg.q_id);
+            log::error!(
+                "queue {}: stray completion of own operation {idx}",
+                self.cfg.q_id
+            );
             return;
         };
         let buf = match buf {

@@ -48,7 +48,7 @@ pub enum Cmd {
 }
 
 impl Cmd {
-    fn wire(self) -> u16 {
+    pub(crate) fn wire(self) -> u16 {
         match self {
             Cmd::Read => proto::CMD_READ,
             Cmd::Write => proto::CMD_WRITE,
@@ -57,7 +57,7 @@ impl Cmd {
             Cmd::WriteZeroes => proto::CMD_WRITE_ZEROES,
         }
     }
-    fn modifies(self) -> bool {
+    pub(crate) fn modifies(self) -> bool {
         matches!(self, Cmd::Write | Cmd::Trim | Cmd::WriteZeroes)
     }
 }
@@ -251,6 +251,16 @@ impl Client {
         let (stream, info) = conn::open(&uri.addr, &uri.export, &opts.connect)?;
         expect.same_export(&info).map_err(NbdError::ExportChanged)?;
         Ok(Client::start(uri, opts, stream, info))
+    }
+
+    /// Runs the engine on a connection already negotiated (by [`conn::open`]).
+    pub(crate) fn start_on(
+        uri: &NbdUri,
+        opts: ClientOptions,
+        stream: Stream,
+        info: ExportInfo,
+    ) -> Client {
+        Client::start(uri, opts, stream, info)
     }
 
     fn start(uri: &NbdUri, opts: ClientOptions, stream: Stream, info: ExportInfo) -> Client {

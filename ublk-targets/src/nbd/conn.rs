@@ -123,6 +123,17 @@ impl Stream {
     }
 }
 
+impl std::os::fd::AsFd for Stream {
+    /// The socket (for TLS, the one carrying the encrypted bytes).
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
+            Stream::Tls(t) => t.socket().as_fd(),
+        }
+    }
+}
+
 impl Read for &Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {

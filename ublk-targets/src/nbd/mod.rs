@@ -5,13 +5,15 @@
 //! * [`conn`]: connecting, negotiating (GO / EXPORT_NAME), listing exports.
 //! * [`tls`]: `NBD_OPT_STARTTLS` with rustls (X.509), a TLS stream for two threads.
 //! * [`client`]: the pipelined transmission engine with reconnect and timeouts.
-//! * [`target`]: [`NbdTarget`], the ublk [`Target`](ublk_core::Target).
+//! * [`ring`]: the io_uring engine, one connection per queue driven by the queue thread.
+//! * [`target`]: [`NbdTarget`], the ublk [`Target`](ublk_core::Target), and the engine choice.
 //! * [`NbdError`]: everything that can go wrong, with an [`errno`](NbdError::errno) mapping.
 
 pub mod client;
 pub mod conn;
 mod error;
 pub mod proto;
+pub mod ring;
 pub mod target;
 pub mod tls;
 pub mod uri;
@@ -19,6 +21,6 @@ pub mod uri;
 pub use client::{Client, ClientOptions, Cmd, Completion, Request};
 pub use conn::{list_exports, ConnectOptions, ExportEntry, ExportInfo};
 pub use error::{NbdError, ProtoError, Result};
-pub use target::{NbdConfig, NbdQueue, NbdTarget};
+pub use target::{Engine, NbdConfig, NbdQueue, NbdTarget};
 pub use tls::TlsConfig;
 pub use uri::{NbdAddr, NbdUri, TlsParams};

@@ -1,11 +1,17 @@
-//! The ublk side of NBD: a [`Target`] whose queues hand requests to [`Client`] connections.
+//! The ublk side of NBD: a [`Target`] whose queues send requests over NBD connections.
 //!
 //! One connection per queue when the server sets `NBD_FLAG_CAN_MULTI_CONN`, otherwise one
 //! connection shared by all queues (the spec says clients SHOULD NOT multiplex over several
-//! connections without it). Requests are submitted from the queue thread; completions come
-//! back from the connection's reader thread through ublk-core's [`Completer`].
+//! connections without it). Two engines ([`Engine`]):
 //!
-//! # Buffers
+//! * [`Engine::Ring`] (the default): each queue's own plaintext connection is driven by the
+//!   queue thread on its io_uring ([`RingQueue`]); used whenever every queue has a connection
+//!   of its own and there is no TLS.
+//! * [`Engine::Threads`], and the fallback for TLS or a connection shared by several queues:
+//!   requests are submitted from the queue thread to a [`Client`] (writer and reader threads);
+//!   completions come back from the reader thread through ublk-core's [`Completer`].
+//!
+//! # Buffers (threaded engine)
 //!
 //! The request buffer ([`IoCtx::buf`]) is only reachable on the queue thread, so each tag owns
 //! a buffer of its own that travels with the NBD request and comes back with the completion
@@ -18,14 +24,15 @@
 //! the [`Completer`] is told, so it is there when the queue thread hears of the completion);
 //! the queue thread parks buffers per tag in a table only it touches. No lock per IO.
 
-use super::client::{Client, ClientOptions, Cmd, Completion, Request, Waiter};
-use super::conn::ExportInfo;
-use super::error::Result;
+use super::client::{check_servable, Client, ClientOptions, Cmd, Completion, Request, Waiter};
+use super::conn::{self, ExportInfo, Stream};
+use super::error::{NbdError, Result};
 use super::proto::TransmissionFlags as TF;
+use super::ring::RingQueue;
 use super::uri::NbdUri;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use std::io;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use ublk_core::{
     Action, Attrs, Completer, DeviceParams, DiscardParams, IoCtx, IoFlags, IoRequest, Op,
     QueueHandler, Target,
@@ -45,6 +52,19 @@ pub struct NbdConfig {
     pub queues: u16,
     /// Expose a read-only device even if the export is writable.
     pub read_only: bool,
+    /// Which engine drives the connections.
+    pub engine: Engine,
+}
+
+/// How NBD connections are driven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Engine {
+    /// By the queue threads, on their io_uring, where each queue has a plaintext connection
+    /// of its own; otherwise as [`Engine::Threads`].
+    #[default]
+    Ring,
+    /// By a writer and a reader thread per connection ([`Client`]).
+    Threads,
 }
 
 impl NbdConfig {
@@ -55,14 +75,29 @@ impl NbdConfig {
             client: ClientOptions::default(),
             queues: 1,
             read_only: false,
+            engine: Engine::default(),
         }
     }
+}
+
+/// The connections of a target.
+#[derive(Debug)]
+enum Conns {
+    /// One per queue, each handed to its queue's [`RingQueue`] when the queue opens.
+    Ring {
+        streams: Mutex<Vec<Option<Stream>>>,
+        uri: Arc<NbdUri>,
+        opts: Arc<ClientOptions>,
+        info: Arc<ExportInfo>,
+    },
+    /// Threaded clients, queue `q` using `q % len`.
+    Threads(Vec<Arc<Client>>),
 }
 
 /// An NBD export exposed as a block device.
 #[derive(Debug)]
 pub struct NbdTarget {
-    conns: Vec<Arc<Client>>,
+    conns: Conns,
     info: ExportInfo,
     read_only: bool,
 }
@@ -73,20 +108,46 @@ impl NbdTarget {
         // Credentials are loaded once, for every connection and reconnect.
         let mut client_opts = cfg.client.clone();
         client_opts.connect = client_opts.connect.for_uri(&cfg.uri)?;
-        let first = Client::connect(&cfg.uri, client_opts.clone())?;
-        let info = first.info().clone();
-        let mut conns = vec![Arc::new(first)];
-        if info.flags.contains(TF::CAN_MULTI_CONN) {
-            for _ in 1..cfg.queues.max(1) {
+        let queues = usize::from(cfg.queues.max(1));
+        let (first, info) = conn::open(&cfg.uri.addr, &cfg.uri.export, &client_opts.connect)?;
+        check_servable(&info)?;
+        let multi = info.flags.contains(TF::CAN_MULTI_CONN);
+        let n = if multi { queues } else { 1 };
+        let ring = cfg.engine == Engine::Ring
+            && n == queues
+            && client_opts.connect.tls.is_none()
+            && !matches!(first, Stream::Tls(_));
+        let conns = if ring {
+            let mut streams = vec![Some(first)];
+            for _ in 1..n {
+                let (s, i) = conn::open(&cfg.uri.addr, &cfg.uri.export, &client_opts.connect)?;
+                info.same_export(&i).map_err(NbdError::ExportChanged)?;
+                streams.push(Some(s));
+            }
+            Conns::Ring {
+                streams: Mutex::new(streams),
+                uri: Arc::new(cfg.uri.clone()),
+                opts: Arc::new(client_opts),
+                info: Arc::new(info.clone()),
+            }
+        } else {
+            let mut conns = vec![Arc::new(Client::start_on(
+                &cfg.uri,
+                client_opts.clone(),
+                first,
+                info.clone(),
+            ))];
+            for _ in 1..n {
                 conns.push(Arc::new(Client::connect_like(
                     &cfg.uri,
                     client_opts.clone(),
                     &info,
                 )?));
             }
-        }
+            Conns::Threads(conns)
+        };
         log::info!(
-            "nbd: {} export {:?}: {} bytes, flags {:#x}, block sizes {}/{}/{}, {} connection(s){}",
+            "nbd: {} export {:?}: {} bytes, flags {:#x}, block sizes {}/{}/{}, {} connection(s), {} engine{}",
             cfg.uri.addr,
             info.name,
             info.size,
@@ -94,7 +155,8 @@ impl NbdTarget {
             info.block.min,
             info.block.preferred,
             info.block.max_payload,
-            conns.len(),
+            n,
+            if ring { "io_uring" } else { "threaded" },
             if info.structured {
                 ", structured replies"
             } else {
@@ -116,17 +178,23 @@ impl NbdTarget {
     /// Whether each queue has its own connection (the server set `CAN_MULTI_CONN` and there
     /// is more than one queue); otherwise all queues share one connection.
     pub fn multi_conn(&self) -> bool {
-        self.conns.len() > 1
+        self.connections() > 1
     }
 
     /// Number of connections.
     pub fn connections(&self) -> usize {
-        self.conns.len()
+        match &self.conns {
+            Conns::Ring { streams, .. } => streams.lock().map_or(0, |s| s.len()),
+            Conns::Threads(c) => c.len(),
+        }
     }
 
-    /// The connections (for statistics: reconnects, requests in flight).
-    pub fn clients(&self) -> &[Arc<Client>] {
-        &self.conns
+    /// The engine in use: [`Engine::Ring`] or [`Engine::Threads`].
+    pub fn engine(&self) -> Engine {
+        match &self.conns {
+            Conns::Ring { .. } => Engine::Ring,
+            Conns::Threads(_) => Engine::Threads,
+        }
     }
 
     fn lbs(&self) -> u32 {
@@ -193,9 +261,36 @@ impl NbdTarget {
 impl Target for NbdTarget {
     type Queue = NbdQueue;
     fn open_queue(&self, q_id: u16) -> io::Result<NbdQueue> {
-        let client = self.conns[usize::from(q_id) % self.conns.len()].clone();
+        let conns = match &self.conns {
+            Conns::Threads(c) => c,
+            Conns::Ring {
+                streams,
+                uri,
+                opts,
+                info,
+            } => {
+                let stream = streams
+                    .lock()
+                    .ok()
+                    .and_then(|mut s| s.get_mut(usize::from(q_id))?.take())
+                    .ok_or_else(|| {
+                        io::Error::new(
+                            io::ErrorKind::NotFound,
+                            format!("no NBD connection left for queue {q_id}"),
+                        )
+                    })?;
+                return Ok(NbdQueue::Ring(Box::new(RingQueue::new(
+                    uri.clone(),
+                    opts.clone(),
+                    info.clone(),
+                    self.read_only,
+                    stream,
+                ))));
+            }
+        };
+        let client = conns[usize::from(q_id) % conns.len()].clone();
         let (tx, rx) = crossbeam_channel::bounded(RETURN_SLOTS);
-        Ok(NbdQueue {
+        Ok(NbdQueue::Threads(ThreadQueue {
             client,
             sink: Arc::new(QueueSink {
                 completer: OnceLock::new(),
@@ -208,7 +303,7 @@ impl Target for NbdTarget {
             waiter: Arc::new(Waiter::default()),
             async_reads: true,
             read_only: self.read_only,
-        })
+        }))
     }
 }
 
@@ -270,7 +365,52 @@ impl TagBufs {
 }
 
 /// The per-queue handler of [`NbdTarget`].
-pub struct NbdQueue {
+/// The queue handler of an NBD device.
+#[derive(Debug)]
+pub enum NbdQueue {
+    /// The io_uring engine.
+    Ring(Box<RingQueue>),
+    /// The threaded engine.
+    Threads(ThreadQueue),
+}
+
+impl QueueHandler for NbdQueue {
+    fn handle_io(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest) -> Action {
+        match self {
+            NbdQueue::Ring(q) => q.handle_io(ctx, req),
+            NbdQueue::Threads(q) => q.handle_io(ctx, req),
+        }
+    }
+
+    fn on_remote_complete(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest, res: i32) -> Action {
+        match self {
+            NbdQueue::Ring(q) => q.on_remote_complete(ctx, req, res),
+            NbdQueue::Threads(q) => q.on_remote_complete(ctx, req, res),
+        }
+    }
+
+    fn on_complete(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest, data: u32, res: i32) -> Action {
+        match self {
+            NbdQueue::Ring(q) => q.on_complete(ctx, req, data, res),
+            NbdQueue::Threads(q) => q.on_complete(ctx, req, data, res),
+        }
+    }
+
+    fn on_event(&mut self, ctx: &mut IoCtx<'_>, data: u32, res: i32, buf: Vec<u8>) {
+        if let NbdQueue::Ring(q) = self {
+            q.on_event(ctx, data, res, buf);
+        }
+    }
+
+    fn end_batch(&mut self, ctx: &mut IoCtx<'_>) {
+        if let NbdQueue::Ring(q) = self {
+            q.end_batch(ctx);
+        }
+    }
+}
+
+/// The queue handler of the threaded engine.
+pub struct ThreadQueue {
     client: Arc<Client>,
     sink: Arc<QueueSink>,
     bufs: TagBufs,
@@ -281,15 +421,15 @@ pub struct NbdQueue {
     read_only: bool,
 }
 
-impl std::fmt::Debug for NbdQueue {
+impl std::fmt::Debug for ThreadQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NbdQueue")
+        f.debug_struct("ThreadQueue")
             .field("async_reads", &self.async_reads)
             .finish_non_exhaustive()
     }
 }
 
-impl NbdQueue {
+impl ThreadQueue {
     fn submit(&mut self, req: Request, tag: u16) -> Action {
         match self.client.submit(req, self.sink.clone(), u64::from(tag)) {
             Ok(()) => Action::Pending,
@@ -336,7 +476,7 @@ fn copy_read(dst: &mut [u8], src: &[u8], len: u32, res: i32) -> i32 {
     res
 }
 
-impl QueueHandler for NbdQueue {
+impl QueueHandler for ThreadQueue {
     fn handle_io(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest) -> Action {
         let _ = self.sink.completer.set(ctx.completer());
         let tag = req.tag;
@@ -401,7 +541,7 @@ mod tests {
 
     fn target(flags: TF, block: BlockSizes) -> NbdTarget {
         NbdTarget {
-            conns: Vec::new(),
+            conns: Conns::Threads(Vec::new()),
             info: ExportInfo {
                 name: String::new(),
                 size: 1 << 30,
