@@ -306,17 +306,17 @@ qcow2_group() { # queues
 # queues.)
 nbd_group() { # queues
     q=$1
-    DEV_nbd="" PID_nbd="" DEV_ublk_nbd="" PID_ublk_nbd="" SERVER_PID=""
+    DEV_nbd="" PID_nbd="" DEV_ublk_nbd="" PID_ublk_nbd="" DEV_ublk_nbd_t="" PID_ublk_nbd_t="" SERVER_PID=""
     why=$(nbd_missing)
     [ -z "$why" ] && [ ! -x /opt/bin/nbd-client ] && why="nbd-client missing from the initramfs"
     [ -z "$why" ] && ! qnbd_opts && why="qemu-nbd refused every cache/aio choice"
     rm -f $NBD_SOCK
     if [ -z "$why" ]; then
         # shellcheck disable=SC2086
-        if /opt/bin/qemu-nbd --fork -f raw $QNBD_OPTS -k $NBD_SOCK -x bench --shared=4 \
+        if /opt/bin/qemu-nbd --fork -f raw $QNBD_OPTS -k $NBD_SOCK -x bench --shared=8 \
             --pid-file=$W/srv.pid $RAW >$W/srv.out 2>&1; then
             SERVER_PID=$(cat $W/srv.pid)
-            out "@@INFO cmd.nbd_server=qemu-nbd --fork -f raw $QNBD_OPTS -k SOCK -x bench --shared=4 RAW@@"
+            out "@@INFO cmd.nbd_server=qemu-nbd --fork -f raw $QNBD_OPTS -k SOCK -x bench --shared=8 RAW@@"
             log "nbd server: qemu-nbd pid $SERVER_PID"
         else
             why="qemu-nbd server failed: $(tr '\n' ' ' <$W/srv.out)"
@@ -325,6 +325,7 @@ nbd_group() { # queues
     if [ -n "$why" ]; then
         skip nbd $q nbd "$why"
         skip nbd $q ublk_nbd "$why"
+        skip nbd $q ublk_nbd_t "$why"
         return 0
     fi
     if /opt/bin/nbd-client -unix $NBD_SOCK /dev/nbd1 -N bench -C $q >$W/nbdc.out 2>&1 &&
@@ -342,9 +343,15 @@ nbd_group() { # queues
     else
         skip nbd $q ublk_nbd "ublk add -t nbd failed"
     fi
+    if ublk_add ublk_nbd_t -t nbd -q $q --nbd-threads --uri "nbd+unix:///bench?socket=$NBD_SOCK"; then
+        out "@@INFO cmd.ublk_nbd_t=ublk add -t nbd -q N --nbd-threads --uri nbd+unix:///bench?socket=SOCK@@"
+    else
+        skip nbd $q ublk_nbd_t "ublk add -t nbd --nbd-threads failed"
+    fi
     for job in $JOBS; do
         run nbd $q nbd $job
         run nbd $q ublk_nbd $job
+        run nbd $q ublk_nbd_t $job
     done
     /opt/bin/ublk del -a
     [ -n "$DEV_nbd" ] && /opt/bin/nbd-client -d /dev/nbd1 >/dev/null 2>&1

@@ -76,6 +76,7 @@ const GROUPS: &[(&str, &[Device])] = &[
         &[
             ("nbd", "nbd-client", None),
             ("ublk_nbd", "ublk nbd", Some("nbd")),
+            ("ublk_nbd_t", "ublk nbd threads", Some("nbd")),
         ],
     ),
 ];
@@ -1207,21 +1208,27 @@ fn render_doc(all: &[KernelResults], notes: Option<&str>) -> String {
     let _ = writeln!(
         s,
         "- nbd group: one NBD server in the guest, `{}` (the raw file of the loop group on a Unix \
-         socket; allowing more than one client, qemu-nbd offers multi-conn), and two clients \
+         socket; allowing more than one client, qemu-nbd offers multi-conn), and three clients \
          connected to it at the same time, runs alternating: the kernel nbd driver, `{}` \
-         (netlink), and ours, `{}`. With N queues both have N connections (nbd-client -C N; our \
-         target opens one connection per queue when the server offers multi-conn) and N \
-         hardware queues of 128 requests. Both devices have 512-byte logical blocks. \
+         (netlink), ours, `{}` (its io_uring engine: each queue thread drives its own \
+         connection), and ours with the threaded engine, `{}` (a writer and a reader thread \
+         per connection, as used for TLS). With N queues all have N connections (nbd-client -C \
+         N; our target opens one connection per queue when the server offers multi-conn) and N \
+         hardware queues of 128 requests. All devices have 512-byte logical blocks. \
          \"server CPU µs/IO\" is qemu-nbd's CPU time per IO (in this group only), the same \
-         server for both clients.\n",
+         server for all clients.\n",
         cmd(
             "cmd.nbd_server",
-            "qemu-nbd --fork -f raw OPTIONS -k SOCK -x bench --shared=4 RAW"
+            "qemu-nbd --fork -f raw OPTIONS -k SOCK -x bench --shared=8 RAW"
         ),
         cmd("cmd.nbd", "nbd-client -unix SOCK /dev/nbd1 -N bench -C N"),
         cmd(
             "cmd.ublk_nbd",
             "ublk add -t nbd -q N --uri nbd+unix:///bench?socket=SOCK"
+        ),
+        cmd(
+            "cmd.ublk_nbd_t",
+            "ublk add -t nbd -q N --nbd-threads --uri nbd+unix:///bench?socket=SOCK"
         ),
     );
     for k in all {
