@@ -300,7 +300,9 @@ fn test_nbd_data_roundtrip_qemu_nbd_with_holes() {
         f.set_len(16 * MIB).unwrap(); // sparse: reads of holes come back as OFFSET_HOLE
         drop(f);
         let srv = Server::qemu_nbd(&dir, &img, &["--cache=writeback"]);
-        let c = Client::connect(&srv.uri(""), quick_opts()).unwrap();
+        let mut o = quick_opts();
+        o.sparse_reads = true;
+        let c = Client::connect(&srv.uri(""), o).unwrap();
         // Prime the buffer of a read with garbage: holes must be zero-filled.
         let (res, buf) = c.call(ublk_targets::nbd::Request {
             buf: vec![0xaa; MIB as usize],

@@ -104,6 +104,11 @@ pub struct ClientOptions {
     /// Fail the next FLUSH with `-EIO` when the connection was lost while writes the server
     /// had acknowledged were not yet flushed (a restarted server may have lost them).
     pub fail_flush_after_reconnect: bool,
+    /// Let the server answer READs with holes (`OFFSET_HOLE` chunks) rather than data. That
+    /// saves bandwidth on sparse exports, but servers such as qemu-nbd then look up the
+    /// allocation of every range read. Off (the default), READs carry `NBD_CMD_FLAG_DF` where
+    /// the server offers it, and come back as one data chunk.
+    pub sparse_reads: bool,
 }
 
 impl Default for ClientOptions {
@@ -115,6 +120,7 @@ impl Default for ClientOptions {
             reconnect_delay: Duration::from_millis(50),
             reconnect_delay_max: Duration::from_secs(2),
             fail_flush_after_reconnect: true,
+            sparse_reads: false,
         }
     }
 }
@@ -358,13 +364,7 @@ impl Client {
         {
             return refuse(libc::EINVAL, req.buf);
         }
-        let mut flags = 0;
-        if req.fua && f.contains(TF::SEND_FUA) {
-            flags |= proto::CMD_FLAG_FUA;
-        }
-        if req.no_hole && req.cmd == Cmd::WriteZeroes {
-            flags |= proto::CMD_FLAG_NO_HOLE;
-        }
+        let flags = cmd_flags(info, &self.inner.opts, req.cmd, req.fua, req.no_hole);
         let mut st = self.inner.lock();
         if st.shutdown || st.dead {
             return refuse(libc::EIO, req.buf);
@@ -455,6 +455,29 @@ impl Completion for Waiter {
         *self.r.lock().unwrap_or_else(|e| e.into_inner()) = Some((res, buf));
         self.cv.notify_all();
     }
+}
+
+/// The `NBD_CMD_FLAG_*` of a request: FUA and NO_HOLE as asked (FUA only where the export
+/// takes it), DF on READs unless `opts.sparse_reads` (where the export takes it).
+pub(crate) fn cmd_flags(
+    info: &ExportInfo,
+    opts: &ClientOptions,
+    cmd: Cmd,
+    fua: bool,
+    no_hole: bool,
+) -> u16 {
+    let f = info.flags;
+    let mut flags = 0;
+    if fua && f.contains(TF::SEND_FUA) {
+        flags |= proto::CMD_FLAG_FUA;
+    }
+    if no_hole && cmd == Cmd::WriteZeroes {
+        flags |= proto::CMD_FLAG_NO_HOLE;
+    }
+    if cmd == Cmd::Read && !opts.sparse_reads && info.structured && f.contains(TF::SEND_DF) {
+        flags |= proto::CMD_FLAG_DF;
+    }
+    flags
 }
 
 /// Refuses exports a ublk device cannot serve.
@@ -1027,4 +1050,55 @@ fn receive<'a, R: Read>(
         return Err(NbdError::Closed);
     }
     Ok(st)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::proto::BlockSizes;
+
+    fn info(flags: TF, structured: bool) -> ExportInfo {
+        ExportInfo {
+            name: String::new(),
+            size: 1 << 20,
+            flags: flags | TF::HAS_FLAGS,
+            block: BlockSizes::default(),
+            block_sizes_advertised: false,
+            structured,
+            extended: false,
+            used_go: true,
+            description: None,
+        }
+    }
+
+    #[test]
+    fn test_cmd_flags() {
+        let o = ClientOptions::default();
+        let all = info(TF::SEND_FUA | TF::SEND_DF, true);
+        assert_eq!(
+            cmd_flags(&all, &o, Cmd::Read, false, false),
+            proto::CMD_FLAG_DF
+        );
+        assert_eq!(
+            cmd_flags(&all, &o, Cmd::Write, true, false),
+            proto::CMD_FLAG_FUA
+        );
+        assert_eq!(
+            cmd_flags(&all, &o, Cmd::WriteZeroes, false, true),
+            proto::CMD_FLAG_NO_HOLE
+        );
+        // NO_HOLE only means something to WRITE_ZEROES; FUA and DF only where offered.
+        assert_eq!(cmd_flags(&all, &o, Cmd::Trim, false, true), 0);
+        let none = info(TF::empty(), true);
+        assert_eq!(cmd_flags(&none, &o, Cmd::Read, false, false), 0);
+        assert_eq!(cmd_flags(&none, &o, Cmd::Write, true, false), 0);
+        // No DF without structured replies, nor when sparse reads are wanted.
+        let simple = info(TF::SEND_DF, false);
+        assert_eq!(cmd_flags(&simple, &o, Cmd::Read, false, false), 0);
+        let sparse = ClientOptions {
+            sparse_reads: true,
+            ..ClientOptions::default()
+        };
+        assert_eq!(cmd_flags(&all, &sparse, Cmd::Read, false, false), 0);
+    }
 }

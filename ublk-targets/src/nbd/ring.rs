@@ -18,7 +18,7 @@
 //! pending is resent. A request pending longer than the timeout fails with `-EIO`; after a
 //! reconnect with acknowledged writes not yet flushed, the next FLUSH fails with `-EIO`.
 
-use super::client::{ClientOptions, Cmd};
+use super::client::{cmd_flags, ClientOptions, Cmd};
 use super::conn::{self, ExportInfo, Stream};
 use super::error::{NbdError, ProtoError};
 use super::proto::{
@@ -274,13 +274,13 @@ impl RingQueue {
         if self.dead {
             return Action::Done(-libc::EIO);
         }
-        let mut flags = 0;
-        if req.flags.contains(IoFlags::FUA) && f.contains(TF::SEND_FUA) {
-            flags |= proto::CMD_FLAG_FUA;
-        }
-        if cmd == Cmd::WriteZeroes && req.flags.contains(IoFlags::NOUNMAP) {
-            flags |= proto::CMD_FLAG_NO_HOLE;
-        }
+        let flags = cmd_flags(
+            &self.info,
+            &self.opts,
+            cmd,
+            req.flags.contains(IoFlags::FUA),
+            req.flags.contains(IoFlags::NOUNMAP),
+        );
         let covers = self.acked_writes;
         let s = self.slot(req.tag);
         if s.busy {
