@@ -86,6 +86,7 @@ impl AddArgs {
             (self.foreground, "--foreground"),
             (self.tls, "--tls"),
             (self.nbd_threads, "--nbd-threads"),
+            (self.nbd_sparse_reads, "--nbd-sparse-reads"),
         ] {
             if on {
                 v.push(flag.into());
@@ -193,8 +194,8 @@ fn run_created(a: AddArgs) -> Result<()> {
     if a.target != TargetType::Nbd && (a.tls || a.tls_certs.is_some() || a.tls_hostname.is_some()) {
         bail!("--tls, --tls-certs and --tls-hostname are for the nbd target");
     }
-    if a.target != TargetType::Nbd && a.nbd_threads {
-        bail!("--nbd-threads is for the nbd target");
+    if a.target != TargetType::Nbd && (a.nbd_threads || a.nbd_sparse_reads) {
+        bail!("--nbd-threads and --nbd-sparse-reads are for the nbd target");
     }
     if let Some(d) = &a.tls_certs {
         // The daemon may run elsewhere; keep the directory meaning what the user meant.
@@ -376,6 +377,7 @@ fn serve(a: AddArgs) -> Result<()> {
             if a.nbd_threads {
                 cfg.engine = Engine::Threads;
             }
+            cfg.client.sparse_reads = a.nbd_sparse_reads;
             let t = NbdTarget::connect(&cfg).context("cannot connect to the NBD server")?;
             let params = t.params();
             let mut a = a;

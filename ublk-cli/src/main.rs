@@ -166,6 +166,10 @@ pub(crate) struct AddArgs {
     /// io_uring (which is used whenever each queue has a plaintext connection of its own).
     #[arg(long = "nbd-threads")]
     pub(crate) nbd_threads: bool,
+    /// Let the NBD server answer reads of holes with hole chunks instead of zeros (less
+    /// traffic on sparse exports; costs qemu-nbd an allocation lookup per read).
+    #[arg(long = "nbd-sparse-reads")]
+    pub(crate) nbd_sparse_reads: bool,
     /// Internal: re-attach to this device instead of adding one.
     #[arg(long, hide = true)]
     pub(crate) recover_id: Option<u32>,

@@ -5,7 +5,8 @@
 //! * [`conn`]: connecting, negotiating (GO / EXPORT_NAME), listing exports.
 //! * [`tls`]: `NBD_OPT_STARTTLS` with rustls (X.509), a TLS stream for two threads.
 //! * [`client`]: the pipelined transmission engine with reconnect and timeouts.
-//! * [`ring`]: the io_uring engine, one connection per queue driven by the queue thread.
+//! * [`ring`]: the io_uring engine, one connection per queue driven by the queue thread, on
+//!   top of `session` (its requests and reply parser, without IO).
 //! * [`target`]: [`NbdTarget`], the ublk [`Target`](ublk_core::Target), and the engine choice.
 //! * [`NbdError`]: everything that can go wrong, with an [`errno`](NbdError::errno) mapping.
 
@@ -14,6 +15,7 @@ pub mod conn;
 mod error;
 pub mod proto;
 pub mod ring;
+mod session;
 pub mod target;
 pub mod tls;
 pub mod uri;
