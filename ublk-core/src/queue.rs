@@ -383,12 +383,18 @@ impl IoCtx<'_> {
         self.push(tag, data, sqe)
     }
 
-    /// Receives from socket `fd` into the spare capacity of `buf` (from `buf.len()` to
-    /// `buf.capacity()`). The buffer is lent to the kernel until the completion, which
-    /// arrives in [`QueueHandler::on_event`] with `data` and `buf` back, its length grown by
-    /// the bytes received.
-    pub fn recv(&mut self, fd: BorrowedFd<'_>, mut buf: Vec<u8>, data: u32) -> io::Result<()> {
-        let room = u32::try_from(buf.capacity() - buf.len()).unwrap_or(u32::MAX);
+    /// Receives at most `max` bytes from socket `fd` into the spare capacity of `buf` (from
+    /// `buf.len()` up to `buf.capacity()`). The buffer is lent to the kernel until the
+    /// completion, which arrives in [`QueueHandler::on_event`] with `data` and `buf` back,
+    /// its length grown by the bytes received.
+    pub fn recv(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        mut buf: Vec<u8>,
+        max: usize,
+        data: u32,
+    ) -> io::Result<()> {
+        let room = u32::try_from((buf.capacity() - buf.len()).min(max)).unwrap_or(u32::MAX);
         if room == 0 {
             return Err(einval("no room to receive into"));
         }

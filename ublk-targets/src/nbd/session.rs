@@ -123,10 +123,16 @@ pub(crate) struct Session {
     /// Tags to send, in order.
     queued: VecDeque<u16>,
     rx: Rx,
+    /// READs on the wire of at least [`BIG_READ`] bytes.
+    big_reads: usize,
     acked_writes: u64,
     flushed_upto: u64,
     lost_upto: u64,
 }
+
+/// A READ this large makes the engine receive payloads straight into request buffers
+/// ([`Session::direct`]).
+pub(crate) const BIG_READ: u32 = 32 << 10;
 
 impl Session {
     pub(crate) fn new(info: ExportInfo, opts: ClientOptions, read_only: bool) -> Session {
@@ -138,6 +144,7 @@ impl Session {
             busy: 0,
             queued: VecDeque::new(),
             rx: Rx::Header,
+            big_reads: 0,
             acked_writes: 0,
             flushed_upto: 0,
             lost_upto: 0,
@@ -152,6 +159,11 @@ impl Session {
     /// Requests waiting to be sent.
     pub(crate) fn queued(&self) -> usize {
         self.queued.len()
+    }
+
+    /// READs of at least [`BIG_READ`] bytes on the wire.
+    pub(crate) fn big_reads(&self) -> usize {
+        self.big_reads
     }
 
     fn slot(&mut self, tag: u16) -> &mut Slot {
@@ -252,6 +264,9 @@ impl Session {
             n += 1;
             s.seq = s.seq.wrapping_add(1);
             s.wire = true;
+            if s.cmd == Cmd::Read && s.len >= BIG_READ {
+                self.big_reads += 1;
+            }
             let h = RequestHeader {
                 flags: s.flags,
                 cmd: s.cmd.wire(),
@@ -288,9 +303,13 @@ impl Session {
         if !s.busy {
             return;
         }
+        let big = s.wire && s.cmd == Cmd::Read && s.len >= BIG_READ;
         s.busy = false;
         s.wire = false;
         self.busy -= 1;
+        if big {
+            self.big_reads -= 1;
+        }
         io.complete(tag, res);
     }
 
@@ -397,8 +416,9 @@ impl Session {
         }
     }
 
-    /// A READ payload remainder of at least `min` bytes that the next receive could place
-    /// straight into the request's buffer (after [`Session::parse`] consumed everything).
+    /// A READ payload remainder of at least `min` bytes (and at least 1) that the next
+    /// receive could place straight into the request's buffer (after [`Session::parse`]
+    /// consumed everything).
     pub(crate) fn direct(&self, min: u32) -> Option<Direct> {
         match self.rx {
             Rx::Data {
@@ -406,7 +426,7 @@ impl Session {
                 at,
                 left,
                 done,
-            } if left >= min => Some(Direct {
+            } if left >= min.max(1) => Some(Direct {
                 tag,
                 at,
                 len: left,
@@ -516,6 +536,7 @@ impl Session {
         }
         self.rx = Rx::Header;
         self.queued.clear();
+        self.big_reads = 0;
         for (tag, s) in self.slots.iter_mut().enumerate() {
             if s.busy {
                 s.wire = false;
@@ -836,5 +857,10 @@ mod tests {
         s.direct_done(&mut io, d).unwrap();
         assert_eq!(io.done, vec![(0, 65536)]);
         assert!(s.direct(1).is_none());
+        assert_eq!(s.big_reads(), 0);
+        send(&mut s, &[req(0, 0, 0, 65536), req(1, 0, 0, 4096)]);
+        assert_eq!(s.big_reads(), 1);
+        s.connection_lost();
+        assert_eq!(s.big_reads(), 0);
     }
 }
