@@ -676,3 +676,97 @@ fn test_nbd_garbage_handshakes_fail_cleanly() {
         }
     });
 }
+
+/// nbd-server (the reference server), daemonized with a pid file; killed on drop.
+struct NbdServer {
+    pid_file: std::path::PathBuf,
+    sock: std::path::PathBuf,
+}
+
+impl NbdServer {
+    fn start(dir: &TempDir, file: &std::path::Path) -> NbdServer {
+        let sock = dir.path("nbd-server.sock");
+        let pid_file = dir.path("nbd-server.pid");
+        let cfg = dir.path("nbd-server.conf");
+        // nbd-server always listens on TCP too (port 0 breaks it): a free loopback port.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        std::fs::write(
+            &cfg,
+            format!(
+                "[generic]\n    unixsock = {}\n    listenaddr = 127.0.0.1\n    port = {port}\n\
+                 [disk]\n    exportname = {}\n    flush = true\n    fua = true\n    \
+                 trim = true\n",
+                sock.display(),
+                file.display()
+            ),
+        )
+        .unwrap();
+        let st = std::process::Command::new("nbd-server")
+            .arg("-C")
+            .arg(&cfg)
+            .arg("-p")
+            .arg(&pid_file)
+            .stdin(std::process::Stdio::null())
+            .status()
+            .expect("running nbd-server");
+        assert!(st.success(), "nbd-server: {st}");
+        let s = NbdServer { pid_file, sock };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !s.sock.exists() {
+            assert!(Instant::now() < deadline, "nbd-server did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    fn uri(&self) -> ublk_targets::nbd::NbdUri {
+        ublk_targets::nbd::NbdUri {
+            addr: ublk_targets::nbd::NbdAddr::Unix(self.sock.clone()),
+            export: "disk".into(),
+            tls: None,
+        }
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(&self.pid_file) {
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                let _ = std::process::Command::new("kill")
+                    .arg(pid.to_string())
+                    .status();
+            }
+        }
+    }
+}
+
+#[test]
+fn test_nbd_roundtrip_nbd_server() {
+    require_bin!("nbd-server");
+    with_timeout(120, || {
+        let dir = TempDir::new("nbdsrv");
+        let img = dir.path("disk.raw");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(8 * MIB)
+            .unwrap();
+        let srv = NbdServer::start(&dir, &img);
+        let c = Client::connect(&srv.uri(), quick_opts()).unwrap();
+        let f = c.info().flags;
+        assert!(
+            f.contains(TF::SEND_FLUSH | TF::SEND_FUA | TF::SEND_TRIM),
+            "{f:?}"
+        );
+        random_roundtrip(&c, 8 * MIB, 512, 256 << 10, 5);
+        assert_eq!(c.call(write(4096, vec![3; 8192], true)).0, 8192);
+        assert_eq!(c.call(cmd(Cmd::Flush, 0, 0)).0, 0);
+        assert_eq!(c.call(cmd(Cmd::Trim, 1 << 20, 65536)).0, 0);
+        drop(c);
+        // What was written (with FUA, then flushed) is in the file.
+        let file = std::fs::read(&img).unwrap();
+        assert!(file[4096..12288].iter().all(|&b| b == 3));
+    });
+}
