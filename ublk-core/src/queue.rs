@@ -9,7 +9,11 @@
 //! # Safety
 //!
 //! Every SQE pushed here points either at nothing or at the tag's own buffer slot in
-//! [`IoBufs`] (or at `event_buf`, owned by the queue). In zero-copy mode the target's reads and
+//! [`IoBufs`] (or at `event_buf`, owned by the queue), or at memory the target lent for an
+//! operation of its own (a receive buffer; a send's bytes, iovec array and message header; a
+//! timer's timespec), which `OwnOps` holds until the completion and leaks rather than frees if
+//! the queue goes away first. A send's ranges of request buffers count as operations of those
+//! tags, like the tag's own reads and writes. In zero-copy mode the target's reads and
 //! writes address instead the fixed buffer the kernel registered for the tag (index = tag,
 //! offsets from 0, bounds checked against the request), which the kernel keeps alive until the
 //! tag's COMMIT, sent only once no operation is in flight. A slot is only handed to the kernel or
@@ -566,6 +570,17 @@ pub(crate) struct OwnOps {
     slots: Vec<Option<(u32, OwnBuf)>>,
     free: Vec<u16>,
     iovs: Vec<Vec<libc::iovec>>,
+}
+
+impl Drop for OwnOps {
+    fn drop(&mut self) {
+        // Dropped after the ring. Operations still in flight then (a receive parked on a
+        // socket) are being cancelled by the ring's teardown, which may finish after close()
+        // returned: their memory is leaked rather than freed under them.
+        for (_, buf) in self.slots.drain(..).flatten() {
+            std::mem::forget(buf);
+        }
+    }
 }
 
 impl OwnOps {
