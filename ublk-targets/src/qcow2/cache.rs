@@ -1,9 +1,11 @@
 //! A least-recently-used cache of L2 table slices, shared between threads.
 //!
 //! Slices (not whole tables) are cached so that 2 MiB-cluster images do not cost 2 MiB per
-//! table. One mutex guards the cache; misses load under it (metadata I/O only: data I/O never
-//! runs under this lock). Dirty slices are never evicted: the engine writes them back in
-//! dependency order and then marks them clean.
+//! table. A cache of 64 slices or more is split into [`SHARDS`] shards by key, each with its
+//! own mutex and LRU, so that queues looking up different slices do not contend (a lookup is
+//! on every guest read and write); smaller caches are one shard. Misses load under their
+//! shard's lock (metadata I/O only: data I/O never runs under it). Dirty slices are never
+//! evicted: the engine writes them back in dependency order and then marks them clean.
 
 use super::error::Result;
 use std::collections::HashMap;
@@ -37,26 +39,46 @@ pub struct CacheStats {
     pub dirty: usize,
 }
 
+/// Number of shards of a cache of at least 64 slices.
+pub const SHARDS: usize = 8;
+
 /// An LRU cache of decoded table slices keyed by their host offset.
 #[derive(Debug)]
 pub struct SliceCache {
     capacity: usize,
-    inner: Mutex<Inner>,
+    /// Clean slices each shard keeps.
+    shard_capacity: usize,
+    shards: Vec<Mutex<Inner>>,
 }
 
 impl SliceCache {
-    /// A cache holding at most `capacity` clean slices (at least 1).
+    /// A cache holding at most `capacity` clean slices (at least 1; rounded up to a multiple
+    /// of the shard count when sharded).
     pub fn new(capacity: usize) -> SliceCache {
+        let capacity = capacity.max(1);
+        let n = if capacity >= 64 { SHARDS } else { 1 };
         SliceCache {
-            capacity: capacity.max(1),
-            inner: Mutex::new(Inner::default()),
+            capacity,
+            shard_capacity: capacity.div_ceil(n),
+            shards: (0..n).map(|_| Mutex::new(Inner::default())).collect(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock_shard(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave a slot half-updated (slots are replaced
         // whole), so a poisoned lock is still usable.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The shard of `key` (slice offsets are multiples of 512: mix the bits above).
+    fn lock(&self, key: u64) -> std::sync::MutexGuard<'_, Inner> {
+        let n = self.shards.len() as u64;
+        let i = ((key >> 9).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) % n;
+        Self::lock_shard(&self.shards[i as usize])
+    }
+
+    fn all(&self) -> impl Iterator<Item = std::sync::MutexGuard<'_, Inner>> {
+        self.shards.iter().map(Self::lock_shard)
     }
 
     /// Runs `f` on the slice at `key`, loading it with `load` on a miss.
@@ -66,7 +88,7 @@ impl SliceCache {
         load: impl FnOnce() -> Result<Vec<u64>>,
         f: impl FnOnce(&[u64]) -> R,
     ) -> Result<R> {
-        let mut g = self.lock();
+        let mut g = self.lock(key);
         g.tick += 1;
         let tick = g.tick;
         if let Some(slot) = g.map.get_mut(&key) {
@@ -89,7 +111,7 @@ impl SliceCache {
         load: impl FnOnce() -> Result<Vec<u64>>,
         f: impl FnOnce(&mut [u64]) -> R,
     ) -> Result<R> {
-        let mut g = self.lock();
+        let mut g = self.lock(key);
         g.tick += 1;
         let tick = g.tick;
         if !g.map.contains_key(&key) {
@@ -105,14 +127,14 @@ impl SliceCache {
 
     /// Inserts a fresh slice (e.g. of a newly allocated, zeroed table) as dirty.
     pub fn insert_dirty(&self, key: u64, entries: Vec<u64>) {
-        let mut g = self.lock();
+        let mut g = self.lock(key);
         g.tick += 1;
         let tick = g.tick;
         self.insert_locked(&mut g, key, entries, tick, true);
     }
 
     fn insert_locked(&self, g: &mut Inner, key: u64, entries: Vec<u64>, tick: u64, dirty: bool) {
-        while g.map.len() >= self.capacity {
+        while g.map.len() >= self.shard_capacity {
             let victim = g
                 .map
                 .iter()
@@ -139,20 +161,22 @@ impl SliceCache {
     /// Copies of all dirty slices, in key order (the caller writes them, then calls
     /// [`Self::mark_clean`]).
     pub fn dirty_slices(&self) -> Vec<(u64, Vec<u64>)> {
-        let g = self.lock();
-        let mut v: Vec<_> = g
-            .map
-            .iter()
-            .filter(|(_, s)| s.dirty)
-            .map(|(k, s)| (*k, s.entries.clone()))
-            .collect();
+        let mut v = Vec::new();
+        for g in self.all() {
+            v.extend(
+                g.map
+                    .iter()
+                    .filter(|(_, s)| s.dirty)
+                    .map(|(k, s)| (*k, s.entries.clone())),
+            );
+        }
         v.sort_by_key(|(k, _)| *k);
         v
     }
 
     /// Marks the slice at `key` clean if its content still equals `written`.
     pub fn mark_clean(&self, key: u64, written: &[u64]) {
-        let mut g = self.lock();
+        let mut g = self.lock(key);
         if let Some(s) = g.map.get_mut(&key) {
             if s.entries == written {
                 s.dirty = false;
@@ -162,7 +186,9 @@ impl SliceCache {
 
     /// Number of dirty slices.
     pub fn dirty_count(&self) -> usize {
-        self.lock().map.values().filter(|s| s.dirty).count()
+        self.all()
+            .map(|g| g.map.values().filter(|s| s.dirty).count())
+            .sum()
     }
 
     /// The configured capacity.
@@ -172,12 +198,13 @@ impl SliceCache {
 
     /// Counters.
     pub fn stats(&self) -> CacheStats {
-        let g = self.lock();
-        CacheStats {
-            hits: g.hits,
-            misses: g.misses,
-            len: g.map.len(),
-            dirty: g.map.values().filter(|s| s.dirty).count(),
+        let mut st = CacheStats::default();
+        for g in self.all() {
+            st.hits += g.hits;
+            st.misses += g.misses;
+            st.len += g.map.len();
+            st.dirty += g.map.values().filter(|s| s.dirty).count();
         }
+        st
     }
 }

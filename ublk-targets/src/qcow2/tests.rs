@@ -466,6 +466,36 @@ fn test_slice_cache_lru_keeps_dirty_slices() {
 }
 
 #[test]
+fn test_sharded_slice_cache() {
+    let c = SliceCache::new(64);
+    let load = |v: u64| move || Ok(vec![v; 4]);
+    // 64 clean slices fit (8 per shard only if the keys spread; count what stays).
+    for k in 0..1000u64 {
+        c.with(k * 4096, load(k), |_| ()).expect("load");
+    }
+    let st = c.stats();
+    assert!(st.len <= 64, "{st:?}");
+    assert!(st.len >= 32, "keys should spread over the shards: {st:?}");
+    assert_eq!(st.misses, 1000);
+    // Dirty slices from every shard come back in key order, and are never evicted.
+    for k in 0..100u64 {
+        c.modify(k * 4096, load(k), |s| s[0] = k + 1).expect("dirty");
+    }
+    for k in 1000..3000u64 {
+        c.with(k * 4096, load(k), |_| ()).expect("churn");
+    }
+    let dirty = c.dirty_slices();
+    assert_eq!(dirty.len(), 100);
+    assert!(dirty.windows(2).all(|w| w[0].0 < w[1].0));
+    assert!(dirty.iter().all(|(k, e)| e[0] == k / 4096 + 1));
+    assert_eq!(c.dirty_count(), 100);
+    for (k, e) in &dirty {
+        c.mark_clean(*k, e);
+    }
+    assert_eq!(c.dirty_count(), 0);
+}
+
+#[test]
 fn test_refcount_entries_of_every_width() {
     for order in 0..=6u32 {
         let cb = 9;
