@@ -479,7 +479,8 @@ fn test_sharded_slice_cache() {
     assert_eq!(st.misses, 1000);
     // Dirty slices from every shard come back in key order, and are never evicted.
     for k in 0..100u64 {
-        c.modify(k * 4096, load(k), |s| s[0] = k + 1).expect("dirty");
+        c.modify(k * 4096, load(k), |s| s[0] = k + 1)
+            .expect("dirty");
     }
     for k in 1000..3000u64 {
         c.with(k * 4096, load(k), |_| ()).expect("churn");
