@@ -201,9 +201,7 @@ struct State {
     /// Reconnecting is off and the connection is gone.
     dead: bool,
     in_flight: usize,
-    acked_writes: u64,
-    flushed_upto: u64,
-    lost_upto: u64,
+    flushes: FlushBook,
     reconnects: u64,
 }
 
@@ -285,9 +283,7 @@ impl Client {
                 shutdown: false,
                 dead: false,
                 in_flight: 0,
-                acked_writes: 0,
-                flushed_upto: 0,
-                lost_upto: 0,
+                flushes: FlushBook::default(),
                 reconnects: 0,
             }),
             cv: Condvar::new(),
@@ -376,7 +372,7 @@ impl Client {
                 (st.slots.len() - 1) as u32
             }
         };
-        let covers = st.acked_writes;
+        let covers = st.flushes.covers();
         let s = &mut st.slots[idx as usize];
         s.busy = true;
         s.phase = Phase::Queued;
@@ -480,6 +476,49 @@ pub(crate) fn cmd_flags(
     flags
 }
 
+/// Which acknowledged writes a FLUSH covers, and whether a connection loss may have lost
+/// some (shared by both engines).
+#[derive(Debug, Default)]
+pub(crate) struct FlushBook {
+    acked_writes: u64,
+    flushed_upto: u64,
+    lost_upto: u64,
+}
+
+impl FlushBook {
+    /// What a FLUSH submitted now covers (its `covers` for [`FlushBook::flushed`]).
+    pub(crate) fn covers(&self) -> u64 {
+        self.acked_writes
+    }
+
+    /// The server acknowledged a write (WRITE, TRIM, WRITE_ZEROES).
+    pub(crate) fn acked(&mut self) {
+        self.acked_writes += 1;
+    }
+
+    /// The connection was lost: acknowledged writes not flushed yet may be gone.
+    pub(crate) fn connection_lost(&mut self) {
+        if self.acked_writes > self.flushed_upto {
+            self.lost_upto = self.acked_writes;
+        }
+    }
+
+    /// A FLUSH covering `covers` succeeded on the server: its result (`-EIO` once after a
+    /// loss of unflushed writes).
+    pub(crate) fn flushed(&mut self, covers: u64) -> i32 {
+        let lost = self.lost_upto > self.flushed_upto;
+        self.flushed_upto = self.flushed_upto.max(covers);
+        if lost {
+            log::error!(
+                "nbd: failing FLUSH: acknowledged writes may have been lost across a reconnect"
+            );
+            self.lost_upto = 0;
+            return -libc::EIO;
+        }
+        0
+    }
+}
+
 /// Refuses exports a ublk device cannot serve.
 pub(crate) fn check_servable(info: &ExportInfo) -> Result<()> {
     if info.block.min > 4096 {
@@ -526,8 +565,8 @@ fn kill(inner: &Inner, st: &mut State, gen: u64, why: &dyn std::fmt::Display) {
         s.shutdown();
     }
     st.live = None;
-    if inner.opts.fail_flush_after_reconnect && st.acked_writes > st.flushed_upto {
-        st.lost_upto = st.acked_writes;
+    if inner.opts.fail_flush_after_reconnect {
+        st.flushes.connection_lost();
     }
     inner.cv.notify_all();
 }
@@ -845,19 +884,8 @@ impl Writer {
 
     fn shut_down<'a>(&mut self, inner: &'a Inner, mut st: MutexGuard<'a, State>) {
         if let (Some(gen), Some(stream)) = (st.live, st.stream.clone()) {
-            let disc = RequestHeader {
-                flags: 0,
-                cmd: proto::CMD_DISC,
-                cookie: 0,
-                offset: 0,
-                len: 0,
-            };
             let mut b = std::mem::take(&mut self.wbuf);
-            if inner.info.extended {
-                b.extend_from_slice(&disc.encode_extended());
-            } else {
-                b.extend_from_slice(&disc.encode_compact());
-            }
+            b.extend(RequestHeader::disc(inner.info.extended));
             if (&*stream).write_all(&b).is_ok() {
                 stream.close_notify();
             }
@@ -926,21 +954,10 @@ fn result_of(st: &mut State, idx: u32) -> std::result::Result<i32, ProtoError> {
             Ok(len as i32)
         }
         Cmd::Write | Cmd::Trim | Cmd::WriteZeroes => {
-            st.acked_writes += 1;
+            st.flushes.acked();
             Ok(if cmd == Cmd::Write { len as i32 } else { 0 })
         }
-        Cmd::Flush => {
-            let lost = st.lost_upto > st.flushed_upto;
-            st.flushed_upto = st.flushed_upto.max(covers);
-            if lost {
-                log::error!(
-                    "nbd: failing FLUSH: acknowledged writes may have been lost across a reconnect"
-                );
-                st.lost_upto = 0;
-                return Ok(-libc::EIO);
-            }
-            Ok(0)
-        }
+        Cmd::Flush => Ok(st.flushes.flushed(covers)),
     }
 }
 

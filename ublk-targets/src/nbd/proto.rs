@@ -549,6 +549,22 @@ impl RequestHeader {
         b
     }
 
+    /// `NBD_CMD_DISC`, encoded for a connection with or without extended headers.
+    pub fn disc(extended: bool) -> Vec<u8> {
+        let h = RequestHeader {
+            flags: 0,
+            cmd: CMD_DISC,
+            cookie: 0,
+            offset: 0,
+            len: 0,
+        };
+        if extended {
+            h.encode_extended().to_vec()
+        } else {
+            h.encode_compact().to_vec()
+        }
+    }
+
     /// The 32-byte extended header; WRITE gets `NBD_CMD_FLAG_PAYLOAD_LEN`.
     pub fn encode_extended(&self) -> [u8; EXTENDED_REQUEST_LEN] {
         let mut flags = self.flags;

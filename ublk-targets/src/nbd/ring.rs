@@ -22,7 +22,7 @@
 use super::client::ClientOptions;
 use super::conn::{self, ExportInfo, Stream};
 use super::error::NbdError;
-use super::proto::{self, RequestHeader};
+use super::proto::RequestHeader;
 use super::session::{Direct, Session};
 use super::uri::NbdUri;
 use crossbeam_channel::Receiver;
@@ -428,18 +428,7 @@ impl QueueHandler for RingQueue {
 impl Drop for RingQueue {
     fn drop(&mut self) {
         if let Some(live) = self.live.take() {
-            let disc = RequestHeader {
-                flags: 0,
-                cmd: proto::CMD_DISC,
-                cookie: 0,
-                offset: 0,
-                len: 0,
-            };
-            let b = if self.info.extended {
-                disc.encode_extended().to_vec()
-            } else {
-                disc.encode_compact().to_vec()
-            };
+            let b = RequestHeader::disc(self.info.extended);
             let _ = live.stream.set_timeouts(None, Some(Duration::from_secs(1)));
             let _ = (&live.stream).write_all(&b);
             live.stream.shutdown();

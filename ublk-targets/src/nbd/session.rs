@@ -6,7 +6,7 @@
 //! on every (re)send, so a reply to anything not on the wire is a violation. Reply data goes
 //! straight into the request's buffer through [`TagIo`].
 
-use super::client::{cmd_flags, ClientOptions, Cmd};
+use super::client::{cmd_flags, ClientOptions, Cmd, FlushBook};
 use super::conn::ExportInfo;
 use super::error::{NbdError, ProtoError};
 use super::proto::{
@@ -125,9 +125,7 @@ pub(crate) struct Session {
     rx: Rx,
     /// READs on the wire of at least [`BIG_READ`] bytes.
     big_reads: usize,
-    acked_writes: u64,
-    flushed_upto: u64,
-    lost_upto: u64,
+    flushes: FlushBook,
 }
 
 /// A READ this large makes the engine receive payloads straight into request buffers
@@ -145,9 +143,7 @@ impl Session {
             queued: VecDeque::new(),
             rx: Rx::Header,
             big_reads: 0,
-            acked_writes: 0,
-            flushed_upto: 0,
-            lost_upto: 0,
+            flushes: FlushBook::default(),
         }
     }
 
@@ -220,7 +216,7 @@ impl Session {
             req.flags.contains(IoFlags::FUA),
             req.flags.contains(IoFlags::NOUNMAP),
         );
-        let covers = self.acked_writes;
+        let covers = self.flushes.covers();
         let s = self.slot(req.tag);
         if s.busy {
             log::error!("nbd: tag {} submitted twice", req.tag);
@@ -506,23 +502,10 @@ impl Session {
                 }
                 Cmd::Write | Cmd::Trim | Cmd::WriteZeroes => {
                     let r = if s.cmd == Cmd::Write { s.len as i32 } else { 0 };
-                    self.acked_writes += 1;
+                    self.flushes.acked();
                     r
                 }
-                Cmd::Flush => {
-                    let covers = s.flush_covers;
-                    let lost = self.lost_upto > self.flushed_upto;
-                    self.flushed_upto = self.flushed_upto.max(covers);
-                    if lost {
-                        log::error!(
-                            "nbd: failing FLUSH: acknowledged writes may have been lost across a reconnect"
-                        );
-                        self.lost_upto = 0;
-                        -libc::EIO
-                    } else {
-                        0
-                    }
-                }
+                Cmd::Flush => self.flushes.flushed(s.flush_covers),
             }
         };
         self.finish(io, tag, res);
@@ -531,8 +514,8 @@ impl Session {
 
     /// The connection was lost: everything pending goes back in the queue, to be resent.
     pub(crate) fn connection_lost(&mut self) {
-        if self.opts.fail_flush_after_reconnect && self.acked_writes > self.flushed_upto {
-            self.lost_upto = self.acked_writes;
+        if self.opts.fail_flush_after_reconnect {
+            self.flushes.connection_lost();
         }
         self.rx = Rx::Header;
         self.queued.clear();
