@@ -8,7 +8,7 @@
 # (nbd-client) vs our nbd target, both connected to one qemu-nbd server.
 # Progress goes to the console; results go to the second serial port (/dev/ttyS1), which the
 # host saves to a file, so kernel messages cannot interleave with them:
-#   @@RUN group=G queues=Q dev=D job=J rc=N daemon_ticks=T sys_busy=B sys_total=A win_busy=W
+#   @@RUN group=G queues=Q dev=D job=J round=R rc=N daemon_ticks=T sys_busy=B sys_total=A win_busy=W
 #         win_secs=S win_ios=I win_daemon=T [server_ticks=T win_server=T] win_slices=N win_ctxt=N
 #         threads_before=TID:COMM:TICKS:SLICES,... threads_after=...@@
 #   <fio --output-format=json output>
@@ -16,12 +16,15 @@
 #   @@SKIP group=G queues=Q dev=D reason=...@@
 #   @@INFO key=value@@         (cmd.DEV=... is the exact command that set DEV up)
 # Parameters (kernel command-line words): UBLK_BENCH_RUNTIME (seconds per fio run),
-# UBLK_BENCH_FILTER (comma-separated substrings of "dev/qQ/job"), UBLK_BENCH_FILE_MB.
+# UBLK_BENCH_FILTER (comma-separated substrings of "dev/qQ/job"), UBLK_BENCH_FILE_MB,
+# UBLK_BENCH_REPEAT (rounds of each job, see `rounds`).
 
 RUNTIME=${UBLK_BENCH_RUNTIME:-8}
 SERVER_PID=""
 FILTER=${UBLK_BENCH_FILTER:-}
 FILE_MB=${UBLK_BENCH_FILE_MB:-512}
+REPEAT=${UBLK_BENCH_REPEAT:-1}
+ROUND=1
 NULL_GB=4
 KO=/lib/modules/$(uname -r)
 W=/tmp/bench
@@ -145,7 +148,7 @@ run() {
             set -- "$@" --size=$size --offset_increment=$size
         fi
     fi
-    log "$group q$q $name $job ($dev)"
+    log "$group q$q $name $job ($dev) round $ROUND/$REPEAT"
     t0=0 t1=0 th0="" th1="" WINDOW_PID="" v0=0 v1=0
     [ -n "$pid" ] && t0=$(proc_ticks $pid) && th0=$(thread_ticks $pid)
     [ -n "$SERVER_PID" ] && v0=$(proc_ticks $SERVER_PID)
@@ -162,9 +165,25 @@ run() {
     set -- $s0 $s1 $win
     srv=""
     [ -n "$SERVER_PID" ] && srv=" server_ticks=$((v1 - v0)) win_server=${9:-}"
-    out "@@RUN group=$group queues=$q dev=$name job=$job rc=$rc daemon_ticks=$((t1 - t0)) sys_busy=$(($3 - $1)) sys_total=$(($4 - $2)) win_busy=${5:-} win_secs=${6:-} win_ios=${7:-} win_daemon=${8:-}$srv win_slices=${10:-} win_ctxt=${11:-} threads_before=$th0 threads_after=$th1@@"
+    out "@@RUN group=$group queues=$q dev=$name job=$job round=$ROUND rc=$rc daemon_ticks=$((t1 - t0)) sys_busy=$(($3 - $1)) sys_total=$(($4 - $2)) win_busy=${5:-} win_secs=${6:-} win_ios=${7:-} win_daemon=${8:-}$srv win_slices=${10:-} win_ctxt=${11:-} threads_before=$th0 threads_after=$th1@@"
     cat $W/fio.json >&3
     out "@@END@@"
+}
+
+# One job on several devices of a group, REPEAT rounds; every other round runs the devices in
+# reverse order, so that no device always runs right after the same one.
+rounds() { # group queues job devname...
+    rg=$1 rq=$2 rj=$3
+    shift 3
+    rev=""
+    for d in "$@"; do rev="$d $rev"; done
+    ROUND=1
+    while [ $ROUND -le "$REPEAT" ]; do
+        if [ $((ROUND % 2)) = 1 ]; then order="$*"; else order=$rev; fi
+        for d in $order; do run "$rg" "$rq" "$d" "$rj"; done
+        ROUND=$((ROUND + 1))
+    done
+    ROUND=1
 }
 
 skip() { # group queues devname reason
@@ -191,9 +210,7 @@ null_group() { # queues
         ublk_add ublk_null_z -t null -z -q $q --size ${NULL_GB}G || skip null $q ublk_null_z "ublk add -z failed"
     fi
     for job in $JOBS; do
-        for d in null_blk ublk_null ublk_null_u ublk_null_z; do
-            run null $q $d $job
-        done
+        rounds null $q $job null_blk ublk_null ublk_null_u ublk_null_z
     done
     /opt/bin/ublk del -a
     rmmod null_blk
@@ -218,9 +235,7 @@ loop_group() { # queues
     fi
     ublk_add ublk_qcow2 -t qcow2 -q $q -f $QCOW || skip loop $q ublk_qcow2 "ublk add -t qcow2 failed"
     for job in $JOBS; do
-        for d in loop ublk_loop ublk_loop_g ublk_loop_u ublk_loop_z ublk_qcow2; do
-            run loop $q $d $job
-        done
+        rounds loop $q $job loop ublk_loop ublk_loop_g ublk_loop_u ublk_loop_z ublk_qcow2
     done
     /opt/bin/ublk del -a
     [ -n "$l" ] && /opt/bin/losetup -d $l
@@ -289,8 +304,7 @@ qcow2_group() { # queues
     fi
     ublk_add ublk_qcow2 -t qcow2 -q $q -f $QCOW || skip qcow2 $q ublk_qcow2 "ublk add -t qcow2 failed"
     for job in $JOBS; do
-        run qcow2 $q qemu_nbd $job
-        run qcow2 $q ublk_qcow2 $job
+        rounds qcow2 $q $job qemu_nbd ublk_qcow2
     done
     /opt/bin/ublk del -a
     if [ -n "$DEV_qemu_nbd" ]; then
@@ -349,9 +363,7 @@ nbd_group() { # queues
         skip nbd $q ublk_nbd_t "ublk add -t nbd --nbd-threads failed"
     fi
     for job in $JOBS; do
-        run nbd $q nbd $job
-        run nbd $q ublk_nbd $job
-        run nbd $q ublk_nbd_t $job
+        rounds nbd $q $job nbd ublk_nbd ublk_nbd_t
     done
     /opt/bin/ublk del -a
     [ -n "$DEV_nbd" ] && /opt/bin/nbd-client -d /dev/nbd1 >/dev/null 2>&1
@@ -368,7 +380,7 @@ ZERO_COPY=0
 /opt/bin/ublk features 2>/dev/null | grep -q AUTO_BUF_REG && ZERO_COPY=1
 log "zero copy: $ZERO_COPY"
 out "@@INFO cpus=$(grep -c ^processor /proc/cpuinfo) mem_kb=$(awk '/MemTotal/{print $2}' /proc/meminfo) clk_tck=100@@"
-log "kernel $(uname -r), ${RUNTIME}s per run, filter '$FILTER'"
+log "kernel $(uname -r), ${RUNTIME}s per run, $REPEAT round(s), filter '$FILTER'"
 log "writing ${FILE_MB} MiB raw file and fully allocated qcow2 image on tmpfs"
 dd if=/dev/zero of=$RAW bs=1M count=$FILE_MB 2>/dev/null
 /opt/bin/qemu-img create -q -f qcow2 -o preallocation=full $QCOW ${FILE_MB}M ||

@@ -140,6 +140,8 @@ pub struct BenchOptions {
     pub kernels: Vec<&'static KernelSpec>,
     pub quick: bool,
     pub runtime: Option<u64>,
+    /// Rounds of each job per device (interleaved with the other devices of the group).
+    pub repeat: u32,
     pub filter: Option<String>,
     pub timeout: Option<u64>,
     pub quiet: bool,
@@ -158,6 +160,8 @@ struct Run {
     queues: u32,
     dev: String,
     job: String,
+    /// Which of the job's rounds (1 without `--repeat`).
+    round: u32,
     rc: i32,
     iops: f64,
     bw_bytes: f64,
@@ -321,6 +325,9 @@ pub fn run(opts: &BenchOptions) -> Result<ExitCode> {
     if runtime == 0 {
         bail!("--runtime must be at least 1 second");
     }
+    if opts.repeat == 0 {
+        bail!("--repeat must be at least 1");
+    }
     if let Some(f) = &opts.filter {
         vm::check_word("--filter", f)?;
     }
@@ -336,7 +343,10 @@ pub fn run(opts: &BenchOptions) -> Result<ExitCode> {
     } else {
         vm::build_binaries(opts.no_build)?
     };
-    let timeout = Duration::from_secs(opts.timeout.unwrap_or(300 + RUNS_PER_BOOT * (runtime + 6)));
+    let timeout = Duration::from_secs(
+        opts.timeout
+            .unwrap_or(300 + RUNS_PER_BOOT * u64::from(opts.repeat) * (runtime + 6)),
+    );
 
     let mut all = Vec::new();
     for spec in &opts.kernels {
@@ -350,6 +360,7 @@ pub fn run(opts: &BenchOptions) -> Result<ExitCode> {
                 ("host.date", date.clone()),
                 ("host.command", command.clone()),
                 ("host.runtime", runtime.to_string()),
+                ("host.repeat", opts.repeat.to_string()),
                 ("host.commit", git_commit()),
             ]
             .into_iter()
@@ -458,7 +469,10 @@ fn boot_and_bench(
     let (kernel, initrd) = vm::prepare(spec, bins, &Mode::Bench)?;
     let _ = fs::remove_file(out_path);
     let mut append = vm::base_append(spec.label);
-    append.push_str(&format!(" UBLK_BENCH_RUNTIME={runtime}"));
+    append.push_str(&format!(
+        " UBLK_BENCH_RUNTIME={runtime} UBLK_BENCH_REPEAT={}",
+        opts.repeat
+    ));
     if let Some(f) = opts.filter.as_deref().filter(|f| !f.is_empty()) {
         append.push_str(&format!(" UBLK_BENCH_FILTER={f}"));
     }
@@ -717,6 +731,7 @@ fn make_run(f: &[(String, String)], fio_json: &str) -> Run {
         win_ctxt: field(f, "win_ctxt").parse().ok(),
         threads: thread_deltas(field(f, "threads_before"), field(f, "threads_after")),
         error: None,
+        round: field(f, "round").parse().unwrap_or(1),
         job,
     };
     // fio may print warnings before the JSON document.
@@ -778,16 +793,79 @@ fn baseline(group: &str, dev: &str) -> Option<&'static str> {
         .and_then(|d| d.2)
 }
 
-fn find<'a>(k: &'a KernelResults, group: &str, q: u32, dev: &str, job: &str) -> Option<&'a Run> {
+/// Every round of one device and job, in the order they ran.
+fn rounds<'a>(k: &'a KernelResults, group: &str, q: u32, dev: &str, job: &str) -> Vec<&'a Run> {
     k.runs
         .iter()
-        .find(|r| r.group == group && r.queues == q && r.dev == dev && r.job == job)
+        .filter(|r| r.group == group && r.queues == q && r.dev == dev && r.job == job)
+        .collect()
 }
 
-fn ratio(k: &KernelResults, r: &Run) -> Option<(f64, &'static str)> {
-    let base = baseline(&r.group, &r.dev)?;
-    let b = find(k, &r.group, r.queues, base, &r.job).filter(|b| b.ok() && b.iops > 0.0)?;
-    r.ok().then(|| (r.iops / b.iops, base))
+/// The run that stands for a device and job in the tables: the one with the median IOPS of its
+/// successful rounds (the lower middle one of an even count), or the first if none succeeded.
+fn find<'a>(k: &'a KernelResults, group: &str, q: u32, dev: &str, job: &str) -> Option<&'a Run> {
+    let all = rounds(k, group, q, dev, job);
+    let mut ok: Vec<&Run> = all.iter().copied().filter(|r| r.ok()).collect();
+    ok.sort_by(|a, b| a.iops.total_cmp(&b.iops));
+    ok.get(ok.len().saturating_sub(1) / 2)
+        .copied()
+        .or_else(|| all.first().copied())
+}
+
+/// A device's IOPS relative to its baseline: one ratio per round in which both succeeded
+/// (each against the baseline's run of the same round, seconds apart), summed up.
+#[derive(Debug, Clone, PartialEq)]
+struct Ratio {
+    median: f64,
+    min: f64,
+    max: f64,
+    /// The per-round ratios, in round order.
+    each: Vec<f64>,
+    base: &'static str,
+}
+
+impl Ratio {
+    /// "0.95", or with several rounds "0.95 (0.90-1.02)".
+    fn text(&self) -> String {
+        if self.each.len() > 1 {
+            format!("{:.2} ({:.2}-{:.2})", self.median, self.min, self.max)
+        } else {
+            format!("{:.2}", self.median)
+        }
+    }
+}
+
+fn median(v: &[f64]) -> Option<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+fn ratio(k: &KernelResults, group: &str, q: u32, dev: &str, job: &str) -> Option<Ratio> {
+    let base = baseline(group, dev)?;
+    let base_runs = rounds(k, group, q, base, job);
+    let each: Vec<f64> = rounds(k, group, q, dev, job)
+        .into_iter()
+        .filter(|r| r.ok())
+        .filter_map(|r| {
+            let b = base_runs
+                .iter()
+                .find(|b| b.round == r.round && b.ok() && b.iops > 0.0)?;
+            Some(r.iops / b.iops)
+        })
+        .collect();
+    Some(Ratio {
+        median: median(&each)?,
+        min: each.iter().copied().reduce(f64::min)?,
+        max: each.iter().copied().reduce(f64::max)?,
+        each,
+        base,
+    })
 }
 
 /// A markdown table with padded columns (readable as text too).
@@ -855,12 +933,7 @@ fn summary_table(k: &KernelResults) -> String {
                     display_name(base).to_string(),
                 ];
                 for job in JOBS {
-                    row.push(fmt_opt(
-                        find(k, group, q, dev, job)
-                            .and_then(|r| ratio(k, r))
-                            .map(|x| x.0),
-                        2,
-                    ));
+                    row.push(ratio(k, group, q, dev, job).map_or_else(|| "-".into(), |r| r.text()));
                 }
                 rows.push(row);
             }
@@ -898,10 +971,21 @@ fn targets_table(k: &KernelResults) -> String {
             for job in JOBS {
                 let cell = match goals.iter().find(|(j, _)| j == job) {
                     None => String::new(),
-                    Some((_, min)) => match find(k, group, q, dev, job).and_then(|r| ratio(k, r)) {
+                    Some((_, min)) => match ratio(k, group, q, dev, job) {
                         None => format!("- (≥ {min:.2})"),
-                        Some((x, _)) if x >= *min => format!("{x:.2} ≥ {min:.2} ✓"),
-                        Some((x, _)) => format!("{x:.2} < {min:.2} ✗"),
+                        Some(r) => {
+                            let x = r.median;
+                            let mut c = if x >= *min {
+                                format!("{x:.2} ≥ {min:.2} ✓")
+                            } else {
+                                format!("{x:.2} < {min:.2} ✗")
+                            };
+                            if r.each.len() > 1 {
+                                let met = r.each.iter().filter(|&&e| e >= *min).count();
+                                let _ = write!(c, " ({met}/{} rounds)", r.each.len());
+                            }
+                            c
+                        }
                     },
                 };
                 row.push(cell);
@@ -941,8 +1025,8 @@ fn full_table(k: &KernelResults) -> String {
                         continue;
                     };
                     let ok = r.ok();
-                    let ratio = ratio(k, r)
-                        .map(|(x, b)| format!("{x:.2} vs {}", display_name(b)))
+                    let ratio = ratio(k, group, q, dev, job)
+                        .map(|x| format!("{} vs {}", x.text(), display_name(x.base)))
                         .unwrap_or_else(|| "-".into());
                     rows.push(vec![
                         q.to_string(),
@@ -1086,10 +1170,17 @@ fn render_doc(all: &[KernelResults], notes: Option<&str>) -> String {
         "| guest | TCG (`-accel tcg,thread=multi`, no KVM), `-cpu max,erms=off,fsrm=off`, 2 vCPUs, {BENCH_MEM} RAM |"
     );
     let _ = writeln!(s, "| fio | {fio} (the host's, copied into the guest) |");
+    let repeat = first("host.repeat");
     let _ = writeln!(
         s,
-        "| runtime | {} s per fio run, time based |",
-        first("host.runtime")
+        "| runtime | {} s per fio run, time based; {} |",
+        first("host.runtime"),
+        match repeat.as_str() {
+            "1" | "unknown" => "one run per device and job".to_string(),
+            n => format!(
+                "{n} rounds per device and job (`--repeat {n}`), interleaved: tables show medians"
+            ),
+        }
     );
     for k in all {
         let range = k
@@ -1174,6 +1265,12 @@ fn render_doc(all: &[KernelResults], notes: Option<&str>) -> String {
            the daemon's threads in the window, per IO. Guest cs/IO: context switches of the \
            whole guest (`ctxt` in `/proc/stat`: fio, kernel threads, daemons, idle) in the window, \
            per IO; the only such figure the kernel baselines have.\n\
+         - Rounds (`--repeat N`): each job runs N times on every device of its group, the \
+           devices taking turns (the order reversed every other round), before the next job. \
+           Each round gives one ratio against the baseline's run of that round; the ratio cells \
+           show their median and, in parentheses, the lowest and highest; the targets table \
+           how many rounds reached the target. The other columns are those of the run with the \
+           median IOPS.\n\
          - ±%: standard deviation of fio's IOPS samples (one per 500 ms) relative to their mean, a \
            gauge of how steady the run was.\n\
          - IOPS ratio: our IOPS / baseline IOPS in the same boot, same queue count and job; the \
@@ -1428,12 +1525,13 @@ mod tests {
 
         // The same device in two groups: each measured against its own group's baseline.
         let r = |g: &str, d: &str, j: &str| find(&k, g, 1, d, j).unwrap();
-        let q_loop = ratio(&k, r("loop", "ublk_qcow2", "randread-4k-qd32")).unwrap();
-        assert_eq!(q_loop.1, "ublk_loop");
-        assert!((q_loop.0 - 0.9).abs() < 1e-9);
-        let q_nbd = ratio(&k, r("qcow2", "ublk_qcow2", "randread-4k-qd32")).unwrap();
-        assert_eq!(q_nbd.1, "qemu_nbd");
-        assert!((q_nbd.0 - 3.5).abs() < 1e-9);
+        let q_loop = ratio(&k, "loop", 1, "ublk_qcow2", "randread-4k-qd32").unwrap();
+        assert_eq!(q_loop.base, "ublk_loop");
+        assert!((q_loop.median - 0.9).abs() < 1e-9);
+        assert_eq!(q_loop.text(), "0.90");
+        let q_nbd = ratio(&k, "qcow2", 1, "ublk_qcow2", "randread-4k-qd32").unwrap();
+        assert_eq!(q_nbd.base, "qemu_nbd");
+        assert!((q_nbd.median - 3.5).abs() < 1e-9);
 
         // qemu-nbd is a daemon; the kernel nbd client is not; the server is counted apart.
         let qn = r("qcow2", "qemu_nbd", "randread-4k-qd32");
@@ -1489,6 +1587,59 @@ mod tests {
             "{doc}"
         );
         assert!(!doc.contains(NOTES_HEADING), "{doc}");
+    }
+
+    /// With `--repeat`, each round is compared with the baseline's run of the same round and the
+    /// tables show the median, its range, and how many rounds met a target.
+    #[test]
+    fn rounds_give_median_ratios() {
+        let mut text = String::new();
+        // Baseline and device take turns; round 2 of the device failed.
+        for (dev, round, iops, rc) in [
+            ("nbd", 1, 100.0, 0),
+            ("ublk_nbd", 1, 150.0, 0),
+            ("ublk_nbd", 2, 90.0, 1),
+            ("nbd", 2, 200.0, 0),
+            ("nbd", 3, 100.0, 0),
+            ("ublk_nbd", 3, 105.0, 0),
+            ("nbd", 4, 50.0, 0),
+            ("ublk_nbd", 4, 60.0, 0),
+        ] {
+            let run = run_text(
+                &format!("group=nbd queues=1 dev={dev} round={round}"),
+                "randread-4k-qd32",
+                iops,
+            );
+            text.push_str(&run.replace(" rc=0 ", &format!(" rc={rc} ")));
+        }
+        text.push_str("@@DONE@@\n@@INFO host.rc=0@@\n@@INFO host.repeat=4@@\n");
+        let k = KernelResults::parse("6.12", &text);
+        assert_eq!(k.runs.len(), 8);
+        assert_eq!(k.runs[2].round, 2);
+        let r = ratio(&k, "nbd", 1, "ublk_nbd", "randread-4k-qd32").unwrap();
+        // Rounds 1, 3, 4: 1.5, 1.05, 1.2 (round 2 failed, so it has no ratio).
+        assert_eq!(r.each.len(), 3);
+        assert!((r.median - 1.2).abs() < 1e-9, "{r:?}");
+        assert_eq!(r.text(), "1.20 (1.05-1.50)");
+        // The tables show the median run: IOPS 105 of 60, 105, 150.
+        assert_eq!(
+            find(&k, "nbd", 1, "ublk_nbd", "randread-4k-qd32")
+                .unwrap()
+                .iops,
+            105.0
+        );
+        // Baseline: 50, 100, 100, 200: the lower middle one.
+        assert_eq!(
+            find(&k, "nbd", 1, "nbd", "randread-4k-qd32").unwrap().iops,
+            100.0
+        );
+        let t = targets_table(&k);
+        assert!(t.contains("1.20 ≥ 1.10 ✓ (2/3 rounds)"), "{t}");
+        let doc = render_doc(&[k], None);
+        assert!(doc.contains("4 rounds per device and job"), "{doc}");
+        assert!(doc.contains("1.20 (1.05-1.50) vs nbd-client"), "{doc}");
+        assert_eq!(median(&[1.0, 3.0]), Some(2.0));
+        assert_eq!(median(&[]), None);
     }
 
     #[test]

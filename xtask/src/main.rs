@@ -80,6 +80,10 @@ enum Cmd {
         /// Seconds per fio run (overrides --quick).
         #[arg(long)]
         runtime: Option<u64>,
+        /// Run each job N times on every device of its group, the devices taking turns; the
+        /// tables show median ratios with their range.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        repeat: u32,
         /// Only runs whose "device/qQUEUES/job" contains PATTERN (comma-separated alternatives),
         /// e.g. `ublk_null/q1/`, `randread-4k-qd1`; devices: null_blk ublk_null loop ublk_loop
         /// ublk_loop_g ublk_loop_u ublk_qcow2.
@@ -141,6 +145,7 @@ fn main() -> Result<ExitCode> {
             kernel,
             quick,
             runtime,
+            repeat,
             filter,
             timeout,
             quiet,
@@ -152,6 +157,7 @@ fn main() -> Result<ExitCode> {
             kernels: vm::parse_kernels(&kernel)?,
             quick,
             runtime,
+            repeat,
             filter,
             timeout,
             quiet,
