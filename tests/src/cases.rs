@@ -32,7 +32,13 @@ pub fn all() -> Vec<Test> {
         test("kernel_null_fio_randrw_no_batch_sched", 90, || {
             null_fio(&["--no-batch-sched"])
         }),
-        test("kernel_del_during_fio", 120, del_during_fio),
+        test("kernel_del_during_fio", 120, || del_during_fio(&[])),
+        test("kernel_del_during_fio_batch", 120, || {
+            if !batch_supported()? {
+                return Ok(Outcome::Skip("batch io commands need Linux 7.0".into()));
+            }
+            del_during_fio(&["-b"])
+        }),
         test("kernel_kill_daemon_no_recovery", 90, kill_no_recovery),
         test("kernel_kill_daemon_recovery", 120, || kill_recovery(&[])),
         test("kernel_kill_daemon_recovery_zero_copy", 120, || {
@@ -40,6 +46,12 @@ pub fn all() -> Vec<Test> {
                 return Ok(Outcome::Skip("zero copy needs Linux 6.16".into()));
             }
             kill_recovery(&["-z"])
+        }),
+        test("kernel_kill_daemon_recovery_batch", 120, || {
+            if !batch_supported()? {
+                return Ok(Outcome::Skip("batch io commands need Linux 7.0".into()));
+            }
+            kill_recovery(&["-b"])
         }),
         test(
             "kernel_signals_stop_and_delete",
@@ -58,8 +70,17 @@ pub fn all() -> Vec<Test> {
         for queues in [1u32, 2] {
             for depth in [1u32, 128] {
                 let name = format!("kernel_loop_verify_{mode}_q{queues}_d{depth}");
-                v.push(test(&name, 180, move || loop_verify(flag, queues, depth)));
+                v.push(test(&name, 180, move || {
+                    loop_verify(flag.as_slice(), queues, depth)
+                }));
             }
+        }
+    }
+    // Batch io commands (Linux 7.0), in the modes they work with.
+    for (mode, args) in [("copy", &["-b"][..]), ("usercopy", &["-b", "-u"][..])] {
+        for (queues, depth) in [(1u32, 2u32), (1, 128), (2, 128)] {
+            let name = format!("kernel_loop_verify_batch_{mode}_q{queues}_d{depth}");
+            v.push(test(&name, 180, move || loop_verify(args, queues, depth)));
         }
     }
     // The same over a block device: tmpfs files are served inline on the queue thread, block
@@ -86,6 +107,7 @@ pub fn all() -> Vec<Test> {
             write_zeroes(&["-z"])
         }),
         test("kernel_zero_copy_errors", 60, zero_copy_errors),
+        test("kernel_batch_io", 90, batch_io),
     ]);
     v.extend(crate::qcow2_cases::all());
     v.extend(crate::nbd_cases::all());
@@ -291,22 +313,6 @@ fn unsupported_mode() -> Result<Outcome> {
 /// 7b. Zero copy: before 6.16 `-z` fails naming the release and leaves nothing behind; from
 ///     6.16 a target that needs the data in user space (qcow2) refuses it, and null works.
 fn zero_copy_errors() -> Result<Outcome> {
-    let check_refused = |r: &Run, want: &str| -> Result<()> {
-        ensure!(!r.ok(), "succeeded: {}", r.stdout);
-        ensure!(
-            r.stderr.contains(want),
-            "error does not mention {want:?}: {:?}",
-            r.stderr
-        );
-        println!("error as expected: {}", r.stderr.trim());
-        sleep(Duration::from_millis(300));
-        ensure!(
-            ublk_ok(&["list"])?.stdout.trim().is_empty() && ublk_char_devs().is_empty(),
-            "a device was left behind: {:?}",
-            ublk_char_devs()
-        );
-        Ok(())
-    };
     if !zero_copy_supported()? {
         check_refused(&ublk(&["add", "-t", "null", "-z"])?, "6.16")?;
         return Ok(Outcome::Pass);
@@ -334,6 +340,69 @@ fn zero_copy_errors() -> Result<Outcome> {
         Duration::from_secs(60),
     )?;
     ublk_del(d.id)?;
+    Ok(Outcome::Pass)
+}
+
+/// Refused `ublk add` arguments: the error names `want`, and no device is left behind.
+fn check_refused(r: &Run, want: &str) -> Result<()> {
+    ensure!(!r.ok(), "succeeded: {}", r.stdout);
+    ensure!(
+        r.stderr.contains(want),
+        "error does not mention {want:?}: {:?}",
+        r.stderr
+    );
+    println!("error as expected: {}", r.stderr.trim());
+    sleep(Duration::from_millis(300));
+    ensure!(
+        ublk_ok(&["list"])?.stdout.trim().is_empty() && ublk_char_devs().is_empty(),
+        "a device was left behind: {:?}",
+        ublk_char_devs()
+    );
+    Ok(())
+}
+
+/// Whether the kernel has batch io commands (`UBLK_F_BATCH_IO`, 7.0).
+fn batch_supported() -> Result<bool> {
+    Ok(kernel_version()? >= (7, 0))
+}
+
+/// 7c. Batch io commands: before 7.0 `-b` fails naming the release and leaves nothing behind;
+///     from 7.0 the modes it excludes are refused, and null with 2 queues serves fio with the
+///     flag granted.
+fn batch_io() -> Result<Outcome> {
+    if !batch_supported()? {
+        check_refused(&ublk(&["add", "-t", "null", "-b"])?, "7.0")?;
+        return Ok(Outcome::Pass);
+    }
+    check_refused(&ublk(&["add", "-t", "null", "-b", "-g"])?, "batch")?;
+    check_refused(&ublk(&["add", "-t", "null", "-b", "-z"])?, "batch")?;
+    for extra in [&[][..], &["-u"][..]] {
+        let mut args = vec!["-t", "null", "-b", "-q", "2"];
+        args.extend_from_slice(extra);
+        let d = ublk_add(&args)?;
+        let flags = d.flags;
+        ensure!(
+            flags & (1 << 15) != 0,
+            "BATCH_IO (bit 15) not granted: flags {flags:#x}"
+        );
+        fio(
+            &[
+                "--name=batch",
+                &format!("--filename={}", d.bdev()),
+                "--rw=randrw",
+                "--bs=4k",
+                "--iodepth=64",
+                "--ioengine=io_uring",
+                "--direct=1",
+                "--numjobs=2",
+                "--group_reporting",
+                "--time_based",
+                "--runtime=3",
+            ],
+            Duration::from_secs(60),
+        )?;
+        ublk_del(d.id)?;
+    }
     Ok(Outcome::Pass)
 }
 
@@ -379,11 +448,13 @@ fn null_fio(extra: &[&str]) -> Result<Outcome> {
 }
 
 /// 2. `ublk del` while fio is hammering the device.
-fn del_during_fio() -> Result<Outcome> {
+fn del_during_fio(extra: &[&str]) -> Result<Outcome> {
     let wd = workdir()?;
     let file = wd.join("backing");
     sparse_file(&file, 256)?;
-    let d = add_loop(&file, &["-q", "2"])?;
+    let mut args = vec!["-q", "2"];
+    args.extend_from_slice(extra);
+    let d = add_loop(&file, &args)?;
     let log = fs::File::create(wd.join("fio.log"))?;
     let mut fio = Command::new(opt_bin("fio"))
         .args([
@@ -576,16 +647,19 @@ fn zero_copy_supported() -> Result<bool> {
 }
 
 /// 4. fio verify (random 4k and sequential 128k writes) on loop over a 256 MiB file.
-fn loop_verify(mode: Option<&str>, queues: u32, depth: u32) -> Result<Outcome> {
-    if mode == Some("-z") && !zero_copy_supported()? {
+fn loop_verify(mode: &[&str], queues: u32, depth: u32) -> Result<Outcome> {
+    if mode.contains(&"-z") && !zero_copy_supported()? {
         return Ok(Outcome::Skip("zero copy needs Linux 6.16".into()));
+    }
+    if mode.contains(&"-b") && !batch_supported()? {
+        return Ok(Outcome::Skip("batch io commands need Linux 7.0".into()));
     }
     let wd = workdir()?;
     let file = wd.join("backing");
     zero_file(&file, 256)?;
     let (q, dp) = (queues.to_string(), depth.to_string());
     let mut args = vec!["-q", &q, "-d", &dp];
-    args.extend(mode);
+    args.extend_from_slice(mode);
     let d = add_loop(&file, &args)?;
     ensure!(
         d.queues == queues && d.depth == depth,

@@ -78,6 +78,7 @@ impl AddArgs {
             (self.need_get_data, "-g"),
             (self.user_copy, "-u"),
             (self.zero_copy, "-z"),
+            (self.batch, "-b"),
             (self.fallback, "--fallback"),
             (self.buffered, "--buffered"),
             (self.read_only, "--read-only"),
@@ -437,7 +438,8 @@ fn serve_target<T: Target + 'static>(
                 .data_mode(a.data_mode()?, a.fallback)
                 .recovery(a.recovery())
                 .params(params)
-                .affinity(!a.no_affinity);
+                .affinity(!a.no_affinity)
+                .batch_io(a.batch);
             if let Some(m) = a.max_io_size {
                 let m = u32::try_from(m).map_err(|_| anyhow!("--max-io-size is too large"))?;
                 b = b.max_io_bytes(m);

@@ -85,6 +85,11 @@ pub(crate) struct AddArgs {
     /// uses them directly (UBLK_F_AUTO_BUF_REG, Linux 6.16; null and loop targets).
     #[arg(short = 'z', long = "zero-copy")]
     pub(crate) zero_copy: bool,
+    /// Batch io commands: requests arrive as arrays of tags and results go back many per
+    /// command (UBLK_F_BATCH_IO, Linux 7.0; copy and -u modes).
+    #[arg(short = 'b', long = "batch")]
+    #[serde(default)]
+    pub(crate) batch: bool,
     /// Fall back to copy mode (with a warning) when the kernel lacks the requested mode.
     #[arg(long)]
     pub(crate) fallback: bool,

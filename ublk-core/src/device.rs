@@ -97,6 +97,7 @@ pub struct DeviceBuilder {
     params: DeviceParams,
     affinity: bool,
     batch_sched: bool,
+    batch_io: bool,
 }
 
 impl Default for DeviceBuilder {
@@ -113,6 +114,7 @@ impl Default for DeviceBuilder {
             params: DeviceParams::default(),
             affinity: true,
             batch_sched: true,
+            batch_io: false,
         }
     }
 }
@@ -180,6 +182,15 @@ impl DeviceBuilder {
         self
     }
 
+    /// Batch io commands (`UBLK_F_BATCH_IO`, Linux 7.0; default off): each queue learns of
+    /// requests as arrays of tags from a multishot fetch and commits a whole batch of results
+    /// with one command, instead of one io command per request. Not with
+    /// [`DataMode::NeedGetData`] or [`DataMode::ZeroCopy`].
+    pub fn batch_io(mut self, on: bool) -> Self {
+        self.batch_io = on;
+        self
+    }
+
     /// Adds the device (ADD_DEV) and sets its parameters. The device is deleted again if
     /// anything fails, or if the returned [`Device`] is dropped without being served.
     pub fn build(self, mut ctrl: Ctrl) -> Result<Device> {
@@ -210,7 +221,22 @@ impl DeviceBuilder {
                 ctrl.check_flags(mode.flag())?;
             }
         }
-        let flags = mode.flag() | self.recovery.flags() | self.extra_flags;
+        let mut flags = mode.flag() | self.recovery.flags() | self.extra_flags;
+        if self.batch_io {
+            if matches!(mode, DataMode::NeedGetData | DataMode::ZeroCopy) {
+                return Err(DeviceError::Config(format!(
+                    "batch io commands do not work with the {} data mode",
+                    mode.name()
+                )));
+            }
+            if self.depth < 2 {
+                // The kernel keeps each queue's tags in a kfifo, which needs two entries.
+                return Err(DeviceError::Config(
+                    "batch io commands need a queue depth of 2 or more".into(),
+                ));
+            }
+            flags |= DeviceFlags::BATCH_IO;
+        }
         ctrl.check_flags(flags)?;
         let info = ctrl.add(&AddRequest {
             dev_id: self.dev_id,
@@ -414,6 +440,7 @@ impl Device {
                 buf_size: self.info.max_io_buf_bytes as usize,
                 desc_size: usize::from(self.info.io_desc_size),
                 mode: self.mode,
+                batch: self.info.flags.contains(DeviceFlags::BATCH_IO),
                 cdev: cdev.clone(),
                 wake,
             };

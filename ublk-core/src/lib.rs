@@ -8,11 +8,12 @@
 //!   queue (buffers, io_uring operations), [`Completer`] completes from other threads.
 //! * [`DataMode`]: kernel copy, `NEED_GET_DATA` or `USER_COPY`, negotiated with the kernel.
 //!
-//! Unsafe code is confined to `os`, `desc`, `buf`, `ctrl` and `queue`, each with a `# Safety`
+//! Unsafe code is confined to `os`, `desc`, `buf`, `batch`, `ctrl` and `queue`, each with a `# Safety`
 //! contract. Kernel documentation: <https://docs.kernel.org/block/ublk.html>.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+mod batch;
 #[doc(hidden)]
 pub mod bench;
 mod buf;

@@ -6,6 +6,12 @@
 //! COMMIT_AND_FETCH → `Fetching` again. `UBLK_IO_RES_ABORT` moves a tag to `Dead`; the loop
 //! ends when every tag is dead and no operation points into a buffer any more.
 //!
+//! With batch io commands (`UBLK_F_BATCH_IO`, [`crate::batch`]) no command is parked per tag:
+//! `Fetching` then means "the kernel's", requests arrive as arrays of tags from a multishot
+//! fetch, and the commits of a whole batch of completions go back in one command, sent before
+//! the loop next waits. When the fetches end with an error (the device is going away), every
+//! tag the kernel holds, and every tag committed from then on, is dead.
+//!
 //! # Safety
 //!
 //! Every SQE pushed here points either at nothing or at the tag's own buffer slot in
@@ -23,6 +29,7 @@
 //! the buffers.
 #![allow(unsafe_code)]
 
+use crate::batch::{Batch, CommitDone, FETCHES};
 use crate::buf::IoBufs;
 use crate::desc::DescArea;
 use crate::flags::DeviceFlags;
@@ -110,6 +117,9 @@ pub enum QueueError {
     /// The kernel refused a tag's FETCH command.
     #[error("the kernel refused FETCH for queue {0} tag {1}")]
     Fetch(u16, u16, #[source] io::Error),
+    /// The kernel refused the queue's PREP_IO_CMDS or FETCH_IO_CMDS (batch io commands).
+    #[error("the kernel refused the batch io commands of queue {0}")]
+    Batch(u16, #[source] io::Error),
 }
 
 // user_data layout: bits 0-15 tag, 16-23 kind, 32-63 target data.
@@ -119,6 +129,10 @@ const KIND_TARGET: u64 = 3;
 const KIND_EVENT: u64 = 4;
 /// A target operation of its own, not tied to a request: tag bits = index in `OwnOps`.
 const KIND_OWN: u64 = 5;
+/// A PREP_IO_CMDS / COMMIT_IO_CMDS: tag bits = its slot in `Batch`.
+const KIND_BATCH: u64 = 6;
+/// A multishot FETCH_IO_CMDS: tag bits = which of the queue's fetches.
+const KIND_FETCH: u64 = 7;
 const CDEV: types::Fixed = types::Fixed(0);
 
 fn user_data(kind: u64, tag: u16, data: u32) -> u64 {
@@ -150,6 +164,8 @@ pub(crate) struct QueueConfig {
     pub(crate) buf_size: usize,
     pub(crate) desc_size: usize,
     pub(crate) mode: DataMode,
+    /// Batch io commands (`UBLK_F_BATCH_IO`) instead of one command per tag.
+    pub(crate) batch: bool,
     pub(crate) cdev: Arc<File>,
     /// Wakes the queue: cross-thread completions, or a forced quit.
     pub(crate) wake: QueueWaker,
@@ -641,6 +657,13 @@ fn push_sqe(ring: &mut IoUring, sqe: &squeue::Entry) -> io::Result<()> {
 struct Queue<H: QueueHandler> {
     // Drop order: the ring first, so nothing in flight outlives the buffers below.
     ring: IoUring,
+    /// Batch io commands' state, if the device uses them.
+    batch: Option<Batch>,
+    /// A fetch of `batch` ended with an error: the device is going away, and tags the kernel
+    /// holds will not be delivered again.
+    fetch_stopped: bool,
+    /// Scratch for the tags of one fetch completion.
+    fetched: Vec<u16>,
     handler: H,
     desc: DescArea,
     bufs: IoBufs,
@@ -652,7 +675,7 @@ struct Queue<H: QueueHandler> {
     completer: Completer,
     rx: Receiver<(u16, i32)>,
     event_buf: Box<u64>,
-    cqes: Vec<(u64, i32)>,
+    cqes: Vec<(u64, i32, u32)>,
     /// The target's own operations in flight (after the ring: dropped once it is gone).
     own: OwnOps,
     /// Requests the target completed through [`IoCtx::complete`], to commit.
@@ -685,6 +708,12 @@ pub(crate) fn setup<T: Target>(
     let desc = DescArea::map(&cfg.cdev, q, cfg.depth, cfg.desc_size)
         .map_err(|e| QueueError::Memory(q, e))?;
     let bufs = IoBufs::new(cfg.depth, cfg.buf_size).map_err(|e| QueueError::Memory(q, e))?;
+    let batch = if cfg.batch {
+        let with_addr = matches!(cfg.mode, DataMode::Copy);
+        Some(Batch::new(&ring, q, cfg.depth, with_addr).map_err(|e| QueueError::Ring(q, e))?)
+    } else {
+        None
+    };
     let handler = target.open_queue(q).map_err(|e| QueueError::Target(q, e))?;
     let (tx, rx) = crossbeam_channel::bounded(usize::from(cfg.depth));
     let completer = Completer {
@@ -693,6 +722,9 @@ pub(crate) fn setup<T: Target>(
     };
     let mut queue = Queue {
         ring,
+        batch,
+        fetch_stopped: false,
+        fetched: Vec::new(),
         handler,
         copy_data: target.uses_data(),
         desc,
@@ -706,23 +738,41 @@ pub(crate) fn setup<T: Target>(
         own: OwnOps::default(),
         done: Vec::new(),
     };
-    for tag in 0..queue.cfg.depth {
+    if queue.batch.is_some() {
         queue
-            .submit_cmd(sys::UBLK_U_IO_FETCH_REQ, tag, 0)
+            .submit_batch_setup()
             .map_err(|e| QueueError::Submit(q, e))?;
+    } else {
+        for tag in 0..queue.cfg.depth {
+            queue
+                .submit_cmd(sys::UBLK_U_IO_FETCH_REQ, tag, 0)
+                .map_err(|e| QueueError::Submit(q, e))?;
+        }
     }
     queue.arm_event().map_err(|e| QueueError::Submit(q, e))?;
-    queue.ring.submit().map_err(|e| QueueError::Submit(q, e))?;
-    // No request can arrive before START_DEV / END_USER_RECOVERY, so a completion now is a
-    // FETCH the kernel refused (bad flags or buffer setup): fail here rather than let the
-    // start wait for a tag that will never be fetched.
+    if queue.batch.is_some() {
+        // PREP_IO_CMDS completes at once (accepted or refused): wait for it.
+        queue
+            .ring
+            .submit_and_wait(1)
+            .map_err(|e| QueueError::Submit(q, e))?;
+    } else {
+        queue.ring.submit().map_err(|e| QueueError::Submit(q, e))?;
+    }
+    // No request can arrive before START_DEV / END_USER_RECOVERY, so a failed completion now
+    // is a FETCH (or PREP / FETCH_IO_CMDS) the kernel refused (bad flags or buffer setup): fail
+    // here rather than let the start wait for a tag that will never be fetched.
     for c in queue.ring.completion() {
-        let (ud, res) = (c.user_data(), c.result());
-        if res < 0 && (ud >> 16) & 0xff == KIND_CMD {
+        let (ud, res, flags) = (c.user_data(), c.result(), c.flags());
+        if res < 0 {
             let err = io::Error::from_raw_os_error(-res);
-            return Err(QueueError::Fetch(q, (ud & 0xffff) as u16, err));
+            match (ud >> 16) & 0xff {
+                KIND_CMD => return Err(QueueError::Fetch(q, (ud & 0xffff) as u16, err)),
+                KIND_BATCH | KIND_FETCH => return Err(QueueError::Batch(q, err)),
+                _ => {}
+            }
         }
-        queue.cqes.push((ud, res));
+        queue.cqes.push((ud, res, flags));
     }
     Ok(move || queue.run())
 }
@@ -744,6 +794,119 @@ impl<H: QueueHandler> Queue<H> {
         push_sqe(&mut self.ring, &sqe)
     }
 
+    /// Batch io commands: hands every tag to the kernel (PREP_IO_CMDS) and arms the fetches.
+    fn submit_batch_setup(&mut self) -> io::Result<()> {
+        let bufs = &self.bufs;
+        let copy = matches!(self.cfg.mode, DataMode::Copy);
+        let Some(batch) = self.batch.as_mut() else {
+            return Ok(());
+        };
+        let (sqe, slot) = batch.prep(|tag| if copy { bufs.addr(tag) as u64 } else { 0 });
+        let sqe = sqe.user_data(user_data(KIND_BATCH, slot, 0));
+        // SAFETY: the element array is held by `batch` until the completion; each address is
+        // a tag's own slot, handed to the kernel together with the tag.
+        push_sqe(&mut self.ring, &sqe)?;
+        for i in 0..FETCHES {
+            self.arm_fetch(i)?;
+        }
+        Ok(())
+    }
+
+    /// Provides fetch buffer `i` and submits its multishot FETCH_IO_CMDS.
+    fn arm_fetch(&mut self, i: u16) -> io::Result<()> {
+        let Some(batch) = self.batch.as_mut() else {
+            return Ok(());
+        };
+        let sqe = batch.fetch(i).user_data(user_data(KIND_FETCH, i, 0));
+        // SAFETY: the command writes tags only into fetch buffer `i`, owned by `batch`.
+        push_sqe(&mut self.ring, &sqe)
+    }
+
+    /// Sends the results queued since the last call in COMMIT_IO_CMDS commands.
+    fn flush_commits(&mut self) {
+        while let Some((sqe, slot)) = self.batch.as_mut().and_then(Batch::commit) {
+            let sqe = sqe.user_data(user_data(KIND_BATCH, slot, 0));
+            // SAFETY: the element array is held by `batch` until the completion; each buffer
+            // address is the committed tag's own slot, the kernel's again with the tag.
+            if let Err(e) = push_sqe(&mut self.ring, &sqe) {
+                log::error!(
+                    "queue {}: COMMIT_IO_CMDS submission failed: {e}",
+                    self.cfg.q_id
+                );
+                if let Some(done) = self
+                    .batch
+                    .as_mut()
+                    .and_then(|b| b.cmd_done(slot, -libc::EIO))
+                {
+                    self.on_batch_done(done, -libc::EIO);
+                }
+            }
+        }
+    }
+
+    /// A PREP_IO_CMDS / COMMIT_IO_CMDS completed.
+    fn on_batch_done(&mut self, done: CommitDone, res: i32) {
+        let q = self.cfg.q_id;
+        if !done.refused.is_empty() && !self.fetch_stopped {
+            log::error!(
+                "queue {q}: the kernel refused the commit of {} tag(s) ({})",
+                done.refused.len(),
+                if res < 0 {
+                    io::Error::from_raw_os_error(-res).to_string()
+                } else {
+                    format!("{res} bytes processed")
+                }
+            );
+        }
+        for tag in done.refused {
+            self.tags.kill(tag);
+        }
+        if self.fetch_stopped {
+            // Nothing will deliver these tags again.
+            for tag in done.accepted {
+                self.tags.kill(tag);
+            }
+        }
+    }
+
+    /// A completion of multishot fetch `i`.
+    fn on_fetch(&mut self, i: u16, res: i32, flags: u32) {
+        let q = self.cfg.q_id;
+        let mut tags = std::mem::take(&mut self.fetched);
+        let Some(batch) = self.batch.as_mut() else {
+            return;
+        };
+        let ended = batch.fetched(i, res, cqueue::more(flags), &mut tags);
+        for &tag in &tags {
+            match self.tags.on_cmd(tag, Cmd::Fetch, 0, false) {
+                CmdOutcome::Dispatch => self.dispatch(tag),
+                other => log::error!("queue {q} tag {tag}: fetched in a wrong state ({other:?})"),
+            }
+        }
+        tags.clear();
+        self.fetched = tags;
+        if !ended || self.fetch_stopped {
+            return;
+        }
+        // The buffer is full (or was: -ENOBUFS): provide it again at once (tags the kernel
+        // queued meanwhile come with the new command). Any other error means the device is
+        // going away (-ENODEV: stopped).
+        if (res >= 0 || res == -libc::ENOBUFS) && !self.cfg.wake.quitting() {
+            match self.arm_fetch(i) {
+                Ok(()) => return,
+                Err(e) => log::error!("queue {q}: cannot re-arm FETCH_IO_CMDS: {e}"),
+            }
+        } else if res != -libc::ENODEV {
+            log::warn!(
+                "queue {q}: FETCH_IO_CMDS ended: {}",
+                io::Error::from_raw_os_error(-res)
+            );
+        }
+        log::trace!("queue {q}: fetching stopped; tags with the kernel are dead");
+        self.fetch_stopped = true;
+        self.tags.kill_fetching();
+    }
+
     fn arm_event(&mut self) -> io::Result<()> {
         let p: *mut u64 = &mut *self.event_buf;
         let sqe = opcode::Read::new(types::Fd(self.cfg.wake.event.as_raw_fd()), p.cast(), 8)
@@ -760,6 +923,7 @@ impl<H: QueueHandler> Queue<H> {
                 log::warn!("queue {q}: forced to quit with tags in flight");
                 break;
             }
+            self.flush_commits();
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
@@ -770,10 +934,10 @@ impl<H: QueueHandler> Queue<H> {
             cqes.extend(
                 self.ring
                     .completion()
-                    .map(|c: cqueue::Entry| (c.user_data(), c.result())),
+                    .map(|c: cqueue::Entry| (c.user_data(), c.result(), c.flags())),
             );
-            for &(ud, res) in &cqes {
-                self.on_cqe(ud, res);
+            for &(ud, res, flags) in &cqes {
+                self.on_cqe(ud, res, flags);
             }
             cqes.clear();
             self.cqes = cqes;
@@ -786,12 +950,18 @@ impl<H: QueueHandler> Queue<H> {
         Ok(())
     }
 
-    fn on_cqe(&mut self, ud: u64, res: i32) {
+    fn on_cqe(&mut self, ud: u64, res: i32, flags: u32) {
         let tag = (ud & 0xffff) as u16;
         let kind = (ud >> 16) & 0xff;
         let data = (ud >> 32) as u32;
         match kind {
             KIND_CMD | KIND_GET_DATA => self.on_cmd(tag, kind, res),
+            KIND_FETCH => self.on_fetch(tag, res, flags),
+            KIND_BATCH => {
+                if let Some(done) = self.batch.as_mut().and_then(|b| b.cmd_done(tag, res)) {
+                    self.on_batch_done(done, res);
+                }
+            }
             KIND_TARGET => self.on_target(tag, data, res),
             KIND_OWN => self.on_own(tag, res),
             KIND_EVENT => {
@@ -992,6 +1162,15 @@ impl<H: QueueHandler> Queue<H> {
                 );
                 res = -libc::EIO;
             }
+        }
+        if self.batch.is_some() {
+            let addr = self.buf_addr(tag);
+            if let Some(b) = self.batch.as_mut() {
+                b.push_commit(tag, res, addr);
+            }
+            // The kernel's again once the commit goes out (before the loop next waits).
+            self.tags.committed(tag, true);
+            return;
         }
         let submitted = self.submit_cmd(sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, res);
         if let Err(e) = &submitted {

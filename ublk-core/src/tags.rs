@@ -211,6 +211,16 @@ impl Tags {
         }
     }
 
+    /// Every tag the kernel holds is dead (batch io commands: no fetch will deliver them any
+    /// more).
+    pub(crate) fn kill_fetching(&mut self) {
+        for s in &mut self.slots {
+            if s.state == TagState::Fetching {
+                s.state = TagState::Dead;
+            }
+        }
+    }
+
     /// A command for `tag` could not be submitted: it will never complete.
     pub(crate) fn kill(&mut self, tag: u16) {
         if let Some(s) = self.slot(tag) {

@@ -1,0 +1,361 @@
+//! Batch io commands (`UBLK_F_BATCH_IO`, Linux 7.0): a queue learns of new requests as arrays of
+//! tags written by multishot `FETCH_IO_CMDS` commands, and returns results many at a time with one
+//! `COMMIT_IO_CMDS`, instead of one `FETCH` / `COMMIT_AND_FETCH` command parked per tag.
+//!
+//! This module owns the memory those commands use and encodes them; the queue (`queue.rs`)
+//! decides when to send them and keeps the per-tag state.
+//!
+//! # Safety
+//!
+//! * Fetch buffers: each `FETCH_IO_CMDS` selects its buffer from a provided-buffer ring of one
+//!   entry registered with the queue's io_uring (buffer group = fetch index, incremental
+//!   consumption). The ring page and the buffer are mappings owned by [`Batch`]; the kernel writes
+//!   tags into the buffer only while a fetch command is active, and reads the ring entry only to
+//!   select the buffer. A buffer is provided again only after the fetch that used it ended (its
+//!   last completion came without `IORING_CQE_F_MORE`), and tags are read only from the bytes a
+//!   completion reported as written.
+//! * Element arrays of `PREP_IO_CMDS` / `COMMIT_IO_CMDS`: heap vectors held in `in_flight` from
+//!   the submission until the command's completion (the kernel reads them when it issues the
+//!   command, which io_uring may do later, from a worker).
+//! * [`Batch`] is dropped after the queue's ring. Memory a command may still use at that point
+//!   (a fetch that did not report its end, an element array whose command did not complete) is
+//!   leaked rather than freed under the kernel.
+#![allow(unsafe_code)]
+
+use crate::os::{page_size, Mmap};
+use io_uring::{opcode, squeue, types, IoUring};
+use std::io;
+use std::sync::atomic::{AtomicU16, Ordering};
+use ublk_sys as sys;
+
+/// `IORING_URING_CMD_MULTISHOT` (io_uring uapi, with multishot uring_cmd): not in the io-uring
+/// crate yet.
+const URING_CMD_MULTISHOT: u32 = 1 << 1;
+/// `IOU_PBUF_RING_INC`: the kernel uses a provided buffer a piece at a time, so one buffer takes
+/// many completions' worth of tags.
+const PBUF_RING_INC: u16 = 2;
+/// Fetch commands per queue: one is active in the kernel; the other takes over at once when the
+/// first ends (its buffer full), while the first is provided again and re-armed.
+pub(crate) const FETCHES: u16 = 2;
+/// Size of an element without / with its buffer address.
+const ELEM: usize = 8;
+const ELEM_ADDR: usize = 16;
+
+/// One fetch command's buffer and the one-entry provided-buffer ring that offers it.
+#[derive(Debug)]
+struct FetchBuf {
+    /// `struct io_uring_buf_ring` with one entry (page aligned, as the kernel requires).
+    ring: Mmap,
+    /// Where the kernel writes tags (u16 each).
+    buf: Mmap,
+    /// Bytes the kernel wrote since the buffer was last provided.
+    off: usize,
+    /// The ring's tail (entries ever provided).
+    tail: u16,
+    /// The command is in the kernel: it may still write into `buf`.
+    active: bool,
+}
+
+/// The batch-command state of one queue.
+#[derive(Debug)]
+pub(crate) struct Batch {
+    q_id: u16,
+    depth: u16,
+    fetch: Vec<FetchBuf>,
+    /// Copy mode: each element carries the tag's buffer address (`UBLK_BATCH_F_HAS_BUF_ADDR`).
+    with_addr: bool,
+    /// Elements of the next `COMMIT_IO_CMDS`, and their tags.
+    pending: Vec<u8>,
+    pending_tags: Vec<u16>,
+    /// Element arrays (and their tags) of commands in flight, by slot (`None`: free).
+    in_flight: Vec<Option<(Vec<u8>, Vec<u16>)>>,
+}
+
+/// The tags of a `PREP_IO_CMDS` / `COMMIT_IO_CMDS` that completed, split by outcome.
+#[derive(Debug, Default)]
+pub(crate) struct CommitDone {
+    /// Tags the kernel took (committed, or prepared): they are the kernel's again.
+    pub(crate) accepted: Vec<u16>,
+    /// Tags the kernel did not take (the command failed, or stopped early).
+    pub(crate) refused: Vec<u16>,
+}
+
+impl Batch {
+    /// Sets up the fetch buffers of queue `q_id` (depth `depth`) and registers their rings with
+    /// `ring` (buffer groups `0..FETCHES`). `with_addr`: copy mode (buffer addresses in elements).
+    pub(crate) fn new(ring: &IoUring, q_id: u16, depth: u16, with_addr: bool) -> io::Result<Batch> {
+        let page = page_size();
+        let buf_len = (usize::from(depth) * 2).div_ceil(page) * page;
+        let mut fetch = Vec::new();
+        for bgid in 0..FETCHES {
+            let f = FetchBuf {
+                ring: Mmap::anonymous(page)?,
+                buf: Mmap::anonymous(buf_len)?,
+                off: 0,
+                tail: 0,
+                active: false,
+            };
+            // SAFETY: the ring page is owned by the `FetchBuf`, which lives (or is leaked) at least
+            // as long as the io_uring (see the module's safety contract).
+            unsafe {
+                ring.submitter().register_buf_ring_with_flags(
+                    f.ring.as_ptr() as u64,
+                    1,
+                    bgid,
+                    PBUF_RING_INC,
+                )?;
+            }
+            fetch.push(f);
+        }
+        Ok(Batch {
+            q_id,
+            depth,
+            fetch,
+            with_addr,
+            pending: Vec::new(),
+            pending_tags: Vec::new(),
+            in_flight: Vec::new(),
+        })
+    }
+
+    fn elem_bytes(&self) -> usize {
+        if self.with_addr {
+            ELEM_ADDR
+        } else {
+            ELEM
+        }
+    }
+
+    fn flags(&self) -> u16 {
+        if self.with_addr {
+            sys::UBLK_BATCH_F_HAS_BUF_ADDR as u16
+        } else {
+            0
+        }
+    }
+
+    /// Appends one element (tag, result, buffer address in copy mode) to `out`.
+    fn push_elem(&self, out: &mut Vec<u8>, tag: u16, result: i32, buf_addr: u64) {
+        out.extend_from_slice(&tag.to_ne_bytes());
+        out.extend_from_slice(&0u16.to_ne_bytes()); // buf_index: used by zero copy only
+        out.extend_from_slice(&result.to_ne_bytes());
+        if self.with_addr {
+            out.extend_from_slice(&buf_addr.to_ne_bytes());
+        }
+    }
+
+    /// The `PREP_IO_CMDS` that hands every tag to the kernel (`addr(tag)`: its buffer in copy
+    /// mode); the caller sets its user data from the returned slot.
+    pub(crate) fn prep(&mut self, addr: impl Fn(u16) -> u64) -> (squeue::Entry, u16) {
+        let mut elems = Vec::with_capacity(usize::from(self.depth) * self.elem_bytes());
+        for tag in 0..self.depth {
+            self.push_elem(&mut elems, tag, 0, addr(tag));
+        }
+        let tags = (0..self.depth).collect();
+        self.cmd(sys::UBLK_U_IO_PREP_IO_CMDS, elems, tags)
+    }
+
+    /// Queues `tag`'s result for the next [`Batch::commit`]; the tag is the kernel's again
+    /// from then on.
+    pub(crate) fn push_commit(&mut self, tag: u16, result: i32, buf_addr: u64) {
+        let mut pending = std::mem::take(&mut self.pending);
+        self.push_elem(&mut pending, tag, result, buf_addr);
+        self.pending = pending;
+        self.pending_tags.push(tag);
+    }
+
+    /// The `COMMIT_IO_CMDS` of every result queued since the last one, if any; at most `depth`
+    /// elements per command (the kernel's limit), the rest stays queued.
+    pub(crate) fn commit(&mut self) -> Option<(squeue::Entry, u16)> {
+        if self.pending_tags.is_empty() {
+            return None;
+        }
+        let n = self.pending_tags.len().min(usize::from(self.depth));
+        let (elems, tags) = if n == self.pending_tags.len() {
+            (
+                std::mem::take(&mut self.pending),
+                std::mem::take(&mut self.pending_tags),
+            )
+        } else {
+            let rest = self.pending.split_off(n * self.elem_bytes());
+            let rest_tags = self.pending_tags.split_off(n);
+            (
+                std::mem::replace(&mut self.pending, rest),
+                std::mem::replace(&mut self.pending_tags, rest_tags),
+            )
+        };
+        Some(self.cmd(sys::UBLK_U_IO_COMMIT_IO_CMDS, elems, tags))
+    }
+
+    fn cmd(&mut self, op: u32, elems: Vec<u8>, tags: Vec<u16>) -> (squeue::Entry, u16) {
+        let nr = tags.len() as u16;
+        let addr = elems.as_ptr() as u64;
+        let slot = match self.in_flight.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                self.in_flight.push(None);
+                self.in_flight.len() - 1
+            }
+        };
+        self.in_flight[slot] = Some((elems, tags));
+        let sqe = opcode::UringCmd16::new(types::Fixed(0), op)
+            .cmd(self.header(nr, self.elem_bytes() as u8, self.flags()))
+            .addr(Some(addr))
+            .build();
+        (sqe, slot as u16)
+    }
+
+    /// `struct ublk_batch_io`.
+    fn header(&self, nr_elem: u16, elem_bytes: u8, flags: u16) -> [u8; 16] {
+        let mut raw = [0u8; 16];
+        raw[0..2].copy_from_slice(&self.q_id.to_ne_bytes());
+        raw[2..4].copy_from_slice(&flags.to_ne_bytes());
+        raw[4..6].copy_from_slice(&nr_elem.to_ne_bytes());
+        raw[6] = elem_bytes;
+        raw
+    }
+
+    /// The command in `slot` completed with `res` (bytes of elements processed, or -errno).
+    pub(crate) fn cmd_done(&mut self, slot: u16, res: i32) -> Option<CommitDone> {
+        let (_, tags) = self.in_flight.get_mut(usize::from(slot))?.take()?;
+        let ok = match res {
+            r if r < 0 => 0,
+            // PREP_IO_CMDS reports 0 for all of them.
+            0 => tags.len(),
+            r => (r as usize / self.elem_bytes()).min(tags.len()),
+        };
+        let mut done = CommitDone::default();
+        if res < 0 {
+            done.refused = tags;
+        } else {
+            done.accepted = tags[..ok].to_vec();
+            done.refused = tags[ok..].to_vec();
+        }
+        Some(done)
+    }
+
+    /// Provides fetch buffer `i` again and returns its multishot `FETCH_IO_CMDS`.
+    pub(crate) fn fetch(&mut self, i: u16) -> squeue::Entry {
+        let f = &mut self.fetch[usize::from(i)];
+        let entry = f.ring.as_ptr().cast::<sys_buf::IoUringBuf>();
+        // SAFETY: the fetch is not active (its previous command ended), so the kernel neither
+        // reads this ring entry nor writes the buffer until the command below is submitted;
+        // the entry is inside the ring page; the tail is published with release ordering after
+        // the entry is written, as io_uring requires.
+        unsafe {
+            entry.write(sys_buf::IoUringBuf {
+                addr: f.buf.as_ptr() as u64,
+                len: f.buf.len() as u32,
+                bid: 0,
+                tail: f.tail,
+            });
+            f.tail = f.tail.wrapping_add(1);
+            let tail = &*(f.ring.as_ptr().add(14).cast::<AtomicU16>());
+            tail.store(f.tail, Ordering::Release);
+        }
+        f.off = 0;
+        f.active = true;
+        let nr = (f.buf.len() / 2) as u16;
+        let sqe = opcode::UringCmd16::new(types::Fixed(0), sys::UBLK_U_IO_FETCH_IO_CMDS)
+            .cmd(self.header(nr, 2, 0))
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT);
+        // The crate cannot set a uring_cmd's multishot flag or buffer group: patch the SQE.
+        // SAFETY: `squeue::Entry` is `#[repr(C)]` around `struct io_uring_sqe` (64 bytes, plain
+        // integers only), so it and a 64-byte array convert both ways.
+        let mut raw: [u8; 64] = unsafe { std::mem::transmute(sqe) };
+        let flags = u32::from_ne_bytes(raw[28..32].try_into().unwrap()) | URING_CMD_MULTISHOT;
+        raw[28..32].copy_from_slice(&flags.to_ne_bytes());
+        raw[40..42].copy_from_slice(&i.to_ne_bytes());
+        // SAFETY: as above.
+        unsafe { std::mem::transmute::<[u8; 64], squeue::Entry>(raw) }
+    }
+
+    /// A completion of fetch `i`: appends the tags it delivered to `tags`; returns whether the
+    /// command ended (no `IORING_CQE_F_MORE`), so that it must be provided and sent again.
+    pub(crate) fn fetched(&mut self, i: u16, res: i32, more: bool, tags: &mut Vec<u16>) -> bool {
+        let Some(f) = self.fetch.get_mut(usize::from(i)) else {
+            return false;
+        };
+        if res > 0 {
+            let n = (res as usize).min(f.buf.len() - f.off);
+            // SAFETY: the kernel reported `n` bytes written after `off`, inside the buffer; it
+            // does not write them again before the buffer is provided anew.
+            let bytes = unsafe { std::slice::from_raw_parts(f.buf.as_ptr().add(f.off), n) };
+            tags.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| u16::from_ne_bytes([c[0], c[1]])),
+            );
+            f.off += n;
+        }
+        if !more {
+            f.active = false;
+        }
+        !more
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        // See the module's safety contract: never free what the kernel may still use.
+        for f in std::mem::take(&mut self.fetch) {
+            if f.active {
+                std::mem::forget(f);
+            }
+        }
+        for v in std::mem::take(&mut self.in_flight).into_iter().flatten() {
+            std::mem::forget(v);
+        }
+    }
+}
+
+/// `struct io_uring_buf` (the ring's first entry; its last field doubles as the ring's tail).
+mod sys_buf {
+    #[repr(C)]
+    pub(super) struct IoUringBuf {
+        pub(super) addr: u64,
+        pub(super) len: u32,
+        pub(super) bid: u16,
+        pub(super) tail: u16,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_elements_and_partial_commits() {
+        let ring = IoUring::new(8).unwrap();
+        let Ok(mut b) = Batch::new(&ring, 3, 4, true) else {
+            // Kernels without provided-buffer rings (before 5.19) or incremental ones (6.12).
+            return;
+        };
+        assert!(b.commit().is_none());
+        b.push_commit(2, 4096, 0x1000);
+        b.push_commit(0, -5, 0x2000);
+        let (_, slot) = b.commit().unwrap();
+        let (elems, tags) = b.in_flight[usize::from(slot)].as_ref().unwrap();
+        assert_eq!(tags, &[2, 0]);
+        assert_eq!(elems.len(), 32);
+        assert_eq!(&elems[0..2], &2u16.to_ne_bytes());
+        assert_eq!(&elems[4..8], &4096i32.to_ne_bytes());
+        assert_eq!(&elems[8..16], &0x1000u64.to_ne_bytes());
+        assert_eq!(&elems[20..24], &(-5i32).to_ne_bytes());
+        // The kernel processed one element of two.
+        let done = b.cmd_done(slot, 16).unwrap();
+        assert_eq!(done.accepted, vec![2]);
+        assert_eq!(done.refused, vec![0]);
+        assert!(b.cmd_done(slot, 16).is_none(), "a slot completes once");
+        // At most `depth` elements per command.
+        for t in 0..6 {
+            b.push_commit(t % 4, 0, 0);
+        }
+        let (_, s1) = b.commit().unwrap();
+        let (_, s2) = b.commit().unwrap();
+        assert!(b.commit().is_none());
+        assert_eq!(b.cmd_done(s1, -19).unwrap().refused.len(), 4);
+        assert_eq!(b.cmd_done(s2, 32).unwrap().accepted, vec![0, 1]);
+    }
+}
