@@ -203,14 +203,18 @@ null_group() { # queues
         skip null $q null_blk "insmod null_blk failed"
     fi
     DEV_ublk_null="" PID_ublk_null="" DEV_ublk_null_u="" PID_ublk_null_u="" DEV_ublk_null_z="" PID_ublk_null_z=""
+    DEV_ublk_null_b="" PID_ublk_null_b=""
     ublk_add ublk_null -t null -q $q --size ${NULL_GB}G || skip null $q ublk_null "ublk add failed"
     # The null target uses no data: in user-copy and zero-copy modes nothing is copied at all.
     ublk_add ublk_null_u -t null -u -q $q --size ${NULL_GB}G || skip null $q ublk_null_u "ublk add -u failed"
     if [ $ZERO_COPY = 1 ]; then
         ublk_add ublk_null_z -t null -z -q $q --size ${NULL_GB}G || skip null $q ublk_null_z "ublk add -z failed"
     fi
+    if [ $BATCH = 1 ]; then
+        ublk_add ublk_null_b -t null -b -q $q --size ${NULL_GB}G || skip null $q ublk_null_b "ublk add -b failed"
+    fi
     for job in $JOBS; do
-        rounds null $q $job null_blk ublk_null ublk_null_u ublk_null_z
+        rounds null $q $job null_blk ublk_null ublk_null_u ublk_null_z ublk_null_b
     done
     /opt/bin/ublk del -a
     rmmod null_blk
@@ -226,16 +230,19 @@ loop_group() { # queues
     else
         skip loop $q loop "losetup failed"
     fi
-    for v in ublk_loop ublk_loop_g ublk_loop_u ublk_loop_z ublk_qcow2; do eval "DEV_$v='' PID_$v=''"; done
+    for v in ublk_loop ublk_loop_g ublk_loop_u ublk_loop_z ublk_loop_b ublk_qcow2; do eval "DEV_$v='' PID_$v=''"; done
     ublk_add ublk_loop -t loop -q $q -f $RAW || skip loop $q ublk_loop "ublk add failed"
     ublk_add ublk_loop_g -t loop -q $q -g -f $RAW || skip loop $q ublk_loop_g "ublk add -g failed"
     ublk_add ublk_loop_u -t loop -q $q -u -f $RAW || skip loop $q ublk_loop_u "ublk add -u failed"
     if [ $ZERO_COPY = 1 ]; then
         ublk_add ublk_loop_z -t loop -q $q -z -f $RAW || skip loop $q ublk_loop_z "ublk add -z failed"
     fi
+    if [ $BATCH = 1 ]; then
+        ublk_add ublk_loop_b -t loop -q $q -b -f $RAW || skip loop $q ublk_loop_b "ublk add -b failed"
+    fi
     ublk_add ublk_qcow2 -t qcow2 -q $q -f $QCOW || skip loop $q ublk_qcow2 "ublk add -t qcow2 failed"
     for job in $JOBS; do
-        rounds loop $q $job loop ublk_loop ublk_loop_g ublk_loop_u ublk_loop_z ublk_qcow2
+        rounds loop $q $job loop ublk_loop ublk_loop_g ublk_loop_u ublk_loop_z ublk_loop_b ublk_qcow2
     done
     /opt/bin/ublk del -a
     [ -n "$l" ] && /opt/bin/losetup -d $l
@@ -379,6 +386,10 @@ out "@@INFO features=$(/opt/bin/ublk features 2>/dev/null | tr '\n' ' ')@@"
 ZERO_COPY=0
 /opt/bin/ublk features 2>/dev/null | grep -q AUTO_BUF_REG && ZERO_COPY=1
 log "zero copy: $ZERO_COPY"
+# Batch io commands (-b) need UBLK_F_BATCH_IO (Linux 7.0).
+BATCH=0
+/opt/bin/ublk features 2>/dev/null | grep -q BATCH_IO && BATCH=1
+log "batch io commands: $BATCH"
 out "@@INFO cpus=$(grep -c ^processor /proc/cpuinfo) mem_kb=$(awk '/MemTotal/{print $2}' /proc/meminfo) clk_tck=100@@"
 log "kernel $(uname -r), ${RUNTIME}s per run, $REPEAT round(s), filter '$FILTER'"
 log "writing ${FILE_MB} MiB raw file and fully allocated qcow2 image on tmpfs"

@@ -51,6 +51,7 @@ const GROUPS: &[(&str, &[Device])] = &[
             ("ublk_null", "ublk null", Some("null_blk")),
             ("ublk_null_u", "ublk null -u", Some("null_blk")),
             ("ublk_null_z", "ublk null -z", Some("null_blk")),
+            ("ublk_null_b", "ublk null -b", Some("null_blk")),
         ],
     ),
     (
@@ -61,6 +62,7 @@ const GROUPS: &[(&str, &[Device])] = &[
             ("ublk_loop_g", "ublk loop -g", Some("loop")),
             ("ublk_loop_u", "ublk loop -u", Some("loop")),
             ("ublk_loop_z", "ublk loop -z", Some("loop")),
+            ("ublk_loop_b", "ublk loop -b", Some("loop")),
             ("ublk_qcow2", "ublk qcow2", Some("ublk_loop")),
         ],
     ),
@@ -1233,11 +1235,13 @@ fn render_doc(all: &[KernelResults], notes: Option<&str>) -> String {
          - null: `null_blk queue_mode=2 submit_queues=N gb=4` (memory-less, default softirq \
            completion, reloaded for each N) vs `ublk add -t null -q N --size 4G` in copy mode, \
            with `-u` (user copy: the null target uses no data, so nothing is copied) and, where \
-           the kernel has UBLK_F_AUTO_BUF_REG (6.16+), with `-z` (zero copy).\n\
+           the kernel has UBLK_F_AUTO_BUF_REG (6.16+), with `-z` (zero copy), and where it has \
+           UBLK_F_BATCH_IO (7.0+), with `-b` (batch io commands, copy mode).\n\
          - loop: a 512 MiB file on tmpfs written in full with `dd` (not sparse). Kernel loop: \
            util-linux `losetup --direct-io=on` (`/sys/block/loopN/loop/dio` checked to read 1). \
            Ours: `ublk add -t loop -f FILE -q N` in copy mode, with `-g` (NEED_GET_DATA), with \
-           `-u` (USER_COPY) and (6.16+) with `-z` (zero copy), all O_DIRECT on the same file. \
+           `-u` (USER_COPY), (6.16+) with `-z` (zero copy) and (7.0+) with `-b` (batch io \
+           commands, copy mode), all O_DIRECT on the same file. \
            On tmpfs the loop and qcow2 targets read and write inline on the queue thread \
            (io_uring would hand each operation to a worker thread); in zero-copy mode they cannot \
            (the data never reaches user space), so `-z` goes through io_uring and its workers.\n\
