@@ -77,7 +77,11 @@ pub fn all() -> Vec<Test> {
         }
     }
     // Batch io commands (Linux 7.0), in the modes they work with.
-    for (mode, args) in [("copy", &["-b"][..]), ("usercopy", &["-b", "-u"][..])] {
+    for (mode, args) in [
+        ("copy", &["-b"][..]),
+        ("usercopy", &["-b", "-u"][..]),
+        ("zerocopy", &["-b", "-z"][..]),
+    ] {
         for (queues, depth) in [(1u32, 2u32), (1, 128), (2, 128)] {
             let name = format!("kernel_loop_verify_batch_{mode}_q{queues}_d{depth}");
             v.push(test(&name, 180, move || loop_verify(args, queues, depth)));
@@ -367,16 +371,15 @@ fn batch_supported() -> Result<bool> {
 }
 
 /// 7c. Batch io commands: before 7.0 `-b` fails naming the release and leaves nothing behind;
-///     from 7.0 the modes it excludes are refused, and null with 2 queues serves fio with the
-///     flag granted.
+///     from 7.0 NEED_GET_DATA is refused, and null with 2 queues serves fio with the flag
+///     granted in copy, user-copy and zero-copy mode.
 fn batch_io() -> Result<Outcome> {
     if !batch_supported()? {
         check_refused(&ublk(&["add", "-t", "null", "-b"])?, "7.0")?;
         return Ok(Outcome::Pass);
     }
     check_refused(&ublk(&["add", "-t", "null", "-b", "-g"])?, "batch")?;
-    check_refused(&ublk(&["add", "-t", "null", "-b", "-z"])?, "batch")?;
-    for extra in [&[][..], &["-u"][..]] {
+    for extra in [&[][..], &["-u"][..], &["-z"][..]] {
         let mut args = vec!["-t", "null", "-b", "-q", "2"];
         args.extend_from_slice(extra);
         let d = ublk_add(&args)?;

@@ -86,7 +86,7 @@ pub(crate) struct AddArgs {
     #[arg(short = 'z', long = "zero-copy")]
     pub(crate) zero_copy: bool,
     /// Batch io commands: requests arrive as arrays of tags and results go back many per
-    /// command (UBLK_F_BATCH_IO, Linux 7.0; copy and -u modes).
+    /// command (UBLK_F_BATCH_IO, Linux 7.0; not with -g).
     #[arg(short = 'b', long = "batch")]
     #[serde(default)]
     pub(crate) batch: bool,

@@ -64,6 +64,9 @@ pub(crate) struct Batch {
     fetch: Vec<FetchBuf>,
     /// Copy mode: each element carries the tag's buffer address (`UBLK_BATCH_F_HAS_BUF_ADDR`).
     with_addr: bool,
+    /// Zero copy (auto buffer registration): each element names the index of the ring's buffer
+    /// table where the kernel registers the tag's next request (the tag itself).
+    buf_index: bool,
     /// Elements of the next `COMMIT_IO_CMDS`, and their tags.
     pending: Vec<u8>,
     pending_tags: Vec<u16>,
@@ -82,8 +85,15 @@ pub(crate) struct CommitDone {
 
 impl Batch {
     /// Sets up the fetch buffers of queue `q_id` (depth `depth`) and registers their rings with
-    /// `ring` (buffer groups `0..FETCHES`). `with_addr`: copy mode (buffer addresses in elements).
-    pub(crate) fn new(ring: &IoUring, q_id: u16, depth: u16, with_addr: bool) -> io::Result<Batch> {
+    /// `ring` (buffer groups `0..FETCHES`). `with_addr`: copy mode (buffer addresses in
+    /// elements); `buf_index`: zero copy (buffer table indexes in elements).
+    pub(crate) fn new(
+        ring: &IoUring,
+        q_id: u16,
+        depth: u16,
+        with_addr: bool,
+        buf_index: bool,
+    ) -> io::Result<Batch> {
         let page = page_size();
         let buf_len = (usize::from(depth) * 2).div_ceil(page) * page;
         let mut fetch = Vec::new();
@@ -112,6 +122,7 @@ impl Batch {
             depth,
             fetch,
             with_addr,
+            buf_index,
             pending: Vec::new(),
             pending_tags: Vec::new(),
             in_flight: Vec::new(),
@@ -137,7 +148,8 @@ impl Batch {
     /// Appends one element (tag, result, buffer address in copy mode) to `out`.
     fn push_elem(&self, out: &mut Vec<u8>, tag: u16, result: i32, buf_addr: u64) {
         out.extend_from_slice(&tag.to_ne_bytes());
-        out.extend_from_slice(&0u16.to_ne_bytes()); // buf_index: used by zero copy only
+        let index = if self.buf_index { tag } else { 0 };
+        out.extend_from_slice(&index.to_ne_bytes());
         out.extend_from_slice(&result.to_ne_bytes());
         if self.with_addr {
             out.extend_from_slice(&buf_addr.to_ne_bytes());
@@ -333,6 +345,7 @@ mod tests {
             depth: 4,
             fetch: Vec::new(),
             with_addr: true,
+            buf_index: false,
             pending: Vec::new(),
             pending_tags: Vec::new(),
             in_flight: Vec::new(),
@@ -396,10 +409,15 @@ mod tests {
                 })
                 .collect(),
             with_addr: false,
+            buf_index: true,
             pending: Vec::new(),
             pending_tags: Vec::new(),
             in_flight: Vec::new(),
         };
+        // Zero copy: each element names the buffer table index of its tag.
+        b.push_commit(5, 4096, 0);
+        assert_eq!(&b.pending[0..4], &[5, 0, 5, 0]);
+        assert_eq!(b.pending.len(), 8);
         let sqe = b.fetch(1);
         // SAFETY: reading the plain bytes of a built SQE.
         let raw: [u8; 64] = unsafe { std::mem::transmute(sqe) };

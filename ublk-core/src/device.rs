@@ -185,7 +185,7 @@ impl DeviceBuilder {
     /// Batch io commands (`UBLK_F_BATCH_IO`, Linux 7.0; default off): each queue learns of
     /// requests as arrays of tags from a multishot fetch and commits a whole batch of results
     /// with one command, instead of one io command per request. Not with
-    /// [`DataMode::NeedGetData`] or [`DataMode::ZeroCopy`].
+    /// [`DataMode::NeedGetData`].
     pub fn batch_io(mut self, on: bool) -> Self {
         self.batch_io = on;
         self
@@ -223,7 +223,7 @@ impl DeviceBuilder {
         }
         let mut flags = mode.flag() | self.recovery.flags() | self.extra_flags;
         if self.batch_io {
-            if matches!(mode, DataMode::NeedGetData | DataMode::ZeroCopy) {
+            if mode == DataMode::NeedGetData {
                 return Err(DeviceError::Config(format!(
                     "batch io commands do not work with the {} data mode",
                     mode.name()

@@ -709,8 +709,8 @@ pub(crate) fn setup<T: Target>(
         .map_err(|e| QueueError::Memory(q, e))?;
     let bufs = IoBufs::new(cfg.depth, cfg.buf_size).map_err(|e| QueueError::Memory(q, e))?;
     let batch = if cfg.batch {
-        let with_addr = matches!(cfg.mode, DataMode::Copy);
-        Some(Batch::new(&ring, q, cfg.depth, with_addr).map_err(|e| QueueError::Ring(q, e))?)
+        let (addr, index) = (cfg.mode == DataMode::Copy, cfg.mode == DataMode::ZeroCopy);
+        Some(Batch::new(&ring, q, cfg.depth, addr, index).map_err(|e| QueueError::Ring(q, e))?)
     } else {
         None
     };
