@@ -16,7 +16,7 @@
 #   @@SKIP group=G queues=Q dev=D reason=...@@
 #   @@INFO key=value@@         (cmd.DEV=... is the exact command that set DEV up)
 # Parameters (kernel command-line words): UBLK_BENCH_RUNTIME (seconds per fio run),
-# UBLK_BENCH_FILTER (comma-separated substrings of "dev/qQ/job"), UBLK_BENCH_FILE_MB,
+# UBLK_BENCH_FILTER (comma-separated substrings of "group:dev/qQ/job"), UBLK_BENCH_FILE_MB,
 # UBLK_BENCH_REPEAT (rounds of each job, see `rounds`).
 
 RUNTIME=${UBLK_BENCH_RUNTIME:-8}
@@ -126,7 +126,7 @@ ublk_add() { # name args...
 run() {
     group=$1 q=$2 name=$3 job=$4
     eval "dev=\$DEV_$name pid=\$PID_$name"
-    matches "$name/q$q/$job" || return 0
+    matches "$group:$name/q$q/$job" || return 0
     if [ -z "$dev" ]; then
         return 0
     fi

@@ -84,7 +84,7 @@ enum Cmd {
         /// tables show median ratios with their range.
         #[arg(long, value_name = "N", default_value_t = 1)]
         repeat: u32,
-        /// Only runs whose "device/qQUEUES/job" contains PATTERN (comma-separated alternatives),
+        /// Only runs whose "group:device/qQUEUES/job" contains PATTERN (comma-separated alternatives),
         /// e.g. `ublk_null/q1/`, `randread-4k-qd1`; devices: null_blk ublk_null loop ublk_loop
         /// ublk_loop_g ublk_loop_u ublk_qcow2.
         #[arg(long)]
