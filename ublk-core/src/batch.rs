@@ -12,8 +12,8 @@
 //!   consumption). The ring page and the buffer are mappings owned by [`Batch`]; the kernel writes
 //!   tags into the buffer only while a fetch command is active, and reads the ring entry only to
 //!   select the buffer. A buffer is provided again only after the fetch that used it ended (its
-//!   last completion came without `IORING_CQE_F_MORE`), and tags are read only from the bytes a
-//!   completion reported as written.
+//!   last completion came without `IORING_CQE_F_MORE`) and the kernel used all of it (the
+//!   entry's length is 0); tags are read only from the bytes a completion reported as written.
 //! * Element arrays of `PREP_IO_CMDS` / `COMMIT_IO_CMDS`: heap vectors held in `in_flight` from
 //!   the submission until the command's completion (the kernel reads them when it issues the
 //!   command, which io_uring may do later, from a worker).
@@ -70,8 +70,16 @@ pub(crate) struct Batch {
     /// Elements of the next `COMMIT_IO_CMDS`, and their tags.
     pending: Vec<u8>,
     pending_tags: Vec<u16>,
-    /// Element arrays (and their tags) of commands in flight, by slot (`None`: free).
-    in_flight: Vec<Option<(Vec<u8>, Vec<u16>)>>,
+    /// Element arrays of commands in flight, by slot (`None`: free).
+    in_flight: Vec<Option<InFlight>>,
+}
+
+/// A `PREP_IO_CMDS` / `COMMIT_IO_CMDS` in flight.
+#[derive(Debug)]
+struct InFlight {
+    elems: Vec<u8>,
+    tags: Vec<u16>,
+    commit: bool,
 }
 
 /// The tags of a `PREP_IO_CMDS` / `COMMIT_IO_CMDS` that completed, split by outcome.
@@ -79,8 +87,11 @@ pub(crate) struct Batch {
 pub(crate) struct CommitDone {
     /// Tags the kernel took (committed, or prepared): they are the kernel's again.
     pub(crate) accepted: Vec<u16>,
-    /// Tags the kernel did not take (the command failed, or stopped early).
+    /// Tags the kernel refused (all of a failed PREP; the element a COMMIT stopped at).
     pub(crate) refused: Vec<u16>,
+    /// Elements after the one a COMMIT stopped at, which the kernel did not look at: queued
+    /// again for the next commit.
+    pub(crate) requeued: usize,
 }
 
 impl Batch {
@@ -164,7 +175,7 @@ impl Batch {
             self.push_elem(&mut elems, tag, 0, addr(tag));
         }
         let tags = (0..self.depth).collect();
-        self.cmd(sys::UBLK_U_IO_PREP_IO_CMDS, elems, tags)
+        self.cmd(sys::UBLK_U_IO_PREP_IO_CMDS, elems, tags, false)
     }
 
     /// Queues `tag`'s result for the next [`Batch::commit`]; the tag is the kernel's again
@@ -196,10 +207,16 @@ impl Batch {
                 std::mem::replace(&mut self.pending_tags, rest_tags),
             )
         };
-        Some(self.cmd(sys::UBLK_U_IO_COMMIT_IO_CMDS, elems, tags))
+        Some(self.cmd(sys::UBLK_U_IO_COMMIT_IO_CMDS, elems, tags, true))
     }
 
-    fn cmd(&mut self, op: u32, elems: Vec<u8>, tags: Vec<u16>) -> (squeue::Entry, u16) {
+    fn cmd(
+        &mut self,
+        op: u32,
+        elems: Vec<u8>,
+        tags: Vec<u16>,
+        commit: bool,
+    ) -> (squeue::Entry, u16) {
         let nr = tags.len() as u16;
         let addr = elems.as_ptr() as u64;
         let slot = match self.in_flight.iter().position(Option::is_none) {
@@ -209,7 +226,11 @@ impl Batch {
                 self.in_flight.len() - 1
             }
         };
-        self.in_flight[slot] = Some((elems, tags));
+        self.in_flight[slot] = Some(InFlight {
+            elems,
+            tags,
+            commit,
+        });
         let sqe = opcode::UringCmd16::new(types::Fixed(0), op)
             .cmd(self.header(nr, self.elem_bytes() as u8, self.flags()))
             .addr(Some(addr))
@@ -227,45 +248,71 @@ impl Batch {
         raw
     }
 
-    /// The command in `slot` completed with `res` (bytes of elements processed, or -errno).
+    /// The command in `slot` completed with `res`. PREP_IO_CMDS: 0, or -errno for all (it is
+    /// all or nothing). COMMIT_IO_CMDS: the bytes of elements processed, or -errno when the
+    /// first element failed; the kernel stops at the first element it refuses and does not look
+    /// at the rest, which go back in the queue for the next commit.
     pub(crate) fn cmd_done(&mut self, slot: u16, res: i32) -> Option<CommitDone> {
-        let (_, tags) = self.in_flight.get_mut(usize::from(slot))?.take()?;
-        let ok = match res {
-            r if r < 0 => 0,
-            // PREP_IO_CMDS reports 0 for all of them.
-            0 => tags.len(),
-            r => (r as usize / self.elem_bytes()).min(tags.len()),
-        };
+        let InFlight {
+            elems,
+            mut tags,
+            commit,
+        } = self.in_flight.get_mut(usize::from(slot))?.take()?;
         let mut done = CommitDone::default();
-        if res < 0 {
-            done.refused = tags;
-        } else {
-            done.accepted = tags[..ok].to_vec();
-            done.refused = tags[ok..].to_vec();
+        if !commit {
+            if res < 0 {
+                done.refused = tags;
+            } else {
+                done.accepted = tags;
+            }
+            return Some(done);
         }
+        let ok = if res < 0 {
+            0
+        } else {
+            (res as usize / self.elem_bytes()).min(tags.len())
+        };
+        if ok < tags.len() {
+            let rest = tags.split_off(ok + 1);
+            done.refused.push(tags[ok]);
+            done.requeued = rest.len();
+            self.pending
+                .extend_from_slice(&elems[(ok + 1) * self.elem_bytes()..]);
+            self.pending_tags.extend(rest);
+        }
+        tags.truncate(ok);
+        done.accepted = tags;
         Some(done)
     }
 
-    /// Provides fetch buffer `i` again and returns its multishot `FETCH_IO_CMDS`.
+    /// Returns fetch `i`'s multishot `FETCH_IO_CMDS`, first providing its buffer anew if the
+    /// kernel used all of it.
     pub(crate) fn fetch(&mut self, i: u16) -> squeue::Entry {
         let f = &mut self.fetch[usize::from(i)];
         let entry = f.ring.as_ptr().cast::<sys_buf::IoUringBuf>();
         // SAFETY: the fetch is not active (its previous command ended), so the kernel neither
-        // reads this ring entry nor writes the buffer until the command below is submitted;
-        // the entry is inside the ring page; the tail is published with release ordering after
-        // the entry is written, as io_uring requires.
+        // reads nor writes this ring entry, nor writes the buffer, until the command below is
+        // submitted; the entry is inside the ring page. With incremental consumption the
+        // kernel advances the entry's address and length as it fills the buffer and moves the
+        // ring's head past it once the length reaches 0: only then may a new entry go in (the
+        // ring has one slot), else the command continues in the rest of the buffer (a fetch
+        // can also end before its buffer is full, e.g. when a completion could not be posted).
+        // The tail is published with release ordering after the entry is written.
         unsafe {
-            entry.write(sys_buf::IoUringBuf {
-                addr: f.buf.as_ptr() as u64,
-                len: f.buf.len() as u32,
-                bid: 0,
-                tail: f.tail,
-            });
-            f.tail = f.tail.wrapping_add(1);
-            let tail = &*(f.ring.as_ptr().add(14).cast::<AtomicU16>());
-            tail.store(f.tail, Ordering::Release);
+            let left = std::ptr::addr_of!((*entry).len).read_volatile();
+            if f.tail == 0 || left == 0 {
+                entry.write(sys_buf::IoUringBuf {
+                    addr: f.buf.as_ptr() as u64,
+                    len: f.buf.len() as u32,
+                    bid: 0,
+                    tail: f.tail,
+                });
+                f.tail = f.tail.wrapping_add(1);
+                let tail = &*(f.ring.as_ptr().add(14).cast::<AtomicU16>());
+                tail.store(f.tail, Ordering::Release);
+                f.off = 0;
+            }
         }
-        f.off = 0;
         f.active = true;
         let nr = (f.buf.len() / 2) as u16;
         let sqe = opcode::UringCmd16::new(types::Fixed(0), sys::UBLK_U_IO_FETCH_IO_CMDS)
@@ -284,7 +331,7 @@ impl Batch {
     }
 
     /// A completion of fetch `i`: appends the tags it delivered to `tags`; returns whether the
-    /// command ended (no `IORING_CQE_F_MORE`), so that it must be provided and sent again.
+    /// command ended (no `IORING_CQE_F_MORE`), so that it must be sent again.
     pub(crate) fn fetched(&mut self, i: u16, res: i32, more: bool, tags: &mut Vec<u16>) -> bool {
         let Some(f) = self.fetch.get_mut(usize::from(i)) else {
             return false;
@@ -358,7 +405,7 @@ mod tests {
         assert_eq!(&raw[50..52], &2u16.to_ne_bytes(), "flags: HAS_BUF_ADDR");
         assert_eq!(&raw[52..54], &4u16.to_ne_bytes(), "nr_elem");
         assert_eq!(raw[54], 16, "elem_bytes");
-        let (elems, tags) = b.in_flight[usize::from(slot)].as_ref().unwrap();
+        let InFlight { elems, tags, .. } = b.in_flight[usize::from(slot)].as_ref().unwrap();
         assert_eq!(
             u64::from_ne_bytes(raw[16..24].try_into().unwrap()),
             elems.as_ptr() as u64
@@ -370,27 +417,46 @@ mod tests {
         b.push_commit(2, 4096, 0x1000);
         b.push_commit(0, -5, 0x2000);
         let (_, slot) = b.commit().unwrap();
-        let (elems, tags) = b.in_flight[usize::from(slot)].as_ref().unwrap();
+        let InFlight { elems, tags, .. } = b.in_flight[usize::from(slot)].as_ref().unwrap();
         assert_eq!(tags, &[2, 0]);
         assert_eq!(elems.len(), 32);
         assert_eq!(&elems[0..2], &2u16.to_ne_bytes());
         assert_eq!(&elems[4..8], &4096i32.to_ne_bytes());
         assert_eq!(&elems[8..16], &0x1000u64.to_ne_bytes());
         assert_eq!(&elems[20..24], &(-5i32).to_ne_bytes());
-        // The kernel processed one element of two.
+        // The kernel processed one element of two and refused the second.
         let done = b.cmd_done(slot, 16).unwrap();
         assert_eq!(done.accepted, vec![2]);
         assert_eq!(done.refused, vec![0]);
+        assert_eq!(done.requeued, 0);
         assert!(b.cmd_done(slot, 16).is_none(), "a slot completes once");
+        assert!(b.commit().is_none());
         // At most `depth` elements per command.
         for t in 0..6 {
-            b.push_commit(t % 4, 0, 0);
+            b.push_commit(t % 4, 100 + i32::from(t), 0);
         }
         let (_, s1) = b.commit().unwrap();
         let (_, s2) = b.commit().unwrap();
         assert!(b.commit().is_none());
-        assert_eq!(b.cmd_done(s1, -19).unwrap().refused.len(), 4);
         assert_eq!(b.cmd_done(s2, 32).unwrap().accepted, vec![0, 1]);
+        // The first element failed: the kernel never looked at the other three, which go back
+        // in the queue with their results.
+        let done = b.cmd_done(s1, -16).unwrap();
+        assert_eq!((done.accepted.len(), &done.refused[..]), (0, &[0][..]));
+        assert_eq!(done.requeued, 3);
+        let (_, s3) = b.commit().unwrap();
+        let InFlight {
+            elems,
+            tags,
+            commit,
+        } = b.in_flight[usize::from(s3)].as_ref().unwrap();
+        assert!(commit);
+        assert_eq!(tags, &[1, 2, 3]);
+        assert_eq!(&elems[4..8], &101i32.to_ne_bytes());
+        assert_eq!(&elems[36..40], &103i32.to_ne_bytes());
+        // A failed PREP refuses everything.
+        let (_, p) = b.prep(|_| 1);
+        assert_eq!(b.cmd_done(p, -22).unwrap().refused.len(), 4);
     }
 
     #[test]
@@ -447,9 +513,19 @@ mod tests {
         // The buffer ran out: the command ends and is provided again from its start.
         assert!(b.fetched(1, -libc::ENOBUFS, false, &mut tags));
         assert!(!b.fetch[1].active);
+        // "The kernel" used all of the buffer (length 0 in the entry): provided anew.
+        // SAFETY: as above.
+        unsafe { b.fetch[1].ring.as_ptr().add(8).cast::<u32>().write(0) };
         let _ = b.fetch(1);
         assert_eq!(b.fetch[1].off, 0);
+        assert_eq!(b.fetch[1].tail, 2);
         assert!(b.fetch[1].active);
+        // A fetch that ended with room left keeps its buffer and place in it.
+        tags.clear();
+        assert!(!b.fetched(1, 4, true, &mut tags));
+        assert!(b.fetched(1, -libc::ENOBUFS, false, &mut tags));
+        let _ = b.fetch(1);
+        assert_eq!((b.fetch[1].off, b.fetch[1].tail), (4, 2));
         // Dropping a batch whose fetch is active leaks the buffer instead of unmapping it.
     }
 }

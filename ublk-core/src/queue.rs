@@ -849,13 +849,15 @@ impl<H: QueueHandler> Queue<H> {
         let q = self.cfg.q_id;
         if !done.refused.is_empty() && !self.fetch_stopped {
             log::error!(
-                "queue {q}: the kernel refused the commit of {} tag(s) ({})",
-                done.refused.len(),
+                "queue {q}: the kernel refused the batch command for tag(s) {:?} ({}); {} later \
+                 result(s) go out again",
+                done.refused,
                 if res < 0 {
                     io::Error::from_raw_os_error(-res).to_string()
                 } else {
-                    format!("{res} bytes processed")
-                }
+                    format!("it stopped after {res} bytes")
+                },
+                done.requeued
             );
         }
         for tag in done.refused {
