@@ -366,7 +366,7 @@ fn check_refused(r: &Run, want: &str) -> Result<()> {
 }
 
 /// Whether the kernel has batch io commands (`UBLK_F_BATCH_IO`, 7.0).
-fn batch_supported() -> Result<bool> {
+pub(crate) fn batch_supported() -> Result<bool> {
     Ok(kernel_version()? >= (7, 0))
 }
 

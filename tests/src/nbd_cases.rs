@@ -1,6 +1,6 @@
 //! Kernel-facing tests of the nbd target, against qemu-nbd and nbdkit running in the guest.
 
-use crate::cases::test;
+use crate::cases::{batch_supported, test};
 use crate::util::*;
 use crate::{Outcome, Test};
 use anyhow::{ensure, Context, Result};
@@ -15,13 +15,19 @@ const MIB: u64 = 1 << 20;
 pub fn all() -> Vec<Test> {
     vec![
         test("kernel_nbd_verify_unix_q1", 240, || {
-            nbd_verify(false, 1, false, false)
+            nbd_verify(false, 1, false, false, &[])
         }),
         test("kernel_nbd_verify_tcp_q2_multiconn_sparse", 240, || {
-            nbd_verify(true, 2, false, true)
+            nbd_verify(true, 2, false, true, &[])
         }),
         test("kernel_nbd_verify_threads_q2", 240, || {
-            nbd_verify(false, 2, true, false)
+            nbd_verify(false, 2, true, false, &[])
+        }),
+        test("kernel_nbd_verify_unix_batch_q2", 240, || {
+            if !batch_supported()? {
+                return Ok(Outcome::Skip("batch io commands need Linux 7.0".into()));
+            }
+            nbd_verify(false, 2, false, false, &["-b"])
         }),
         test("kernel_nbd_server_restart", 240, nbd_server_restart),
         test("kernel_nbd_ext4_readd", 240, nbd_ext4_readd),
@@ -284,7 +290,13 @@ fn check_engine(pid: i64, threads: bool, conns: usize) -> Result<()> {
 /// fio verify through an nbd device; the data also reached the server's file. `sparse`: the
 /// file is sparse and holes may come back as hole chunks (`--nbd-sparse-reads`), which the
 /// read-back of unwritten ranges at the end goes through.
-fn nbd_verify(tcp: bool, queues: u32, threads: bool, sparse: bool) -> Result<Outcome> {
+fn nbd_verify(
+    tcp: bool,
+    queues: u32,
+    threads: bool,
+    sparse: bool,
+    more: &[&str],
+) -> Result<Outcome> {
     let file = if sparse {
         let f = workdir()?.join("nbd-sparse.raw");
         sparse_file(&f, 256)?;
@@ -301,6 +313,7 @@ fn nbd_verify(tcp: bool, queues: u32, threads: bool, sparse: bool) -> Result<Out
     if sparse {
         extra.push("--nbd-sparse-reads");
     }
+    extra.extend_from_slice(more);
     let d = add_nbd(&ep, &extra)?;
     ensure!(d.queues == queues, "device has {} queues", d.queues);
     check_engine(d.pid, threads, queues as usize)?;

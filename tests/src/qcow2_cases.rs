@@ -1,6 +1,6 @@
 //! Kernel-facing tests of the qcow2 target.
 
-use crate::cases::test;
+use crate::cases::{batch_supported, test};
 use crate::util::*;
 use crate::{Outcome, Test};
 use anyhow::{bail, ensure, Context, Result};
@@ -17,15 +17,21 @@ const MIB: u64 = 1 << 20;
 pub fn all() -> Vec<Test> {
     vec![
         test("kernel_qcow2_verify_q1", 240, || {
-            qcow2_verify(&workdir()?, 1)
+            qcow2_verify(&workdir()?, 1, &[])
         }),
         test("kernel_qcow2_verify_q2", 240, || {
-            qcow2_verify(&workdir()?, 2)
+            qcow2_verify(&workdir()?, 2, &[])
+        }),
+        test("kernel_qcow2_verify_batch_q2", 240, || {
+            if !batch_supported()? {
+                return Ok(Outcome::Skip("batch io commands need Linux 7.0".into()));
+            }
+            qcow2_verify(&workdir()?, 2, &["-b"])
         }),
         // tmpfs image files are served inline; on ext4 the data goes through io_uring.
         test("kernel_qcow2_verify_ext4_q2", 240, || {
             let scratch = Ext4Scratch::new("qcow2-ext4", 400)?;
-            qcow2_verify(&scratch.dir, 2)
+            qcow2_verify(&scratch.dir, 2, &[])
         }),
         test(
             "kernel_qcow2_ext4_backing_chain",
@@ -68,7 +74,7 @@ fn qemu_img_check(img: &Path) -> Result<()> {
 }
 
 /// fio verify through a qcow2 device; afterwards qemu-img check is clean.
-fn qcow2_verify(dir: &Path, queues: u32) -> Result<Outcome> {
+fn qcow2_verify(dir: &Path, queues: u32, extra: &[&str]) -> Result<Outcome> {
     let img = dir.join("disk.qcow2");
     qemu_img(&[
         "create",
@@ -80,7 +86,9 @@ fn qcow2_verify(dir: &Path, queues: u32) -> Result<Outcome> {
     ])?;
     let q = queues.to_string();
     let f = img.to_string_lossy().into_owned();
-    let d = ublk_add(&["-t", "qcow2", "-f", &f, "-q", &q])?;
+    let mut args = vec!["-t", "qcow2", "-f", &f, "-q", &q];
+    args.extend_from_slice(extra);
+    let d = ublk_add(&args)?;
     ensure!(d.queues == queues, "device has {} queues", d.queues);
     fio_verify(&d.bdev(), 32, ("32M", "64M"), Duration::from_secs(180))?;
     ublk_del(d.id)?;
