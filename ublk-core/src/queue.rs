@@ -18,8 +18,10 @@
 //! [`IoBufs`] (or at `event_buf`, owned by the queue), or at memory the target lent for an
 //! operation of its own (a receive buffer; a send's bytes, iovec array and message header; a
 //! timer's timespec), which `OwnOps` holds until the completion and leaks rather than frees if
-//! the queue goes away first. A send's ranges of request buffers count as operations of those
-//! tags, like the tag's own reads and writes. In zero-copy mode the target's reads and
+//! the queue goes away first. Batch io commands point at memory their `Batch` owns (fetch
+//! buffers and rings, element arrays; contract in `batch.rs`), and their elements name tag slots
+//! handed to the kernel with the tag, as a FETCH does. A send's ranges of request buffers count
+//! as operations of those tags, like the tag's own reads and writes. In zero-copy mode the target's reads and
 //! writes address instead the fixed buffer the kernel registered for the tag (index = tag,
 //! offsets from 0, bounds checked against the request), which the kernel keeps alive until the
 //! tag's COMMIT, sent only once no operation is in flight. A slot is only handed to the kernel or
