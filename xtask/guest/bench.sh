@@ -328,6 +328,7 @@ qcow2_group() { # queues
 nbd_group() { # queues
     q=$1
     DEV_nbd="" PID_nbd="" DEV_ublk_nbd="" PID_ublk_nbd="" DEV_ublk_nbd_t="" PID_ublk_nbd_t="" SERVER_PID=""
+    DEV_ublk_nbd_b="" PID_ublk_nbd_b=""
     why=$(nbd_missing)
     [ -z "$why" ] && [ ! -x /opt/bin/nbd-client ] && why="nbd-client missing from the initramfs"
     [ -z "$why" ] && ! qnbd_opts && why="qemu-nbd refused every cache/aio choice"
@@ -347,6 +348,7 @@ nbd_group() { # queues
         skip nbd $q nbd "$why"
         skip nbd $q ublk_nbd "$why"
         skip nbd $q ublk_nbd_t "$why"
+        [ $BATCH = 1 ] && skip nbd $q ublk_nbd_b "$why"
         return 0
     fi
     if /opt/bin/nbd-client -unix $NBD_SOCK /dev/nbd1 -N bench -C $q >$W/nbdc.out 2>&1 &&
@@ -369,8 +371,12 @@ nbd_group() { # queues
     else
         skip nbd $q ublk_nbd_t "ublk add -t nbd --nbd-threads failed"
     fi
+    if [ $BATCH = 1 ]; then
+        ublk_add ublk_nbd_b -t nbd -q $q -b --uri "nbd+unix:///bench?socket=$NBD_SOCK" ||
+            skip nbd $q ublk_nbd_b "ublk add -t nbd -b failed"
+    fi
     for job in $JOBS; do
-        rounds nbd $q $job nbd ublk_nbd ublk_nbd_t
+        rounds nbd $q $job nbd ublk_nbd ublk_nbd_t ublk_nbd_b
     done
     /opt/bin/ublk del -a
     [ -n "$DEV_nbd" ] && /opt/bin/nbd-client -d /dev/nbd1 >/dev/null 2>&1

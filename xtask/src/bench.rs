@@ -79,6 +79,7 @@ const GROUPS: &[(&str, &[Device])] = &[
             ("nbd", "nbd-client", None),
             ("ublk_nbd", "ublk nbd", Some("nbd")),
             ("ublk_nbd_t", "ublk nbd threads", Some("nbd")),
+            ("ublk_nbd_b", "ublk nbd -b", Some("nbd")),
         ],
     ),
 ];
@@ -1309,11 +1310,12 @@ fn render_doc(all: &[KernelResults], notes: Option<&str>) -> String {
     let _ = writeln!(
         s,
         "- nbd group: one NBD server in the guest, `{}` (the raw file of the loop group on a Unix \
-         socket; allowing more than one client, qemu-nbd offers multi-conn), and three clients \
+         socket; allowing more than one client, qemu-nbd offers multi-conn), and its clients \
          connected to it at the same time, runs alternating: the kernel nbd driver, `{}` \
          (netlink), ours, `{}` (its io_uring engine: each queue thread drives its own \
          connection), and ours with the threaded engine, `{}` (a writer and a reader thread \
-         per connection, as used for TLS). With N queues all have N connections (nbd-client -C \
+         per connection, as used for TLS) and, where the kernel has batch io commands (7.0+), \
+         ours with `-b`, all connected at once. With N queues all have N connections (nbd-client -C \
          N; our target opens one connection per queue when the server offers multi-conn) and N \
          hardware queues of 128 requests. All devices have 512-byte logical blocks. \
          \"server CPU µs/IO\" is qemu-nbd's CPU time per IO (in this group only), the same \
