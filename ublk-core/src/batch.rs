@@ -70,6 +70,9 @@ pub(crate) struct Batch {
     /// Elements of the next `COMMIT_IO_CMDS`, and their tags.
     pending: Vec<u8>,
     pending_tags: Vec<u16>,
+    /// Element arrays of completed commands, emptied, for the next ones (no allocation per
+    /// batch).
+    spare: Vec<Vec<u8>>,
     /// Element arrays of commands in flight, by slot (`None`: free).
     in_flight: Vec<Option<InFlight>>,
 }
@@ -136,6 +139,7 @@ impl Batch {
             buf_index,
             pending: Vec::new(),
             pending_tags: Vec::new(),
+            spare: Vec::new(),
             in_flight: Vec::new(),
         })
     }
@@ -195,8 +199,9 @@ impl Batch {
         }
         let n = self.pending_tags.len().min(usize::from(self.depth));
         let (elems, tags) = if n == self.pending_tags.len() {
+            let next = self.spare.pop().unwrap_or_default();
             (
-                std::mem::take(&mut self.pending),
+                std::mem::replace(&mut self.pending, next),
                 std::mem::take(&mut self.pending_tags),
             )
         } else {
@@ -254,7 +259,7 @@ impl Batch {
     /// at the rest, which go back in the queue for the next commit.
     pub(crate) fn cmd_done(&mut self, slot: u16, res: i32) -> Option<CommitDone> {
         let InFlight {
-            elems,
+            mut elems,
             mut tags,
             commit,
         } = self.in_flight.get_mut(usize::from(slot))?.take()?;
@@ -282,6 +287,8 @@ impl Batch {
         }
         tags.truncate(ok);
         done.accepted = tags;
+        elems.clear();
+        self.spare.push(elems);
         Some(done)
     }
 
@@ -395,6 +402,7 @@ mod tests {
             buf_index: false,
             pending: Vec::new(),
             pending_tags: Vec::new(),
+            spare: Vec::new(),
             in_flight: Vec::new(),
         };
         let (prep, slot) = b.prep(|tag| 0x1000 * u64::from(tag + 1));
@@ -429,6 +437,8 @@ mod tests {
         assert_eq!(done.accepted, vec![2]);
         assert_eq!(done.refused, vec![0]);
         assert_eq!(done.requeued, 0);
+        // Its element array is kept for a later commit.
+        assert_eq!(b.spare.len(), 1);
         assert!(b.cmd_done(slot, 16).is_none(), "a slot completes once");
         assert!(b.commit().is_none());
         // At most `depth` elements per command.
@@ -478,6 +488,7 @@ mod tests {
             buf_index: true,
             pending: Vec::new(),
             pending_tags: Vec::new(),
+            spare: Vec::new(),
             in_flight: Vec::new(),
         };
         // Zero copy: each element names the buffer table index of its tag.

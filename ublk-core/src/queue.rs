@@ -782,10 +782,7 @@ pub(crate) fn setup<T: Target>(
 impl<H: QueueHandler> Queue<H> {
     /// The `addr` of a FETCH / COMMIT_AND_FETCH for `tag`.
     fn buf_addr(&self, tag: u16) -> u64 {
-        match self.cfg.mode {
-            DataMode::UserCopy | DataMode::ZeroCopy => 0,
-            DataMode::Copy | DataMode::NeedGetData => self.bufs.addr(tag) as u64,
-        }
+        slot_addr(self.cfg.mode, &self.bufs, tag)
     }
 
     fn submit_cmd(&mut self, op: u32, tag: u16, result: i32) -> io::Result<()> {
@@ -798,12 +795,11 @@ impl<H: QueueHandler> Queue<H> {
 
     /// Batch io commands: hands every tag to the kernel (PREP_IO_CMDS) and arms the fetches.
     fn submit_batch_setup(&mut self) -> io::Result<()> {
-        let bufs = &self.bufs;
-        let copy = matches!(self.cfg.mode, DataMode::Copy);
+        let (bufs, mode) = (&self.bufs, self.cfg.mode);
         let Some(batch) = self.batch.as_mut() else {
             return Ok(());
         };
-        let (sqe, slot) = batch.prep(|tag| if copy { bufs.addr(tag) as u64 } else { 0 });
+        let (sqe, slot) = batch.prep(|tag| slot_addr(mode, bufs, tag));
         let sqe = sqe.user_data(user_data(KIND_BATCH, slot, 0));
         // SAFETY: the element array is held by `batch` until the completion; each address is
         // a tag's own slot, handed to the kernel together with the tag.
@@ -1184,6 +1180,15 @@ impl<H: QueueHandler> Queue<H> {
             );
         }
         self.tags.committed(tag, submitted.is_ok());
+    }
+}
+
+/// The buffer address an io command carries for `tag`: its slot in the copy modes, 0 where
+/// the kernel does not copy into server memory.
+fn slot_addr(mode: DataMode, bufs: &IoBufs, tag: u16) -> u64 {
+    match mode {
+        DataMode::UserCopy | DataMode::ZeroCopy => 0,
+        DataMode::Copy | DataMode::NeedGetData => bufs.addr(tag) as u64,
     }
 }
 
