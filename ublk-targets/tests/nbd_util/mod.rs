@@ -104,7 +104,12 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&self.sock) {
-                // Say goodbye properly so the server does not log a broken pipe.
+                // Listening. Say goodbye properly so the server does not log a broken pipe,
+                // but do not wait for the greeting forever: a server serving one client at a
+                // time (qemu-nbd without `-e`) leaves this probe in its backlog while a client
+                // that connected first (a reconnecting one) is served.
+                let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+                let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
                 let mut g = [0u8; 18];
                 if s.read_exact(&mut g).is_ok() {
                     let mut b = 1u32.to_be_bytes().to_vec();
