@@ -115,6 +115,7 @@ pub fn all() -> Vec<Test> {
     ]);
     v.extend(crate::qcow2_cases::all());
     v.extend(crate::nbd_cases::all());
+    v.extend(crate::unpriv_cases::all());
     v
 }
 

@@ -17,6 +17,7 @@
 mod cases;
 mod nbd_cases;
 mod qcow2_cases;
+mod unpriv_cases;
 mod util;
 
 use anyhow::Result;

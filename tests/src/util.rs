@@ -626,7 +626,20 @@ pub fn cleanup() -> Vec<String> {
 /// Run fio with `args` (plus `--output-format=json --clocksource=clock_gettime`); require exit 0
 /// and no job errors; return the parsed JSON.
 pub fn fio(args: &[&str], timeout: Duration) -> Result<serde_json::Value> {
-    let mut cmd = Command::new(opt_bin("fio"));
+    fio_as(&[], args, timeout)
+}
+
+/// [`fio`] run through the command `prefix` (e.g. `setpriv --reuid=...`), if not empty.
+pub fn fio_as(prefix: &[&str], args: &[&str], timeout: Duration) -> Result<serde_json::Value> {
+    let fio = opt_bin("fio");
+    let mut cmd = match prefix.split_first() {
+        Some((p, rest)) => {
+            let mut c = Command::new(p);
+            c.args(rest).arg(&fio);
+            c
+        }
+        None => Command::new(&fio),
+    };
     cmd.args(["--output-format=json", "--clocksource=clock_gettime"])
         .args(args);
     let desc = describe(&cmd);
@@ -681,9 +694,21 @@ pub fn allocated_bytes(path: impl AsRef<Path>) -> Result<u64> {
 /// each writing `sizes.0` / `sizes.1` with crc32c checksums and verifying them (fatal on the first
 /// mismatch), at `iodepth`.
 pub fn fio_verify(bdev: &str, iodepth: u32, sizes: (&str, &str), timeout: Duration) -> Result<()> {
+    fio_verify_as(&[], bdev, iodepth, sizes, timeout)
+}
+
+/// [`fio_verify`] with fio run through the command `prefix` (see [`fio_as`]).
+pub fn fio_verify_as(
+    prefix: &[&str],
+    bdev: &str,
+    iodepth: u32,
+    sizes: (&str, &str),
+    timeout: Duration,
+) -> Result<()> {
     for (rw, bs, size) in [("randwrite", "4k", sizes.0), ("write", "128k", sizes.1)] {
         let t = std::time::Instant::now();
-        fio(
+        fio_as(
+            prefix,
             &[
                 "--name=verify",
                 &format!("--filename={bdev}"),

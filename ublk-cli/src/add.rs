@@ -79,6 +79,7 @@ impl AddArgs {
             (self.user_copy, "-u"),
             (self.zero_copy, "-z"),
             (self.batch, "-b"),
+            (self.unprivileged, "--unprivileged"),
             (self.fallback, "--fallback"),
             (self.buffered, "--buffered"),
             (self.read_only, "--read-only"),
@@ -439,7 +440,8 @@ fn serve_target<T: Target + 'static>(
                 .recovery(a.recovery())
                 .params(params)
                 .affinity(!a.no_affinity)
-                .batch_io(a.batch);
+                .batch_io(a.batch)
+                .unprivileged(a.unprivileged);
             if let Some(m) = a.max_io_size {
                 let m = u32::try_from(m).map_err(|_| anyhow!("--max-io-size is too large"))?;
                 b = b.max_io_bytes(m);

@@ -75,6 +75,10 @@ pub(crate) fn run(id: Option<u32>, json: bool) -> Result<()> {
         match device_json(&mut ctrl, id) {
             Ok(v) => devs.push(v),
             Err(e) if explicit => return Err(e),
+            // Other users' devices are not ours to show.
+            Err(e) if matches!(e.downcast_ref(), Some(ublk_core::CtrlError::NotOwner(_))) => {
+                log::debug!("device {id}: {e}")
+            }
             Err(e) => log::warn!("device {id}: {e}"),
         }
     }
@@ -105,5 +109,27 @@ pub(crate) fn features() -> Result<()> {
             println!("\t{name:<32} (since Linux {})", flag.since().unwrap_or("?"));
         }
     }
+    Ok(())
+}
+
+/// `ublk owner NAME`: "UID GID" of an unprivileged device, for a udev rule
+/// (`PROGRAM="ublk owner %k", OWNER="%c{1}", GROUP="%c{2}"`). Ordinary devices are an error, so
+/// the rule leaves their nodes to root.
+pub(crate) fn owner(name: &str) -> Result<()> {
+    let base = name.rsplit('/').next().unwrap_or(name);
+    let rest = base
+        .strip_prefix("ublkc")
+        .or_else(|| base.strip_prefix("ublkb"))
+        .unwrap_or(base);
+    // A partition (ublkb3p1) belongs to the owner of its disk.
+    let digits = rest.split('p').next().unwrap_or(rest);
+    let id: u32 = digits
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{name:?} names no ublk device (ublkcN, ublkbN or N)"))?;
+    let info = Ctrl::open()?.dev_info2(id)?;
+    if !info.flags.contains(DeviceFlags::UNPRIVILEGED_DEV) {
+        anyhow::bail!("device {id} is not an unprivileged device: it belongs to root");
+    }
+    println!("{} {}", info.owner_uid, info.owner_gid);
     Ok(())
 }

@@ -43,6 +43,15 @@ enum Cmd {
     Recover(RecoverArgs),
     /// Show the ublk features of the running kernel.
     Features,
+    /// Print the owner of an unprivileged device as "UID GID" (for udev rules; fails for
+    /// ordinary devices).
+    Owner(OwnerArgs),
+}
+
+#[derive(Args, Debug)]
+struct OwnerArgs {
+    /// Device node name or path: ublkcN, ublkbN (or /dev/...), or the id N.
+    name: String,
 }
 
 /// Target types.
@@ -90,6 +99,12 @@ pub(crate) struct AddArgs {
     #[arg(short = 'b', long = "batch")]
     #[serde(default)]
     pub(crate) batch: bool,
+    /// An unprivileged device (UBLK_F_UNPRIVILEGED_DEV): added and served without
+    /// CAP_SYS_ADMIN, its nodes handed to the caller by udev (see README); copy or -g only, no
+    /// recovery.
+    #[arg(long)]
+    #[serde(default)]
+    pub(crate) unprivileged: bool,
     /// Fall back to copy mode (with a warning) when the kernel lacks the requested mode.
     #[arg(long)]
     pub(crate) fallback: bool,
@@ -224,6 +239,7 @@ fn main() -> ExitCode {
         Cmd::List(l) => list::run(l.id, l.json),
         Cmd::Recover(r) => add::recover(r.id, r.foreground),
         Cmd::Features => list::features(),
+        Cmd::Owner(o) => list::owner(&o.name),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -352,6 +368,36 @@ mod tests {
             serde_json::to_value(&a).unwrap(),
             serde_json::to_value(&b).unwrap()
         );
+    }
+
+    /// Every on/off option of `add` reaches the daemon: each is set alone (through the
+    /// serialized arguments, so a new option cannot be forgotten here) and must survive
+    /// `to_argv` and parsing.
+    #[test]
+    fn test_daemon_argv_every_switch() {
+        let Cmd::Add(base) = parse(&["add", "-t", "null"]).unwrap().cmd else {
+            panic!("not add")
+        };
+        let base = serde_json::to_value(&base).unwrap();
+        let switches: Vec<String> = base
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(_, v)| v.as_bool() == Some(false))
+            .map(|(k, _)| k.clone())
+            .collect();
+        assert!(switches.len() >= 10, "{switches:?}");
+        for k in switches {
+            let mut v = base.clone();
+            v[&k] = serde_json::Value::Bool(true);
+            let a: AddArgs = serde_json::from_value(v.clone()).unwrap();
+            let again = Cli::try_parse_from(std::iter::once("ublk".to_string()).chain(a.to_argv()))
+                .unwrap_or_else(|e| panic!("{k}: {e}"));
+            let Cmd::Add(b) = again.cmd else {
+                panic!("not add")
+            };
+            assert_eq!(v, serde_json::to_value(&b).unwrap(), "{k} is lost");
+        }
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub enum CtrlError {
     #[error("{CONTROL_PATH} not found: the ublk_drv kernel module is not loaded (try `modprobe ublk_drv`)")]
     NoControlDevice,
     /// Opening the control device was refused.
-    #[error("permission denied opening {CONTROL_PATH}: ublk devices need root (CAP_SYS_ADMIN)")]
+    #[error("permission denied opening {CONTROL_PATH}: ublk devices need root (CAP_SYS_ADMIN), or, for unprivileged devices (`--unprivileged`), the udev rules that give users access (see README)")]
     PermissionDenied,
     /// Another error opening the control device or setting up its ring.
     #[error("failed to set up {CONTROL_PATH}")]
@@ -50,6 +50,9 @@ pub enum CtrlError {
     /// No such device.
     #[error("device {0} does not exist")]
     NoDevice(u32),
+    /// The caller may not use this device (the kernel checks access to `/dev/ublkcN`).
+    #[error("permission denied for device {0}: it belongs to another user (or to root)")]
+    NotOwner(u32),
     /// The kernel rejected a command.
     #[error("{cmd} for device {dev_id} failed")]
     Command {
@@ -249,6 +252,9 @@ pub struct Ctrl {
     features: Option<DeviceFlags>,
     timeout: Duration,
     poisoned: bool,
+    /// Whether each device seen so far was added with `UBLK_F_UNPRIVILEGED_DEV`: commands for
+    /// those carry the char-device path in front of their payload.
+    unprivileged: std::collections::HashMap<u32, bool>,
 }
 
 impl std::fmt::Debug for Ctrl {
@@ -282,6 +288,7 @@ impl Ctrl {
             features: None,
             timeout: Duration::from_secs(30),
             poisoned: false,
+            unprivileged: std::collections::HashMap::new(),
         })
     }
 
@@ -290,7 +297,8 @@ impl Ctrl {
         self.timeout = timeout;
     }
 
-    /// Issues one command; `payload` is copied in before and out after.
+    /// Issues one command; `payload` is copied in before and out after. Commands for an
+    /// unprivileged device get its char-device path in front of the payload.
     fn cmd(
         &mut self,
         op: u32,
@@ -299,7 +307,39 @@ impl Ctrl {
         data: u64,
         payload: Option<&mut [u8]>,
     ) -> Result<i32> {
-        self.cmd_path(op, dev_id, queue_id, data, payload, 0)
+        let per_device = dev_id != NO_DEV
+            && !matches!(
+                op,
+                sys::UBLK_U_CMD_ADD_DEV
+                    | sys::UBLK_U_CMD_GET_FEATURES
+                    | sys::UBLK_U_CMD_GET_DEV_INFO2
+            );
+        if !per_device || !self.is_unprivileged(dev_id)? {
+            return self.cmd_path(op, dev_id, queue_id, data, payload, 0);
+        }
+        let mut buf = char_dev_path(dev_id);
+        let plen = buf.len();
+        buf.extend_from_slice(payload.as_deref().unwrap_or(&[]));
+        let r = self.cmd_path(op, dev_id, queue_id, data, Some(&mut buf), plen as u16)?;
+        if let Some(p) = payload {
+            p.copy_from_slice(&buf[plen..]);
+        }
+        Ok(r)
+    }
+
+    /// Whether `dev_id` is an unprivileged device (learnt once per device with GET_DEV_INFO2).
+    fn is_unprivileged(&mut self, dev_id: u32) -> Result<bool> {
+        if let Some(&u) = self.unprivileged.get(&dev_id) {
+            return Ok(u);
+        }
+        match self.dev_info2_raw(dev_id) {
+            Ok(Some(info)) => Ok(info.flags.contains(DeviceFlags::UNPRIVILEGED_DEV)),
+            // No GET_DEV_INFO2 (before 6.3): no unprivileged devices either.
+            Ok(None) => Ok(false),
+            // Anything else: the command itself goes without a path and reports its error.
+            Err(CtrlError::Command { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Like `cmd`; the payload starts with a `dev_path_len`-byte char-device path (the
@@ -489,23 +529,41 @@ impl Ctrl {
                 {
                     CtrlError::Invalid(format!("device id {id} is already in use"))
                 }
+                CtrlError::Command { source, .. }
+                    if source.raw_os_error() == Some(libc::EPERM)
+                        && !req.flags.contains(DeviceFlags::UNPRIVILEGED_DEV) =>
+                {
+                    CtrlError::Invalid(
+                        "adding a device needs CAP_SYS_ADMIN, unless it is an unprivileged \
+                         device (`ublk add --unprivileged`, `DeviceBuilder::unprivileged`)"
+                            .into(),
+                    )
+                }
                 e => e,
             })?;
-        Ok(DevInfo::from_sys(&from_bytes(&buf)))
+        let info = DevInfo::from_sys(&from_bytes(&buf));
+        self.unprivileged.insert(
+            info.dev_id,
+            info.flags.contains(DeviceFlags::UNPRIVILEGED_DEV),
+        );
+        Ok(info)
     }
 
     /// Deletes a device; waits until the kernel has released it.
     #[doc(alias = "UBLK_U_CMD_DEL_DEV")]
     pub fn del(&mut self, dev_id: u32) -> Result<()> {
-        self.cmd(sys::UBLK_U_CMD_DEL_DEV, dev_id, 0, 0, None)
-            .map(drop)
+        self.cmd(sys::UBLK_U_CMD_DEL_DEV, dev_id, 0, 0, None)?;
+        // The id may be reused by a device of another kind.
+        self.unprivileged.remove(&dev_id);
+        Ok(())
     }
 
     /// Deletes a device without waiting for its last user (Linux 6.9).
     #[doc(alias = "UBLK_U_CMD_DEL_DEV_ASYNC")]
     pub fn del_async(&mut self, dev_id: u32) -> Result<()> {
-        self.cmd(sys::UBLK_U_CMD_DEL_DEV_ASYNC, dev_id, 0, 0, None)
-            .map(drop)
+        self.cmd(sys::UBLK_U_CMD_DEL_DEV_ASYNC, dev_id, 0, 0, None)?;
+        self.unprivileged.remove(&dev_id);
+        Ok(())
     }
 
     /// Starts a device whose queues have fetched every tag; `pid` is the serving process.
@@ -583,10 +641,17 @@ impl Ctrl {
     /// unprivileged devices; falls back to GET_DEV_INFO on older kernels.
     #[doc(alias = "UBLK_U_CMD_GET_DEV_INFO2")]
     pub fn dev_info2(&mut self, dev_id: u32) -> Result<DevInfo> {
-        let mut path = format!("/dev/ublkc{dev_id}").into_bytes();
-        path.push(0);
-        let plen = path.len();
-        let mut buf = path;
+        match self.dev_info2_raw(dev_id)? {
+            Some(info) => Ok(info),
+            None => self.dev_info(dev_id),
+        }
+    }
+
+    /// GET_DEV_INFO2, `None` if the kernel lacks it; records whether the device is
+    /// unprivileged. The kernel checks the caller's access to `/dev/ublkcN` (read).
+    fn dev_info2_raw(&mut self, dev_id: u32) -> Result<Option<DevInfo>> {
+        let mut buf = char_dev_path(dev_id);
+        let plen = buf.len();
         buf.resize(plen + size_of::<sys::ublksrv_ctrl_dev_info>(), 0);
         match self.cmd_path(
             sys::UBLK_U_CMD_GET_DEV_INFO2,
@@ -596,8 +661,18 @@ impl Ctrl {
             Some(&mut buf),
             plen as u16,
         ) {
-            Ok(_) => Ok(DevInfo::from_sys(&from_bytes(&buf[plen..]))),
-            Err(CtrlError::Unsupported { .. }) => self.dev_info(dev_id),
+            Ok(_) => {
+                let info = DevInfo::from_sys(&from_bytes(&buf[plen..]));
+                self.unprivileged
+                    .insert(dev_id, info.flags.contains(DeviceFlags::UNPRIVILEGED_DEV));
+                Ok(Some(info))
+            }
+            Err(CtrlError::Unsupported { .. }) => Ok(None),
+            Err(CtrlError::Command { source, .. })
+                if matches!(source.raw_os_error(), Some(libc::EACCES | libc::EPERM)) =>
+            {
+                Err(CtrlError::NotOwner(dev_id))
+            }
             Err(e) => Err(e),
         }
     }
@@ -665,6 +740,13 @@ impl Ctrl {
         ids.sort_unstable();
         ids
     }
+}
+
+/// `/dev/ublkcN` with its terminating NUL: the prefix of commands for unprivileged devices.
+fn char_dev_path(dev_id: u32) -> Vec<u8> {
+    let mut p = format!("/dev/ublkc{dev_id}").into_bytes();
+    p.push(0);
+    p
 }
 
 /// Views a plain `#[repr(C)]` uapi struct as bytes.

@@ -98,6 +98,7 @@ pub struct DeviceBuilder {
     affinity: bool,
     batch_sched: bool,
     batch_io: bool,
+    unprivileged: bool,
 }
 
 impl Default for DeviceBuilder {
@@ -115,6 +116,7 @@ impl Default for DeviceBuilder {
             affinity: true,
             batch_sched: true,
             batch_io: false,
+            unprivileged: false,
         }
     }
 }
@@ -191,6 +193,17 @@ impl DeviceBuilder {
         self
     }
 
+    /// An unprivileged device (`UBLK_F_UNPRIVILEGED_DEV`, Linux 6.3): a user without
+    /// CAP_SYS_ADMIN can add and serve it, given read-write access to `/dev/ublk-control`
+    /// and a udev rule that hands `/dev/ublkcN` and `/dev/ublkbN` to the device's owner (the
+    /// kernel lets only the owner open them). The kernel allows neither user copy, zero copy
+    /// nor user recovery for such devices. A caller with CAP_SYS_ADMIN gets an ordinary
+    /// (privileged) device instead.
+    pub fn unprivileged(mut self, on: bool) -> Self {
+        self.unprivileged = on;
+        self
+    }
+
     /// Adds the device (ADD_DEV) and sets its parameters. The device is deleted again if
     /// anything fails, or if the returned [`Device`] is dropped without being served.
     pub fn build(self, mut ctrl: Ctrl) -> Result<Device> {
@@ -222,6 +235,22 @@ impl DeviceBuilder {
             }
         }
         let mut flags = mode.flag() | self.recovery.flags() | self.extra_flags;
+        if self.unprivileged {
+            // The kernel refuses these (or, for recovery, silently drops them): say so first.
+            if matches!(mode, DataMode::UserCopy | DataMode::ZeroCopy) {
+                return Err(DeviceError::Config(format!(
+                    "unprivileged devices cannot use the {} data mode (the kernel trusts the \
+                     server to fill every byte of a read only when it is privileged)",
+                    mode.name()
+                )));
+            }
+            if self.recovery != Recovery::None {
+                return Err(DeviceError::Config(
+                    "unprivileged devices cannot use user recovery".into(),
+                ));
+            }
+            flags |= DeviceFlags::UNPRIVILEGED_DEV;
+        }
         if self.batch_io {
             if mode == DataMode::NeedGetData {
                 return Err(DeviceError::Config(format!(
@@ -256,11 +285,24 @@ impl DeviceBuilder {
             ctrl,
             served: false,
         };
-        if !info.flags.contains(flags) {
+        let mut wanted = flags;
+        if self.unprivileged && !info.flags.contains(DeviceFlags::UNPRIVILEGED_DEV) {
+            log::warn!(
+                "the caller has CAP_SYS_ADMIN: device {} is an ordinary (privileged) device",
+                info.dev_id
+            );
+            wanted -= DeviceFlags::UNPRIVILEGED_DEV;
+        }
+        if !info.flags.contains(wanted) {
             return Err(DeviceError::Config(format!(
                 "kernel granted flags {:?}, not the requested {:?}",
                 info.flags, flags
             )));
+        }
+        if info.flags.contains(DeviceFlags::UNPRIVILEGED_DEV) {
+            // SET_PARAMS and every later command need read-write access to /dev/ublkcN,
+            // which udev gives the owner once the node exists.
+            wait_char_dev_access(&info.char_path(), Duration::from_secs(10))?;
         }
         dev.ctrl
             .set_params(info.dev_id, &self.params, info.max_io_buf_bytes)?;
@@ -641,6 +683,37 @@ fn open_char_dev(path: &str) -> Result<File> {
             Ok(f) => return Ok(f),
             Err(e) if e.kind() == io::ErrorKind::NotFound && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(source) => {
+                return Err(DeviceError::CharDev {
+                    path: path.into(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// Waits until this process can open `path` for reading and writing (an unprivileged
+/// device's node, until udev has given it to its owner), and closes it again.
+fn wait_char_dev_access(path: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match OpenOptions::new().read(true).write(true).open(path) {
+            Ok(_) => return Ok(()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied
+                ) && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(source) if source.kind() == io::ErrorKind::PermissionDenied => {
+                return Err(DeviceError::Config(format!(
+                    "{path} did not become accessible within {timeout:?}: unprivileged \
+                     devices need the udev rule that gives the node to its owner (see README)"
+                )))
             }
             Err(source) => {
                 return Err(DeviceError::CharDev {

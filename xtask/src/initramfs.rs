@@ -28,6 +28,7 @@ const HOST_TOOLS: &[(&str, &[&str])] = &[
     ("e2fsck", &["/usr/sbin/e2fsck", "/sbin/e2fsck"]),
     ("blkdiscard", &["/usr/sbin/blkdiscard", "/sbin/blkdiscard"]),
     ("losetup", &["/usr/sbin/losetup", "/sbin/losetup"]),
+    ("setpriv", &["/usr/bin/setpriv", "/bin/setpriv"]),
     ("qemu-img", &["/usr/bin/qemu-img"]),
     ("qemu-nbd", &["/usr/bin/qemu-nbd"]),
     ("nbd-client", &["/usr/sbin/nbd-client", "/sbin/nbd-client"]),

@@ -1,0 +1,261 @@
+//! Kernel-facing tests of unprivileged devices (`UBLK_F_UNPRIVILEGED_DEV`): a user without
+//! CAP_SYS_ADMIN adds, serves, uses and deletes a device. The guest has no udev, so the test
+//! does what the udev rules in `ublk-cli/udev/` do: `/dev/ublk-control` readable and writable
+//! by all, and the nodes of each unprivileged device handed to its owner (`ublk owner NAME`).
+
+use crate::cases::test;
+use crate::util::*;
+use crate::{Outcome, Test};
+use anyhow::{ensure, Context, Result};
+use std::collections::HashSet;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The user the test acts as.
+const UID: u32 = 1000;
+const GID: u32 = 1000;
+const WD: &str = "/tmp/ublk-unpriv";
+
+/// The unprivileged-device tests, in run order.
+pub fn all() -> Vec<Test> {
+    vec![test("kernel_unprivileged_loop", 300, unprivileged_loop)]
+}
+
+/// `setpriv` arguments that run a command as [`UID`]:[`GID`] with no supplementary groups
+/// (and so no capability at all).
+fn as_user() -> Vec<String> {
+    as_uid(UID, GID)
+}
+
+fn as_uid(uid: u32, gid: u32) -> Vec<String> {
+    vec![
+        opt_bin("setpriv"),
+        format!("--reuid={uid}"),
+        format!("--regid={gid}"),
+        "--clear-groups".into(),
+    ]
+}
+
+/// `ublk ARGS` as the user, with its own runtime directory for state and logs.
+fn user_ublk(args: &[&str]) -> Result<Run> {
+    uid_ublk(as_user(), args)
+}
+
+fn uid_ublk(p: Vec<String>, args: &[&str]) -> Result<Run> {
+    let mut cmd = Command::new(&p[0]);
+    cmd.args(&p[1..])
+        .arg(ublk_bin())
+        .args(args)
+        .env("XDG_RUNTIME_DIR", format!("{WD}/run"));
+    run_timeout(&mut cmd, Duration::from_secs(60))
+}
+
+/// What udev does with `ublk-cli/udev/99-ublk.rules`, until dropped: `/dev/ublk-control`
+/// mode 0666, and every new `/dev/ublkcN` / `/dev/ublkbN` whose device `ublk owner` names an
+/// owner for is chowned to it.
+struct FakeUdev {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    control_mode: u32,
+}
+
+impl FakeUdev {
+    fn start() -> Result<FakeUdev> {
+        let control = "/dev/ublk-control";
+        let control_mode = fs::metadata(control)?.permissions().mode() & 0o7777;
+        fs::set_permissions(control, fs::Permissions::from_mode(0o666))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut done = HashSet::new();
+            while !s.load(Ordering::Relaxed) {
+                for e in fs::read_dir("/dev").into_iter().flatten().flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if !(name.starts_with("ublkc") || name.starts_with("ublkb")) {
+                        continue;
+                    }
+                    let Ok(meta) = e.metadata() else { continue };
+                    if !done.insert((name.clone(), meta.ino())) {
+                        continue;
+                    }
+                    let Ok(r) = ublk(&["owner", &name]) else {
+                        continue;
+                    };
+                    let mut w = r.stdout.split_whitespace();
+                    if let (true, Some(Ok(uid)), Some(Ok(gid))) = (
+                        r.ok(),
+                        w.next().map(str::parse::<u32>),
+                        w.next().map(str::parse::<u32>),
+                    ) {
+                        let path = e.path();
+                        match std::os::unix::fs::chown(&path, Some(uid), Some(gid)) {
+                            Ok(()) => println!("udev: {} -> {uid}:{gid}", path.display()),
+                            Err(err) => println!("udev: chown {}: {err}", path.display()),
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Ok(FakeUdev {
+            stop,
+            thread: Some(thread),
+            control_mode,
+        })
+    }
+}
+
+impl Drop for FakeUdev {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = fs::set_permissions(
+            "/dev/ublk-control",
+            fs::Permissions::from_mode(self.control_mode),
+        );
+    }
+}
+
+/// A user adds an unprivileged loop device over a file of theirs, fio verifies data through it
+/// as that user, lists and deletes it; what the kernel refuses unprivileged users is refused
+/// with a clear error and leaves no device behind.
+fn unprivileged_loop() -> Result<Outcome> {
+    let _ = fs::remove_dir_all(WD);
+    fs::create_dir_all(format!("{WD}/run"))?;
+    let file = Path::new(WD).join("disk.img");
+    zero_file(&file, 128)?;
+    for p in [WD, &format!("{WD}/run"), &file.to_string_lossy()] {
+        std::os::unix::fs::chown(p, Some(UID), Some(GID))?;
+    }
+    let f = file.to_string_lossy().into_owned();
+    let udev = FakeUdev::start()?;
+
+    // Without --unprivileged the kernel wants CAP_SYS_ADMIN.
+    let r = user_ublk(&["add", "-t", "loop", "-f", &f])?;
+    ensure!(!r.ok(), "a user added a privileged device: {}", r.stdout);
+    ensure!(
+        r.stderr.contains("CAP_SYS_ADMIN") && r.stderr.contains("--unprivileged"),
+        "unclear error: {:?}",
+        r.stderr
+    );
+    println!("without --unprivileged: {}", r.stderr.trim());
+    // The kernel refuses user copy for unprivileged devices: said before anything is added.
+    let r = user_ublk(&["add", "-t", "loop", "--unprivileged", "-u", "-f", &f])?;
+    ensure!(!r.ok(), "-u accepted for an unprivileged device");
+    ensure!(
+        r.stderr.contains("unprivileged"),
+        "unclear error: {:?}",
+        r.stderr
+    );
+    println!("with -u: {}", r.stderr.trim());
+    ensure!(
+        ublk_char_devs().is_empty(),
+        "left behind: {:?}",
+        ublk_char_devs()
+    );
+
+    let r = user_ublk(&["add", "-t", "loop", "--unprivileged", "-q", "2", "-f", &f])?;
+    ensure!(
+        r.ok(),
+        "ublk add --unprivileged as uid {UID} failed: {} {}",
+        r.stdout,
+        r.stderr
+    );
+    let d = parse_one("ublk add --unprivileged", &r)?;
+    println!("added {} (flags {:#x}) as uid {UID}", d.bdev(), d.flags);
+    ensure!(
+        d.flags & 0x20 != 0,
+        "UBLK_F_UNPRIVILEGED_DEV not granted: flags {:#x}",
+        d.flags
+    );
+    ensure!(
+        r.stdout.contains(&format!("owner: {UID}:{GID}")),
+        "owner not shown: {}",
+        r.stdout
+    );
+    wait_for(
+        "the disk handed to its owner",
+        Duration::from_secs(10),
+        || fs::metadata(d.bdev()).is_ok_and(|m| m.uid() == UID),
+    )?;
+    let pid = d.pid;
+    let daemon_uid = fs::metadata(format!("/proc/{pid}"))?.uid();
+    ensure!(
+        daemon_uid == UID,
+        "the daemon runs as uid {daemon_uid}, not {UID}"
+    );
+
+    let prefix = as_user();
+    let prefix: Vec<&str> = prefix.iter().map(String::as_str).collect();
+    fio_verify_as(
+        &prefix,
+        &d.bdev(),
+        32,
+        ("16M", "32M"),
+        Duration::from_secs(150),
+    )
+    .context("fio verify as the device's owner")?;
+
+    // Root sees it too; the owner lists and deletes it.
+    let root_list = ublk_ok(&["list"])?;
+    ensure!(
+        root_list.stdout.contains(&format!("dev id {}:", d.id)),
+        "root's `ublk list` misses device {}: {}",
+        d.id,
+        root_list.stdout
+    );
+    let id = d.id.to_string();
+    let r = user_ublk(&["list", "-n", &id])?;
+    ensure!(
+        r.ok(),
+        "`ublk list -n {id}` as the owner failed: {}",
+        r.stderr
+    );
+    // Another user can neither delete it nor open its disk.
+    let r = uid_ublk(as_uid(UID + 1, GID + 1), &["del", "-n", &id])?;
+    ensure!(!r.ok(), "another user deleted device {id}");
+    ensure!(
+        r.stderr.contains("belongs to another user"),
+        "unclear error: {:?}",
+        r.stderr
+    );
+    println!("another user's del: {}", r.stderr.trim());
+    let r = uid_ublk(as_uid(UID + 1, GID + 1), &["list"])?;
+    ensure!(
+        r.ok() && !r.stdout.contains("dev id"),
+        "another user's `ublk list`: {} {}",
+        r.stdout,
+        r.stderr
+    );
+    let other = as_uid(UID + 1, GID + 1);
+    let r = run_timeout(
+        Command::new(&other[0]).args(&other[1..]).args([
+            opt_bin("blkdiscard").as_str(),
+            "-l",
+            "4096",
+            &d.bdev(),
+        ]),
+        Duration::from_secs(30),
+    )?;
+    ensure!(!r.ok(), "another user could open {}", d.bdev());
+    ensure!(alive(pid), "the daemon died");
+    let r = user_ublk(&["del", "-n", &id])?;
+    ensure!(
+        r.ok(),
+        "`ublk del -n {id}` as the owner failed: {}",
+        r.stderr
+    );
+    wait_gone(d.bdev(), Duration::from_secs(10))?;
+    wait_gone(d.cdev(), Duration::from_secs(10))?;
+    ensure!(!alive(pid), "daemon {pid} still running after del");
+    drop(udev);
+    let _ = fs::remove_dir_all(WD);
+    Ok(Outcome::Pass)
+}
