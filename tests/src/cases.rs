@@ -47,6 +47,16 @@ pub fn all() -> Vec<Test> {
             }
             kill_recovery(&["-z"])
         }),
+        test("kernel_quiesce_recover_under_fio", 180, || {
+            quiesce_recover(&[])
+        }),
+        test("kernel_quiesce_recover_under_fio_zero_copy", 180, || {
+            if !zero_copy_supported()? {
+                return Ok(Outcome::Skip("zero copy needs Linux 6.16".into()));
+            }
+            quiesce_recover(&["-z"])
+        }),
+        test("kernel_quiesce_refused_batch", 60, quiesce_refused_batch),
         test("kernel_kill_daemon_recovery_batch", 120, || {
             if !batch_supported()? {
                 return Ok(Outcome::Skip("batch io commands need Linux 7.0".into()));
@@ -641,6 +651,107 @@ fn kill_recovery(extra: &[&str]) -> Result<Outcome> {
         sha256(&rb)? == want,
         "write after recovery reads back differently"
     );
+    ublk_del(d.id)?;
+    Ok(Outcome::Pass)
+}
+
+/// 3c. Planned daemon replacement: `ublk quiesce` while fio writes and verifies, then `ublk
+///     recover`; fio never sees an error and every block verifies. Before 6.16 `ublk quiesce`
+///     is refused naming the release, and the device keeps serving.
+fn quiesce_recover(extra: &[&str]) -> Result<Outcome> {
+    let wd = workdir()?;
+    let file = wd.join("backing");
+    zero_file(&file, 128)?;
+    let mut args = vec!["-r", "1", "-q", "2"];
+    args.extend_from_slice(extra);
+    let d = add_loop(&file, &args)?;
+    let id = d.id.to_string();
+    if kernel_version()? < (6, 16) {
+        let r = ublk(&["quiesce", "-n", &id])?;
+        ensure!(!r.ok(), "`ublk quiesce` succeeded before 6.16");
+        ensure!(r.stderr.contains("6.16"), "unclear error: {:?}", r.stderr);
+        ensure!(
+            ublk_list_one(d.id)?.state == "LIVE",
+            "device not LIVE after the refusal"
+        );
+        ublk_del(d.id)?;
+        return Ok(Outcome::Skip(format!(
+            "QUIESCE_DEV needs Linux 6.16 (refused: {})",
+            r.stderr.trim()
+        )));
+    }
+    let bdev = d.bdev();
+    let fio = std::thread::spawn(move || {
+        fio(
+            &[
+                "--name=quiesce",
+                &format!("--filename={bdev}"),
+                "--rw=randwrite",
+                "--bs=4k",
+                "--size=96M",
+                "--iodepth=32",
+                "--ioengine=io_uring",
+                "--direct=1",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+            ],
+            Duration::from_secs(150),
+        )
+    });
+    sleep(Duration::from_secs(2));
+    ensure!(!fio.is_finished(), "fio finished before the quiesce");
+    let r = ublk_ok(&["quiesce", "-n", &id])?;
+    println!("{}", r.stdout.trim());
+    let q = ublk_list_one(d.id)?;
+    ensure!(q.state == "QUIESCED", "state after quiesce: {q:?}");
+    ensure!(!alive(d.pid), "old daemon {} still running", d.pid);
+    sleep(Duration::from_secs(1));
+    if fio.is_finished() {
+        let r = fio
+            .join()
+            .map_err(|_| anyhow::anyhow!("fio thread panicked"))?;
+        bail!("fio ended while the device was quiesced: {r:?}");
+    }
+    let r = ublk_ok(&["recover", "-n", &id])?;
+    let n = parse_one("ublk recover", &r)?;
+    ensure!(n.state == "LIVE" && n.pid != d.pid, "after recover: {n:?}");
+    let json = fio
+        .join()
+        .map_err(|_| anyhow::anyhow!("fio thread panicked"))?
+        .context("fio across quiesce + recover")?;
+    let ios = json["jobs"][0]["write"]["total_ios"].as_u64().unwrap_or(0);
+    ensure!(ios > 0, "fio wrote nothing: {json}");
+    println!("fio wrote and verified {ios} blocks across quiesce + recover");
+    ublk_del(d.id)?;
+    Ok(Outcome::Pass)
+}
+
+/// 3d. A device with batch io commands is not offered for quiescing (on 7.3 the kernel fails
+///     the requests in flight): `ublk quiesce` says why, and the device keeps serving.
+fn quiesce_refused_batch() -> Result<Outcome> {
+    if !batch_supported()? {
+        return Ok(Outcome::Skip("batch io commands need Linux 7.0".into()));
+    }
+    let wd = workdir()?;
+    let file = wd.join("backing");
+    zero_file(&file, 64)?;
+    let d = add_loop(&file, &["-r", "1", "-b"])?;
+    let id = d.id.to_string();
+    let r = ublk(&["quiesce", "-n", &id])?;
+    ensure!(!r.ok(), "a batch io device was quiesced");
+    ensure!(
+        r.stderr.contains("batch io"),
+        "unclear error: {:?}",
+        r.stderr
+    );
+    println!("refused: {}", r.stderr.trim());
+    let now = ublk_list_one(d.id)?;
+    ensure!(
+        now.state == "LIVE" && now.pid == d.pid,
+        "after the refusal: {now:?}"
+    );
+    fio_verify(&d.bdev(), 32, ("8M", "16M"), Duration::from_secs(120))?;
     ublk_del(d.id)?;
     Ok(Outcome::Pass)
 }

@@ -1,9 +1,10 @@
-//! `ublk del`: stop a device, wait for its daemon to exit, delete it.
+//! `ublk del`: stop a device, wait for its daemon to exit, delete it; and `ublk quiesce`:
+//! detach the daemon and keep the device for `ublk recover`.
 
 use crate::state;
 use anyhow::{Context, Result};
 use std::time::{Duration, Instant};
-use ublk_core::Ctrl;
+use ublk_core::{Ctrl, DevState, DeviceFlags};
 
 pub(crate) fn run(id: Option<u32>, all: bool) -> Result<()> {
     let mut ctrl = Ctrl::open()?;
@@ -37,6 +38,57 @@ fn del_one(ctrl: &mut Ctrl, id: u32) -> Result<()> {
         Err(e) => return Err(e).with_context(|| format!("cannot delete device {id}")),
     }
     state::remove(id);
+    Ok(())
+}
+
+/// `ublk quiesce -n ID`: QUIESCE_DEV makes the daemon let go of the device (its queues see
+/// every command aborted and it exits, leaving the device); IO waits in the kernel until
+/// `ublk recover` attaches a new daemon.
+pub(crate) fn quiesce(id: u32, timeout_secs: u64) -> Result<()> {
+    let mut ctrl = Ctrl::open()?;
+    let info = ctrl.dev_info(id)?;
+    if !info.flags.contains(DeviceFlags::QUIESCE) {
+        if info.flags.contains(DeviceFlags::BATCH_IO) {
+            anyhow::bail!(
+                "device {id} uses batch io commands (-b), which cannot be quiesced without \
+                 failing the requests in flight; `ublk del` and `ublk add` again instead"
+            );
+        }
+        let features = ctrl.features()?;
+        if !features.contains(DeviceFlags::QUIESCE) {
+            anyhow::bail!(
+                "quiescing a device needs Linux 6.16 or later (UBLK_F_QUIESCE); this kernel is {}",
+                ublk_core::kernel_release()
+            );
+        }
+        anyhow::bail!(
+            "device {id} cannot be quiesced: it was added without user recovery (`ublk add -r 1`)"
+        );
+    }
+    if info.state != DevState::Live {
+        anyhow::bail!("device {id} is {}, not LIVE", info.state.name());
+    }
+    ctrl.quiesce(id, timeout_secs.saturating_mul(1000))
+        .with_context(|| format!("cannot quiesce device {id}"))?;
+    if info.daemon_pid > 0 && !wait_exit(info.daemon_pid, Duration::from_secs(20)) {
+        anyhow::bail!(
+            "device {id} is quiesced but its daemon {} did not exit",
+            info.daemon_pid
+        );
+    }
+    // The kernel moves the device to QUIESCED once the daemon has closed /dev/ublkcN.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = ctrl.dev_info(id)?.state;
+        if st == DevState::Quiesced {
+            break;
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("device {id} is {} after QUIESCE_DEV", st.name());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("device {id} quiesced; `ublk recover -n {id}` attaches a new daemon");
     Ok(())
 }
 

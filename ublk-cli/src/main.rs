@@ -41,11 +41,25 @@ enum Cmd {
     List(ListArgs),
     /// Attach a new daemon to a device whose daemon died (needs `add -r 1`).
     Recover(RecoverArgs),
+    /// Detach a device's daemon without losing IO, for `recover` to attach a new one (e.g. an
+    /// upgraded binary); IO waits meanwhile (needs `add -r 1`, Linux 6.16).
+    Quiesce(QuiesceArgs),
     /// Show the ublk features of the running kernel.
     Features,
     /// Print the owner of an unprivileged device as "UID GID" (for udev rules; fails for
     /// ordinary devices).
     Owner(OwnerArgs),
+}
+
+#[derive(Args, Debug)]
+struct QuiesceArgs {
+    /// Device id.
+    #[arg(short = 'n', long = "number")]
+    id: u32,
+    /// Give up if the kernel cannot quiesce the device within this many seconds (0: wait for
+    /// ever).
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
 }
 
 #[derive(Args, Debug)]
@@ -238,6 +252,7 @@ fn main() -> ExitCode {
         Cmd::Del(d) => del::run(d.id, d.all),
         Cmd::List(l) => list::run(l.id, l.json),
         Cmd::Recover(r) => add::recover(r.id, r.foreground),
+        Cmd::Quiesce(q) => del::quiesce(q.id, q.timeout),
         Cmd::Features => list::features(),
         Cmd::Owner(o) => list::owner(&o.name),
     };

@@ -235,6 +235,15 @@ impl DeviceBuilder {
             }
         }
         let mut flags = mode.flag() | self.recovery.flags() | self.extra_flags;
+        if self.recovery != Recovery::None
+            && features.contains(DeviceFlags::QUIESCE)
+            && !self.batch_io
+        {
+            // Lets QUIESCE_DEV hand the device over to a new daemon (planned upgrades). Not
+            // with batch io commands: on 7.3 quiescing such a device fails requests in flight
+            // with EIO (kernel_quiesce_refused_batch), so it is not offered.
+            flags |= DeviceFlags::QUIESCE;
+        }
         if self.unprivileged {
             // The kernel refuses these (or, for recovery, silently drops them): say so first.
             if matches!(mode, DataMode::UserCopy | DataMode::ZeroCopy) {
