@@ -319,7 +319,14 @@ pub(crate) struct Outcome {
     pub booted: Option<f64>,
     /// Seconds of the whole boot.
     pub total: f64,
+    /// The guest never became ready (no `init: guest ready` within [`BOOT_TIMEOUT`]).
+    pub stalled: bool,
 }
+
+/// How long a guest may take to become ready. It takes about 10 s under TCG; a boot that
+/// prints nothing for minutes (seen once in hundreds of boots, with an empty console) is
+/// stuck, and is better retried than waited for.
+pub(crate) const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// Boot once with the console on stdio, hand every console line to `on_line`, stop at the
 /// result marker (plus the guest's power-off), a crash or the timeout.
@@ -374,17 +381,26 @@ pub(crate) fn run_guest(b: &Boot, mut on_line: impl FnMut(&str)) -> Result<Outco
     let mut rc: Option<i32> = None;
     let mut booted: Option<f64> = None;
     let mut timed_out = false;
+    let mut stalled = false;
+    let boot_deadline = start + BOOT_TIMEOUT;
     let out = std::io::stdout();
     loop {
         let now = Instant::now();
-        if now >= deadline {
+        let until = if booted.is_none() {
+            deadline.min(boot_deadline)
+        } else {
+            deadline
+        };
+        if now >= until {
             timed_out = rc.is_none();
+            stalled = booted.is_none();
             break;
         }
-        let line = match rx.recv_timeout(deadline - now) {
+        let line = match rx.recv_timeout(until - now) {
             Ok(l) => l,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 timed_out = rc.is_none();
+                stalled = booted.is_none();
                 break;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -415,6 +431,7 @@ pub(crate) fn run_guest(b: &Boot, mut on_line: impl FnMut(&str)) -> Result<Outco
         timed_out,
         booted,
         total: start.elapsed().as_secs_f64(),
+        stalled,
     })
 }
 
@@ -441,7 +458,7 @@ fn boot_and_test(
     };
     let mut results = Vec::new();
     let mut running: Option<String> = None;
-    let outcome = run_guest(&boot, |line| {
+    let mut on_line = |line: &str| {
         if let Some(ev) = parse_test_line(line) {
             match ev {
                 Event::Start(name) => running = Some(name),
@@ -459,12 +476,21 @@ fn boot_and_test(
                 }
             }
         }
-    })?;
+    };
+    let mut outcome = run_guest(&boot, &mut on_line)?;
+    if outcome.stalled {
+        eprintln!(
+            "xtask: {label}: the guest was not ready after {}s; booting it again",
+            BOOT_TIMEOUT.as_secs()
+        );
+        outcome = run_guest(&boot, &mut on_line)?;
+    }
     let Outcome {
         rc,
         timed_out,
         booted,
         total,
+        ..
     } = outcome;
 
     let boot_name = "<boot>".to_string();
