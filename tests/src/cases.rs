@@ -57,6 +57,7 @@ pub fn all() -> Vec<Test> {
             quiesce_recover(&["-z"])
         }),
         test("kernel_quiesce_refused_batch", 60, quiesce_refused_batch),
+        test("kernel_resize_loop_and_null", 120, resize),
         test("kernel_kill_daemon_recovery_batch", 120, || {
             if !batch_supported()? {
                 return Ok(Outcome::Skip("batch io commands need Linux 7.0".into()));
@@ -753,6 +754,79 @@ fn quiesce_refused_batch() -> Result<Outcome> {
     );
     fio_verify(&d.bdev(), 32, ("8M", "16M"), Duration::from_secs(120))?;
     ublk_del(d.id)?;
+    Ok(Outcome::Pass)
+}
+
+/// 3e. `ublk resize`: a loop device grows to its grown backing file (data written past the old
+///     end lands in the file), a size beyond the file is refused, null takes any size. Before
+///     6.16 it is refused naming the release.
+fn resize() -> Result<Outcome> {
+    let wd = workdir()?;
+    let file = wd.join("backing");
+    zero_file(&file, 64)?;
+    let d = add_loop(&file, &[])?;
+    let id = d.id.to_string();
+    let sectors = |d: &DevInfo| -> Result<u64> {
+        Ok(read_trim(format!("/sys/block/ublkb{}/size", d.id))?.parse()?)
+    };
+    ensure!(sectors(&d)? == 64 * MIB / 512, "initial size");
+    if kernel_version()? < (6, 16) {
+        let r = ublk(&["resize", "-n", &id, "32M"])?;
+        ensure!(
+            !r.ok() && r.stderr.contains("6.16"),
+            "not refused clearly: {r:?}"
+        );
+        ublk_del(d.id)?;
+        return Ok(Outcome::Skip(format!(
+            "UPDATE_SIZE needs Linux 6.16 (refused: {})",
+            r.stderr.trim()
+        )));
+    }
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&file)?
+        .set_len(96 * MIB)?;
+    let r = ublk(&["resize", "-n", &id, "128M"])?;
+    ensure!(
+        !r.ok() && r.stderr.contains("grow it first"),
+        "a size beyond the file was not refused: {r:?}"
+    );
+    ublk_ok(&["resize", "-n", &id])?;
+    ensure!(
+        sectors(&d)? == 96 * MIB / 512,
+        "size after growing to the file"
+    );
+    ensure!(
+        ublk_list_one(d.id)?.capacity == 96 * MIB / 512,
+        "`ublk list` shows the old capacity"
+    );
+    // Write past the old end, through the device, and find it in the file.
+    let pat = wd.join("pattern");
+    write_pattern(&pat, MIB, 0x512e)?;
+    dd(&[
+        &format!("if={}", pat.display()),
+        &format!("of={}", d.bdev()),
+        "bs=1M",
+        "seek=80",
+        "oflag=direct",
+        "conv=fsync",
+    ])?;
+    let got = fs::read(&file)?;
+    ensure!(
+        got[(80 * MIB) as usize..(81 * MIB) as usize] == fs::read(&pat)?[..],
+        "data written past the old end is not in the backing file"
+    );
+    ublk_ok(&["resize", "-n", &id, "32M"])?;
+    ensure!(sectors(&d)? == 32 * MIB / 512, "size after shrinking");
+    ublk_del(d.id)?;
+
+    let n = ublk_add(&["-t", "null", "--size", "1G"])?;
+    ublk_ok(&["resize", "-n", &n.id.to_string(), "3G"])?;
+    ensure!(
+        sectors(&n)? == 3 * 1024 * MIB / 512,
+        "null size after resize"
+    );
+    ublk_del(n.id)?;
     Ok(Outcome::Pass)
 }
 

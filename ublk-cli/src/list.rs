@@ -133,3 +133,57 @@ pub(crate) fn owner(name: &str) -> Result<()> {
     println!("{} {}", info.owner_uid, info.owner_gid);
     Ok(())
 }
+
+/// `ublk resize -n ID [SIZE]`: UPDATE_SIZE (Linux 6.16) for the targets whose daemon needs no
+/// telling: null, and loop within its backing file (by default growing the device to the
+/// file's size, e.g. after `truncate -s`).
+pub(crate) fn resize(id: u32, size: Option<u64>) -> Result<()> {
+    use anyhow::{bail, Context};
+    use std::io::{Seek, SeekFrom};
+    let mut ctrl = Ctrl::open()?;
+    if !ctrl.features()?.contains(DeviceFlags::UPDATE_SIZE) {
+        bail!(
+            "resizing a device needs Linux 6.16 or later (UPDATE_SIZE); this kernel is {}",
+            kernel_release()
+        );
+    }
+    let (params, _) = ctrl.get_params(id)?;
+    let mut st = state::load(id).ok_or_else(|| {
+        anyhow::anyhow!("no saved state for device {id}: it was not added by this tool")
+    })?;
+    let name = st.target["name"].as_str().unwrap_or("?").to_string();
+    let new = match name.as_str() {
+        "null" => size.ok_or_else(|| anyhow::anyhow!("give the new size of a null device"))?,
+        "loop" => {
+            let path = st.target["backing_file"]
+                .as_str()
+                .ok_or_else(|| anyhow::anyhow!("no backing file recorded for device {id}"))?
+                .to_string();
+            let have = std::fs::File::open(&path)
+                .and_then(|mut f| f.seek(SeekFrom::End(0)))
+                .with_context(|| format!("cannot read the size of {path}"))?;
+            let new = size.unwrap_or(have);
+            if new > have {
+                bail!("{path} has {have} bytes, fewer than {new}: grow it first");
+            }
+            new
+        }
+        other => bail!(
+            "resizing a {other} device is not supported (its size is that of the image or export)"
+        ),
+    };
+    let lbs = 1u64 << params.logical_bs_shift;
+    let new = new / lbs * lbs;
+    if new == 0 {
+        bail!("a device needs at least one block of {lbs} bytes");
+    }
+    ctrl.update_size(id, new)
+        .with_context(|| format!("cannot resize device {id}"))?;
+    st.target["dev_size"] = serde_json::json!(new);
+    if name == "null" {
+        st.args.size = Some(new);
+    }
+    state::save(id, &st);
+    println!("device {id}: {} -> {new} bytes", params.size);
+    Ok(())
+}

@@ -44,6 +44,9 @@ enum Cmd {
     /// Detach a device's daemon without losing IO, for `recover` to attach a new one (e.g. an
     /// upgraded binary); IO waits meanwhile (needs `add -r 1`, Linux 6.16).
     Quiesce(QuiesceArgs),
+    /// Change a live device's size (null: any size; loop: up to the backing file's size, which
+    /// is the default, e.g. after growing the file; Linux 6.16).
+    Resize(ResizeArgs),
     /// Show the ublk features of the running kernel.
     Features,
     /// Print the owner of an unprivileged device as "UID GID" (for udev rules; fails for
@@ -60,6 +63,16 @@ struct QuiesceArgs {
     /// ever).
     #[arg(long, default_value_t = 30)]
     timeout: u64,
+}
+
+#[derive(Args, Debug)]
+struct ResizeArgs {
+    /// Device id.
+    #[arg(short = 'n', long = "number")]
+    id: u32,
+    /// New size, e.g. 20G (loop: default the backing file's current size).
+    #[arg(value_parser = size::parse_size)]
+    size: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -253,6 +266,7 @@ fn main() -> ExitCode {
         Cmd::List(l) => list::run(l.id, l.json),
         Cmd::Recover(r) => add::recover(r.id, r.foreground),
         Cmd::Quiesce(q) => del::quiesce(q.id, q.timeout),
+        Cmd::Resize(r) => list::resize(r.id, r.size),
         Cmd::Features => list::features(),
         Cmd::Owner(o) => list::owner(&o.name),
     };
