@@ -252,7 +252,7 @@ pub(crate) fn nbd_uri(a: &AddArgs) -> Result<NbdUri> {
 /// `ublk recover -n ID`: start a daemon like the one that died, re-attaching to the device.
 pub(crate) fn recover(id: u32, foreground: bool) -> Result<()> {
     let st = state::load(id).ok_or_else(|| {
-        anyhow!("no saved state for device {id} in /run/ublk: it was not added by this tool, or the machine rebooted")
+        anyhow!("no saved state for device {id} (in /run/ublk or $XDG_RUNTIME_DIR/ublk): it was not added by this tool, or the machine rebooted")
     })?;
     let mut a = st.args;
     a.id = Some(id);

@@ -19,6 +19,11 @@ pub(crate) fn run(id: Option<u32>, all: bool) -> Result<()> {
             if !all {
                 return Err(e);
             }
+            // Other users' devices are not ours to delete.
+            if matches!(e.downcast_ref(), Some(ublk_core::CtrlError::NotOwner(_))) {
+                log::debug!("device {id}: {e}");
+                continue;
+            }
             eprintln!("ublk: {e:#}");
             first_err.get_or_insert(e);
         }
@@ -48,6 +53,12 @@ pub(crate) fn quiesce(id: u32, timeout_secs: u64) -> Result<()> {
     let mut ctrl = Ctrl::open()?;
     let info = ctrl.dev_info(id)?;
     if !info.flags.contains(DeviceFlags::QUIESCE) {
+        if info.flags.contains(DeviceFlags::USER_RECOVERY_FAIL_IO) {
+            anyhow::bail!(
+                "device {id} fails IO while no daemon is attached (`-e 1`), so it is not \
+                 offered for quiescing"
+            );
+        }
         if info.flags.contains(DeviceFlags::BATCH_IO) {
             anyhow::bail!(
                 "device {id} uses batch io commands (-b), which cannot be quiesced without \
@@ -68,8 +79,19 @@ pub(crate) fn quiesce(id: u32, timeout_secs: u64) -> Result<()> {
     if info.state != DevState::Live {
         anyhow::bail!("device {id} is {}, not LIVE", info.state.name());
     }
-    ctrl.quiesce(id, timeout_secs.saturating_mul(1000))
-        .with_context(|| format!("cannot quiesce device {id}"))?;
+    // The kernel waits up to `timeout_secs` (0: for ever): our own limit must be longer.
+    ctrl.set_timeout(match timeout_secs {
+        0 => Duration::from_secs(365 * 24 * 3600),
+        t => Duration::from_secs(t.saturating_add(15)),
+    });
+    if let Err(e) = ctrl.quiesce(id, timeout_secs.saturating_mul(1000)) {
+        // The kernel has stopped handing requests to the daemon and keeps them queued.
+        return Err(anyhow::Error::new(e).context(format!(
+            "cannot quiesce device {id}; IO to it now waits in the kernel: `kill -9 {}` \
+             (its daemon) and `ublk recover -n {id}` bring it back",
+            info.daemon_pid
+        )));
+    }
     if info.daemon_pid > 0 && !wait_exit(info.daemon_pid, Duration::from_secs(20)) {
         anyhow::bail!(
             "device {id} is quiesced but its daemon {} did not exit",

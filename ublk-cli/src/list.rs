@@ -147,6 +147,16 @@ pub(crate) fn resize(id: u32, size: Option<u64>) -> Result<()> {
             kernel_release()
         );
     }
+    let info = ctrl.dev_info(id)?;
+    if !matches!(
+        info.state,
+        ublk_core::DevState::Live | ublk_core::DevState::Quiesced
+    ) {
+        bail!(
+            "device {id} is {}: only a started device can be resized",
+            info.state.name()
+        );
+    }
     let (params, _) = ctrl.get_params(id)?;
     let mut st = state::load(id).ok_or_else(|| {
         anyhow::anyhow!("no saved state for device {id}: it was not added by this tool")

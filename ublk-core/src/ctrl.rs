@@ -334,10 +334,13 @@ impl Ctrl {
         }
         match self.dev_info2_raw(dev_id) {
             Ok(Some(info)) => Ok(info.flags.contains(DeviceFlags::UNPRIVILEGED_DEV)),
-            // No GET_DEV_INFO2 (before 6.3): no unprivileged devices either.
-            Ok(None) => Ok(false),
-            // Anything else: the command itself goes without a path and reports its error.
-            Err(CtrlError::Command { .. }) => Ok(false),
+            // No GET_DEV_INFO2 (before 6.3): no unprivileged devices either. Any other refusal:
+            // the command itself goes without a path and reports its error. Either way, do
+            // not ask again for this device.
+            Ok(None) | Err(CtrlError::Command { .. }) => {
+                self.unprivileged.insert(dev_id, false);
+                Ok(false)
+            }
             Err(e) => Err(e),
         }
     }
@@ -530,6 +533,16 @@ impl Ctrl {
                     CtrlError::Invalid(format!("device id {id} is already in use"))
                 }
                 CtrlError::Command { source, .. }
+                    if source.raw_os_error() == Some(libc::EACCES)
+                        && req.flags.contains(DeviceFlags::UNPRIVILEGED_DEV) =>
+                {
+                    CtrlError::Invalid(
+                        "the kernel's limit of unprivileged devices is reached (ublk_drv \
+                         parameter ublks_max, default 64)"
+                            .into(),
+                    )
+                }
+                CtrlError::Command { source, .. }
                     if source.raw_os_error() == Some(libc::EPERM)
                         && !req.flags.contains(DeviceFlags::UNPRIVILEGED_DEV) =>
                 {
@@ -560,7 +573,12 @@ impl Ctrl {
 
     /// Deletes a device without waiting for its last user (Linux 6.9).
     #[doc(alias = "UBLK_U_CMD_DEL_DEV_ASYNC")]
+    /// The kernel does not take DEL_DEV_ASYNC for unprivileged devices: those are deleted with
+    /// DEL_DEV (waiting).
     pub fn del_async(&mut self, dev_id: u32) -> Result<()> {
+        if self.is_unprivileged(dev_id)? {
+            return self.del(dev_id);
+        }
         self.cmd(sys::UBLK_U_CMD_DEL_DEV_ASYNC, dev_id, 0, 0, None)?;
         self.unprivileged.remove(&dev_id);
         Ok(())

@@ -197,8 +197,8 @@ impl DeviceBuilder {
     /// CAP_SYS_ADMIN can add and serve it, given read-write access to `/dev/ublk-control`
     /// and a udev rule that hands `/dev/ublkcN` and `/dev/ublkbN` to the device's owner (the
     /// kernel lets only the owner open them). The kernel allows neither user copy, zero copy
-    /// nor user recovery for such devices. A caller with CAP_SYS_ADMIN gets an ordinary
-    /// (privileged) device instead.
+    /// nor user recovery for such devices (refused here whoever asks). A caller with
+    /// CAP_SYS_ADMIN gets an ordinary (privileged) device instead.
     pub fn unprivileged(mut self, on: bool) -> Self {
         self.unprivileged = on;
         self
@@ -235,13 +235,14 @@ impl DeviceBuilder {
             }
         }
         let mut flags = mode.flag() | self.recovery.flags() | self.extra_flags;
-        if self.recovery != Recovery::None
+        if matches!(self.recovery, Recovery::Quiesce | Recovery::Reissue)
             && features.contains(DeviceFlags::QUIESCE)
             && !self.batch_io
         {
             // Lets QUIESCE_DEV hand the device over to a new daemon (planned upgrades). Not
             // with batch io commands: on 7.3 quiescing such a device fails requests in flight
-            // with EIO (kernel_quiesce_refused_batch), so it is not offered.
+            // with EIO (kernel_quiesce_refused_batch), so it is not offered; nor with FAIL_IO
+            // recovery, under which IO fails while no daemon is attached.
             flags |= DeviceFlags::QUIESCE;
         }
         if self.unprivileged {
@@ -721,7 +722,9 @@ fn wait_char_dev_access(path: &str, timeout: Duration) -> Result<()> {
             Err(source) if source.kind() == io::ErrorKind::PermissionDenied => {
                 return Err(DeviceError::Config(format!(
                     "{path} did not become accessible within {timeout:?}: unprivileged \
-                     devices need the udev rule that gives the node to its owner (see README)"
+                     devices need the udev rule that gives the node to its owner (see README); \
+                     without access the device cannot be deleted either: root can, with \
+                     `ublk del`"
                 )))
             }
             Err(source) => {

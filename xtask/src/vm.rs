@@ -393,14 +393,14 @@ pub(crate) fn run_guest(b: &Boot, mut on_line: impl FnMut(&str)) -> Result<Outco
         };
         if now >= until {
             timed_out = rc.is_none();
-            stalled = booted.is_none();
+            stalled = booted.is_none() && rc.is_none();
             break;
         }
         let line = match rx.recv_timeout(until - now) {
             Ok(l) => l,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 timed_out = rc.is_none();
-                stalled = booted.is_none();
+                stalled = booted.is_none() && rc.is_none();
                 break;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -483,6 +483,8 @@ fn boot_and_test(
             "xtask: {label}: the guest was not ready after {}s; booting it again",
             BOOT_TIMEOUT.as_secs()
         );
+        // Keep the stalled boot's console for a post-mortem.
+        let _ = std::fs::rename(&log_path, log_path.with_extension("stalled.log"));
         outcome = run_guest(&boot, &mut on_line)?;
     }
     let Outcome {
