@@ -23,7 +23,10 @@ const WD: &str = "/tmp/ublk-unpriv";
 
 /// The unprivileged-device tests, in run order.
 pub fn all() -> Vec<Test> {
-    vec![test("kernel_unprivileged_loop", 300, unprivileged_loop)]
+    vec![
+        test("kernel_unprivileged_loop", 300, unprivileged_loop),
+        test("kernel_unprivileged_qcow2_create", 300, unprivileged_qcow2),
+    ]
 }
 
 /// `setpriv` arguments that run a command as [`UID`]:[`GID`] with no supplementary groups
@@ -256,6 +259,70 @@ fn unprivileged_loop() -> Result<Outcome> {
     wait_gone(d.cdev(), Duration::from_secs(10))?;
     ensure!(!alive(pid), "daemon {pid} still running after del");
     drop(udev);
+    let _ = fs::remove_dir_all(WD);
+    Ok(Outcome::Pass)
+}
+
+/// A user creates a qcow2 image and serves it as an unprivileged device (`--create`), writes and
+/// verifies data through it as that user; afterwards `qemu-img check` finds the image clean.
+fn unprivileged_qcow2() -> Result<Outcome> {
+    let _ = fs::remove_dir_all(WD);
+    fs::create_dir_all(format!("{WD}/run"))?;
+    for p in [WD, &format!("{WD}/run")] {
+        std::os::unix::fs::chown(p, Some(UID), Some(GID))?;
+    }
+    let img = format!("{WD}/disk.qcow2");
+    let udev = FakeUdev::start()?;
+    let r = user_ublk(&[
+        "add",
+        "-t",
+        "qcow2",
+        "--unprivileged",
+        "--create",
+        "64M",
+        "-f",
+        &img,
+    ])?;
+    ensure!(
+        r.ok(),
+        "ublk add -t qcow2 --unprivileged --create as uid {UID} failed: {} {}",
+        r.stdout,
+        r.stderr
+    );
+    let d = parse_one("ublk add -t qcow2 --unprivileged", &r)?;
+    ensure!(
+        d.flags & 0x20 != 0,
+        "not unprivileged: flags {:#x}",
+        d.flags
+    );
+    ensure!(
+        fs::metadata(&img)?.uid() == UID,
+        "the image is not the user's"
+    );
+    wait_for(
+        "the disk handed to its owner",
+        Duration::from_secs(10),
+        || fs::metadata(d.bdev()).is_ok_and(|m| m.uid() == UID),
+    )?;
+    let prefix = as_user();
+    let prefix: Vec<&str> = prefix.iter().map(String::as_str).collect();
+    fio_verify_as(
+        &prefix,
+        &d.bdev(),
+        32,
+        ("8M", "16M"),
+        Duration::from_secs(150),
+    )
+    .context("fio verify as the device's owner")?;
+    let r = user_ublk(&["del", "-n", &d.id.to_string()])?;
+    ensure!(r.ok(), "`ublk del` as the owner failed: {}", r.stderr);
+    wait_gone(d.cdev(), Duration::from_secs(10))?;
+    drop(udev);
+    let r = run_timeout(
+        Command::new(opt_bin("qemu-img")).args(["check", &img]),
+        Duration::from_secs(60),
+    )?;
+    ensure!(r.ok(), "qemu-img check: {} {}", r.stdout, r.stderr);
     let _ = fs::remove_dir_all(WD);
     Ok(Outcome::Pass)
 }
