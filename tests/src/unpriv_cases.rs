@@ -26,6 +26,7 @@ pub fn all() -> Vec<Test> {
     vec![
         test("kernel_unprivileged_loop", 300, unprivileged_loop),
         test("kernel_unprivileged_qcow2_create", 300, unprivileged_qcow2),
+        test("kernel_unprivileged_nbd", 300, unprivileged_nbd),
     ]
 }
 
@@ -323,6 +324,79 @@ fn unprivileged_qcow2() -> Result<Outcome> {
         Duration::from_secs(60),
     )?;
     ensure!(r.ok(), "qemu-img check: {} {}", r.stdout, r.stderr);
+    let _ = fs::remove_dir_all(WD);
+    Ok(Outcome::Pass)
+}
+
+/// A user serves an NBD export (nbdkit's memory plugin, started by root, its socket open to
+/// all) as an unprivileged device with 2 queues, and verifies data through it as that user.
+fn unprivileged_nbd() -> Result<Outcome> {
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _ = fs::remove_dir_all(WD);
+    fs::create_dir_all(format!("{WD}/run"))?;
+    for p in [WD, &format!("{WD}/run")] {
+        std::os::unix::fs::chown(p, Some(UID), Some(GID))?;
+    }
+    let sock = format!("{WD}/nbd.sock");
+    let _server = Kill(
+        Command::new(opt_bin("nbdkit"))
+            .args(["-U", &sock, "-f", "memory", "128M"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("cannot start nbdkit")?,
+    );
+    wait_for_path(&sock, Duration::from_secs(20))?;
+    fs::set_permissions(&sock, fs::Permissions::from_mode(0o666))?;
+    let udev = FakeUdev::start()?;
+    let uri = format!("nbd+unix:///?socket={sock}");
+    let r = user_ublk(&[
+        "add",
+        "-t",
+        "nbd",
+        "--unprivileged",
+        "-q",
+        "2",
+        "--uri",
+        &uri,
+    ])?;
+    ensure!(
+        r.ok(),
+        "ublk add -t nbd --unprivileged as uid {UID} failed: {} {}",
+        r.stdout,
+        r.stderr
+    );
+    let d = parse_one("ublk add -t nbd --unprivileged", &r)?;
+    ensure!(
+        d.flags & 0x20 != 0,
+        "not unprivileged: flags {:#x}",
+        d.flags
+    );
+    wait_for(
+        "the disk handed to its owner",
+        Duration::from_secs(10),
+        || fs::metadata(d.bdev()).is_ok_and(|m| m.uid() == UID),
+    )?;
+    let prefix = as_user();
+    let prefix: Vec<&str> = prefix.iter().map(String::as_str).collect();
+    fio_verify_as(
+        &prefix,
+        &d.bdev(),
+        32,
+        ("8M", "16M"),
+        Duration::from_secs(150),
+    )
+    .context("fio verify as the device's owner")?;
+    let r = user_ublk(&["del", "-n", &d.id.to_string()])?;
+    ensure!(r.ok(), "`ublk del` as the owner failed: {}", r.stderr);
+    wait_gone(d.cdev(), Duration::from_secs(10))?;
+    drop(udev);
     let _ = fs::remove_dir_all(WD);
     Ok(Outcome::Pass)
 }
