@@ -108,14 +108,19 @@ fn nbdkit_tls() -> Result<Outcome> {
 }
 
 /// An nbdkit server (`-f`, on a Unix socket), killed on drop.
-struct Nbdkit {
+pub(crate) struct Nbdkit {
     child: Child,
 }
 
 impl Nbdkit {
+    /// The socket [`Nbdkit::start`] listens on.
+    pub(crate) fn socket() -> Result<PathBuf> {
+        Ok(workdir()?.join("nbdkit.sock"))
+    }
+
     /// `nbdkit -U SOCK -f ARGS...`; returns the server and its `nbd+unix://` URI.
-    fn start(args: &[&str]) -> Result<(Nbdkit, String)> {
-        let sock = workdir()?.join("nbdkit.sock");
+    pub(crate) fn start(args: &[&str]) -> Result<(Nbdkit, String)> {
+        let sock = Nbdkit::socket()?;
         let _ = fs::remove_file(&sock);
         let child = Command::new(opt_bin("nbdkit"))
             .arg("-U")

@@ -4,6 +4,7 @@
 //! by all, and the nodes of each unprivileged device handed to its owner (`ublk owner NAME`).
 
 use crate::cases::test;
+use crate::nbd_cases::Nbdkit;
 use crate::util::*;
 use crate::{Outcome, Test};
 use anyhow::{ensure, Context, Result};
@@ -127,17 +128,74 @@ impl Drop for FakeUdev {
     }
 }
 
+/// Empties [`WD`] and gives it (and its `run` directory, the user's `XDG_RUNTIME_DIR`) to the
+/// user.
+fn fresh_user_dir() -> Result<()> {
+    let _ = fs::remove_dir_all(WD);
+    fs::create_dir_all(format!("{WD}/run"))?;
+    for p in [WD.to_string(), format!("{WD}/run")] {
+        std::os::unix::fs::chown(p, Some(UID), Some(GID))?;
+    }
+    Ok(())
+}
+
+/// `ublk add --unprivileged ARGS` as the user: the device, once it is unprivileged and its disk
+/// belongs to the user; also what `add` printed.
+fn user_add(args: &[&str]) -> Result<(DevInfo, Run)> {
+    let mut full = vec!["add", "--unprivileged"];
+    full.extend_from_slice(args);
+    let r = user_ublk(&full)?;
+    let what = format!("ublk {}", full.join(" "));
+    ensure!(
+        r.ok(),
+        "`{what}` as uid {UID} failed: {} {}",
+        r.stdout,
+        r.stderr
+    );
+    let d = parse_one(&what, &r)?;
+    println!("added {} (flags {:#x}) as uid {UID}", d.bdev(), d.flags);
+    ensure!(
+        d.flags & 0x20 != 0,
+        "UBLK_F_UNPRIVILEGED_DEV not granted: flags {:#x}",
+        d.flags
+    );
+    wait_for(
+        "the disk handed to its owner",
+        Duration::from_secs(10),
+        || fs::metadata(d.bdev()).is_ok_and(|m| m.uid() == UID),
+    )?;
+    Ok((d, r))
+}
+
+/// fio verify (see [`fio_verify`]) on `d`, run as the user.
+fn verify_as_user(d: &DevInfo, sizes: (&str, &str)) -> Result<()> {
+    let prefix = as_user();
+    let prefix: Vec<&str> = prefix.iter().map(String::as_str).collect();
+    fio_verify_as(&prefix, &d.bdev(), 32, sizes, Duration::from_secs(150))
+        .context("fio verify as the device's owner")
+}
+
+/// `ublk del` of `d` as the user; waits until the device is gone.
+fn user_del(d: &DevInfo) -> Result<()> {
+    let id = d.id.to_string();
+    let r = user_ublk(&["del", "-n", &id])?;
+    ensure!(
+        r.ok(),
+        "`ublk del -n {id}` as the owner failed: {}",
+        r.stderr
+    );
+    wait_gone(d.bdev(), Duration::from_secs(10))?;
+    wait_gone(d.cdev(), Duration::from_secs(10))
+}
+
 /// A user adds an unprivileged loop device over a file of theirs, fio verifies data through it
 /// as that user, lists and deletes it; what the kernel refuses unprivileged users is refused
 /// with a clear error and leaves no device behind.
 fn unprivileged_loop() -> Result<Outcome> {
-    let _ = fs::remove_dir_all(WD);
-    fs::create_dir_all(format!("{WD}/run"))?;
+    fresh_user_dir()?;
     let file = Path::new(WD).join("disk.img");
     zero_file(&file, 128)?;
-    for p in [WD, &format!("{WD}/run"), &file.to_string_lossy()] {
-        std::os::unix::fs::chown(p, Some(UID), Some(GID))?;
-    }
+    std::os::unix::fs::chown(&file, Some(UID), Some(GID))?;
     let f = file.to_string_lossy().into_owned();
     let udev = FakeUdev::start()?;
 
@@ -165,30 +223,12 @@ fn unprivileged_loop() -> Result<Outcome> {
         ublk_char_devs()
     );
 
-    let r = user_ublk(&["add", "-t", "loop", "--unprivileged", "-q", "2", "-f", &f])?;
-    ensure!(
-        r.ok(),
-        "ublk add --unprivileged as uid {UID} failed: {} {}",
-        r.stdout,
-        r.stderr
-    );
-    let d = parse_one("ublk add --unprivileged", &r)?;
-    println!("added {} (flags {:#x}) as uid {UID}", d.bdev(), d.flags);
-    ensure!(
-        d.flags & 0x20 != 0,
-        "UBLK_F_UNPRIVILEGED_DEV not granted: flags {:#x}",
-        d.flags
-    );
+    let (d, r) = user_add(&["-t", "loop", "-q", "2", "-f", &f])?;
     ensure!(
         r.stdout.contains(&format!("owner: {UID}:{GID}")),
         "owner not shown: {}",
         r.stdout
     );
-    wait_for(
-        "the disk handed to its owner",
-        Duration::from_secs(10),
-        || fs::metadata(d.bdev()).is_ok_and(|m| m.uid() == UID),
-    )?;
     let pid = d.pid;
     let daemon_uid = fs::metadata(format!("/proc/{pid}"))?.uid();
     ensure!(
@@ -196,16 +236,7 @@ fn unprivileged_loop() -> Result<Outcome> {
         "the daemon runs as uid {daemon_uid}, not {UID}"
     );
 
-    let prefix = as_user();
-    let prefix: Vec<&str> = prefix.iter().map(String::as_str).collect();
-    fio_verify_as(
-        &prefix,
-        &d.bdev(),
-        32,
-        ("16M", "32M"),
-        Duration::from_secs(150),
-    )
-    .context("fio verify as the device's owner")?;
+    verify_as_user(&d, ("16M", "32M"))?;
 
     // Root sees it too; the owner lists and deletes it.
     let root_list = ublk_ok(&["list"])?;
@@ -250,14 +281,7 @@ fn unprivileged_loop() -> Result<Outcome> {
     )?;
     ensure!(!r.ok(), "another user could open {}", d.bdev());
     ensure!(alive(pid), "the daemon died");
-    let r = user_ublk(&["del", "-n", &id])?;
-    ensure!(
-        r.ok(),
-        "`ublk del -n {id}` as the owner failed: {}",
-        r.stderr
-    );
-    wait_gone(d.bdev(), Duration::from_secs(10))?;
-    wait_gone(d.cdev(), Duration::from_secs(10))?;
+    user_del(&d)?;
     ensure!(!alive(pid), "daemon {pid} still running after del");
     drop(udev);
     let _ = fs::remove_dir_all(WD);
@@ -267,57 +291,16 @@ fn unprivileged_loop() -> Result<Outcome> {
 /// A user creates a qcow2 image and serves it as an unprivileged device (`--create`), writes and
 /// verifies data through it as that user; afterwards `qemu-img check` finds the image clean.
 fn unprivileged_qcow2() -> Result<Outcome> {
-    let _ = fs::remove_dir_all(WD);
-    fs::create_dir_all(format!("{WD}/run"))?;
-    for p in [WD, &format!("{WD}/run")] {
-        std::os::unix::fs::chown(p, Some(UID), Some(GID))?;
-    }
+    fresh_user_dir()?;
     let img = format!("{WD}/disk.qcow2");
     let udev = FakeUdev::start()?;
-    let r = user_ublk(&[
-        "add",
-        "-t",
-        "qcow2",
-        "--unprivileged",
-        "--create",
-        "64M",
-        "-f",
-        &img,
-    ])?;
-    ensure!(
-        r.ok(),
-        "ublk add -t qcow2 --unprivileged --create as uid {UID} failed: {} {}",
-        r.stdout,
-        r.stderr
-    );
-    let d = parse_one("ublk add -t qcow2 --unprivileged", &r)?;
-    ensure!(
-        d.flags & 0x20 != 0,
-        "not unprivileged: flags {:#x}",
-        d.flags
-    );
+    let (d, _) = user_add(&["-t", "qcow2", "--create", "64M", "-f", &img])?;
     ensure!(
         fs::metadata(&img)?.uid() == UID,
         "the image is not the user's"
     );
-    wait_for(
-        "the disk handed to its owner",
-        Duration::from_secs(10),
-        || fs::metadata(d.bdev()).is_ok_and(|m| m.uid() == UID),
-    )?;
-    let prefix = as_user();
-    let prefix: Vec<&str> = prefix.iter().map(String::as_str).collect();
-    fio_verify_as(
-        &prefix,
-        &d.bdev(),
-        32,
-        ("8M", "16M"),
-        Duration::from_secs(150),
-    )
-    .context("fio verify as the device's owner")?;
-    let r = user_ublk(&["del", "-n", &d.id.to_string()])?;
-    ensure!(r.ok(), "`ublk del` as the owner failed: {}", r.stderr);
-    wait_gone(d.cdev(), Duration::from_secs(10))?;
+    verify_as_user(&d, ("8M", "16M"))?;
+    user_del(&d)?;
     drop(udev);
     let r = run_timeout(
         Command::new(opt_bin("qemu-img")).args(["check", &img]),
@@ -331,71 +314,14 @@ fn unprivileged_qcow2() -> Result<Outcome> {
 /// A user serves an NBD export (nbdkit's memory plugin, started by root, its socket open to
 /// all) as an unprivileged device with 2 queues, and verifies data through it as that user.
 fn unprivileged_nbd() -> Result<Outcome> {
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _ = fs::remove_dir_all(WD);
-    fs::create_dir_all(format!("{WD}/run"))?;
-    for p in [WD, &format!("{WD}/run")] {
-        std::os::unix::fs::chown(p, Some(UID), Some(GID))?;
-    }
-    let sock = format!("{WD}/nbd.sock");
-    let _server = Kill(
-        Command::new(opt_bin("nbdkit"))
-            .args(["-U", &sock, "-f", "memory", "128M"])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .context("cannot start nbdkit")?,
-    );
-    wait_for_path(&sock, Duration::from_secs(20))?;
-    fs::set_permissions(&sock, fs::Permissions::from_mode(0o666))?;
+    fresh_user_dir()?;
+    let (_server, uri) = Nbdkit::start(&["memory", "128M"])?;
+    // Root's socket, open to the user.
+    fs::set_permissions(Nbdkit::socket()?, fs::Permissions::from_mode(0o666))?;
     let udev = FakeUdev::start()?;
-    let uri = format!("nbd+unix:///?socket={sock}");
-    let r = user_ublk(&[
-        "add",
-        "-t",
-        "nbd",
-        "--unprivileged",
-        "-q",
-        "2",
-        "--uri",
-        &uri,
-    ])?;
-    ensure!(
-        r.ok(),
-        "ublk add -t nbd --unprivileged as uid {UID} failed: {} {}",
-        r.stdout,
-        r.stderr
-    );
-    let d = parse_one("ublk add -t nbd --unprivileged", &r)?;
-    ensure!(
-        d.flags & 0x20 != 0,
-        "not unprivileged: flags {:#x}",
-        d.flags
-    );
-    wait_for(
-        "the disk handed to its owner",
-        Duration::from_secs(10),
-        || fs::metadata(d.bdev()).is_ok_and(|m| m.uid() == UID),
-    )?;
-    let prefix = as_user();
-    let prefix: Vec<&str> = prefix.iter().map(String::as_str).collect();
-    fio_verify_as(
-        &prefix,
-        &d.bdev(),
-        32,
-        ("8M", "16M"),
-        Duration::from_secs(150),
-    )
-    .context("fio verify as the device's owner")?;
-    let r = user_ublk(&["del", "-n", &d.id.to_string()])?;
-    ensure!(r.ok(), "`ublk del` as the owner failed: {}", r.stderr);
-    wait_gone(d.cdev(), Duration::from_secs(10))?;
+    let (d, _) = user_add(&["-t", "nbd", "-q", "2", "--uri", &uri])?;
+    verify_as_user(&d, ("8M", "16M"))?;
+    user_del(&d)?;
     drop(udev);
     let _ = fs::remove_dir_all(WD);
     Ok(Outcome::Pass)
