@@ -26,9 +26,10 @@ pub fn all() -> Vec<Test> {
         test("kernel_lifecycle", 90, lifecycle),
         test("kernel_bad_backing_path", 60, bad_backing_path),
         test("kernel_unsupported_mode_error", 60, unsupported_mode),
+        // The null target uses no data: by default it takes user copy, where the queue copies
+        // nothing; --copy forces copy mode.
         test("kernel_null_fio_randrw", 90, || null_fio(&[])),
-        // The null target uses no data: in user-copy mode the queue copies nothing.
-        test("kernel_null_fio_randrw_user_copy", 90, || null_fio(&["-u"])),
+        test("kernel_null_fio_randrw_copy", 90, || null_fio(&["--copy"])),
         test("kernel_null_fio_randrw_no_batch_sched", 90, || {
             null_fio(&["--no-batch-sched"])
         }),
@@ -426,6 +427,13 @@ fn null_fio(extra: &[&str]) -> Result<Outcome> {
     let mut args = vec!["-t", "null", "-q", "2"];
     args.extend_from_slice(extra);
     let d = ublk_add(&args)?;
+    // UBLK_F_USER_COPY (bit 7) unless copy mode was asked for (both kernels have it).
+    let user_copy = d.flags & (1 << 7) != 0;
+    ensure!(
+        user_copy != extra.contains(&"--copy"),
+        "null {extra:?}: flags {:#x}",
+        d.flags
+    );
     // Queue threads run under SCHED_BATCH unless told otherwise.
     let want = if extra.contains(&"--no-batch-sched") {
         0

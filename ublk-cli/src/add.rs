@@ -75,6 +75,7 @@ impl AddArgs {
             opt("--recover-id", id.to_string());
         }
         for (on, flag) in [
+            (self.copy, "--copy"),
             (self.need_get_data, "-g"),
             (self.user_copy, "-u"),
             (self.zero_copy, "-z"),
@@ -97,14 +98,35 @@ impl AddArgs {
         v
     }
 
-    fn data_mode(&self) -> Result<DataMode> {
-        match (self.need_get_data, self.user_copy, self.zero_copy) {
-            (false, false, false) => Ok(DataMode::Copy),
-            (true, false, false) => Ok(DataMode::NeedGetData),
-            (false, true, false) => Ok(DataMode::UserCopy),
-            (false, false, true) => Ok(DataMode::ZeroCopy),
-            _ => bail!("-g (NEED_GET_DATA), -u (USER_COPY) and -z (zero copy) exclude each other"),
+    /// The data mode asked for on the command line, if any.
+    fn data_mode(&self) -> Result<Option<DataMode>> {
+        match (
+            self.copy,
+            self.need_get_data,
+            self.user_copy,
+            self.zero_copy,
+        ) {
+            (false, false, false, false) => Ok(None),
+            (true, false, false, false) => Ok(Some(DataMode::Copy)),
+            (false, true, false, false) => Ok(Some(DataMode::NeedGetData)),
+            (false, false, true, false) => Ok(Some(DataMode::UserCopy)),
+            (false, false, false, true) => Ok(Some(DataMode::ZeroCopy)),
+            _ => bail!(
+                "--copy, -g (NEED_GET_DATA), -u (USER_COPY) and -z (zero copy) exclude each other"
+            ),
         }
+    }
+
+    /// The data mode for `target`, and whether a mode the kernel lacks falls back to copy mode.
+    /// Without a choice on the command line: copy mode, but user copy (falling back to copy
+    /// mode) for a target that moves no data (null), privileged: the request's pages are then
+    /// left alone and nothing is copied, as with the kernel's null_blk.
+    pub(crate) fn mode_for(&self, target: &impl Target) -> Result<(DataMode, bool)> {
+        Ok(match self.data_mode()? {
+            Some(m) => (m, self.fallback),
+            None if !target.uses_data() && !self.unprivileged => (DataMode::UserCopy, true),
+            None => (DataMode::Copy, false),
+        })
     }
 
     fn recovery(&self) -> Recovery {
@@ -422,7 +444,8 @@ fn serve_target<T: Target + 'static>(
     params: DeviceParams,
     json: serde_json::Value,
 ) -> Result<()> {
-    if a.data_mode()? == DataMode::ZeroCopy && !target.zero_copy() {
+    let (mode, fallback) = a.mode_for(&*target)?;
+    if mode == DataMode::ZeroCopy && !target.zero_copy() {
         bail!(
             "the {} target cannot use zero copy (-z): it needs the request data in user space",
             json["name"].as_str().unwrap_or("chosen")
@@ -436,7 +459,7 @@ fn serve_target<T: Target + 'static>(
                 .id(a.id)
                 .queues(a.queues)
                 .depth(a.depth)
-                .data_mode(a.data_mode()?, a.fallback)
+                .data_mode(mode, fallback)
                 .recovery(a.recovery())
                 .params(params)
                 .affinity(!a.no_affinity)

@@ -111,6 +111,12 @@ pub(crate) struct AddArgs {
     /// Queue depth.
     #[arg(short = 'd', long = "depth", default_value_t = 128)]
     pub(crate) depth: u16,
+    /// Copy mode: the kernel copies data between the request's pages and the daemon's
+    /// buffers. The default, except for null, which moves no data and by default uses user copy
+    /// where the kernel has it (then nothing is copied at all).
+    #[arg(long)]
+    #[serde(default)]
+    pub(crate) copy: bool,
     /// NEED_GET_DATA mode: WRITE data is fetched on demand.
     #[arg(short = 'g', long = "need-get-data")]
     pub(crate) need_get_data: bool,
@@ -427,6 +433,46 @@ mod tests {
             };
             assert_eq!(v, serde_json::to_value(&b).unwrap(), "{k} is lost");
         }
+    }
+
+    /// Without a mode on the command line, null (which moves no data) asks for user copy with
+    /// fallback; targets that use data get copy mode; a mode given is kept as given.
+    #[test]
+    fn test_default_data_mode() {
+        use ublk_core::DataMode;
+        struct Data;
+        impl ublk_core::Target for Data {
+            type Queue = ublk_targets::null::NullQueue;
+            fn open_queue(&self, _q: u16) -> std::io::Result<Self::Queue> {
+                Ok(ublk_targets::null::NullQueue)
+            }
+        }
+        let null = ublk_targets::null::NullTarget;
+        let mode = |args: &[&str], data: bool| {
+            let mut v = vec!["add", "-t", "null"];
+            v.extend_from_slice(args);
+            let Cmd::Add(a) = parse(&v).unwrap().cmd else {
+                panic!("not add")
+            };
+            if data {
+                a.mode_for(&Data)
+            } else {
+                a.mode_for(&null)
+            }
+        };
+        assert_eq!(mode(&[], false).unwrap(), (DataMode::UserCopy, true));
+        assert_eq!(mode(&[], true).unwrap(), (DataMode::Copy, false));
+        assert_eq!(mode(&["--copy"], false).unwrap(), (DataMode::Copy, false));
+        assert_eq!(
+            mode(&["--unprivileged"], false).unwrap(),
+            (DataMode::Copy, false)
+        );
+        assert_eq!(
+            mode(&["-g", "--fallback"], false).unwrap(),
+            (DataMode::NeedGetData, true)
+        );
+        assert_eq!(mode(&["-z"], true).unwrap(), (DataMode::ZeroCopy, false));
+        assert!(mode(&["--copy", "-u"], false).is_err());
     }
 
     #[test]

@@ -202,11 +202,13 @@ null_group() { # queues
     else
         skip null $q null_blk "insmod null_blk failed"
     fi
-    DEV_ublk_null="" PID_ublk_null="" DEV_ublk_null_u="" PID_ublk_null_u="" DEV_ublk_null_z="" PID_ublk_null_z=""
+    DEV_ublk_null="" PID_ublk_null="" DEV_ublk_null_c="" PID_ublk_null_c="" DEV_ublk_null_z="" PID_ublk_null_z=""
     DEV_ublk_null_b="" PID_ublk_null_b=""
+    # The null target uses no data: by default it uses user copy, where nothing is copied at
+    # all (as in zero copy); --copy forces copy mode (the kernel copies READ data from the
+    # daemon's buffer, WRITE data into it).
     ublk_add ublk_null -t null -q $q --size ${NULL_GB}G || skip null $q ublk_null "ublk add failed"
-    # The null target uses no data: in user-copy and zero-copy modes nothing is copied at all.
-    ublk_add ublk_null_u -t null -u -q $q --size ${NULL_GB}G || skip null $q ublk_null_u "ublk add -u failed"
+    ublk_add ublk_null_c -t null --copy -q $q --size ${NULL_GB}G || skip null $q ublk_null_c "ublk add --copy failed"
     if [ $ZERO_COPY = 1 ]; then
         ublk_add ublk_null_z -t null -z -q $q --size ${NULL_GB}G || skip null $q ublk_null_z "ublk add -z failed"
     fi
@@ -214,7 +216,7 @@ null_group() { # queues
         ublk_add ublk_null_b -t null -b -q $q --size ${NULL_GB}G || skip null $q ublk_null_b "ublk add -b failed"
     fi
     for job in $JOBS; do
-        rounds null $q $job null_blk ublk_null ublk_null_u ublk_null_z ublk_null_b
+        rounds null $q $job null_blk ublk_null ublk_null_c ublk_null_z ublk_null_b
     done
     /opt/bin/ublk del -a
     rmmod null_blk

@@ -49,7 +49,7 @@ const GROUPS: &[(&str, &[Device])] = &[
         &[
             ("null_blk", "null_blk", None),
             ("ublk_null", "ublk null", Some("null_blk")),
-            ("ublk_null_u", "ublk null -u", Some("null_blk")),
+            ("ublk_null_c", "ublk null --copy", Some("null_blk")),
             ("ublk_null_z", "ublk null -z", Some("null_blk")),
             ("ublk_null_b", "ublk null -b", Some("null_blk")),
         ],
@@ -1254,10 +1254,12 @@ fn render_doc(all: &[KernelResults], notes: Option<&str>) -> String {
            null_blk gets `submit_queues=2`; kernel loop has a single hardware queue whatever the \
            count (its row under \"2\" is the same device driven by two jobs).\n\
          - null: `null_blk queue_mode=2 submit_queues=N gb=4` (memory-less, default softirq \
-           completion, reloaded for each N) vs `ublk add -t null -q N --size 4G` in copy mode, \
-           with `-u` (user copy: the null target uses no data, so nothing is copied) and, where \
-           the kernel has UBLK_F_AUTO_BUF_REG (6.16+), with `-z` (zero copy), and where it has \
-           UBLK_F_BATCH_IO (7.0+), with `-b` (batch io commands, copy mode).\n\
+           completion, reloaded for each N) vs `ublk add -t null -q N --size 4G` (the null target's \
+           default data mode, user copy, where it copies nothing: the request's pages are left \
+           as they are, as null_blk does), with `--copy` (copy mode: the kernel copies READ data \
+           from the daemon's buffer and WRITE data into it) and, where the kernel has \
+           UBLK_F_AUTO_BUF_REG (6.16+), with `-z` (zero copy), and where it has UBLK_F_BATCH_IO \
+           (7.0+), with `-b` (batch io commands, default mode).\n\
          - loop: a 512 MiB file on tmpfs written in full with `dd` (not sparse). Kernel loop: \
            util-linux `losetup --direct-io=on` (`/sys/block/loopN/loop/dio` checked to read 1). \
            Ours: `ublk add -t loop -f FILE -q N` in copy mode, with `-g` (NEED_GET_DATA), with \
