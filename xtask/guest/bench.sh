@@ -33,6 +33,8 @@ QCOW=$W/img.qcow2
 # qemu-nbd's copy of the qcow2 image (byte for byte the same), so that qemu-nbd and our qcow2
 # never have one image open read-write at the same time.
 QCOW_NBD=$W/nbd.qcow2
+# rublk's copy (with --rublk).
+QCOW_RUBLK=$W/rublk.qcow2
 NBD_SOCK=$W/nbd.sock
 JOBS="randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd32 read-128k-qd8"
 
@@ -104,22 +106,48 @@ window() { # dev pid [server-pid]
     WINDOW_PID=$!
 }
 
-# Daemon pid of a ublk device from `ublk add` output (second line, field 7).
+# Adds a device with another server's command line and records DEV_name / PID_name. The
+# "dev id N: ..." line and the "... daemon pid P ..." line after it (our `ublk add` and rublk
+# print the same layout).
 UBLK_ADD_OUT=$W/add.out
-ublk_add() { # name args...
+srv_add() { # name command...
     name=$1; shift
-    if ! /opt/bin/ublk add "$@" >$UBLK_ADD_OUT 2>&1; then
-        log "ublk add $* failed: $(tr '\n' ' ' <$UBLK_ADD_OUT)"
+    if ! "$@" >$UBLK_ADD_OUT 2>&1; then
+        log "$* failed: $(tr '\n' ' ' <$UBLK_ADD_OUT)"
         return 1
     fi
-    id=$(awk 'NR==1{sub(":", "", $3); print $3}' $UBLK_ADD_OUT)
-    pid=$(awk 'NR==2{print $7}' $UBLK_ADD_OUT)
+    id=$(awk '/^dev id/{sub(":", "", $3); print $3; exit}' $UBLK_ADD_OUT)
+    pid=$(awk '/daemon pid/{for (i = 1; i < NF; i++) if ($i == "pid") {print $(i + 1); exit}}' $UBLK_ADD_OUT)
     dev=/dev/ublkb$id
     i=0
     while [ ! -b "$dev" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
     [ -b "$dev" ] || { log "$dev did not appear"; return 1; }
     eval "DEV_$name=$dev PID_$name=$pid"
-    log "$name: $dev daemon pid $pid ($(sed -n 2p $UBLK_ADD_OUT | tr -s '\t ' ' '))"
+    log "$name: $dev daemon pid $pid ($(grep -A1 '^dev id' $UBLK_ADD_OUT | tail -n 1 | tr -s '\t ' ' '))"
+}
+ublk_add() { # name args...
+    name=$1; shift
+    srv_add "$name" /opt/bin/ublk add "$@"
+}
+# rublk (the libublk-based server), when `cargo xtask bench --rublk PATH` put it in the guest.
+RUBLK=0
+if [ -x /opt/bin/rublk ]; then
+    RUBLK=1
+    out "@@INFO rublk_version=$(/opt/bin/rublk --version 2>&1 | head -n 1)@@"
+fi
+rublk_add() { # group name target args...
+    [ $RUBLK = 1 ] || return 0
+    group=$1 name=$2; shift 2
+    if srv_add "$name" /opt/bin/rublk add "$@"; then
+        out "@@INFO cmd.$name=rublk add $*@@"
+    else
+        skip "$group" $q "$name" "rublk add $* failed"
+    fi
+}
+# Deletes every ublk device (rublk's first, with its own tool, so that its daemons exit cleanly).
+del_all() {
+    [ $RUBLK = 1 ] && /opt/bin/rublk del -a >/dev/null 2>&1
+    /opt/bin/ublk del -a
 }
 
 # One fio run: group queues devname job
@@ -203,7 +231,7 @@ null_group() { # queues
         skip null $q null_blk "insmod null_blk failed"
     fi
     DEV_ublk_null="" PID_ublk_null="" DEV_ublk_null_c="" PID_ublk_null_c="" DEV_ublk_null_z="" PID_ublk_null_z=""
-    DEV_ublk_null_b="" PID_ublk_null_b=""
+    DEV_ublk_null_b="" PID_ublk_null_b="" DEV_rublk_null="" PID_rublk_null="" DEV_rublk_null_u="" PID_rublk_null_u=""
     # The null target uses no data: by default it uses user copy, where nothing is copied at
     # all (as in zero copy); --copy forces copy mode (the kernel copies READ data from the
     # daemon's buffer, WRITE data into it).
@@ -215,10 +243,13 @@ null_group() { # queues
     if [ $BATCH = 1 ]; then
         ublk_add ublk_null_b -t null -b -q $q --size ${NULL_GB}G || skip null $q ublk_null_b "ublk add -b failed"
     fi
+    # rublk: its default (copy mode), and with user copy, where its null target copies nothing.
+    rublk_add null rublk_null null -q $q
+    rublk_add null rublk_null_u null -u -q $q
     for job in $JOBS; do
-        rounds null $q $job null_blk ublk_null ublk_null_c ublk_null_z ublk_null_b
+        rounds null $q $job null_blk ublk_null ublk_null_c ublk_null_z ublk_null_b rublk_null rublk_null_u
     done
-    /opt/bin/ublk del -a
+    del_all
     rmmod null_blk
 }
 
@@ -232,7 +263,7 @@ loop_group() { # queues
     else
         skip loop $q loop "losetup failed"
     fi
-    for v in ublk_loop ublk_loop_g ublk_loop_u ublk_loop_z ublk_loop_b ublk_qcow2; do eval "DEV_$v='' PID_$v=''"; done
+    for v in ublk_loop ublk_loop_g ublk_loop_u ublk_loop_z ublk_loop_b ublk_qcow2 rublk_loop; do eval "DEV_$v='' PID_$v=''"; done
     ublk_add ublk_loop -t loop -q $q -f $RAW || skip loop $q ublk_loop "ublk add failed"
     ublk_add ublk_loop_g -t loop -q $q -g -f $RAW || skip loop $q ublk_loop_g "ublk add -g failed"
     ublk_add ublk_loop_u -t loop -q $q -u -f $RAW || skip loop $q ublk_loop_u "ublk add -u failed"
@@ -243,10 +274,12 @@ loop_group() { # queues
         ublk_add ublk_loop_b -t loop -q $q -b -f $RAW || skip loop $q ublk_loop_b "ublk add -b failed"
     fi
     ublk_add ublk_qcow2 -t qcow2 -q $q -f $QCOW || skip loop $q ublk_qcow2 "ublk add -t qcow2 failed"
+    # rublk loop: O_DIRECT on the same file, its default.
+    rublk_add loop rublk_loop loop -q $q -f $RAW
     for job in $JOBS; do
-        rounds loop $q $job loop ublk_loop ublk_loop_g ublk_loop_u ublk_loop_z ublk_loop_b ublk_qcow2
+        rounds loop $q $job loop ublk_loop ublk_loop_g ublk_loop_u ublk_loop_z ublk_loop_b ublk_qcow2 rublk_loop
     done
-    /opt/bin/ublk del -a
+    del_all
     [ -n "$l" ] && /opt/bin/losetup -d $l
 }
 
@@ -295,7 +328,7 @@ qnbd_opts() {
 # qcow2 served by qemu-nbd, which connects the kernel nbd driver itself (`--connect`), vs ours.
 qcow2_group() { # queues
     q=$1
-    DEV_qemu_nbd="" PID_qemu_nbd="" DEV_ublk_qcow2="" PID_ublk_qcow2=""
+    DEV_qemu_nbd="" PID_qemu_nbd="" DEV_ublk_qcow2="" PID_ublk_qcow2="" DEV_rublk_qcow2="" PID_rublk_qcow2=""
     why=$(nbd_missing)
     if [ -n "$why" ]; then
         skip qcow2 $q qemu_nbd "$why"
@@ -312,10 +345,12 @@ qcow2_group() { # queues
         fi
     fi
     ublk_add ublk_qcow2 -t qcow2 -q $q -f $QCOW || skip qcow2 $q ublk_qcow2 "ublk add -t qcow2 failed"
+    # rublk qcow2 on a copy of its own.
+    rublk_add qcow2 rublk_qcow2 qcow2 -q $q -f $QCOW_RUBLK
     for job in $JOBS; do
-        rounds qcow2 $q $job qemu_nbd ublk_qcow2
+        rounds qcow2 $q $job qemu_nbd ublk_qcow2 rublk_qcow2
     done
-    /opt/bin/ublk del -a
+    del_all
     if [ -n "$DEV_qemu_nbd" ]; then
         /opt/bin/qemu-nbd --disconnect /dev/nbd0 >/dev/null 2>&1
         wait_gone "$PID_qemu_nbd"
@@ -380,7 +415,7 @@ nbd_group() { # queues
     for job in $JOBS; do
         rounds nbd $q $job nbd ublk_nbd ublk_nbd_t ublk_nbd_b
     done
-    /opt/bin/ublk del -a
+    del_all
     [ -n "$DEV_nbd" ] && /opt/bin/nbd-client -d /dev/nbd1 >/dev/null 2>&1
     kill "$SERVER_PID" 2>/dev/null
     wait_gone "$SERVER_PID"
@@ -406,6 +441,9 @@ dd if=/dev/zero of=$RAW bs=1M count=$FILE_MB 2>/dev/null
     log "qemu-img create failed (tmpfs: $(df -k /tmp | tail -n 1))"
 /opt/bin/qemu-img check $QCOW | tail -n 2 | sed 's/^/bench: qcow2: /'
 cp $QCOW $QCOW_NBD || log "cp $QCOW $QCOW_NBD failed"
+if [ $RUBLK = 1 ]; then
+    cp $QCOW $QCOW_RUBLK || log "cp $QCOW $QCOW_RUBLK failed"
+fi
 log "tmpfs usage: $(du -sk $W | cut -f1) KiB"
 
 for q in 1 2; do

@@ -52,6 +52,8 @@ const GROUPS: &[(&str, &[Device])] = &[
             ("ublk_null_c", "ublk null --copy", Some("null_blk")),
             ("ublk_null_z", "ublk null -z", Some("null_blk")),
             ("ublk_null_b", "ublk null -b", Some("null_blk")),
+            ("rublk_null", "rublk null", Some("null_blk")),
+            ("rublk_null_u", "rublk null -u", Some("null_blk")),
         ],
     ),
     (
@@ -64,6 +66,7 @@ const GROUPS: &[(&str, &[Device])] = &[
             ("ublk_loop_z", "ublk loop -z", Some("loop")),
             ("ublk_loop_b", "ublk loop -b", Some("loop")),
             ("ublk_qcow2", "ublk qcow2", Some("ublk_loop")),
+            ("rublk_loop", "rublk loop", Some("loop")),
         ],
     ),
     (
@@ -71,6 +74,7 @@ const GROUPS: &[(&str, &[Device])] = &[
         &[
             ("qemu_nbd", "qemu-nbd + nbd", None),
             ("ublk_qcow2", "ublk qcow2", Some("qemu_nbd")),
+            ("rublk_qcow2", "rublk qcow2", Some("qemu_nbd")),
         ],
     ),
     (
@@ -82,6 +86,14 @@ const GROUPS: &[(&str, &[Device])] = &[
             ("ublk_nbd_b", "ublk nbd -b", Some("nbd")),
         ],
     ),
+];
+
+/// Our devices against rublk's (with `--rublk`), like for like: (group, ours, rublk's).
+const RUBLK_PAIRS: &[(&str, &str, &str)] = &[
+    ("null", "ublk_null", "rublk_null_u"),
+    ("null", "ublk_null_c", "rublk_null"),
+    ("loop", "ublk_loop", "rublk_loop"),
+    ("qcow2", "ublk_qcow2", "rublk_qcow2"),
 ];
 
 /// Number of fio runs per boot (2 queue counts x jobs x devices of every group).
@@ -174,6 +186,8 @@ pub struct BenchOptions {
     pub wait_quiet: u64,
     /// Do not boot: rebuild the tables and the document from the saved results.
     pub rerender: bool,
+    /// A rublk binary to measure beside ours.
+    pub rublk: Option<std::path::PathBuf>,
 }
 
 /// One fio run as reported by the guest.
@@ -361,11 +375,23 @@ pub fn run(opts: &BenchOptions) -> Result<ExitCode> {
     let date = crate::kernel::run(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
-    let bins = if opts.rerender {
+    let mut bins = if opts.rerender {
         Vec::new()
     } else {
         vm::build_binaries(opts.no_build)?
     };
+    if let (Some(path), false) = (&opts.rublk, opts.rerender) {
+        // The guest finds it as /opt/bin/rublk whatever its name here.
+        let meta = fs::metadata(path).with_context(|| format!("--rublk {}", path.display()))?;
+        if !meta.is_file() {
+            bail!("--rublk {}: not a file", path.display());
+        }
+        let dir = vm::target_dir().join("vm/rublk");
+        fs::create_dir_all(&dir)?;
+        let copy = dir.join("rublk");
+        fs::copy(path, &copy).with_context(|| format!("copying {}", path.display()))?;
+        bins.push(copy);
+    }
     let timeout = Duration::from_secs(
         opts.timeout
             .unwrap_or(300 + RUNS_PER_BOOT * u64::from(opts.repeat) * (runtime + 6)),
@@ -421,6 +447,11 @@ pub fn run(opts: &BenchOptions) -> Result<ExitCode> {
         println!();
         print!("{}", summary_table(k));
         println!();
+        let rublk = rublk_table(k);
+        if !rublk.is_empty() {
+            print!("{rublk}");
+            println!();
+        }
         print!("{}", targets_table(k));
         println!();
         print!("{}", full_table(k));
@@ -870,7 +901,18 @@ fn median(v: &[f64]) -> Option<f64> {
 }
 
 fn ratio(k: &KernelResults, group: &str, q: u32, dev: &str, job: &str) -> Option<Ratio> {
-    let base = baseline(group, dev)?;
+    ratio_to(k, group, q, dev, baseline(group, dev)?, job)
+}
+
+/// `dev`'s IOPS relative to `base`'s, round by round (see [`Ratio`]).
+fn ratio_to(
+    k: &KernelResults,
+    group: &str,
+    q: u32,
+    dev: &str,
+    base: &'static str,
+    job: &str,
+) -> Option<Ratio> {
     let base_runs = rounds(k, group, q, base, job);
     let each: Vec<f64> = rounds(k, group, q, dev, job)
         .into_iter()
@@ -961,6 +1003,41 @@ fn summary_table(k: &KernelResults) -> String {
                 rows.push(row);
             }
         }
+    }
+    let mut right = vec![true, false, false];
+    right.extend(JOBS.iter().map(|_| true));
+    table(&header, &rows, &right)
+}
+
+/// Our devices against rublk's (`--rublk`): rows (queues, pair), columns jobs; empty without
+/// rublk runs.
+fn rublk_table(k: &KernelResults) -> String {
+    let mut header = vec!["queues", "device", "vs"];
+    header.extend_from_slice(JOBS);
+    let mut rows = Vec::new();
+    for (group, ours, theirs) in RUBLK_PAIRS {
+        for q in [1, 2] {
+            let cells: Vec<String> = JOBS
+                .iter()
+                .map(|job| {
+                    ratio_to(k, group, q, ours, theirs, job)
+                        .map_or_else(|| "-".into(), |r| r.text())
+                })
+                .collect();
+            if cells.iter().all(|c| c == "-") {
+                continue;
+            }
+            let mut row = vec![
+                q.to_string(),
+                display_name(ours).to_string(),
+                display_name(theirs).to_string(),
+            ];
+            row.extend(cells);
+            rows.push(row);
+        }
+    }
+    if rows.is_empty() {
+        return String::new();
     }
     let mut right = vec![true, false, false];
     right.extend(JOBS.iter().map(|_| true));
@@ -1356,6 +1433,23 @@ fn render_doc(all: &[KernelResults], notes: Option<&str>) -> String {
             "ublk add -t nbd -q N --nbd-threads --uri nbd+unix:///bench?socket=SOCK"
         ),
     );
+    if all
+        .iter()
+        .any(|k| k.runs.iter().any(|r| r.dev.starts_with("rublk_")))
+    {
+        let _ = writeln!(
+            s,
+            "- rublk (`--rublk`; {}): the libublk-based ublk server, measured in the same groups \
+             and rounds as ours: `{}` and `{}` (null group), `{}` (loop group, O_DIRECT on the \
+             same raw file), `{}` (qcow2 group, on a third copy of the image). Its queue threads \
+             run as it sets them up (it pins each to one CPU of the queue's affinity).\n",
+            cmd("rublk_version", "version unknown"),
+            cmd("cmd.rublk_null", "rublk add null -q N"),
+            cmd("cmd.rublk_null_u", "rublk add null -u -q N"),
+            cmd("cmd.rublk_loop", "rublk add loop -q N -f RAW"),
+            cmd("cmd.rublk_qcow2", "rublk add qcow2 -q N -f IMG.qcow2"),
+        );
+    }
     for k in all {
         let _ = writeln!(s, "## Linux {} ({})\n", k.label, k.release);
         if let Some(f) = k.info("features") {
@@ -1388,6 +1482,16 @@ fn render_doc(all: &[KernelResults], notes: Option<&str>) -> String {
              (shown as IOPS, at least 0.91).\n\n{}",
             targets_table(k)
         );
+        let rublk = rublk_table(k);
+        if !rublk.is_empty() {
+            let _ = writeln!(
+                s,
+                "### Against rublk (same boot)\n\n\
+                 Our IOPS / rublk's, like for like: null without copying (ours by default, \
+                 rublk's with `-u`), null in copy mode (`--copy`, rublk's default), loop \
+                 (both O_DIRECT on the same file), qcow2 (each on its own copy of the image).\n\n{rublk}"
+            );
+        }
         let _ = writeln!(s, "### All runs\n\n{}", full_table(k));
         for sk in &k.skips {
             let _ = writeln!(
@@ -1671,6 +1775,43 @@ mod tests {
         assert!(doc.contains("1.20 (1.05-1.50) vs nbd-client"), "{doc}");
         assert_eq!(median(&[1.0, 3.0]), Some(2.0));
         assert_eq!(median(&[]), None);
+    }
+
+    /// With rublk runs, a table of ours against rublk's like-for-like device, and a method line;
+    /// without, neither.
+    #[test]
+    fn against_rublk() {
+        let mut text = String::from("@@INFO cmd.rublk_loop=rublk add loop -q 1 -f /x@@\n");
+        for (group, dev, iops) in [
+            ("null", "null_blk", 1000.0),
+            ("null", "ublk_null", 900.0),
+            ("null", "rublk_null_u", 600.0),
+            ("loop", "loop", 500.0),
+            ("loop", "ublk_loop", 400.0),
+            ("loop", "rublk_loop", 200.0),
+        ] {
+            text.push_str(&run_text(
+                &format!("group={group} queues=1 dev={dev}"),
+                "randread-4k-qd32",
+                iops,
+            ));
+        }
+        text.push_str("@@DONE@@\n");
+        let k = KernelResults::parse("7.3", &text);
+        let t = rublk_table(&k);
+        assert!(t.contains("| ublk null | rublk null -u |"), "{t}");
+        assert!(t.contains("1.50"), "{t}");
+        assert!(t.contains("| ublk loop | rublk loop    |"), "{t}");
+        assert!(t.contains("2.00"), "{t}");
+        assert!(!t.contains("qcow2"), "{t}");
+        let sum = summary_table(&k);
+        assert!(sum.contains("rublk null -u"), "{sum}");
+        let doc = render_doc(&[k], None);
+        assert!(doc.contains("### Against rublk"), "{doc}");
+        assert!(doc.contains("`rublk add loop -q 1 -f /x`"), "{doc}");
+        let plain = KernelResults::parse("7.3", &text.replace("rublk", "x"));
+        assert_eq!(rublk_table(&plain), "");
+        assert!(!render_doc(&[plain], None).contains("rublk"));
     }
 
     #[test]

@@ -109,6 +109,11 @@ enum Cmd {
         /// the last run in target/vm/bench-<kernel>.out.
         #[arg(long)]
         rerender: bool,
+        /// Also measure rublk (the libublk-based ublk server; e.g. from `cargo install rublk
+        /// --root DIR`, then DIR/bin/rublk): its null, loop and qcow2 devices in the same
+        /// groups, and a table of ours against it.
+        #[arg(long, value_name = "PATH")]
+        rublk: Option<PathBuf>,
     },
     /// Print the Debian packages the host needs for test-vm / vm-shell.
     VmHostPackages,
@@ -153,6 +158,7 @@ fn main() -> Result<ExitCode> {
             no_docs,
             wait_quiet,
             rerender,
+            rublk,
         } => bench::run(&bench::BenchOptions {
             kernels: vm::parse_kernels(&kernel)?,
             quick,
@@ -165,6 +171,7 @@ fn main() -> Result<ExitCode> {
             no_docs,
             wait_quiet,
             rerender,
+            rublk,
         }),
         Cmd::VmHostPackages => {
             println!("{}", vm::HOST_PACKAGES.join(" "));
