@@ -345,8 +345,8 @@ qcow2_group() { # queues
         fi
     fi
     ublk_add ublk_qcow2 -t qcow2 -q $q -f $QCOW || skip qcow2 $q ublk_qcow2 "ublk add -t qcow2 failed"
-    # rublk qcow2 on a copy of its own.
-    rublk_add qcow2 rublk_qcow2 qcow2 -q $q -f $QCOW_RUBLK
+    # rublk qcow2 on a copy of its own; its qcow2 target has a single queue.
+    [ $q = 1 ] && rublk_add qcow2 rublk_qcow2 qcow2 -q $q -f $QCOW_RUBLK
     for job in $JOBS; do
         rounds qcow2 $q $job qemu_nbd ublk_qcow2 rublk_qcow2
     done

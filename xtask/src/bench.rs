@@ -1441,7 +1441,8 @@ fn render_doc(all: &[KernelResults], notes: Option<&str>) -> String {
             s,
             "- rublk (`--rublk`; {}): the libublk-based ublk server, measured in the same groups \
              and rounds as ours: `{}` and `{}` (null group), `{}` (loop group, O_DIRECT on the \
-             same raw file), `{}` (qcow2 group, on a third copy of the image). Its queue threads \
+             same raw file), `{}` (qcow2 group, on a third copy of the image; 1 queue only: rublk's qcow2 \
+             target refuses more). Its queue threads \
              run as it sets them up (it pins each to one CPU of the queue's affinity).\n",
             cmd("rublk_version", "version unknown"),
             cmd("cmd.rublk_null", "rublk add null -q N"),
