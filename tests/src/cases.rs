@@ -41,12 +41,18 @@ pub fn all() -> Vec<Test> {
             del_during_fio(&["-b"])
         }),
         test("kernel_kill_daemon_no_recovery", 90, kill_no_recovery),
-        test("kernel_kill_daemon_recovery", 120, || kill_recovery(&[])),
+        test("kernel_kill_daemon_recovery", 120, || {
+            kill_recovery(&[], false)
+        }),
+        // qcow2 keeps metadata in the daemon between flushes: with recovery it must not.
+        test("kernel_kill_daemon_recovery_qcow2", 180, || {
+            kill_recovery(&["-q", "2"], true)
+        }),
         test("kernel_kill_daemon_recovery_zero_copy", 120, || {
             if !zero_copy_supported()? {
                 return Ok(Outcome::Skip("zero copy needs Linux 6.16".into()));
             }
-            kill_recovery(&["-z"])
+            kill_recovery(&["-z"], false)
         }),
         test("kernel_quiesce_recover_under_fio", 180, || {
             quiesce_recover(&[])
@@ -63,7 +69,7 @@ pub fn all() -> Vec<Test> {
             if !batch_supported()? {
                 return Ok(Outcome::Skip("batch io commands need Linux 7.0".into()));
             }
-            kill_recovery(&["-b"])
+            kill_recovery(&["-b"], false)
         }),
         test(
             "kernel_signals_stop_and_delete",
@@ -569,24 +575,34 @@ fn kill_no_recovery() -> Result<Outcome> {
     Ok(Outcome::Pass)
 }
 
-/// 3b. kill -9 with user recovery: QUIESCED, `ublk recover` brings it back LIVE, data intact.
-fn kill_recovery(extra: &[&str]) -> Result<Outcome> {
+/// 3b. kill -9 with user recovery: QUIESCED, `ublk recover` brings it back LIVE, and every
+///     write acknowledged before the kill reads back (none was flushed: the device outlived its
+///     daemon, so the file system on it would carry on as if nothing happened). On a loop
+///     device, or with `qcow2`, a new qcow2 image (every write allocates), which `qemu-img
+///     check` finds clean afterwards.
+fn kill_recovery(extra: &[&str], qcow2: bool) -> Result<Outcome> {
     let wd = workdir()?;
-    let file = wd.join("backing");
-    sparse_file(&file, 64)?;
+    let file = wd.join(if qcow2 { "img.qcow2" } else { "backing" });
     let pat = wd.join("pattern");
     write_pattern(&pat, 4 * MIB, 0x5eed)?;
     let want = sha256(&pat)?;
+    let f = file.to_string_lossy().into_owned();
     let mut args = vec!["-r", "1"];
     args.extend_from_slice(extra);
-    let d = add_loop(&file, &args)?;
+    let d = if qcow2 {
+        let _ = std::fs::remove_file(&file);
+        args.extend_from_slice(&["-t", "qcow2", "-f", &f, "--create", "64M"]);
+        ublk_add(&args)?
+    } else {
+        sparse_file(&file, 64)?;
+        add_loop(&file, &args)?
+    };
     dd(&[
         &format!("if={}", pat.display()),
         &format!("of={}", d.bdev()),
-        "bs=1M",
-        "count=4",
+        "bs=64k",
+        "count=64",
         "oflag=direct",
-        "conv=fsync",
     ])?;
     kill(d.pid, "9")?;
     let mut last = String::new();
@@ -661,6 +677,9 @@ fn kill_recovery(extra: &[&str]) -> Result<Outcome> {
         "write after recovery reads back differently"
     );
     ublk_del(d.id)?;
+    if qcow2 {
+        crate::qcow2_cases::qemu_img_check(&file)?;
+    }
     Ok(Outcome::Pass)
 }
 

@@ -57,7 +57,7 @@ fn qemu_img(args: &[&str]) -> Result<Run> {
 }
 
 /// `qemu-img check` must find no corruption and no leak.
-fn qemu_img_check(img: &Path) -> Result<()> {
+pub(crate) fn qemu_img_check(img: &Path) -> Result<()> {
     let r = run_timeout(
         Command::new(opt_bin("qemu-img")).arg("check").arg(img),
         Duration::from_secs(120),

@@ -423,8 +423,11 @@ fn serve(a: AddArgs) -> Result<()> {
                 .file
                 .clone()
                 .ok_or_else(|| anyhow!("the qcow2 target needs -f FILE"))?;
-            let t = Qcow2Target::open(&path, a.read_only)
+            let mut t = Qcow2Target::open(&path, a.read_only)
                 .with_context(|| format!("cannot open {}", path.display()))?;
+            // A device that outlives its daemon must not keep acknowledged writes' metadata
+            // only in the daemon's memory.
+            t.set_survive_daemon(a.recovery() != Recovery::None);
             let params = t.params();
             let json = serde_json::json!({
                 "name": "qcow2",

@@ -59,6 +59,9 @@ pub struct Qcow2Target {
     image: Arc<Qcow2Image>,
     /// Per chain layer: on a memory-backed file system, so transfers are done inline.
     inline: Arc<[bool]>,
+    /// Metadata changes leave the daemon's memory before their request completes (see
+    /// [`Qcow2Target::set_survive_daemon`]).
+    survive_daemon: bool,
 }
 
 impl Qcow2Target {
@@ -88,7 +91,20 @@ impl Qcow2Target {
         Qcow2Target {
             image: Arc::new(image),
             inline,
+            survive_daemon: false,
         }
+    }
+
+    /// For a device that outlives its daemon (user recovery): no request that changed metadata
+    /// (allocating or copy-on-write writes, discard, write-zeroes) completes before that
+    /// metadata is written back. Otherwise the cached L2 and refcount updates of completed
+    /// writes, which only a FLUSH writes back, would die with the daemon while the device, and
+    /// the file system on it, carry on: acknowledged writes would read back as they were
+    /// before. The allocation worker writes back once per batch of such requests (the usual
+    /// ordered write-back with its syncs, so power-loss safety is unchanged); writes into
+    /// allocated clusters go to the file directly and need nothing.
+    pub fn set_survive_daemon(&mut self, on: bool) {
+        self.survive_daemon = on;
     }
 
     /// The image.
@@ -129,9 +145,10 @@ impl Target for Qcow2Target {
         } else {
             let (tx, rx) = mpsc::channel::<Job>();
             let image = self.image.clone();
+            let write_back = self.survive_daemon;
             let handle = std::thread::Builder::new()
                 .name(format!("qcow2-alloc-{q_id}"))
-                .spawn(move || worker_loop(&image, &rx))?;
+                .spawn(move || worker_loop(&image, &rx, write_back))?;
             Some((tx, handle))
         };
         Ok(Qcow2Queue {
@@ -170,27 +187,49 @@ struct Job {
 /// The allocation worker of one queue: runs the engine for requests that need the allocation
 /// lock (allocating writes, discard, write-zeroes), so that the queue thread keeps serving
 /// reads and in-place writes meanwhile, and completes them through the queue's [`Completer`].
-fn worker_loop(image: &Qcow2Image, rx: &mpsc::Receiver<Job>) {
+///
+/// With `write_back` ([`Qcow2Target::set_survive_daemon`]) it takes every job waiting, runs
+/// them, writes the metadata they changed back (one flush for the batch) and only then
+/// completes them; a failed write-back fails the batch's successful requests with its errno.
+fn worker_loop(image: &Qcow2Image, rx: &mpsc::Receiver<Job>, write_back: bool) {
+    let mut batch = Vec::new();
     while let Ok(job) = rx.recv() {
-        let len = u64::from(job.len);
-        let r = match &job.kind {
-            JobKind::Write { data, fua } => {
-                image
-                    .write_at(data, job.offset)
-                    .and_then(|()| if *fua { image.flush() } else { Ok(()) })
-            }
-            JobKind::Discard => image.discard(job.offset, len),
-            JobKind::WriteZeroes { keep, fua } => image
-                .write_zeroes(job.offset, len, *keep)
-                .and_then(|()| if *fua { image.flush() } else { Ok(()) }),
-            JobKind::Flush => image.flush(),
-        };
-        let res = match (r, &job.kind) {
-            (Ok(()), JobKind::Write { .. }) => i32::try_from(job.len).unwrap_or(i32::MAX),
-            (Ok(()), _) => 0,
-            (Err(e), _) => errno_of(&e),
-        };
-        job.completer.complete(job.tag, res);
+        batch.push(job);
+        if write_back {
+            batch.extend(rx.try_iter());
+        }
+        let results: Vec<Result<()>> = batch.iter().map(|job| run_job(image, job)).collect();
+        // The errno of a failed write-back, for every request of the batch that succeeded.
+        let write_back_err = (write_back && image.metadata_dirty())
+            .then(|| image.flush().err())
+            .flatten()
+            .map(|e| errno_of(&e));
+        for (job, r) in batch.drain(..).zip(results) {
+            let res = match (r, &job.kind, write_back_err) {
+                (Err(e), _, _) => errno_of(&e),
+                (Ok(()), _, Some(errno)) => errno,
+                (Ok(()), JobKind::Write { .. }, None) => i32::try_from(job.len).unwrap_or(i32::MAX),
+                (Ok(()), _, None) => 0,
+            };
+            job.completer.complete(job.tag, res);
+        }
+    }
+}
+
+/// Runs one allocation worker job.
+fn run_job(image: &Qcow2Image, job: &Job) -> Result<()> {
+    let len = u64::from(job.len);
+    match &job.kind {
+        JobKind::Write { data, fua } => {
+            image
+                .write_at(data, job.offset)
+                .and_then(|()| if *fua { image.flush() } else { Ok(()) })
+        }
+        JobKind::Discard => image.discard(job.offset, len),
+        JobKind::WriteZeroes { keep, fua } => image
+            .write_zeroes(job.offset, len, *keep)
+            .and_then(|()| if *fua { image.flush() } else { Ok(()) }),
+        JobKind::Flush => image.flush(),
     }
 }
 
