@@ -117,6 +117,7 @@ pub fn all() -> Vec<Test> {
     }
     v.extend([
         test("kernel_ext4_readd", 180, ext4_readd),
+        test("kernel_del_mounted", 120, del_mounted),
         test("kernel_flush_reaches_backing", 90, flush_reaches_backing),
         test("kernel_discard_punches_holes", 120, discard_punches_holes),
         test("kernel_write_zeroes_keeps_allocation", 120, || {
@@ -962,6 +963,60 @@ fn ext4_readd() -> Result<Outcome> {
     sh("umount", &[&mnt])?;
     e2fsck_clean(&d2.bdev())?;
     ublk_del(d2.id)?;
+    Ok(Outcome::Pass)
+}
+
+/// 5b. `ublk del` leaves a mounted device alone (clear error, device LIVE, the file system
+///     keeps working); `ublk del --force` deletes it at once, without waiting for the unmount,
+///     and leaves no state behind.
+fn del_mounted() -> Result<Outcome> {
+    let wd = workdir()?;
+    let file = wd.join("backing");
+    sparse_file(&file, 128)?;
+    let d = add_loop(&file, &[])?;
+    let id = d.id.to_string();
+    sh(&opt_bin("mkfs.ext4"), &["-F", "-q", &d.bdev()])?;
+    let mnt = format!("{MNT_BASE}/delm");
+    fs::create_dir_all(&mnt)?;
+    sh("mount", &["-t", "ext4", &d.bdev(), &mnt])?;
+    let res = (|| -> Result<()> {
+        let p = format!("{mnt}/f");
+        write_pattern(&p, MIB, 77)?;
+        let want = sha256(&p)?;
+        let r = ublk(&["del", "-n", &id])?;
+        ensure!(!r.ok(), "`ublk del` of a mounted device succeeded");
+        ensure!(
+            r.stderr.contains("in use") && r.stderr.contains("--force"),
+            "unclear refusal: {:?}",
+            r.stderr
+        );
+        ensure!(
+            ublk_list_one(d.id)?.state == "LIVE",
+            "device not LIVE after the refusal"
+        );
+        sh("sync", &[])?;
+        ensure!(sha256(&p)? == want, "file changed after the refusal");
+        let t = std::time::Instant::now();
+        ublk_ok(&["del", "--force", "-n", &id])?;
+        ensure!(
+            t.elapsed() < Duration::from_secs(20),
+            "`ublk del --force` took {:?}",
+            t.elapsed()
+        );
+        ensure!(
+            !Path::new(&d.bdev()).exists(),
+            "{} still there after del --force",
+            d.bdev()
+        );
+        let state = format!("/run/ublk/ublk{id}.json");
+        ensure!(!Path::new(&state).exists(), "{state} left behind");
+        Ok(())
+    })();
+    // The file system saw its disk go: unmount it whatever happened.
+    if sh("umount", &[&mnt]).is_err() {
+        let _ = sh("umount", &["-l", &mnt]);
+    }
+    res?;
     Ok(Outcome::Pass)
 }
 

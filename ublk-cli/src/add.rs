@@ -210,13 +210,23 @@ fn run_created(a: AddArgs) -> Result<()> {
         }
         TargetType::Null | TargetType::Nbd => {
             if a.file.is_some() {
-                bail!("the {:?} target takes no file (-f)", a.target);
+                bail!(
+                    "the {} target takes no file (-f)",
+                    format!("{:?}", a.target).to_lowercase()
+                );
             }
         }
     }
     let mut a = a;
     if a.target != TargetType::Nbd && (a.tls || a.tls_certs.is_some() || a.tls_hostname.is_some()) {
         bail!("--tls, --tls-certs and --tls-hostname are for the nbd target");
+    }
+    if a.target != TargetType::Null && a.size.is_some() {
+        bail!(
+            "--size is for the null target (loop serves its whole file, `ublk resize` changes \
+             that later; qcow2 has its image's size, `--create SIZE` for a new image; nbd the \
+             export's)"
+        );
     }
     if a.target != TargetType::Nbd && (a.nbd_threads || a.nbd_sparse_reads) {
         bail!("--nbd-threads and --nbd-sparse-reads are for the nbd target");

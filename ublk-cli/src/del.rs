@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use std::time::{Duration, Instant};
 use ublk_core::{Ctrl, DevState, DeviceFlags};
 
-pub(crate) fn run(id: Option<u32>, all: bool) -> Result<()> {
+pub(crate) fn run(id: Option<u32>, all: bool, force: bool) -> Result<()> {
     let mut ctrl = Ctrl::open()?;
     let ids = if all {
         Ctrl::list()
@@ -15,7 +15,7 @@ pub(crate) fn run(id: Option<u32>, all: bool) -> Result<()> {
     };
     let mut first_err = None;
     for id in ids {
-        if let Err(e) = del_one(&mut ctrl, id) {
+        if let Err(e) = del_one(&mut ctrl, id, force) {
             if !all {
                 return Err(e);
             }
@@ -31,19 +31,51 @@ pub(crate) fn run(id: Option<u32>, all: bool) -> Result<()> {
     first_err.map_or(Ok(()), Err)
 }
 
-fn del_one(ctrl: &mut Ctrl, id: u32) -> Result<()> {
+fn del_one(ctrl: &mut Ctrl, id: u32, force: bool) -> Result<()> {
     let info = ctrl.dev_info(id)?;
+    let busy = in_use(id);
+    if busy && !force {
+        anyhow::bail!(
+            "device {id} is in use (/dev/ublkb{id} is mounted or held open exclusively): \
+             unmount it first, or `ublk del --force -n {id}` to delete it anyway (its file \
+             system then sees IO errors)"
+        );
+    }
     ctrl.stop(id)
         .with_context(|| format!("cannot stop device {id}"))?;
     if info.daemon_pid > 0 && !wait_exit(info.daemon_pid, Duration::from_secs(20)) {
         log::warn!("daemon {} of device {id} is still running", info.daemon_pid);
     }
-    match ctrl.del(id) {
+    // DEL_DEV waits for the disk's last user, which a mounted file system is until it is
+    // unmounted: don't wait for it (DEL_DEV_ASYNC, Linux 6.9) where the kernel can.
+    let deleted = if busy {
+        match ctrl.del_async(id) {
+            Err(ublk_core::CtrlError::Unsupported { .. }) => ctrl.del(id),
+            r => r,
+        }
+    } else {
+        ctrl.del(id)
+    };
+    match deleted {
         Ok(()) | Err(ublk_core::CtrlError::NoDevice(_)) => {}
         Err(e) => return Err(e).with_context(|| format!("cannot delete device {id}")),
     }
     state::remove(id);
     Ok(())
+}
+
+/// Whether the block device of `id` is mounted or held open exclusively by someone: an
+/// exclusive open of it fails with EBUSY (plain openers such as fio or dd do not count).
+fn in_use(id: u32) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL | libc::O_NONBLOCK)
+        .open(format!("/dev/ublkb{id}"))
+    {
+        Ok(_) => false,
+        Err(e) => e.raw_os_error() == Some(libc::EBUSY),
+    }
 }
 
 /// `ublk quiesce -n ID`: QUIESCE_DEV makes the daemon let go of the device (its queues see

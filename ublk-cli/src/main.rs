@@ -229,18 +229,18 @@ pub(crate) struct AddArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["id", "all"])))]
 struct DelArgs {
     /// Device id.
-    #[arg(
-        short = 'n',
-        long = "number",
-        conflicts_with = "all",
-        required_unless_present = "all"
-    )]
+    #[arg(short = 'n', long = "number")]
     id: Option<u32>,
     /// Delete every device.
     #[arg(short = 'a', long = "all")]
     all: bool,
+    /// Delete a device even while it is mounted or held open exclusively (the file system
+    /// on it then sees IO errors); without it such a device is left alone.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -268,7 +268,7 @@ fn main() -> ExitCode {
     logger::init(cli.verbose);
     let r = match cli.cmd {
         Cmd::Add(a) => add::run(*a),
-        Cmd::Del(d) => del::run(d.id, d.all),
+        Cmd::Del(d) => del::run(d.id, d.all, d.force),
         Cmd::List(l) => list::run(l.id, l.json),
         Cmd::Recover(r) => add::recover(r.id, r.foreground),
         Cmd::Quiesce(q) => del::quiesce(q.id, q.timeout),
@@ -433,6 +433,22 @@ mod tests {
             };
             assert_eq!(v, serde_json::to_value(&b).unwrap(), "{k} is lost");
         }
+    }
+
+    /// `del` needs -n or -a (and says so), not both; --force is accepted with either.
+    #[test]
+    fn test_del_args() {
+        let e = parse(&["del"]).unwrap_err().to_string();
+        assert!(e.contains("--number") && e.contains("--all"), "{e}");
+        assert!(parse(&["del", "-n", "1", "-a"]).is_err());
+        assert!(matches!(
+            parse(&["del", "--force", "-n", "3"]).unwrap().cmd,
+            Cmd::Del(DelArgs {
+                id: Some(3),
+                force: true,
+                ..
+            })
+        ));
     }
 
     /// Without a mode on the command line, null (which moves no data) asks for user copy with

@@ -54,7 +54,7 @@ pub enum CtrlError {
     #[error("permission denied for device {0}: it belongs to another user (or to root)")]
     NotOwner(u32),
     /// The kernel rejected a command.
-    #[error("{cmd} for device {dev_id} failed")]
+    #[error("{cmd} for {} failed", DevName(*.dev_id))]
     Command {
         /// Command name.
         cmd: &'static str,
@@ -65,7 +65,7 @@ pub enum CtrlError {
         source: io::Error,
     },
     /// A command did not complete in time; this `Ctrl` is unusable afterwards.
-    #[error("{cmd} for device {dev_id} did not complete within {timeout:?}")]
+    #[error("{cmd} for {} did not complete within {timeout:?}", DevName(*.dev_id))]
     Timeout {
         /// Command name.
         cmd: &'static str,
@@ -77,6 +77,18 @@ pub enum CtrlError {
     /// Invalid request (bad argument).
     #[error("invalid argument: {0}")]
     Invalid(String),
+}
+
+/// "device N", or "a new device" for the id that lets the kernel choose (`u32::MAX`).
+struct DevName(u32);
+
+impl std::fmt::Display for DevName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            u32::MAX => f.write_str("a new device"),
+            id => write!(f, "device {id}"),
+        }
+    }
 }
 
 /// Result of control operations.

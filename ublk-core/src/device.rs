@@ -207,10 +207,20 @@ impl DeviceBuilder {
     /// Adds the device (ADD_DEV) and sets its parameters. The device is deleted again if
     /// anything fails, or if the returned [`Device`] is dropped without being served.
     pub fn build(self, mut ctrl: Ctrl) -> Result<Device> {
-        if self.queues == 0 || self.depth == 0 || self.depth > 4096 {
+        let max = ublk_sys::UBLK_MAX_NR_QUEUES.min(ublk_sys::UBLK_MAX_QUEUE_DEPTH);
+        if !(1..=max).contains(&u32::from(self.queues))
+            || !(1..=max).contains(&u32::from(self.depth))
+        {
             return Err(DeviceError::Config(format!(
-                "queues ({}) and depth ({}) must be in 1..=4096",
+                "queues ({}) and depth ({}) must be in 1..={max}",
                 self.queues, self.depth
+            )));
+        }
+        if self.max_io_bytes < 4096 {
+            // The kernel rounds the buffer size down to pages and refuses the parameters.
+            return Err(DeviceError::Config(format!(
+                "the largest request ({} bytes) must be at least 4 KiB",
+                self.max_io_bytes
             )));
         }
         if self.params.size < 512 {

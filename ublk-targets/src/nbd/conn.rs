@@ -470,14 +470,28 @@ fn negotiate_export<S: Read + Write>(
 pub fn open(addr: &NbdAddr, export: &str, opts: &ConnectOptions) -> Result<(Stream, ExportInfo)> {
     let s = Stream::connect(addr, opts.timeout)?;
     s.set_timeouts(Some(opts.timeout), Some(opts.timeout))?;
-    let hflags = greet(&mut &s)?;
+    let timed_out = |e: NbdError| match e {
+        NbdError::Io(io)
+            if matches!(
+                io.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            NbdError::HandshakeTimeout {
+                addr: addr.to_string(),
+                secs: opts.timeout.as_secs(),
+            }
+        }
+        e => e,
+    };
+    let hflags = greet(&mut &s).map_err(timed_out)?;
     let s = match &opts.tls {
         Some(tls) => start_tls(s, tls, addr)?,
         None => s,
     };
     let info = match negotiate_export(&mut &s, hflags, export, opts) {
         Err(NbdError::Io(e)) if opts.tls.is_some() => return Err(tls_alert(&s, addr, e)),
-        r => r?,
+        r => r.map_err(timed_out)?,
     };
     s.set_timeouts(None, None)?;
     log::debug!("nbd: connected to {addr}, export {export:?}: {info:?}");
@@ -533,6 +547,25 @@ fn list_after_greeting<S: Read + Write>(s: &mut S) -> Result<Vec<ExportEntry>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server that accepts but never greets (e.g. busy with another client): the error says
+    /// it did not answer in time, naming the address.
+    #[test]
+    fn test_silent_server_is_a_handshake_timeout() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = NbdAddr::Tcp {
+            host: "127.0.0.1".into(),
+            port: l.local_addr().unwrap().port(),
+        };
+        let opts = ConnectOptions {
+            timeout: Duration::from_millis(300),
+            ..ConnectOptions::default()
+        };
+        let e = open(&addr, "", &opts).unwrap_err();
+        assert!(matches!(e, NbdError::HandshakeTimeout { .. }), "{e:?}");
+        assert!(e.to_string().contains("127.0.0.1"), "{e}");
+        drop(l);
+    }
 
     #[test]
     fn test_tcp_connections_get_nodelay_and_keepalive() {

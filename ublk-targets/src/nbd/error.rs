@@ -26,6 +26,17 @@ pub enum NbdError {
     /// The export's properties cannot be served (e.g. a minimum block size above 4 KiB).
     #[error("the export cannot be served: {0}")]
     ExportUnusable(String),
+    /// The server did not answer the negotiation in time.
+    #[error(
+        "{addr} did not answer the NBD negotiation within {secs} s (a server that serves one \
+         client at a time, such as qemu-nbd without --shared, may be busy with another)"
+    )]
+    HandshakeTimeout {
+        /// The server address.
+        addr: String,
+        /// The limit, in seconds.
+        secs: u64,
+    },
     /// Reading from or writing to the server failed.
     #[error("NBD connection IO failed")]
     Io(#[source] io::Error),

@@ -67,6 +67,15 @@ pub enum Qcow2Error {
     /// The image keeps its data in an external data file.
     #[error("images with an external data file are not supported")]
     ExternalDataFile,
+    /// The image itself could not be opened.
+    #[error("cannot open image {path}")]
+    ImageOpen {
+        /// The path given.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
     /// Parameters of a new image that cannot be created.
     #[error("cannot create the image: {0}")]
     InvalidCreate(String),

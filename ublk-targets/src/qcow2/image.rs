@@ -188,13 +188,18 @@ impl Qcow2Image {
         writable: bool,
         chain: &mut Vec<PathBuf>,
     ) -> Result<Qcow2Image> {
+        let top = chain.is_empty();
         let file = OpenOptions::new()
             .read(true)
             .write(writable)
             .open(path)
-            .map_err(|source| Qcow2Error::BackingOpen {
-                path: path.to_path_buf(),
-                source,
+            .map_err(|source| {
+                let path = path.to_path_buf();
+                if top {
+                    Qcow2Error::ImageOpen { path, source }
+                } else {
+                    Qcow2Error::BackingOpen { path, source }
+                }
             })?;
         let canonical = std::fs::canonicalize(path).map_err(|source| Qcow2Error::BackingOpen {
             path: path.to_path_buf(),
