@@ -1236,6 +1236,7 @@ fn test_qcow2_write_refusals() {
         q.write_at(&[0u8; 512], 0),
         Err(Qcow2Error::ReadOnly(_))
     ));
+    drop(q);
     let q = Qcow2Image::open(&img, &rw()).expect("open rw");
     assert!(matches!(
         q.write_at(&[0u8; 512], (1 << 20) - 256),
@@ -1352,9 +1353,12 @@ fn test_qcow2_unflushed_writes_leave_a_consistent_image() {
         }
         // "Crash": no flush, no close-time write-back.
         std::mem::forget(q);
-        let code = qemu_check(&img);
+        // The file as the crash leaves it (the leaked handle still holds the image's lock).
+        let crashed = dir.path(&format!("crashed-{cs}.qcow2"));
+        std::fs::copy(&img, &crashed).expect("copy the crashed image");
+        let code = qemu_check(&crashed);
         assert!(code == 0 || code == 3, "check after crash: exit {code}");
-        let after = qemu_raw(&img);
+        let after = qemu_raw(&crashed);
         assert!(
             after[..4 * MIB as usize] == flushed[..],
             "flushed data lost"
@@ -2517,4 +2521,81 @@ fn test_qcow2_extended_l2_writes_match_qemu() {
         assert_eq!(qemu_check(&img), 0, "{name}");
         assert!(qemu_raw(&img) == model, "{name}: qemu sees other content");
     }
+}
+
+/// qemu's image locking: an image open for writing cannot be opened again, for writing or
+/// reading, by us or by qemu-img / qemu-nbd; read-only opens and backing files share; every
+/// lock goes with its handle. And an image qemu-nbd serves cannot be opened by us.
+#[test]
+fn test_qcow2_image_locking_matches_qemu() {
+    require_qemu!();
+    let dir = TempDir::new("lock");
+    let base = dir.path("base.qcow2");
+    qemu_img(&["create", "-f", "qcow2", s(&base), "4M"]);
+    let top = dir.path("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        "-b",
+        s(&base),
+        s(&top),
+    ]);
+    let w = Qcow2Image::open(&top, &rw()).expect("open rw");
+    let locked = |r: Result<Qcow2Image, Qcow2Error>, what: &str| match r {
+        Err(e @ Qcow2Error::Locked { .. }) => e.to_string(),
+        other => panic!("{what}: {:?}", other.map(|_| ())),
+    };
+    let msg = locked(Qcow2Image::open(&top, &rw()), "second writer");
+    assert!(msg.contains("top.qcow2") && msg.contains("in use"), "{msg}");
+    locked(
+        Qcow2Image::open(&top, &Qcow2Options::default()),
+        "reader of a written image",
+    );
+    // qemu-img refuses an image we write (without -U) ...
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", s(&top)])
+        .output()
+        .expect("qemu-img info");
+    assert!(
+        !out.status.success(),
+        "qemu-img info opened an image in use"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("lock"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ... and cannot write our backing file, which others may read.
+    let out = std::process::Command::new("qemu-img")
+        .args(["resize", s(&base), "8M"])
+        .output()
+        .expect("qemu-img resize");
+    assert!(
+        !out.status.success(),
+        "qemu-img resized a backing file in use"
+    );
+    let r = Qcow2Image::open(&base, &Qcow2Options::default()).expect("second reader of a base");
+    drop((w, r));
+    // Released with the handles.
+    Qcow2Image::open(&top, &rw()).expect("open rw after close");
+    // An image qemu-nbd serves (it locks like qemu) cannot be opened by us.
+    let sock = dir.path("nbd.sock");
+    let mut srv = std::process::Command::new("qemu-nbd")
+        .args(["-f", "qcow2", "-k", s(&sock), s(&top)])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn qemu-nbd");
+    let t = std::time::Instant::now();
+    while !sock.exists() && t.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let r = Qcow2Image::open(&top, &rw());
+    let _ = srv.kill();
+    let _ = srv.wait();
+    assert!(sock.exists(), "qemu-nbd did not start");
+    locked(r, "an image qemu-nbd serves");
 }

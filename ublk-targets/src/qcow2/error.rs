@@ -91,6 +91,14 @@ pub enum Qcow2Error {
         #[source]
         source: io::Error,
     },
+    /// Another program holds the image (qemu's image locking).
+    #[error("{} is in use: {why}", .path.display())]
+    Locked {
+        /// The image or backing file.
+        path: PathBuf,
+        /// Who may hold it.
+        why: &'static str,
+    },
     /// The image is marked corrupt (incompatible bit 1).
     #[error("image is marked corrupt; repair it with `qemu-img check -r all`")]
     MarkedCorrupt,

@@ -201,6 +201,7 @@ impl Qcow2Image {
                     Qcow2Error::BackingOpen { path, source }
                 }
             })?;
+        super::lock::lock(&file, path, writable)?;
         let canonical = std::fs::canonicalize(path).map_err(|source| Qcow2Error::BackingOpen {
             path: path.to_path_buf(),
             source,
@@ -342,6 +343,7 @@ impl Qcow2Image {
                     path: resolved.clone(),
                     source,
                 })?;
+                super::lock::lock(&file, &resolved, false)?;
                 let size = file
                     .metadata()
                     .map_err(Qcow2Error::io("reading backing file metadata"))?

@@ -41,6 +41,7 @@ mod error;
 pub mod header;
 mod image;
 mod inflight;
+mod lock;
 pub mod refcount;
 mod repair;
 pub mod snapshot;
