@@ -339,6 +339,16 @@ fn unsupported_mode() -> Result<Outcome> {
 fn zero_copy_errors() -> Result<Outcome> {
     if !zero_copy_supported()? {
         check_refused(&ublk(&["add", "-t", "null", "-z"])?, "6.16")?;
+        // With --fallback the device comes up in copy mode, and the user is told.
+        let r = ublk_ok(&["add", "-t", "null", "-z", "--fallback"])?;
+        let d = parse_one("ublk add -z --fallback", &r)?;
+        ublk_del(d.id)?;
+        ensure!(
+            r.stderr.contains("falling back to copy mode"),
+            "no fallback warning on the terminal: {:?}",
+            r.stderr
+        );
+        ensure!(d.flags & (1 << 7) == 0, "flags {:#x}", d.flags);
         return Ok(Outcome::Pass);
     }
     let img = workdir()?.join("zc.qcow2");

@@ -281,6 +281,12 @@ pub(crate) fn nbd_uri(a: &AddArgs) -> Result<NbdUri> {
     Ok(uri)
 }
 
+/// Whether a daemon log line (`ublk[PID]: LEVEL: ...`) is a warning or an error.
+fn is_warning(line: &str) -> bool {
+    line.split_once("]: ")
+        .is_some_and(|(_, rest)| rest.starts_with("warning: ") || rest.starts_with("error: "))
+}
+
 /// `ublk recover -n ID`: start a daemon like the one that died, re-attaching to the device.
 pub(crate) fn recover(id: u32, foreground: bool) -> Result<()> {
     let st = state::load(id).ok_or_else(|| {
@@ -325,8 +331,15 @@ fn spawn_daemon(a: &AddArgs) -> Result<()> {
     for line in BufReader::new(stdout).lines() {
         let Ok(line) = line else { break };
         if line == READY {
-            if let (Some((path, _)), Some(id)) = (&log, parse_dev_id(&out)) {
-                state::keep_log(path, id);
+            if let Some((path, _)) = &log {
+                // Warnings of the start-up (e.g. a fallback to copy mode) reach the user too.
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                for w in text.lines().filter(|l| is_warning(l)) {
+                    eprintln!("{w}");
+                }
+                if let Some(id) = parse_dev_id(&out) {
+                    state::keep_log(path, id);
+                }
             }
             print!("{out}");
             return Ok(());
@@ -520,4 +533,19 @@ fn serve_target<T: Target + 'static>(
         state::remove(id);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_warning;
+
+    #[test]
+    fn test_is_warning() {
+        assert!(is_warning(
+            "ublk[12]: warning: kernel lacks X; falling back to copy mode"
+        ));
+        assert!(is_warning("ublk[12]: error: queue 0: boom"));
+        assert!(!is_warning("ublk[12]: info: queue 0 ready"));
+        assert!(!is_warning("warning: not from the logger"));
+    }
 }
