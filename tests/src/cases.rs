@@ -79,8 +79,10 @@ pub fn all() -> Vec<Test> {
         test("kernel_foreground_ctrl_c", 90, foreground_ctrl_c),
         test("kernel_daemon_log", 60, daemon_log),
     ];
+    // On tmpfs the default is user copy straight between the request and the mapped file.
     for (mode, flag) in [
-        ("copy", None),
+        ("default", None),
+        ("copy", Some("--copy")),
         ("getdata", Some("-g")),
         ("usercopy", Some("-u")),
         ("zerocopy", Some("-z")),
@@ -116,6 +118,7 @@ pub fn all() -> Vec<Test> {
         v.push(test(&name, 180, move || loop_verify_blockdev(flag)));
     }
     v.extend([
+        test("kernel_loop_mapped_fallbacks", 180, loop_mapped_fallbacks),
         test("kernel_ext4_readd", 180, ext4_readd),
         test("kernel_del_mounted", 120, del_mounted),
         test("kernel_flush_reaches_backing", 90, flush_reaches_backing),
@@ -907,6 +910,118 @@ fn loop_verify(mode: &[&str], queues: u32, depth: u32) -> Result<Outcome> {
         Duration::from_secs(150),
     )?;
     ublk_del(d.id)?;
+    Ok(Outcome::Pass)
+}
+
+/// `count` MiB of `bdev` from MiB `skip`, read with O_DIRECT.
+fn read_dev(bdev: &str, skip: u64, count: u64) -> Result<Vec<u8>> {
+    let out = workdir()?.join("read-back");
+    dd(&[
+        &format!("if={bdev}"),
+        &format!("of={}", out.display()),
+        "bs=1M",
+        &format!("skip={skip}"),
+        &format!("count={count}"),
+        "iflag=direct",
+    ])?;
+    Ok(fs::read(&out)?)
+}
+
+/// `dd` of `src` onto `bdev` at MiB `seek`, O_DIRECT, then fsync.
+fn write_dev(src: &Path, bdev: &str, seek: u64) -> Result<Run> {
+    run_timeout(
+        Command::new("dd").args([
+            &format!("if={}", src.display()),
+            &format!("of={bdev}"),
+            "bs=1M",
+            &format!("seek={seek}"),
+            "oflag=direct",
+            "conv=fsync,notrunc",
+            "status=none",
+        ]),
+        Duration::from_secs(60),
+    )
+}
+
+/// 4c. Loop over a tmpfs file in its default mode, user copy straight between the requests
+///     and the mapped file, where the mapping cannot do a transfer: the file shrank under the
+///     device (reads past its end are zeros, a write there extends it again) and the file
+///     system is full (the write fails with ENOSPC and the device serves on).
+fn loop_mapped_fallbacks() -> Result<Outcome> {
+    let wd = workdir()?;
+    let mnt = wd.join("small-tmpfs");
+    fs::create_dir_all(&mnt)?;
+    let m = mnt.to_string_lossy().into_owned();
+    sh("mount", &["-t", "tmpfs", "-o", "size=16m", "tmpfs", &m])?;
+    let res = (|| -> Result<()> {
+        let file = mnt.join("backing");
+        sparse_file(&file, 64)?;
+        let d = add_loop(&file, &["-q", "2"])?;
+        ensure!(
+            d.flags & (1 << 7) != 0,
+            "loop on tmpfs did not default to user copy: flags {:#x}",
+            d.flags
+        );
+        let listed = ublk_ok(&["list", "-n", &d.id.to_string()])?.stdout;
+        ensure!(
+            listed.contains("\"mapped\":1"),
+            "the file is not mapped: {listed}"
+        );
+        let bdev = d.bdev();
+        let pat = wd.join("pattern");
+        write_pattern(&pat, 4 * MIB, 0x3a9)?;
+        let want = fs::read(&pat)?;
+        let r = write_dev(&pat, &bdev, 0)?;
+        ensure!(r.ok(), "write through the mapping failed: {r:?}");
+        ensure!(
+            fs::read(&file)?[..want.len()] == want[..],
+            "data written through the mapping is not in the file"
+        );
+        ensure!(
+            read_dev(&bdev, 0, 4)? == want,
+            "read back through the mapping differs"
+        );
+
+        // The file shrinks to 8 MiB under the device.
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&file)?
+            .set_len(8 * MIB)?;
+        ensure!(
+            read_dev(&bdev, 12, 1)?.iter().all(|&b| b == 0),
+            "a read past the end of the shrunk file is not zeros"
+        );
+        let r = write_dev(&pat, &bdev, 12)?;
+        ensure!(
+            r.ok(),
+            "a write past the end of the shrunk file failed: {r:?}"
+        );
+        ensure!(
+            fs::metadata(&file)?.len() == 16 * MIB,
+            "the write did not extend the file"
+        );
+        ensure!(
+            read_dev(&bdev, 12, 4)? == want,
+            "read back past the old end differs"
+        );
+
+        // The tmpfs holds 16 MiB and 8 are used: 12 MiB more cannot fit.
+        let big = wd.join("big");
+        write_pattern(&big, 12 * MIB, 0x77)?;
+        let r = write_dev(&big, &bdev, 32)?;
+        ensure!(
+            !r.ok() && r.stderr.contains("No space left"),
+            "a write beyond the room of the file system did not fail with ENOSPC: {r:?}"
+        );
+        ensure!(
+            read_dev(&bdev, 0, 4)? == want,
+            "after ENOSPC the device reads wrong data"
+        );
+        ublk_del(d.id)
+    })();
+    let unmounted = sh("umount", &[&m]);
+    res?;
+    unmounted?;
     Ok(Outcome::Pass)
 }
 

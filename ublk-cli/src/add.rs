@@ -124,8 +124,11 @@ impl AddArgs {
     pub(crate) fn mode_for(&self, target: &impl Target) -> Result<(DataMode, bool)> {
         Ok(match self.data_mode()? {
             Some(m) => (m, self.fallback),
-            None if !target.uses_data() && !self.unprivileged => (DataMode::UserCopy, true),
-            None => (DataMode::Copy, false),
+            None if self.unprivileged => (DataMode::Copy, false),
+            None => match target.preferred_mode() {
+                DataMode::Copy => (DataMode::Copy, false),
+                m => (m, true),
+            },
         })
     }
 
@@ -413,6 +416,7 @@ fn serve(a: AddArgs) -> Result<()> {
                 "backing_file": path,
                 "dev_size": params.size,
                 "direct_io": u8::from(t.is_direct()),
+                "mapped": u8::from(t.is_mapped()),
             });
             serve_target(a, Arc::new(t), params, json)
         }

@@ -20,6 +20,7 @@ mod buf;
 pub mod ctrl;
 mod desc;
 pub mod device;
+mod filemap;
 pub mod flags;
 mod os;
 pub mod params;
@@ -31,6 +32,7 @@ pub use ctrl::{kernel_release, Ctrl, CtrlError, DevInfo, DevState};
 pub use device::{
     Device, DeviceBuilder, DeviceError, Recovery, RunOptions, StopHandle, StopReason,
 };
+pub use filemap::FileMap;
 pub use flags::DeviceFlags;
 pub use os::{gettid, SignalSet};
 pub use params::{Attrs, DevNumbers, DeviceParams, DiscardParams};

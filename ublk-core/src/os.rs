@@ -65,6 +65,33 @@ impl Mmap {
         Self::from_raw(p, len)
     }
 
+    /// Maps the first `len` bytes of `file` shared, readable and (if `writable`) writable,
+    /// without reserving swap: a file's pages, reached only by the kernel's copies
+    /// ([`pread_into`] / [`pwrite_from`]), never through references.
+    pub(crate) fn map_shared(file: &File, len: usize, writable: bool) -> io::Result<Mmap> {
+        if len == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: a fresh mapping chosen by the kernel (addr NULL); fd is valid for the call;
+        // the result is checked against MAP_FAILED before use.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        Self::from_raw(p, len)
+    }
+
     fn from_raw(p: *mut libc::c_void, len: usize) -> io::Result<Mmap> {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
@@ -87,6 +114,51 @@ impl Drop for Mmap {
     fn drop(&mut self) {
         // SAFETY: ptr/len describe a mapping this value created and nobody else unmaps.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// `pread(fd, map + off, len, pos)`: the kernel copies from `fd` straight into the mapping.
+/// Returns the bytes copied; a range outside the mapping is `EINVAL`.
+pub(crate) fn pread_into(
+    fd: &File,
+    map: &Mmap,
+    off: usize,
+    len: usize,
+    pos: u64,
+) -> io::Result<usize> {
+    let p = map_range(map, off, len)?;
+    let pos = libc::off_t::try_from(pos).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: [p, p + len) lies inside a live mapping (checked above) that no Rust reference
+    // points into; the kernel writes it (or fails with EFAULT), nothing else is touched.
+    let r = unsafe { libc::pread(fd.as_raw_fd(), p.cast(), len, pos) };
+    usize::try_from(r).map_err(|_| io::Error::last_os_error())
+}
+
+/// `pwrite(fd, map + off, len, pos)`: the kernel copies from the mapping straight into `fd`.
+/// Returns the bytes copied; a range outside the mapping is `EINVAL`.
+pub(crate) fn pwrite_from(
+    fd: &File,
+    map: &Mmap,
+    off: usize,
+    len: usize,
+    pos: u64,
+) -> io::Result<usize> {
+    let p = map_range(map, off, len)?;
+    let pos = libc::off_t::try_from(pos).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: [p, p + len) lies inside a live mapping (checked above); the kernel only reads it.
+    let r = unsafe { libc::pwrite(fd.as_raw_fd(), p.cast(), len, pos) };
+    usize::try_from(r).map_err(|_| io::Error::last_os_error())
+}
+
+/// The address of `[off, off + len)` of `map`, if inside it.
+fn map_range(map: &Mmap, off: usize, len: usize) -> io::Result<*mut u8> {
+    match off.checked_add(len) {
+        Some(end) if end <= map.len => {
+            // SAFETY: off <= end <= len of the mapping, so the result is inside it or one
+            // past its end (for an empty range).
+            Ok(unsafe { map.as_ptr().add(off) })
+        }
+        _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
     }
 }
 

@@ -34,9 +34,10 @@
 use crate::batch::{Batch, CommitDone, FETCHES};
 use crate::buf::IoBufs;
 use crate::desc::DescArea;
+use crate::filemap::FileMap;
 use crate::flags::DeviceFlags;
 use crate::tags::{Cmd, CmdOutcome, Finish, Tags};
-use crate::target::{Action, Op, QueueHandler, Target};
+use crate::target::{Action, IoRequest, Op, QueueHandler, Target};
 use crossbeam_channel::{Receiver, Sender};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use std::fs::File;
@@ -214,6 +215,20 @@ pub struct IoCtx<'a> {
     completer: &'a Completer,
     own: &'a mut OwnOps,
     done: &'a mut Vec<(u16, i32)>,
+    cdev: &'a File,
+    paths: &'a mut [DataPath],
+}
+
+/// In user-copy mode, how a request's data moves between the request and the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DataPath {
+    /// Through the tag's buffer: the queue copies WRITE data in before the handler sees the
+    /// request and READ data out at the commit.
+    Buffer,
+    /// The handler moves it itself ([`QueueHandler::moves_data`]); READ data not yet delivered.
+    Handler,
+    /// The handler delivered the READ data: nothing to copy at the commit.
+    Delivered,
 }
 
 impl std::fmt::Debug for IoCtx<'_> {
@@ -257,6 +272,96 @@ impl IoCtx<'_> {
         // the returned borrow ties up `self`, so no second slice or new operation can be made
         // while it lives.
         unsafe { self.bufs.slice(tag, len) }
+    }
+
+    /// The data mode of the device.
+    pub fn mode(&self) -> DataMode {
+        self.mode
+    }
+
+    /// The request of `tag` if the handler moves its data itself (see
+    /// [`QueueHandler::moves_data`]) and may now: user copy, with the target, idle.
+    fn moving(&self, tag: u16, op: Op) -> io::Result<IoRequest> {
+        let req = match self.tags.req(tag) {
+            Some(r) if self.tags.owned_by_target(tag, true) => *r,
+            _ => {
+                return Err(einval(
+                    "tag is not owned by the target or has operations in flight",
+                ))
+            }
+        };
+        if self.mode != DataMode::UserCopy || req.op != op {
+            return Err(einval("not a user-copy request of that operation"));
+        }
+        if self.paths.get(usize::from(tag)) != Some(&DataPath::Handler) {
+            return Err(einval("the handler does not move this request's data"));
+        }
+        Ok(req)
+    }
+
+    /// User copy, for a WRITE whose data the handler moves ([`QueueHandler::moves_data`]):
+    /// the kernel copies all of it straight into `map` at `map_off`. On an error part of it may
+    /// have been copied; [`IoCtx::fetch_write_data`] then brings it into the buffer instead.
+    pub fn copy_write_data_to(&mut self, tag: u16, map: &FileMap, map_off: u64) -> io::Result<()> {
+        let req = self.moving(tag, Op::Write)?;
+        if !map.is_writable() {
+            return Err(io::Error::from_raw_os_error(libc::EBADF));
+        }
+        self.map_copy(tag, &req, map, map_off, true)
+    }
+
+    /// User copy, for a READ whose data the handler moves ([`QueueHandler::moves_data`]):
+    /// the kernel copies the request's data straight from `map` at `map_off`; the commit then
+    /// copies nothing. On an error the handler may still fill [`IoCtx::buf`] instead.
+    pub fn copy_read_data_from(&mut self, tag: u16, map: &FileMap, map_off: u64) -> io::Result<()> {
+        let req = self.moving(tag, Op::Read)?;
+        self.map_copy(tag, &req, map, map_off, false)?;
+        self.paths[usize::from(tag)] = DataPath::Delivered;
+        Ok(())
+    }
+
+    fn map_copy(
+        &mut self,
+        tag: u16,
+        req: &IoRequest,
+        map: &FileMap,
+        map_off: u64,
+        into_map: bool,
+    ) -> io::Result<()> {
+        let len = u64::from(req.len);
+        if !map.covers(map_off, len) {
+            return Err(einval("range outside the mapping"));
+        }
+        let base = user_copy_offset(self.q_id, tag);
+        let mut done = 0u64;
+        while done < len {
+            let (off, n) = ((map_off + done) as usize, (len - done) as usize);
+            let r = if into_map {
+                crate::os::pread_into(self.cdev, map.mmap(), off, n, base + done)
+            } else {
+                crate::os::pwrite_from(self.cdev, map.mmap(), off, n, base + done)
+            };
+            match r {
+                Ok(0) => return Err(io::Error::from_raw_os_error(libc::EIO)),
+                Ok(n) => done += n as u64,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// User copy, for a WRITE whose data the handler moves ([`QueueHandler::moves_data`]):
+    /// copies it into the tag's buffer after all, for [`IoCtx::buf`] (a fallback).
+    pub fn fetch_write_data(&mut self, tag: u16) -> io::Result<()> {
+        let req = self.moving(tag, Op::Write)?;
+        // SAFETY: the tag is with the target and idle (checked by `moving`); the slice is
+        // dropped before this returns.
+        let buf = unsafe { self.bufs.slice(tag, req.len as usize) };
+        self.cdev
+            .read_exact_at(buf, user_copy_offset(self.q_id, tag))?;
+        self.paths[usize::from(tag)] = DataPath::Buffer;
+        Ok(())
     }
 
     fn check_range(&self, tag: u16, buf_off: u32, len: u32) -> io::Result<*mut u8> {
@@ -682,6 +787,8 @@ struct Queue<H: QueueHandler> {
     own: OwnOps,
     /// Requests the target completed through [`IoCtx::complete`], to commit.
     done: Vec<(u16, i32)>,
+    /// Per tag, in user-copy mode: how its request's data moves.
+    paths: Vec<DataPath>,
 }
 
 /// Sets up queue `cfg.q_id` and submits a FETCH for every tag. The returned closure serves the
@@ -718,6 +825,7 @@ pub(crate) fn setup<T: Target>(
     };
     let handler = target.open_queue(q).map_err(|e| QueueError::Target(q, e))?;
     let (tx, rx) = crossbeam_channel::bounded(usize::from(cfg.depth));
+    let paths = vec![DataPath::Buffer; usize::from(cfg.depth)];
     let completer = Completer {
         tx,
         wake: cfg.wake.clone(),
@@ -739,6 +847,7 @@ pub(crate) fn setup<T: Target>(
         event_buf: Box::new(0),
         own: OwnOps::default(),
         done: Vec::new(),
+        paths,
     };
     if queue.batch.is_some() {
         queue
@@ -1026,7 +1135,16 @@ impl<H: QueueHandler> Queue<H> {
             );
             return self.finish(tag, Action::Done(-libc::EINVAL));
         }
-        if self.cfg.mode == DataMode::UserCopy && self.copy_data && req.has_write_data() {
+        let moves = self.cfg.mode == DataMode::UserCopy
+            && self.copy_data
+            && matches!(req.op, Op::Read | Op::Write)
+            && self.handler.moves_data(&req);
+        self.paths[usize::from(tag)] = if moves {
+            DataPath::Handler
+        } else {
+            DataPath::Buffer
+        };
+        if self.cfg.mode == DataMode::UserCopy && self.copy_data && req.has_write_data() && !moves {
             // SAFETY: the tag is InTarget with no operation in flight; the slice is dropped
             // before the target sees the tag.
             let buf = unsafe { self.bufs.slice(tag, req.len as usize) };
@@ -1147,7 +1265,12 @@ impl<H: QueueHandler> Queue<H> {
         let Some(&req) = self.tags.req(tag) else {
             return;
         };
-        if self.cfg.mode == DataMode::UserCopy && self.copy_data && req.op == Op::Read && res > 0 {
+        if self.cfg.mode == DataMode::UserCopy
+            && self.copy_data
+            && req.op == Op::Read
+            && res > 0
+            && self.paths[usize::from(tag)] != DataPath::Delivered
+        {
             let len = (res as usize).min(req.len as usize);
             // SAFETY: the tag is InTarget with no operation in flight.
             let buf = unsafe { self.bufs.slice(tag, len) };
@@ -1204,6 +1327,8 @@ macro_rules! ctx {
             completer: &$q.completer,
             own: &mut $q.own,
             done: &mut $q.done,
+            cdev: &$q.cfg.cdev,
+            paths: &mut $q.paths,
         }
     };
 }

@@ -130,6 +130,17 @@ pub trait Target: Send + Sync {
         false
     }
 
+    /// The data mode that suits the target best, for a device whose user names none: copy
+    /// mode by default, user copy for a target that uses no data ([`Target::uses_data`]).
+    /// A tool falls back to copy mode where the kernel lacks the preferred one.
+    fn preferred_mode(&self) -> crate::DataMode {
+        if self.uses_data() {
+            crate::DataMode::Copy
+        } else {
+            crate::DataMode::UserCopy
+        }
+    }
+
     /// Whether the target reads WRITE data or produces READ data at all. A target that does
     /// neither (null) says no, and in user-copy mode the queue then skips both copies: READs
     /// leave the request's pages as they were.
@@ -142,6 +153,18 @@ pub trait Target: Send + Sync {
 pub trait QueueHandler {
     /// A new request. The buffer ([`IoCtx::buf`]) holds the data of a WRITE.
     fn handle_io(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest) -> Action;
+
+    /// In user-copy mode ([`DataMode::UserCopy`](crate::DataMode::UserCopy)), asked for each
+    /// READ and WRITE before [`QueueHandler::handle_io`]: whether the handler moves this
+    /// request's data itself, between the request and a [`FileMap`](crate::FileMap)
+    /// ([`IoCtx::copy_write_data_to`], [`IoCtx::copy_read_data_from`]), rather than through
+    /// the tag's buffer. The queue then leaves a WRITE's data where it is (the buffer holds
+    /// none until [`IoCtx::fetch_write_data`]), and at the commit copies a READ's data from the
+    /// buffer only if the handler did not deliver it. No by default.
+    fn moves_data(&mut self, req: &IoRequest) -> bool {
+        let _ = req;
+        false
+    }
 
     /// A completion sent with a [`Completer`](crate::Completer) from another thread arrived for
     /// `req`; this runs on the queue thread, so the handler may use

@@ -7,7 +7,11 @@
 //!
 //! On a memory-backed file system (tmpfs, ramfs) reads and writes are done inline on the queue
 //! thread instead, where io_uring would hand each to a worker thread (`crate::memfile`,
-//! [`LoopTarget::is_inline`]).
+//! [`LoopTarget::is_inline`]). There the file is also mapped ([`FileMap`]) and, in user-copy mode
+//! (the default there), the kernel copies each request's data straight between the request and
+//! the file's pages: one copy and one system call, where going through the request buffer takes
+//! two of each. A transfer the mapping cannot do (past its end after a resize, past the end of a
+//! file that shrank, a full file system) goes through the buffer as before.
 
 use crate::memfile::{memory_backed, read_full_at};
 use std::fs::{File, OpenOptions};
@@ -17,7 +21,8 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use ublk_core::{
-    Action, Attrs, DeviceParams, DiscardParams, IoCtx, IoFlags, IoRequest, Op, QueueHandler, Target,
+    Action, Attrs, DataMode, DeviceParams, DiscardParams, FileMap, IoCtx, IoFlags, IoRequest, Op,
+    QueueHandler, Target,
 };
 
 /// Errors opening a loop backing file.
@@ -65,6 +70,8 @@ pub struct LoopTarget {
     direct: bool,
     block_device: bool,
     inline: bool,
+    /// The file mapped, on memory-backed file systems (see the module documentation).
+    map: Option<Arc<FileMap>>,
 }
 
 const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
@@ -154,16 +161,30 @@ impl LoopTarget {
             ..DeviceParams::default()
         };
         let inline = !block_device && memory_backed(&file);
+        let map = if inline {
+            match FileMap::new(&file, size, !cfg.read_only) {
+                Ok(m) => Some(Arc::new(m)),
+                Err(e) => {
+                    log::info!(
+                        "loop: cannot map {}: {e}; copying through buffers",
+                        path.display()
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
         log::info!(
             "loop: {} ({} bytes, {}, {}{})",
             path.display(),
             size,
             if direct { "direct" } else { "buffered" },
             if block_device { "block device" } else { "file" },
-            if inline {
-                ", memory-backed: reads and writes inline"
-            } else {
-                ""
+            match (inline, map.is_some()) {
+                (true, true) => ", memory-backed: reads and writes inline, file mapped",
+                (true, false) => ", memory-backed: reads and writes inline",
+                _ => "",
             }
         );
         Ok(LoopTarget {
@@ -172,6 +193,7 @@ impl LoopTarget {
             direct,
             block_device,
             inline,
+            map,
         })
     }
 
@@ -195,6 +217,12 @@ impl LoopTarget {
     pub fn is_inline(&self) -> bool {
         self.inline
     }
+
+    /// Whether the backing file is mapped, so that in user-copy mode the kernel copies request
+    /// data straight between the request and the file (memory-backed file systems).
+    pub fn is_mapped(&self) -> bool {
+        self.map.is_some()
+    }
 }
 
 fn sysfs_block_size(rdev: u64) -> Option<u64> {
@@ -216,7 +244,18 @@ impl Target for LoopTarget {
             zero_range: true,
             file: self.file.clone(),
             inline: self.inline,
+            map: self.map.clone(),
         })
+    }
+
+    /// User copy where the file is mapped (one copy per request, see the module
+    /// documentation); copy mode otherwise.
+    fn preferred_mode(&self) -> DataMode {
+        if self.map.is_some() {
+            DataMode::UserCopy
+        } else {
+            DataMode::Copy
+        }
     }
 
     /// Reads and writes go through io_uring (never inline) and zeros are written from a
@@ -234,12 +273,48 @@ pub struct LoopQueue {
     zero_range: bool,
     /// Reads and writes inline (see the module documentation).
     inline: bool,
+    /// The file mapped (see the module documentation).
+    map: Option<Arc<FileMap>>,
 }
 
 /// Marks the `data` of a write issued to emulate WRITE_ZEROES; the rest is sectors done before.
 const ZERO_WRITE: u32 = 1 << 31;
 
 impl LoopQueue {
+    /// User copy through the mapping: the kernel copies between the request and the file.
+    /// Falls back to the buffer (`transfer_inline`) where the mapping cannot do it.
+    fn transfer_mapped(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest, map: &FileMap) -> Action {
+        let r = match req.op {
+            Op::Read => ctx.copy_read_data_from(req.tag, map, req.offset),
+            _ => ctx.copy_write_data_to(req.tag, map, req.offset),
+        };
+        match r {
+            Ok(()) if req.op == Op::Write && req.flags.contains(IoFlags::FUA) => {
+                match self.file.sync_data() {
+                    Ok(()) => Action::Done(req.len as i32),
+                    Err(e) => Action::from_error(&e),
+                }
+            }
+            Ok(()) => Action::Done(req.len as i32),
+            Err(e) => {
+                // Past the end of a file that shrank, or no room left for the pages: the
+                // buffered path reads zeros or reports the file system's error.
+                log::debug!(
+                    "loop: mapped {:?} at {} failed ({e}); going through the buffer",
+                    req.op,
+                    req.offset
+                );
+                if req.op == Op::Write {
+                    if let Err(e) = ctx.fetch_write_data(req.tag) {
+                        log::error!("loop: user copy of WRITE data failed: {e}");
+                        return Action::Done(-libc::EIO);
+                    }
+                }
+                self.transfer_inline(ctx, req)
+            }
+        }
+    }
+
     /// Reads or writes the whole of `req` synchronously (memory-backed files).
     fn transfer_inline(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest) -> Action {
         let buf = ctx.buf(req.tag);
@@ -375,7 +450,21 @@ fn write_zeros_at(file: &File, mut off: u64, mut len: u64, flags: IoFlags) -> io
 }
 
 impl QueueHandler for LoopQueue {
+    fn moves_data(&mut self, req: &IoRequest) -> bool {
+        self.map
+            .as_ref()
+            .is_some_and(|m| m.covers(req.offset, req.len.into()))
+    }
+
     fn handle_io(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest) -> Action {
+        if ctx.mode() == DataMode::UserCopy
+            && matches!(req.op, Op::Read | Op::Write)
+            && self.moves_data(req)
+        {
+            if let Some(map) = self.map.clone() {
+                return self.transfer_mapped(ctx, req, &map);
+            }
+        }
         let fd = self.file.as_fd();
         let r = match req.op {
             Op::Read | Op::Write if self.inline && !ctx.zero_copy() => {
