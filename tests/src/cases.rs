@@ -944,7 +944,8 @@ fn write_dev(src: &Path, bdev: &str, seek: u64) -> Result<Run> {
 }
 
 /// 4c. Loop over a tmpfs file in its default mode, user copy straight between the requests
-///     and the mapped file, where the mapping cannot do a transfer: the file shrank under the
+///     and the mapped file: reading holes allocates nothing; where the mapping cannot do a
+///     transfer: the file shrank under the
 ///     device (reads past its end are zeros, a write there extends it again) and the file
 ///     system is full (the write fails with ENOSPC and the device serves on).
 fn loop_mapped_fallbacks() -> Result<Outcome> {
@@ -968,6 +969,16 @@ fn loop_mapped_fallbacks() -> Result<Outcome> {
             "the file is not mapped: {listed}"
         );
         let bdev = d.bdev();
+        // Reading holes must not allocate them (through the mapping tmpfs would).
+        ensure!(
+            read_dev(&bdev, 0, 48)?.iter().all(|&b| b == 0),
+            "holes do not read as zeros"
+        );
+        let used = allocated_bytes(&file)?;
+        ensure!(
+            used == 0,
+            "reading holes allocated {used} bytes of the file"
+        );
         let pat = wd.join("pattern");
         write_pattern(&pat, 4 * MIB, 0x3a9)?;
         let want = fs::read(&pat)?;

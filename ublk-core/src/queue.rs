@@ -279,6 +279,13 @@ impl IoCtx<'_> {
         self.mode
     }
 
+    /// Whether the handler moves the data of `tag`'s request itself: it said so in
+    /// [`QueueHandler::moves_data`] and has not fallen back to the buffer
+    /// ([`IoCtx::fetch_write_data`]) or delivered the READ data yet.
+    pub fn handler_moves(&self, tag: u16) -> bool {
+        self.paths.get(usize::from(tag)) == Some(&DataPath::Handler)
+    }
+
     /// The request of `tag` if the handler moves its data itself (see
     /// [`QueueHandler::moves_data`]) and may now: user copy, with the target, idle.
     fn moving(&self, tag: u16, op: Op) -> io::Result<IoRequest> {

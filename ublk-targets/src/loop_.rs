@@ -13,7 +13,7 @@
 //! two of each. A transfer the mapping cannot do (past its end after a resize, past the end of a
 //! file that shrank, a full file system) goes through the buffer as before.
 
-use crate::memfile::{memory_backed, read_full_at};
+use crate::memfile::{memory_backed, on_tmpfs, read_full_at, Allocated};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsFd;
@@ -70,8 +70,35 @@ pub struct LoopTarget {
     direct: bool,
     block_device: bool,
     inline: bool,
-    /// The file mapped, on memory-backed file systems (see the module documentation).
-    map: Option<Arc<FileMap>>,
+    /// The file mapped, on tmpfs (see the module documentation).
+    map: Option<Arc<Mapped>>,
+}
+
+/// A tmpfs backing file mapped, and which of it holds data (reads of holes through the
+/// mapping would allocate pages: see [`Allocated`]).
+#[derive(Debug)]
+struct Mapped {
+    map: FileMap,
+    allocated: Allocated,
+}
+
+impl Mapped {
+    fn new(file: &File, size: u64, writable: bool) -> io::Result<Mapped> {
+        Ok(Mapped {
+            map: FileMap::new(file, size, writable)?,
+            allocated: Allocated::scan(file, size)?,
+        })
+    }
+
+    /// Whether the mapping can move `req`'s data.
+    fn serves(&self, req: &IoRequest) -> bool {
+        let len = u64::from(req.len);
+        match req.op {
+            Op::Read => self.allocated.contains(req.offset, len),
+            Op::Write => self.map.covers(req.offset, len),
+            _ => false,
+        }
+    }
 }
 
 const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
@@ -161,8 +188,8 @@ impl LoopTarget {
             ..DeviceParams::default()
         };
         let inline = !block_device && memory_backed(&file);
-        let map = if inline {
-            match FileMap::new(&file, size, !cfg.read_only) {
+        let map = if inline && on_tmpfs(&file) {
+            match Mapped::new(&file, size, !cfg.read_only) {
                 Ok(m) => Some(Arc::new(m)),
                 Err(e) => {
                     log::info!(
@@ -274,7 +301,7 @@ pub struct LoopQueue {
     /// Reads and writes inline (see the module documentation).
     inline: bool,
     /// The file mapped (see the module documentation).
-    map: Option<Arc<FileMap>>,
+    map: Option<Arc<Mapped>>,
 }
 
 /// Marks the `data` of a write issued to emulate WRITE_ZEROES; the rest is sectors done before.
@@ -283,10 +310,12 @@ const ZERO_WRITE: u32 = 1 << 31;
 impl LoopQueue {
     /// User copy through the mapping: the kernel copies between the request and the file.
     /// Falls back to the buffer (`transfer_inline`) where the mapping cannot do it.
-    fn transfer_mapped(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest, map: &FileMap) -> Action {
+    fn transfer_mapped(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest, m: &Mapped) -> Action {
         let r = match req.op {
-            Op::Read => ctx.copy_read_data_from(req.tag, map, req.offset),
-            _ => ctx.copy_write_data_to(req.tag, map, req.offset),
+            Op::Read => ctx.copy_read_data_from(req.tag, &m.map, req.offset),
+            _ => ctx
+                .copy_write_data_to(req.tag, &m.map, req.offset)
+                .inspect(|()| m.allocated.insert(req.offset, req.len.into())),
         };
         match r {
             Ok(()) if req.op == Op::Write && req.flags.contains(IoFlags::FUA) => {
@@ -324,6 +353,9 @@ impl LoopQueue {
         let r = match req.op {
             Op::Read => read_full_at(&self.file, buf, req.offset),
             _ => self.file.write_all_at(buf, req.offset).and_then(|()| {
+                if let Some(m) = &self.map {
+                    m.allocated.insert(req.offset, req.len.into());
+                }
                 if req.flags.contains(IoFlags::FUA) {
                     self.file.sync_data()
                 } else {
@@ -451,18 +483,21 @@ fn write_zeros_at(file: &File, mut off: u64, mut len: u64, flags: IoFlags) -> io
 
 impl QueueHandler for LoopQueue {
     fn moves_data(&mut self, req: &IoRequest) -> bool {
-        self.map
-            .as_ref()
-            .is_some_and(|m| m.covers(req.offset, req.len.into()))
+        self.map.as_ref().is_some_and(|m| m.serves(req))
     }
 
     fn handle_io(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest) -> Action {
-        if ctx.mode() == DataMode::UserCopy
-            && matches!(req.op, Op::Read | Op::Write)
-            && self.moves_data(req)
-        {
-            if let Some(map) = self.map.clone() {
-                return self.transfer_mapped(ctx, req, &map);
+        if ctx.handler_moves(req.tag) {
+            if let Some(m) = self.map.clone() {
+                return self.transfer_mapped(ctx, req, &m);
+            }
+        }
+        let punches = req.op == Op::Discard
+            || (req.op == Op::WriteZeroes && !req.flags.contains(IoFlags::NOUNMAP));
+        if punches {
+            // The range becomes holes: its reads must not go through the mapping.
+            if let Some(m) = &self.map {
+                m.allocated.remove(req.offset, req.len.into());
             }
         }
         let fd = self.file.as_fd();

@@ -40,3 +40,187 @@ pub(crate) fn read_full_at(file: &File, mut buf: &mut [u8], mut off: u64) -> io:
     }
     Ok(())
 }
+
+/// Whether `file` lives on tmpfs, whose holes read as zeros without taking memory and whose
+/// `SEEK_DATA` / `SEEK_HOLE` tell them apart.
+pub(crate) fn on_tmpfs(file: &File) -> bool {
+    const TMPFS_MAGIC: u64 = 0x0102_1994;
+    rustix::fs::fstatfs(file).is_ok_and(|st| st.f_type as u64 == TMPFS_MAGIC)
+}
+
+/// Which parts of a tmpfs file hold pages, as far as its target knows: a shared bitmap of
+/// `1 << shift`-byte units.
+///
+/// Reading a hole through a shared mapping makes tmpfs allocate a page for it, where `pread`
+/// returns zeros and allocates nothing: a sparse backing file read whole would fill memory.
+/// So reads go through the mapping only where every unit is known to hold data: found by
+/// `SEEK_DATA` / `SEEK_HOLE` at open, then marked by the target's own writes and unmarked
+/// before its hole punches. Writes by others are merely not known (their ranges are read with
+/// `pread`, correctly); a hole punched by another process while marked costs a page if read
+/// through the mapping, never wrong data.
+#[derive(Debug)]
+pub(crate) struct Allocated {
+    shift: u32,
+    len: u64,
+    words: Vec<std::sync::atomic::AtomicU64>,
+}
+
+/// Bitmap units: 4 KiB pages up to files of 64 GiB (a 2 MiB bitmap), larger units beyond.
+const MAX_UNITS: u64 = 1 << 24;
+
+impl Allocated {
+    /// An empty map (nothing known to hold data) of a file of `len` bytes.
+    pub(crate) fn new(len: u64) -> Allocated {
+        let mut shift = 12;
+        while len >> shift > MAX_UNITS {
+            shift += 1;
+        }
+        let units = len.div_ceil(1 << shift);
+        let words = (0..units.div_ceil(64))
+            .map(|_| std::sync::atomic::AtomicU64::new(0))
+            .collect();
+        Allocated { shift, len, words }
+    }
+
+    /// The map of `file` (`len` bytes) from its data extents (`SEEK_DATA` / `SEEK_HOLE`).
+    pub(crate) fn scan(file: &File, len: u64) -> io::Result<Allocated> {
+        use rustix::fs::{seek, SeekFrom};
+        let map = Allocated::new(len);
+        let mut off = 0;
+        while off < len {
+            let data = match seek(file, SeekFrom::Data(off)) {
+                Ok(d) => d,
+                Err(rustix::io::Errno::NXIO) => break,
+                Err(e) => return Err(e.into()),
+            };
+            let hole = seek(file, SeekFrom::Hole(data))?.min(len);
+            map.mark_within(data, hole - data);
+            off = hole;
+        }
+        Ok(map)
+    }
+
+    /// Units `[first, last]` touched by `[off, off + len)`, clipped to the file; None if empty.
+    fn touched(&self, off: u64, len: u64) -> Option<(u64, u64)> {
+        let end = off.checked_add(len)?.min(self.len);
+        (len > 0 && off < end).then(|| (off >> self.shift, (end - 1) >> self.shift))
+    }
+
+    /// Whether every unit `[off, off + len)` touches holds data.
+    pub(crate) fn contains(&self, off: u64, len: u64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        if off.checked_add(len).is_none_or(|end| end > self.len) {
+            return false;
+        }
+        let Some((first, last)) = self.touched(off, len) else {
+            return false;
+        };
+        (first..=last).all(|u| self.words[(u / 64) as usize].load(Relaxed) & (1 << (u % 64)) != 0)
+    }
+
+    /// Marks every unit `[off, off + len)` touches (after a write there: tmpfs allocates whole
+    /// pages).
+    pub(crate) fn insert(&self, off: u64, len: u64) {
+        if let Some((first, last)) = self.touched(off, len) {
+            self.update(first, last, true);
+        }
+    }
+
+    /// Marks the units lying wholly inside `[off, off + len)` (data extents found by a scan;
+    /// the units at the edges may hold holes).
+    fn mark_within(&self, off: u64, len: u64) {
+        let unit = 1u64 << self.shift;
+        let first = off.div_ceil(unit);
+        let end = if off + len >= self.len {
+            self.len.div_ceil(unit)
+        } else {
+            (off + len) / unit
+        };
+        if first < end {
+            self.update(first, end - 1, true);
+        }
+    }
+
+    /// Unmarks every unit `[off, off + len)` touches (before punching a hole there).
+    pub(crate) fn remove(&self, off: u64, len: u64) {
+        if let Some((first, last)) = self.touched(off, len) {
+            self.update(first, last, false);
+        }
+    }
+
+    fn update(&self, first: u64, last: u64, set: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        for u in first..=last {
+            let (w, bit) = (&self.words[(u / 64) as usize], 1u64 << (u % 64));
+            if set {
+                w.fetch_or(bit, Relaxed);
+            } else {
+                w.fetch_and(!bit, Relaxed);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_allocated_marks_and_queries_ranges() {
+        let a = Allocated::new(1 << 20);
+        assert!(!a.contains(0, 4096));
+        a.insert(4096 + 512, 512);
+        assert!(a.contains(4096, 4096));
+        assert!(!a.contains(4096, 8192));
+        a.insert(8192, 16384);
+        assert!(a.contains(4096, 5 * 4096 - 4096));
+        assert!(!a.contains(0, 8192));
+        // Past the end, or empty: never.
+        assert!(!a.contains((1 << 20) - 4096, 8192));
+        assert!(!a.contains(4096, 0));
+        // A discard of part of a unit unmarks the unit.
+        a.remove(8192 + 100, 10);
+        assert!(!a.contains(8192, 4096));
+        assert!(a.contains(12288, 4096));
+        // Units beyond 64 (several words).
+        a.insert(70 * 4096, 150 * 4096);
+        assert!(a.contains(70 * 4096, 150 * 4096));
+        assert!(!a.contains(69 * 4096, 4096));
+    }
+
+    #[test]
+    fn test_allocated_unit_grows_with_the_file() {
+        let a = Allocated::new(1 << 40);
+        assert_eq!(a.shift, 16);
+        assert!(a.words.len() as u64 * 64 >= (1u64 << 40) >> 16);
+        let b = Allocated::new(100);
+        assert_eq!(b.shift, 12);
+        b.insert(0, 100);
+        assert!(b.contains(0, 100));
+    }
+
+    #[test]
+    fn test_allocated_scan_finds_data_extents() {
+        let dir = std::env::temp_dir().join(format!("ublk-alloc-scan-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("sparse");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let len = 64u64 << 20;
+        f.set_len(len).unwrap();
+        f.write_all_at(&[1u8; 1 << 20], 8 << 20).unwrap();
+        f.sync_all().unwrap();
+        let a = Allocated::scan(&f, len).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(a.contains(8 << 20, 1 << 20));
+        // File systems may report data at a coarser granularity than written, never less;
+        // far from the written megabyte there are holes.
+        assert!(!a.contains(0, 4096));
+        assert!(!a.contains(40 << 20, 4096));
+    }
+}

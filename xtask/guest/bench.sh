@@ -263,10 +263,10 @@ loop_group() { # queues
     else
         skip loop $q loop "losetup failed"
     fi
-    for v in ublk_loop ublk_loop_g ublk_loop_u ublk_loop_z ublk_loop_b ublk_qcow2 rublk_loop; do eval "DEV_$v='' PID_$v=''"; done
+    for v in ublk_loop ublk_loop_g ublk_loop_c ublk_loop_z ublk_loop_b ublk_qcow2 rublk_loop; do eval "DEV_$v='' PID_$v=''"; done
     ublk_add ublk_loop -t loop -q $q -f $RAW || skip loop $q ublk_loop "ublk add failed"
     ublk_add ublk_loop_g -t loop -q $q -g -f $RAW || skip loop $q ublk_loop_g "ublk add -g failed"
-    ublk_add ublk_loop_u -t loop -q $q -u -f $RAW || skip loop $q ublk_loop_u "ublk add -u failed"
+    ublk_add ublk_loop_c -t loop -q $q --copy -f $RAW || skip loop $q ublk_loop_c "ublk add --copy failed"
     if [ $ZERO_COPY = 1 ]; then
         ublk_add ublk_loop_z -t loop -q $q -z -f $RAW || skip loop $q ublk_loop_z "ublk add -z failed"
     fi
@@ -277,7 +277,7 @@ loop_group() { # queues
     # rublk loop: O_DIRECT on the same file, its default.
     rublk_add loop rublk_loop loop -q $q -f $RAW
     for job in $JOBS; do
-        rounds loop $q $job loop ublk_loop ublk_loop_g ublk_loop_u ublk_loop_z ublk_loop_b ublk_qcow2 rublk_loop
+        rounds loop $q $job loop ublk_loop ublk_loop_g ublk_loop_c ublk_loop_z ublk_loop_b ublk_qcow2 rublk_loop
     done
     del_all
     [ -n "$l" ] && /opt/bin/losetup -d $l

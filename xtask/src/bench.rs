@@ -62,7 +62,7 @@ const GROUPS: &[(&str, &[Device])] = &[
             ("loop", "loop (dio)", None),
             ("ublk_loop", "ublk loop", Some("loop")),
             ("ublk_loop_g", "ublk loop -g", Some("loop")),
-            ("ublk_loop_u", "ublk loop -u", Some("loop")),
+            ("ublk_loop_c", "ublk loop --copy", Some("loop")),
             ("ublk_loop_z", "ublk loop -z", Some("loop")),
             ("ublk_loop_b", "ublk loop -b", Some("loop")),
             ("ublk_qcow2", "ublk qcow2", Some("ublk_loop")),
@@ -1339,9 +1339,12 @@ fn render_doc(all: &[KernelResults], notes: Option<&str>) -> String {
            (7.0+), with `-b` (batch io commands, default mode).\n\
          - loop: a 512 MiB file on tmpfs written in full with `dd` (not sparse). Kernel loop: \
            util-linux `losetup --direct-io=on` (`/sys/block/loopN/loop/dio` checked to read 1). \
-           Ours: `ublk add -t loop -f FILE -q N` in copy mode, with `-g` (NEED_GET_DATA), with \
-           `-u` (USER_COPY), (6.16+) with `-z` (zero copy) and (7.0+) with `-b` (batch io \
-           commands, copy mode), all O_DIRECT on the same file. \
+           Ours: `ublk add -t loop -f FILE -q N` in its default mode, which on tmpfs is user \
+           copy straight between the request and the mapped file (one copy per request, like \
+           kernel loop), with `--copy` (copy mode: the kernel copies between the request and \
+           the daemon's buffer, which is then read from or written to the file: two copies), \
+           `-g` (NEED_GET_DATA, also through the buffer), (6.16+) `-z` (zero copy) and (7.0+) \
+           `-b` (batch io commands, default mode), all O_DIRECT on the same file. \
            On tmpfs the loop and qcow2 targets read and write inline on the queue thread \
            (io_uring would hand each operation to a worker thread); in zero-copy mode they cannot \
            (the data never reaches user space), so `-z` goes through io_uring and its workers.\n\
@@ -1551,13 +1554,13 @@ mod tests {
             \"total_ios\":100000,\"lat_ns\":{\"mean\":95000.0,\"percentile\":{\"99.000000\":150000}}},\
             \"write\":{\"total_ios\":0}}]}\r\n\
             @@END@@\r\n\
-            @@SKIP group=loop queues=2 dev=ublk_loop_u reason=ublk add -u failed@@\r\n\
+            @@SKIP group=loop queues=2 dev=ublk_loop_c reason=ublk add --copy failed@@\r\n\
             @@DONE@@\r\n";
         let (runs, skips, infos, done) = parse_results(text);
         assert!(done);
         assert_eq!(infos, vec![("kernel".to_string(), "6.12.1".to_string())]);
         assert_eq!(skips.len(), 1);
-        assert_eq!(skips[0].reason, "ublk add -u failed");
+        assert_eq!(skips[0].reason, "ublk add --copy failed");
         assert_eq!(runs.len(), 1);
         let r = &runs[0];
         assert!(r.ok(), "{r:?}");
@@ -1601,7 +1604,7 @@ mod tests {
         assert!(doc.contains("| command | `cargo xtask bench` |"), "{doc}");
         assert!(doc.contains("0.50 vs null_blk"), "{doc}");
         assert!(
-            doc.contains("skipped loop q2 ublk_loop_u: ublk add -u failed"),
+            doc.contains("skipped loop q2 ublk_loop_c: ublk add --copy failed"),
             "{doc}"
         );
         assert!(doc.ends_with("\n## Notes\n\nkept\n"), "{doc}");
