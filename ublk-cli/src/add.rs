@@ -462,6 +462,7 @@ fn serve(a: AddArgs) -> Result<()> {
                 "dev_size": params.size,
                 "cluster_size": t.image().cluster_size(),
                 "backing_depth": t.image().chain_depth(),
+                "mapped": u8::from(t.is_mapped()),
             });
             serve_target(a, Arc::new(t), params, json)
         }

@@ -37,7 +37,7 @@ use crate::desc::DescArea;
 use crate::filemap::FileMap;
 use crate::flags::DeviceFlags;
 use crate::tags::{Cmd, CmdOutcome, Finish, Tags};
-use crate::target::{Action, IoRequest, Op, QueueHandler, Target};
+use crate::target::{Action, Op, QueueHandler, Target};
 use crossbeam_channel::{Receiver, Sender};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use std::fs::File;
@@ -263,6 +263,12 @@ impl IoCtx<'_> {
         if self.mode == DataMode::ZeroCopy || !self.tags.owned_by_target(tag, true) {
             return &mut [];
         }
+        if let Some(p) = self.paths.get_mut(usize::from(tag)) {
+            if self.tags.req(tag).is_some_and(|r| r.op == Op::Read) {
+                // A READ filled in the buffer is committed from it, whatever was delivered.
+                *p = DataPath::Buffer;
+            }
+        }
         let len = self
             .tags
             .req(tag)
@@ -280,15 +286,16 @@ impl IoCtx<'_> {
     }
 
     /// Whether the handler moves the data of `tag`'s request itself: it said so in
-    /// [`QueueHandler::moves_data`] and has not fallen back to the buffer
-    /// ([`IoCtx::fetch_write_data`]) or delivered the READ data yet.
+    /// [`QueueHandler::moves_data`] and has not fallen back to the buffer since
+    /// ([`IoCtx::fetch_write_data`], [`IoCtx::buf`] on a READ).
     pub fn handler_moves(&self, tag: u16) -> bool {
-        self.paths.get(usize::from(tag)) == Some(&DataPath::Handler)
+        self.paths.get(usize::from(tag)) != Some(&DataPath::Buffer)
     }
 
     /// The request of `tag` if the handler moves its data itself (see
-    /// [`QueueHandler::moves_data`]) and may now: user copy, with the target, idle.
-    fn moving(&self, tag: u16, op: Op) -> io::Result<IoRequest> {
+    /// [`QueueHandler::moves_data`]) and may now: user copy, with the target, idle, and
+    /// `[req_off, req_off + len)` inside the request.
+    fn moving(&self, tag: u16, op: Op, req_off: u32, len: usize) -> io::Result<()> {
         let req = match self.tags.req(tag) {
             Some(r) if self.tags.owned_by_target(tag, true) => *r,
             _ => {
@@ -300,71 +307,91 @@ impl IoCtx<'_> {
         if self.mode != DataMode::UserCopy || req.op != op {
             return Err(einval("not a user-copy request of that operation"));
         }
-        if self.paths.get(usize::from(tag)) != Some(&DataPath::Handler) {
+        if !self.handler_moves(tag) {
             return Err(einval("the handler does not move this request's data"));
         }
-        Ok(req)
+        if u64::from(req_off) + len as u64 > u64::from(req.len) {
+            return Err(einval("range outside the request"));
+        }
+        Ok(())
     }
 
     /// User copy, for a WRITE whose data the handler moves ([`QueueHandler::moves_data`]):
-    /// the kernel copies all of it straight into `map` at `map_off`. On an error part of it may
-    /// have been copied; [`IoCtx::fetch_write_data`] then brings it into the buffer instead.
-    pub fn copy_write_data_to(&mut self, tag: u16, map: &FileMap, map_off: u64) -> io::Result<()> {
-        let req = self.moving(tag, Op::Write)?;
+    /// the kernel copies `len` bytes of it from `req_off` straight into `map` at `map_off`. On
+    /// an error part of it may have been copied; [`IoCtx::fetch_write_data`] then brings the
+    /// data into the buffer instead.
+    pub fn copy_write_data_to(
+        &mut self,
+        tag: u16,
+        req_off: u32,
+        map: &FileMap,
+        map_off: u64,
+        len: u32,
+    ) -> io::Result<()> {
+        self.moving(tag, Op::Write, req_off, len as usize)?;
         if !map.is_writable() {
             return Err(io::Error::from_raw_os_error(libc::EBADF));
         }
-        self.map_copy(tag, &req, map, map_off, true)
+        let (map_off, n) = map_span(map, map_off, len)?;
+        let pos = user_copy_offset(self.q_id, tag) + u64::from(req_off);
+        copy_all(n, |done, left| {
+            crate::os::pread_into(
+                self.cdev,
+                map.mmap(),
+                map_off + done,
+                left,
+                pos + done as u64,
+            )
+        })
     }
 
     /// User copy, for a READ whose data the handler moves ([`QueueHandler::moves_data`]):
-    /// the kernel copies the request's data straight from `map` at `map_off`; the commit then
-    /// copies nothing. On an error the handler may still fill [`IoCtx::buf`] instead.
-    pub fn copy_read_data_from(&mut self, tag: u16, map: &FileMap, map_off: u64) -> io::Result<()> {
-        let req = self.moving(tag, Op::Read)?;
-        self.map_copy(tag, &req, map, map_off, false)?;
+    /// the kernel copies `len` bytes of `map` at `map_off` straight into the request at
+    /// `req_off`. The handler delivers all of the request this way (with
+    /// [`IoCtx::copy_read_data`] for bytes of its own), and the commit copies nothing; or it
+    /// falls back to [`IoCtx::buf`], which is then committed whole.
+    pub fn copy_read_data_from(
+        &mut self,
+        tag: u16,
+        req_off: u32,
+        map: &FileMap,
+        map_off: u64,
+        len: u32,
+    ) -> io::Result<()> {
+        self.moving(tag, Op::Read, req_off, len as usize)?;
+        let (map_off, n) = map_span(map, map_off, len)?;
+        let pos = user_copy_offset(self.q_id, tag) + u64::from(req_off);
+        copy_all(n, |done, left| {
+            crate::os::pwrite_from(
+                self.cdev,
+                map.mmap(),
+                map_off + done,
+                left,
+                pos + done as u64,
+            )
+        })?;
         self.paths[usize::from(tag)] = DataPath::Delivered;
         Ok(())
     }
 
-    fn map_copy(
-        &mut self,
-        tag: u16,
-        req: &IoRequest,
-        map: &FileMap,
-        map_off: u64,
-        into_map: bool,
-    ) -> io::Result<()> {
-        let len = u64::from(req.len);
-        if !map.covers(map_off, len) {
-            return Err(einval("range outside the mapping"));
-        }
-        let base = user_copy_offset(self.q_id, tag);
-        let mut done = 0u64;
-        while done < len {
-            let (off, n) = ((map_off + done) as usize, (len - done) as usize);
-            let r = if into_map {
-                crate::os::pread_into(self.cdev, map.mmap(), off, n, base + done)
-            } else {
-                crate::os::pwrite_from(self.cdev, map.mmap(), off, n, base + done)
-            };
-            match r {
-                Ok(0) => return Err(io::Error::from_raw_os_error(libc::EIO)),
-                Ok(n) => done += n as u64,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+    /// Like [`IoCtx::copy_read_data_from`], from bytes of the handler's own (zeros, data it
+    /// decoded).
+    pub fn copy_read_data(&mut self, tag: u16, req_off: u32, data: &[u8]) -> io::Result<()> {
+        self.moving(tag, Op::Read, req_off, data.len())?;
+        self.cdev
+            .write_all_at(data, user_copy_offset(self.q_id, tag) + u64::from(req_off))?;
+        self.paths[usize::from(tag)] = DataPath::Delivered;
         Ok(())
     }
 
     /// User copy, for a WRITE whose data the handler moves ([`QueueHandler::moves_data`]):
     /// copies it into the tag's buffer after all, for [`IoCtx::buf`] (a fallback).
     pub fn fetch_write_data(&mut self, tag: u16) -> io::Result<()> {
-        let req = self.moving(tag, Op::Write)?;
+        let len = self.tags.req(tag).map_or(0, |r| r.len as usize);
+        self.moving(tag, Op::Write, 0, len)?;
         // SAFETY: the tag is with the target and idle (checked by `moving`); the slice is
         // dropped before this returns.
-        let buf = unsafe { self.bufs.slice(tag, req.len as usize) };
+        let buf = unsafe { self.bufs.slice(tag, len) };
         self.cdev
             .read_exact_at(buf, user_copy_offset(self.q_id, tag))?;
         self.paths[usize::from(tag)] = DataPath::Buffer;
@@ -1311,6 +1338,28 @@ impl<H: QueueHandler> Queue<H> {
         }
         self.tags.committed(tag, submitted.is_ok());
     }
+}
+
+/// `[map_off, map_off + len)` of `map` as offsets for `os`, if inside it.
+fn map_span(map: &FileMap, map_off: u64, len: u32) -> io::Result<(usize, usize)> {
+    if !map.covers(map_off, len.into()) {
+        return Err(einval("range outside the mapping"));
+    }
+    Ok((map_off as usize, len as usize))
+}
+
+/// Runs `step(done, left)` until `n` bytes are copied; a step that copies nothing is `EIO`.
+fn copy_all(n: usize, mut step: impl FnMut(usize, usize) -> io::Result<usize>) -> io::Result<()> {
+    let mut done = 0;
+    while done < n {
+        match step(done, n - done) {
+            Ok(0) => return Err(io::Error::from_raw_os_error(libc::EIO)),
+            Ok(k) => done += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// The buffer address an io command carries for `tag`: its slot in the copy modes, 0 where

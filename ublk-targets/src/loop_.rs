@@ -7,13 +7,13 @@
 //!
 //! On a memory-backed file system (tmpfs, ramfs) reads and writes are done inline on the queue
 //! thread instead, where io_uring would hand each to a worker thread (`crate::memfile`,
-//! [`LoopTarget::is_inline`]). There the file is also mapped ([`FileMap`]) and, in user-copy mode
+//! [`LoopTarget::is_inline`]). There the file is also mapped (`ublk_core::FileMap`) and, in user-copy mode
 //! (the default there), the kernel copies each request's data straight between the request and
 //! the file's pages: one copy and one system call, where going through the request buffer takes
 //! two of each. A transfer the mapping cannot do (past its end after a resize, past the end of a
 //! file that shrank, a full file system) goes through the buffer as before.
 
-use crate::memfile::{memory_backed, on_tmpfs, read_full_at, Allocated};
+use crate::memfile::{memory_backed, read_full_at, MappedFile};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsFd;
@@ -21,7 +21,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use ublk_core::{
-    Action, Attrs, DataMode, DeviceParams, DiscardParams, FileMap, IoCtx, IoFlags, IoRequest, Op,
+    Action, Attrs, DataMode, DeviceParams, DiscardParams, IoCtx, IoFlags, IoRequest, Op,
     QueueHandler, Target,
 };
 
@@ -71,34 +71,7 @@ pub struct LoopTarget {
     block_device: bool,
     inline: bool,
     /// The file mapped, on tmpfs (see the module documentation).
-    map: Option<Arc<Mapped>>,
-}
-
-/// A tmpfs backing file mapped, and which of it holds data (reads of holes through the
-/// mapping would allocate pages: see [`Allocated`]).
-#[derive(Debug)]
-struct Mapped {
-    map: FileMap,
-    allocated: Allocated,
-}
-
-impl Mapped {
-    fn new(file: &File, size: u64, writable: bool) -> io::Result<Mapped> {
-        Ok(Mapped {
-            map: FileMap::new(file, size, writable)?,
-            allocated: Allocated::scan(file, size)?,
-        })
-    }
-
-    /// Whether the mapping can move `req`'s data.
-    fn serves(&self, req: &IoRequest) -> bool {
-        let len = u64::from(req.len);
-        match req.op {
-            Op::Read => self.allocated.contains(req.offset, len),
-            Op::Write => self.map.covers(req.offset, len),
-            _ => false,
-        }
-    }
+    map: Option<Arc<MappedFile>>,
 }
 
 const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
@@ -188,17 +161,8 @@ impl LoopTarget {
             ..DeviceParams::default()
         };
         let inline = !block_device && memory_backed(&file);
-        let map = if inline && on_tmpfs(&file) {
-            match Mapped::new(&file, size, !cfg.read_only) {
-                Ok(m) => Some(Arc::new(m)),
-                Err(e) => {
-                    log::info!(
-                        "loop: cannot map {}: {e}; copying through buffers",
-                        path.display()
-                    );
-                    None
-                }
-            }
+        let map = if inline {
+            MappedFile::open(&file, size, !cfg.read_only).map(Arc::new)
         } else {
             None
         };
@@ -301,7 +265,7 @@ pub struct LoopQueue {
     /// Reads and writes inline (see the module documentation).
     inline: bool,
     /// The file mapped (see the module documentation).
-    map: Option<Arc<Mapped>>,
+    map: Option<Arc<MappedFile>>,
 }
 
 /// Marks the `data` of a write issued to emulate WRITE_ZEROES; the rest is sectors done before.
@@ -310,11 +274,11 @@ const ZERO_WRITE: u32 = 1 << 31;
 impl LoopQueue {
     /// User copy through the mapping: the kernel copies between the request and the file.
     /// Falls back to the buffer (`transfer_inline`) where the mapping cannot do it.
-    fn transfer_mapped(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest, m: &Mapped) -> Action {
+    fn transfer_mapped(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest, m: &MappedFile) -> Action {
         let r = match req.op {
-            Op::Read => ctx.copy_read_data_from(req.tag, &m.map, req.offset),
+            Op::Read => ctx.copy_read_data_from(req.tag, 0, &m.map, req.offset, req.len),
             _ => ctx
-                .copy_write_data_to(req.tag, &m.map, req.offset)
+                .copy_write_data_to(req.tag, 0, &m.map, req.offset, req.len)
                 .inspect(|()| m.allocated.insert(req.offset, req.len.into())),
         };
         match r {
@@ -483,7 +447,13 @@ fn write_zeros_at(file: &File, mut off: u64, mut len: u64, flags: IoFlags) -> io
 
 impl QueueHandler for LoopQueue {
     fn moves_data(&mut self, req: &IoRequest) -> bool {
-        self.map.as_ref().is_some_and(|m| m.serves(req))
+        let Some(m) = &self.map else { return false };
+        let len = u64::from(req.len);
+        match req.op {
+            Op::Read => m.readable(&self.file, req.offset, len),
+            Op::Write => m.writable(req.offset, len),
+            _ => false,
+        }
     }
 
     fn handle_io(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest) -> Action {

@@ -8,6 +8,7 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use ublk_core::FileMap;
 
 /// Whether `file` lives on a memory-backed file system (tmpfs, ramfs).
 pub(crate) fn memory_backed(file: &File) -> bool {
@@ -41,6 +42,9 @@ pub(crate) fn read_full_at(file: &File, mut buf: &mut [u8], mut off: u64) -> io:
     Ok(())
 }
 
+/// Zeros to copy from.
+pub(crate) static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
 /// Whether `file` lives on tmpfs, whose holes read as zeros without taking memory and whose
 /// `SEEK_DATA` / `SEEK_HOLE` tell them apart.
 pub(crate) fn on_tmpfs(file: &File) -> bool {
@@ -65,6 +69,42 @@ pub(crate) struct Allocated {
     words: Vec<std::sync::atomic::AtomicU64>,
 }
 
+/// A tmpfs file mapped shared ([`FileMap`]) for one-copy user copy, with what of it holds
+/// data ([`Allocated`]): reads through the mapping only there.
+#[derive(Debug)]
+pub(crate) struct MappedFile {
+    pub(crate) map: FileMap,
+    pub(crate) allocated: Allocated,
+}
+
+impl MappedFile {
+    /// Maps `file` (`len` bytes; a mapping may reach past the end of a file that will grow),
+    /// if it is on tmpfs; None, with the reason logged, where it cannot be mapped.
+    pub(crate) fn open(file: &File, len: u64, writable: bool) -> Option<MappedFile> {
+        if !on_tmpfs(file) {
+            return None;
+        }
+        let r = FileMap::new(file, len, writable).and_then(|map| {
+            let size = file.metadata()?.len().min(len);
+            let allocated = Allocated::new(len);
+            allocated.scan_extents(file, size)?;
+            Ok(MappedFile { map, allocated })
+        });
+        r.inspect_err(|e| log::info!("cannot map the backing file: {e}; copying through buffers"))
+            .ok()
+    }
+
+    /// Whether `[off, off + len)` can be read through the mapping (it holds data).
+    pub(crate) fn readable(&self, file: &File, off: u64, len: u64) -> bool {
+        self.map.covers(off, len) && self.allocated.probe(file, off, len)
+    }
+
+    /// Whether `[off, off + len)` can be written through the mapping.
+    pub(crate) fn writable(&self, off: u64, len: u64) -> bool {
+        self.map.is_writable() && self.map.covers(off, len)
+    }
+}
+
 /// Bitmap units: 4 KiB pages up to files of 64 GiB (a 2 MiB bitmap), larger units beyond.
 const MAX_UNITS: u64 = 1 << 24;
 
@@ -83,9 +123,17 @@ impl Allocated {
     }
 
     /// The map of `file` (`len` bytes) from its data extents (`SEEK_DATA` / `SEEK_HOLE`).
+    #[cfg(test)]
     pub(crate) fn scan(file: &File, len: u64) -> io::Result<Allocated> {
-        use rustix::fs::{seek, SeekFrom};
         let map = Allocated::new(len);
+        map.scan_extents(file, len)?;
+        Ok(map)
+    }
+
+    /// Marks the data extents of the first `len` bytes of `file`.
+    pub(crate) fn scan_extents(&self, file: &File, len: u64) -> io::Result<()> {
+        use rustix::fs::{seek, SeekFrom};
+        let map = self;
         let mut off = 0;
         while off < len {
             let data = match seek(file, SeekFrom::Data(off)) {
@@ -97,7 +145,33 @@ impl Allocated {
             map.mark_within(data, hole - data);
             off = hole;
         }
-        Ok(map)
+        Ok(())
+    }
+
+    /// Whether every unit `[off, off + len)` touches holds data, asking the file (`SEEK_HOLE`)
+    /// where the map does not know yet and marking what it learns: data written by others, or
+    /// by writes the target did not mark.
+    pub(crate) fn probe(&self, file: &File, off: u64, len: u64) -> bool {
+        use rustix::fs::{seek, SeekFrom};
+        if self.contains(off, len) {
+            return true;
+        }
+        let Some((first, last)) = self.touched(off, len) else {
+            return false;
+        };
+        if off + len > self.len {
+            return false;
+        }
+        let start = first << self.shift;
+        let end = ((last + 1) << self.shift).min(self.len);
+        match seek(file, SeekFrom::Hole(start)) {
+            // Data from `start` to the hole (or the end of the file): whole units of it.
+            Ok(hole) if hole > start => {
+                self.mark_within(start, hole.min(self.len) - start);
+                hole >= end || (hole >= off + len && self.contains(off, len))
+            }
+            _ => false,
+        }
     }
 
     /// Units `[first, last]` touched by `[off, off + len)`, clipped to the file; None if empty.
@@ -222,5 +296,30 @@ mod tests {
         // far from the written megabyte there are holes.
         assert!(!a.contains(0, 4096));
         assert!(!a.contains(40 << 20, 4096));
+    }
+
+    #[test]
+    fn test_allocated_probe_learns_data_written_by_others() {
+        let dir = std::env::temp_dir().join(format!("ublk-alloc-probe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(dir.join("sparse"))
+            .unwrap();
+        let len = 64u64 << 20;
+        f.set_len(len).unwrap();
+        let a = Allocated::new(len);
+        f.write_all_at(&[1u8; 1 << 20], 8 << 20).unwrap();
+        f.sync_all().unwrap();
+        assert!(!a.contains(8 << 20, 4096));
+        assert!(a.probe(&f, (8 << 20) + 512, 4096));
+        // Learned: no probe needed any more.
+        assert!(a.contains(8 << 20, 4096));
+        assert!(!a.probe(&f, 40 << 20, 4096));
+        assert!(!a.probe(&f, len - 4096, 8192));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -34,7 +34,7 @@
 
 use super::image::{ReadPiece, ReadSource};
 use super::{Qcow2Image, Qcow2Options, Result};
-use crate::memfile::{memory_backed, read_full_at};
+use crate::memfile::{memory_backed, read_full_at, MappedFile, ZEROS};
 use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
@@ -59,6 +59,9 @@ pub struct Qcow2Target {
     image: Arc<Qcow2Image>,
     /// Per chain layer: on a memory-backed file system, so transfers are done inline.
     inline: Arc<[bool]>,
+    /// The image file mapped, on tmpfs: in user-copy mode reads and in-place writes then go
+    /// straight between the request and the file (see `crate::memfile`).
+    mapped: Option<Arc<MappedFile>>,
     /// Metadata changes leave the daemon's memory before their request completes (see
     /// [`Qcow2Target::set_survive_daemon`]).
     survive_daemon: bool,
@@ -88,9 +91,23 @@ impl Qcow2Target {
         if inline.contains(&true) {
             log::info!("qcow2: memory-backed image files ({inline:?} by layer): transfers inline");
         }
+        // The file grows as clusters are allocated: the mapping reaches past its end, up to
+        // the virtual size and room for metadata (only address space: nothing is reserved).
+        let mapped = image.layer_file(0).and_then(|f| {
+            let file_len = f.metadata().ok()?.len();
+            let virt = image.virtual_size();
+            let len = file_len.max(virt.saturating_add(virt / 4).saturating_add(256 << 20));
+            MappedFile::open(f, len, !image.is_read_only())
+                .or_else(|| MappedFile::open(f, file_len, !image.is_read_only()))
+                .map(Arc::new)
+        });
+        if mapped.is_some() {
+            log::info!("qcow2: image file mapped (user copy goes straight to and from it)");
+        }
         Qcow2Target {
             image: Arc::new(image),
             inline,
+            mapped,
             survive_daemon: false,
         }
     }
@@ -105,6 +122,12 @@ impl Qcow2Target {
     /// allocated clusters go to the file directly and need nothing.
     pub fn set_survive_daemon(&mut self, on: bool) {
         self.survive_daemon = on;
+    }
+
+    /// Whether the image file is mapped, so that in user-copy mode the kernel copies request
+    /// data straight between the request and the file (tmpfs).
+    pub fn is_mapped(&self) -> bool {
+        self.mapped.is_some()
     }
 
     /// The image.
@@ -139,6 +162,16 @@ impl Qcow2Target {
 
 impl Target for Qcow2Target {
     type Queue = Qcow2Queue;
+
+    /// User copy where the image file is mapped (see [`Qcow2Target`]); copy mode otherwise.
+    fn preferred_mode(&self) -> ublk_core::DataMode {
+        if self.mapped.is_some() {
+            ublk_core::DataMode::UserCopy
+        } else {
+            ublk_core::DataMode::Copy
+        }
+    }
+
     fn open_queue(&self, q_id: u16) -> io::Result<Qcow2Queue> {
         let worker = if self.image.is_read_only() {
             None
@@ -154,6 +187,7 @@ impl Target for Qcow2Target {
         Ok(Qcow2Queue {
             image: self.image.clone(),
             inline: self.inline.clone(),
+            mapped: self.mapped.clone(),
             tags: Vec::new(),
             pieces: Vec::new(),
             worker,
@@ -269,6 +303,8 @@ pub struct Qcow2Queue {
     image: Arc<Qcow2Image>,
     /// See [`Qcow2Target`].
     inline: Arc<[bool]>,
+    /// See [`Qcow2Target`].
+    mapped: Option<Arc<MappedFile>>,
     /// Requests with transfers in flight, by tag.
     tags: Vec<Option<InFlight>>,
     /// Scratch for read planning.
@@ -314,6 +350,11 @@ impl Qcow2Queue {
         let planned = self
             .image
             .plan_read(req.offset, u64::from(req.len), &mut pieces);
+        if planned.is_ok() && self.read_mapped(ctx, req, &pieces) {
+            self.pieces = pieces;
+            self.image.io_end(token);
+            return Action::Done(i32::try_from(req.len).unwrap_or(i32::MAX));
+        }
         let mut transfers = Vec::new();
         let r = planned.and_then(|()| {
             let buf = ctx.buf(req.tag);
@@ -343,6 +384,96 @@ impl Qcow2Queue {
             return Action::Done(errno_of(&e));
         }
         self.start(ctx, req, token, transfers, false, false)
+    }
+
+    /// The mapping, if the handler moves `req`'s data itself through it (user copy).
+    fn mapping(&self, ctx: &IoCtx<'_>, req: &IoRequest) -> Option<Arc<MappedFile>> {
+        self.mapped.clone().filter(|_| ctx.handler_moves(req.tag))
+    }
+
+    /// Delivers a READ planned as `pieces` through the mapping, if every piece is zeros or
+    /// data of the image file itself; false if it cannot (the buffer path then does it all).
+    fn read_mapped(&self, ctx: &mut IoCtx<'_>, req: &IoRequest, pieces: &[ReadPiece]) -> bool {
+        let (Some(m), Some(file)) = (self.mapping(ctx, req), self.image.layer_file(0)) else {
+            return false;
+        };
+        let mappable = pieces.iter().all(|p| match p.src {
+            ReadSource::Zero => true,
+            ReadSource::File { layer: 0, host } => m.readable(file, host, p.len),
+            _ => false,
+        });
+        if !mappable {
+            return false;
+        }
+        let r = pieces.iter().try_for_each(|p| {
+            let at = (p.guest - req.offset) as u32;
+            match p.src {
+                ReadSource::File { host, .. } => {
+                    ctx.copy_read_data_from(req.tag, at, &m.map, host, p.len as u32)
+                }
+                _ => {
+                    let mut done = 0;
+                    while done < p.len as usize {
+                        let n = (p.len as usize - done).min(ZEROS.len());
+                        ctx.copy_read_data(req.tag, at + done as u32, &ZEROS[..n])?;
+                        done += n;
+                    }
+                    Ok(())
+                }
+            }
+        });
+        r.inspect_err(|e| log::debug!("qcow2: mapped read at {} failed ({e})", req.offset))
+            .is_ok()
+    }
+
+    /// Writes an in-place WRITE (`transfers`, all in the image file) through the mapping;
+    /// None if it cannot (the request's data is then in the buffer for the usual path).
+    fn write_mapped(
+        &self,
+        ctx: &mut IoCtx<'_>,
+        req: &IoRequest,
+        transfers: &[Transfer],
+        flush: bool,
+    ) -> Option<Action> {
+        let m = self.mapping(ctx, req)?;
+        let r = transfers.iter().try_for_each(|t| {
+            if !m.writable(t.file_off, t.len.into()) {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            ctx.copy_write_data_to(req.tag, t.buf_off, &m.map, t.file_off, t.len)?;
+            m.allocated.insert(t.file_off, t.len.into());
+            Ok(())
+        });
+        if let Err(e) = r {
+            log::debug!("qcow2: mapped write at {} failed ({e})", req.offset);
+            return self.fetch(ctx, req).err();
+        }
+        let synced = if flush {
+            self.image.flush().map_err(|e| errno_of(&e))
+        } else if req.flags.contains(IoFlags::FUA) {
+            self.image
+                .layer_file(0)
+                .map_or(Ok(()), |f| f.sync_data())
+                .map_err(|e| -e.raw_os_error().unwrap_or(libc::EIO))
+        } else {
+            Ok(())
+        };
+        Some(Action::Done(match synced {
+            Ok(()) => i32::try_from(req.len).unwrap_or(i32::MAX),
+            Err(errno) => errno,
+        }))
+    }
+
+    /// Brings a WRITE's data into the request buffer if the handler was to move it itself;
+    /// `Err(Done(-EIO))` if that fails.
+    fn fetch(&self, ctx: &mut IoCtx<'_>, req: &IoRequest) -> std::result::Result<(), Action> {
+        if !ctx.handler_moves(req.tag) {
+            return Ok(());
+        }
+        ctx.fetch_write_data(req.tag).map_err(|e| {
+            log::error!("qcow2: user copy of WRITE data failed: {e}");
+            Action::Done(-libc::EIO)
+        })
     }
 
     fn write(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest) -> Action {
@@ -380,6 +511,9 @@ impl Qcow2Queue {
             }
             Ok(false) => {
                 self.image.io_end(token);
+                if let Err(a) = self.fetch(ctx, req) {
+                    return a;
+                }
                 let data = ctx.buf(req.tag).to_vec();
                 self.to_worker(ctx, req, JobKind::Write { data, fua })
                     .unwrap_or_else(|| {
@@ -392,6 +526,14 @@ impl Qcow2Queue {
             }
             Ok(true) => {
                 let flush = fua && self.image.metadata_dirty();
+                if let Some(a) = self.write_mapped(ctx, req, &transfers, flush) {
+                    self.image.io_end(token);
+                    return a;
+                }
+                if let Err(a) = self.fetch(ctx, req) {
+                    self.image.io_end(token);
+                    return a;
+                }
                 self.start(ctx, req, token, transfers, fua && !flush, flush)
             }
         }
@@ -555,6 +697,12 @@ fn layer_missing() -> super::Qcow2Error {
 }
 
 impl QueueHandler for Qcow2Queue {
+    /// Through the mapping where the image file is mapped; each request falls back to the
+    /// buffer where it cannot (backing files, compressed clusters, allocating writes).
+    fn moves_data(&mut self, req: &IoRequest) -> bool {
+        self.mapped.is_some() && (req.op == Op::Read || !self.image.is_read_only())
+    }
+
     fn handle_io(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest) -> Action {
         match req.op {
             Op::Read | Op::Write | Op::Discard | Op::WriteZeroes if !self.in_range(req) => {
