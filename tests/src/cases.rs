@@ -465,6 +465,9 @@ fn null_fio(extra: &[&str]) -> Result<Outcome> {
         policies.len() == 2 && policies.iter().all(|(_, p)| *p == want),
         "queue thread policies {policies:?}, want {want}"
     );
+    // The OOM killer leaves the daemon alone.
+    let adj = read_trim(format!("/proc/{}/oom_score_adj", d.pid))?;
+    ensure!(adj == "-1000", "daemon oom_score_adj {adj}");
     let dev = format!("--filename={}", d.bdev());
     let j = fio(
         &[

@@ -469,6 +469,16 @@ fn serve(a: AddArgs) -> Result<()> {
     }
 }
 
+/// Keeps the OOM killer off the daemon, as multipathd and iscsid do: the block device dies
+/// with it, and under memory pressure it is what writes dirty pages back. Its resident size
+/// also counts the pages of a tmpfs backing file it maps, which would otherwise make it the
+/// killer's first pick. Needs CAP_SYS_RESOURCE; without it (unprivileged) nothing changes.
+fn shield_from_oom_killer() {
+    if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "-1000") {
+        log::debug!("cannot lower oom_score_adj: {e}");
+    }
+}
+
 fn serve_target<T: Target + 'static>(
     a: AddArgs,
     target: Arc<T>,
@@ -482,6 +492,7 @@ fn serve_target<T: Target + 'static>(
             json["name"].as_str().unwrap_or("chosen")
         );
     }
+    shield_from_oom_killer();
     let ctrl = Ctrl::open()?;
     let mut dev = match a.recover_id {
         Some(id) => Device::recover(ctrl, id)?,

@@ -7,11 +7,13 @@
 //!
 //! On a memory-backed file system (tmpfs, ramfs) reads and writes are done inline on the queue
 //! thread instead, where io_uring would hand each to a worker thread (`crate::memfile`,
-//! [`LoopTarget::is_inline`]). There the file is also mapped (`ublk_core::FileMap`) and, in user-copy mode
-//! (the default there), the kernel copies each request's data straight between the request and
-//! the file's pages: one copy and one system call, where going through the request buffer takes
-//! two of each. A transfer the mapping cannot do (past its end after a resize, past the end of a
-//! file that shrank, a full file system) goes through the buffer as before.
+//! [`LoopTarget::is_inline`]). On tmpfs the file is also mapped (`ublk_core::FileMap`) and, in
+//! user-copy mode (the default there), the kernel copies each request's data straight between
+//! the request and the file's pages: one copy and one system call, where going through the
+//! request buffer takes two of each. Reads take that way only where the file holds data (a hole
+//! read through the mapping would be allocated; `crate::memfile::Allocated`). A transfer the
+//! mapping cannot do (past its end after a resize, past the end of a file that shrank, a full
+//! file system) goes through the buffer as before.
 
 use crate::memfile::{memory_backed, read_full_at, MappedFile};
 use std::fs::{File, OpenOptions};

@@ -11,8 +11,15 @@
 //! the request buffer and handed whole to the queue's *allocation worker* thread, which runs
 //! the synchronous engine and completes the request through the queue's `Completer`.
 //! Transfers to or from memory-backed files (tmpfs) are done inline on the queue thread
-//! instead of through io_uring (`crate::memfile`). Short transfers are continued; a read that hits the end of the file reads zeros past it
-//! (clusters preallocated beyond EOF); a write that makes no progress fails the request.
+//! instead of through io_uring (`crate::memfile`). Short transfers are continued; a read that
+//! hits the end of the file reads zeros past it (clusters preallocated beyond EOF); a write that
+//! makes no progress fails the request.
+//!
+//! On tmpfs the image file is also mapped and, in user copy (the default there), a READ made
+//! only of zeros and data clusters of the image itself that hold data, and an in-place WRITE,
+//! go straight between the request and the file's pages (`ublk_core::FileMap`): one copy where
+//! the buffer takes two. Anything else (backing files, compressed clusters, allocating writes,
+//! a failed mapped copy) goes through the request buffer as above.
 //!
 //! FLUSH (metadata write-back in dependency order, then `fdatasync`, which also covers data
 //! written through io_uring), DISCARD and WRITE_ZEROES (whole clusters, see the engine) run on
