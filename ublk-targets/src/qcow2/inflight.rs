@@ -17,33 +17,65 @@
 //! never by waiting, so a queue thread that holds operations of its own can never deadlock
 //! against itself.
 
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+//!
+//! The counters are per thread slot (each on a cache line of its own), so queue threads
+//! registering their requests do not write one shared line per request; draining sums the
+//! slots. That sum is not one atomic read, and needs not be: an operation counted in epoch `e`
+//! incremented its slot before the epoch left `e` (it checked the epoch after incrementing),
+//! and the check that moves the epoch from `e + 1` to `e + 2` reads every slot after that.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
+
+/// Thread slots: threads beyond this many share slots (correct, only less spread).
+const SLOTS: usize = 16;
+
+/// One slot's counters for the two epochs in play, alone on its cache line.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Slot([AtomicU64; 2]);
+
+/// The calling thread's slot.
+fn my_slot() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SLOT: usize = NEXT.fetch_add(1, SeqCst) % SLOTS;
+    }
+    SLOT.with(|s| *s)
+}
 
 /// Epoch counters of one image.
 #[derive(Debug, Default)]
 pub struct Inflight {
     epoch: AtomicU64,
-    counts: [AtomicU64; 2],
+    slots: [Slot; SLOTS],
 }
 
+/// A registration: the epoch (shifted) and the slot counted in.
+const SLOT_BITS: u32 = 8;
+
 impl Inflight {
-    /// Registers an operation in the current epoch; returns the epoch for [`Self::end`].
+    /// Registers an operation in the current epoch; returns the token for [`Self::end`].
     pub fn begin(&self) -> u64 {
+        let slot = &self.slots[my_slot()];
         loop {
             let e = self.epoch.load(SeqCst);
-            self.counts[(e & 1) as usize].fetch_add(1, SeqCst);
+            slot.0[(e & 1) as usize].fetch_add(1, SeqCst);
             // The epoch may have moved between the load and the increment: then the count
             // belongs to an epoch whose drain check might already have passed. Retry.
             if self.epoch.load(SeqCst) == e {
-                return e;
+                return (e << SLOT_BITS) | my_slot() as u64;
             }
-            self.counts[(e & 1) as usize].fetch_sub(1, SeqCst);
+            slot.0[(e & 1) as usize].fetch_sub(1, SeqCst);
         }
     }
 
-    /// Deregisters an operation registered by [`Self::begin`] in epoch `e`.
-    pub fn end(&self, e: u64) {
-        self.counts[(e & 1) as usize].fetch_sub(1, SeqCst);
+    /// Deregisters an operation registered by [`Self::begin`] (its token).
+    pub fn end(&self, token: u64) {
+        let (e, slot) = (
+            token >> SLOT_BITS,
+            (token & ((1 << SLOT_BITS) - 1)) as usize,
+        );
+        self.slots[slot % SLOTS].0[(e & 1) as usize].fetch_sub(1, SeqCst);
     }
 
     /// The current epoch (read after an unlink: the cluster may be freed at `epoch + 2`).
@@ -55,8 +87,9 @@ impl Inflight {
     /// (possibly new) current epoch.
     pub fn try_advance(&self) -> u64 {
         let e = self.epoch.load(SeqCst);
-        // Operations of epoch e - 1 share the counter of e + 1.
-        if self.counts[((e + 1) & 1) as usize].load(SeqCst) == 0 {
+        // Operations of epoch e - 1 share the counters of e + 1.
+        let i = ((e + 1) & 1) as usize;
+        if self.slots.iter().all(|s| s.0[i].load(SeqCst) == 0) {
             // A concurrent advance wins the race harmlessly.
             let _ = self.epoch.compare_exchange(e, e + 1, SeqCst, SeqCst);
         }
@@ -72,7 +105,7 @@ impl Inflight {
     pub fn guard(&self) -> InflightGuard<'_> {
         InflightGuard {
             inflight: self,
-            epoch: self.begin(),
+            token: self.begin(),
         }
     }
 }
@@ -81,11 +114,11 @@ impl Inflight {
 #[derive(Debug)]
 pub struct InflightGuard<'a> {
     inflight: &'a Inflight,
-    epoch: u64,
+    token: u64,
 }
 
 impl Drop for InflightGuard<'_> {
     fn drop(&mut self) {
-        self.inflight.end(self.epoch);
+        self.inflight.end(self.token);
     }
 }

@@ -582,6 +582,30 @@ fn test_inflight_epochs_wait_for_older_operations() {
     assert_eq!(f.try_advance(), unlinked + 4);
 }
 
+#[test]
+fn test_inflight_counts_operations_of_every_thread() {
+    use super::inflight::Inflight;
+    let f = Inflight::default();
+    let unlinked = f.current();
+    // More threads than slots: some share one.
+    let tokens: Vec<u64> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..20).map(|_| s.spawn(|| f.begin())).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(f.try_advance(), unlinked + 1);
+    assert_eq!(
+        f.try_advance(),
+        unlinked + 1,
+        "operations of other threads run"
+    );
+    for &t in &tokens[..19] {
+        f.end(t);
+    }
+    assert_eq!(f.try_advance(), unlinked + 1, "one operation still runs");
+    f.end(tokens[19]);
+    assert_eq!(f.try_advance(), unlinked + 2);
+}
+
 /// Found by `cargo fuzz run qcow2_header`: a backing-file offset near u64::MAX overflowed the
 /// end-of-name computation (a panic in debug builds, a wrapped bounds check in release).
 #[test]
