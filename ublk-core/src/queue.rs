@@ -823,7 +823,15 @@ struct Queue<H: QueueHandler> {
     done: Vec<(u16, i32)>,
     /// Per tag, in user-copy mode: how its request's data moves.
     paths: Vec<DataPath>,
+    /// When the kernel first aborted a tag (the device is stopping or quiescing).
+    aborted_at: Option<std::time::Instant>,
 }
+
+/// How long a queue whose device is going away waits for the kernel to abort its remaining
+/// tags before it exits anyway, once none of them has a request with the server (only
+/// commands parked in the kernel): closing the ring cancels those, so one command the kernel
+/// missed cannot keep the daemon (and `ublk quiesce`, `ublk del`) waiting forever.
+const ABORT_GRACE: Duration = Duration::from_secs(10);
 
 /// Sets up queue `cfg.q_id` and submits a FETCH for every tag. The returned closure serves the
 /// queue until the device stops.
@@ -882,6 +890,7 @@ pub(crate) fn setup<T: Target>(
         own: OwnOps::default(),
         done: Vec::new(),
         paths,
+        aborted_at: None,
     };
     if queue.batch.is_some() {
         queue
@@ -1066,8 +1075,28 @@ impl<H: QueueHandler> Queue<H> {
                 log::warn!("queue {q}: forced to quit with tags in flight");
                 break;
             }
+            if let Some(t) = self.aborted_at {
+                if t.elapsed() > ABORT_GRACE && self.tags.only_parked() {
+                    log::warn!(
+                        "queue {q}: the kernel aborted some tags but not all within {}s; exiting",
+                        ABORT_GRACE.as_secs()
+                    );
+                    break;
+                }
+            }
             self.flush_commits();
-            match self.ring.submit_and_wait(1) {
+            let waited = if self.aborted_at.is_some() {
+                // Wake up now and then to check the grace period.
+                let ts = types::Timespec::new().sec(1);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                match self.ring.submitter().submit_with_args(1, &args) {
+                    Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(0),
+                    r => r,
+                }
+            } else {
+                self.ring.submit_and_wait(1)
+            };
+            match waited {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
@@ -1142,7 +1171,10 @@ impl<H: QueueHandler> Queue<H> {
                     self.tags.kill(tag);
                 }
             }
-            CmdOutcome::Aborted => log::trace!("queue {q} tag {tag}: aborted"),
+            CmdOutcome::Aborted => {
+                log::trace!("queue {q} tag {tag}: aborted");
+                self.aborted_at.get_or_insert_with(std::time::Instant::now);
+            }
             CmdOutcome::Failed(errno) => {
                 log::error!(
                     "queue {q} tag {tag}: io command failed: {}",

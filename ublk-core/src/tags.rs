@@ -98,6 +98,14 @@ impl Tags {
             .any(|s| s.state != TagState::Dead || s.ops != 0)
     }
 
+    /// Whether every tag not yet aborted has only its command parked in the kernel: nothing
+    /// of the server's is in flight.
+    pub(crate) fn only_parked(&self) -> bool {
+        self.slots
+            .iter()
+            .all(|s| s.state == TagState::Dead || (s.state == TagState::Fetching && s.ops == 0))
+    }
+
     /// The request `tag` currently holds.
     pub(crate) fn req(&self, tag: u16) -> Option<&IoRequest> {
         self.slots.get(usize::from(tag)).map(|s| &s.req)
