@@ -67,7 +67,7 @@ impl Mmap {
 
     /// Maps the first `len` bytes of `file` shared, readable and (if `writable`) writable,
     /// without reserving swap: a file's pages, reached only by the kernel's copies
-    /// ([`pread_into`] / [`pwrite_from`]), never through references.
+    /// ([`map_io`]), never through references.
     pub(crate) fn map_shared(file: &File, len: usize, writable: bool) -> io::Result<Mmap> {
         if len == 0 {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
@@ -117,27 +117,21 @@ impl Drop for Mmap {
     }
 }
 
-/// `pread(fd, map + off, len, pos)`: the kernel copies from `fd` straight into the mapping.
-/// Returns the bytes copied; a range outside the mapping is `EINVAL`.
-pub(crate) fn pread_into(
-    fd: &File,
-    map: &Mmap,
-    off: usize,
-    len: usize,
-    pos: u64,
-) -> io::Result<usize> {
-    let p = map_range(map, off, len)?;
-    let pos = libc::off_t::try_from(pos).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: [p, p + len) lies inside a live mapping (checked above) that no Rust reference
-    // points into; the kernel writes it (or fails with EFAULT), nothing else is touched.
-    let r = unsafe { libc::pread(fd.as_raw_fd(), p.cast(), len, pos) };
-    usize::try_from(r).map_err(|_| io::Error::last_os_error())
+/// Which way [`map_io`] copies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MapDir {
+    /// `pread(fd, map + off, len, pos)`: from `fd` into the mapping.
+    FromFd,
+    /// `pwrite(fd, map + off, len, pos)`: from the mapping into `fd`.
+    ToFd,
 }
 
-/// `pwrite(fd, map + off, len, pos)`: the kernel copies from the mapping straight into `fd`.
-/// Returns the bytes copied; a range outside the mapping is `EINVAL`.
-pub(crate) fn pwrite_from(
+/// One `pread` or `pwrite` of `fd` at `pos` with `[off, off + len)` of `map` as the buffer: the
+/// kernel copies straight between `fd` and the mapping. Returns the bytes copied; a range
+/// outside the mapping is `EINVAL`.
+pub(crate) fn map_io(
     fd: &File,
+    dir: MapDir,
     map: &Mmap,
     off: usize,
     len: usize,
@@ -145,8 +139,15 @@ pub(crate) fn pwrite_from(
 ) -> io::Result<usize> {
     let p = map_range(map, off, len)?;
     let pos = libc::off_t::try_from(pos).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: [p, p + len) lies inside a live mapping (checked above); the kernel only reads it.
-    let r = unsafe { libc::pwrite(fd.as_raw_fd(), p.cast(), len, pos) };
+    let r = match dir {
+        // SAFETY: [p, p + len) lies inside a live mapping (checked above) that no Rust
+        // reference points into; the kernel writes it (or fails with EFAULT), nothing else is
+        // touched.
+        MapDir::FromFd => unsafe { libc::pread(fd.as_raw_fd(), p.cast(), len, pos) },
+        // SAFETY: [p, p + len) lies inside a live mapping (checked above); the kernel only
+        // reads it.
+        MapDir::ToFd => unsafe { libc::pwrite(fd.as_raw_fd(), p.cast(), len, pos) },
+    };
     usize::try_from(r).map_err(|_| io::Error::last_os_error())
 }
 

@@ -328,21 +328,10 @@ impl IoCtx<'_> {
         map_off: u64,
         len: u32,
     ) -> io::Result<()> {
-        self.moving(tag, Op::Write, req_off, len as usize)?;
         if !map.is_writable() {
             return Err(io::Error::from_raw_os_error(libc::EBADF));
         }
-        let (map_off, n) = map_span(map, map_off, len)?;
-        let pos = user_copy_offset(self.q_id, tag) + u64::from(req_off);
-        copy_all(n, |done, left| {
-            crate::os::pread_into(
-                self.cdev,
-                map.mmap(),
-                map_off + done,
-                left,
-                pos + done as u64,
-            )
-        })
+        self.map_copy(tag, Op::Write, req_off, map, map_off, len)
     }
 
     /// User copy, for a READ whose data the handler moves ([`QueueHandler::moves_data`]):
@@ -358,20 +347,39 @@ impl IoCtx<'_> {
         map_off: u64,
         len: u32,
     ) -> io::Result<()> {
-        self.moving(tag, Op::Read, req_off, len as usize)?;
+        self.map_copy(tag, Op::Read, req_off, map, map_off, len)?;
+        self.paths[usize::from(tag)] = DataPath::Delivered;
+        Ok(())
+    }
+
+    /// The kernel copies `len` bytes between `tag`'s `op` request at `req_off` and `map` at
+    /// `map_off`: a WRITE's data into the mapping, a READ's from it.
+    fn map_copy(
+        &mut self,
+        tag: u16,
+        op: Op,
+        req_off: u32,
+        map: &FileMap,
+        map_off: u64,
+        len: u32,
+    ) -> io::Result<()> {
+        self.moving(tag, op, req_off, len as usize)?;
         let (map_off, n) = map_span(map, map_off, len)?;
         let pos = user_copy_offset(self.q_id, tag) + u64::from(req_off);
+        let dir = match op {
+            Op::Write => crate::os::MapDir::FromFd,
+            _ => crate::os::MapDir::ToFd,
+        };
         copy_all(n, |done, left| {
-            crate::os::pwrite_from(
+            crate::os::map_io(
                 self.cdev,
+                dir,
                 map.mmap(),
                 map_off + done,
                 left,
                 pos + done as u64,
             )
-        })?;
-        self.paths[usize::from(tag)] = DataPath::Delivered;
-        Ok(())
+        })
     }
 
     /// Like [`IoCtx::copy_read_data_from`], from bytes of the handler's own (zeros, data it

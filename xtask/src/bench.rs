@@ -199,6 +199,8 @@ pub struct BenchOptions {
     pub rerender: bool,
     /// A rublk binary to measure beside ours.
     pub rublk: Option<std::path::PathBuf>,
+    /// Extra words for the guest kernel's command line.
+    pub kernel_args: Vec<String>,
 }
 
 /// One fio run as reported by the guest.
@@ -540,6 +542,11 @@ fn boot_and_bench(
     ));
     if let Some(f) = opts.filter.as_deref().filter(|f| !f.is_empty()) {
         append.push_str(&format!(" UBLK_BENCH_FILTER={f}"));
+    }
+    for w in &opts.kernel_args {
+        vm::check_word("--kernel-arg", w)?;
+        append.push(' ');
+        append.push_str(w);
     }
     let mut serial1 = OsString::from("file:");
     serial1.push(out_path);

@@ -114,6 +114,10 @@ enum Cmd {
         /// groups, and a table of ours against it.
         #[arg(long, value_name = "PATH")]
         rublk: Option<PathBuf>,
+        /// One more word for the guest kernel's command line (repeatable), e.g. `pti=off` to
+        /// compare how much the emulated page-table switches cost.
+        #[arg(long = "kernel-arg", value_name = "WORD")]
+        kernel_args: Vec<String>,
     },
     /// Print the Debian packages the host needs for test-vm / vm-shell.
     VmHostPackages,
@@ -159,6 +163,7 @@ fn main() -> Result<ExitCode> {
             wait_quiet,
             rerender,
             rublk,
+            kernel_args,
         } => bench::run(&bench::BenchOptions {
             kernels: vm::parse_kernels(&kernel)?,
             quick,
@@ -172,6 +177,7 @@ fn main() -> Result<ExitCode> {
             wait_quiet,
             rerender,
             rublk,
+            kernel_args,
         }),
         Cmd::VmHostPackages => {
             println!("{}", vm::HOST_PACKAGES.join(" "));

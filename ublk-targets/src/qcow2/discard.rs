@@ -175,10 +175,7 @@ impl Qcow2Image {
             let batch_end = end.min((c / self.slice_entries + 1) * self.slice_entries);
             while c < batch_end {
                 let (l1i, l2i, _) = self.geo.split(c << cb);
-                let has_table = {
-                    let l1 = self.l1.read().unwrap_or_else(|p| p.into_inner());
-                    l1.get(l1i as usize).copied().unwrap_or(0) & OFFSET_MASK != 0
-                };
+                let has_table = self.l1.get(l1i as usize).unwrap_or(0) & OFFSET_MASK != 0;
                 if !has_table && plain_zero == 0 {
                     // The whole L2 table is unallocated and reads as zeros: skip it.
                     c = ((l1i + 1) * self.geo.l2_entries).min(end).max(c + 1);

@@ -13,7 +13,8 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Size of a cached L2 slice in bytes (or the cluster size, if smaller).
 pub const L2_SLICE_BYTES: u64 = 4096;
@@ -123,15 +124,15 @@ fn read_exact(file: &File, buf: &mut [u8], offset: u64, context: &'static str) -
 
 /// A qcow2 image (and its backing chain) opened on plain files.
 ///
-/// All methods take `&self`; the image can be shared between threads. Metadata lookups take
-/// short locks, data I/O runs outside them.
+/// All methods take `&self`; the image can be shared between threads. L1 lookups take no lock,
+/// L2 lookups a short lock on one shard of the cache, data I/O runs outside them.
 #[derive(Debug)]
 pub struct Qcow2Image {
     pub(super) path: PathBuf,
     pub(super) file: File,
     pub(super) header: Header,
     pub(super) geo: Geometry,
-    pub(super) l1: RwLock<Vec<u64>>,
+    pub(super) l1: L1Table,
     pub(super) l2_cache: SliceCache,
     /// Entries per cached L2 slice.
     pub(super) slice_entries: u64,
@@ -142,6 +143,34 @@ pub struct Qcow2Image {
     pub(super) writer: Option<Mutex<Writer>>,
     /// Data operations that may still use a looked-up mapping (see the `inflight` module).
     pub(super) inflight: Inflight,
+}
+
+/// The active L1 table in memory, one atomic word per entry, so that lookups take no lock.
+///
+/// Entries change only under the writer lock, each after the L2 table it points at is in the
+/// file (release store, acquire load). The number of entries is fixed while the image is open.
+#[derive(Debug)]
+pub(super) struct L1Table(Box<[AtomicU64]>);
+
+impl L1Table {
+    pub(super) fn new(entries: Vec<u64>) -> L1Table {
+        L1Table(entries.into_iter().map(AtomicU64::new).collect())
+    }
+
+    /// Entry `i`, or None past the end of the table.
+    pub(super) fn get(&self, i: usize) -> Option<u64> {
+        self.0.get(i).map(|e| e.load(Ordering::Acquire))
+    }
+
+    /// Sets entry `i` (inside the table; the writer lock held).
+    pub(super) fn set(&self, i: usize, value: u64) {
+        self.0[i].store(value, Ordering::Release);
+    }
+
+    /// A copy of all entries.
+    pub(super) fn to_vec(&self) -> Vec<u64> {
+        self.0.iter().map(|e| e.load(Ordering::Acquire)).collect()
+    }
 }
 
 /// Where one piece of a guest read comes from (see [`Qcow2Image::plan_read`]).
@@ -280,7 +309,7 @@ impl Qcow2Image {
             file,
             header,
             geo,
-            l1: RwLock::new(l1),
+            l1: L1Table::new(l1),
             l2_cache: SliceCache::new(slices),
             slice_entries: slice_bytes / geo.l2_entry_bytes,
             backing,
@@ -460,12 +489,8 @@ impl Qcow2Image {
         l1_index: u64,
         l2_index: u64,
     ) -> Result<Option<(u64, Option<u64>)>> {
-        let l1e = {
-            let l1 = self.l1.read().unwrap_or_else(|p| p.into_inner());
-            match l1.get(l1_index as usize) {
-                Some(e) => *e,
-                None => return Ok(None),
-            }
+        let Some(l1e) = self.l1.get(l1_index as usize) else {
+            return Ok(None);
         };
         let l2_off =
             match entry::l1_l2_offset(l1e, self.geo.cluster_bits).map_err(Qcow2Error::Corrupt)? {

@@ -103,7 +103,7 @@ impl Qcow2Image {
         counts.add(0, "the header")?;
         let l1_bytes = u64::from(self.geo.l1_size) * 8;
         counts.add_range(self.header.l1_table_offset, l1_bytes, cb, "the L1 table")?;
-        let active_l1 = self.l1.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let active_l1 = self.l1.to_vec();
         self.count_l1(&active_l1, &mut counts)?;
 
         let mut pos = self.header.snapshots_offset;
@@ -335,7 +335,9 @@ impl Qcow2Image {
                 );
             }
         }
-        *self.l1.write().unwrap_or_else(|p| p.into_inner()) = new_l1;
+        for (i, e) in new_l1.into_iter().enumerate() {
+            self.l1.set(i, e);
+        }
         Ok(())
     }
 }

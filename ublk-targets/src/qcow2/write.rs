@@ -435,10 +435,10 @@ impl Qcow2Image {
         }
         // 4. L1 entries.
         if !w.l1_dirty.is_empty() {
-            let l1 = self.l1.read().unwrap_or_else(|p| p.into_inner()).clone();
             for &i in &w.l1_dirty {
                 let off = self.header.l1_table_offset + i as u64 * 8;
-                self.write_all(&l1[i].to_be_bytes(), off, "writing an L1 entry")?;
+                let e = self.l1.get(i).unwrap_or(0);
+                self.write_all(&e.to_be_bytes(), off, "writing an L1 entry")?;
             }
             self.sync()?;
             w.l1_dirty.clear();
@@ -575,18 +575,16 @@ impl Qcow2Image {
     /// The L2 table for `l1_index`, allocated (zeroed on disk) if missing.
     pub(super) fn ensure_l2_table(&self, w: &mut Writer, l1_index: usize) -> Result<u64> {
         let cb = self.geo.cluster_bits;
-        let l1e = {
-            let l1 = self.l1.read().unwrap_or_else(|p| p.into_inner());
-            *l1.get(l1_index)
-                .ok_or_else(|| Qcow2Error::Corrupt("L1 index beyond the L1 table".into()))?
-        };
+        let l1e = self
+            .l1
+            .get(l1_index)
+            .ok_or_else(|| Qcow2Error::Corrupt("L1 index beyond the L1 table".into()))?;
         if let Some(off) = entry::l1_l2_offset(l1e, cb).map_err(Qcow2Error::Corrupt)? {
             if l1e & OFLAG_COPIED == 0 {
                 if self.refcount(w, off >> cb)? > 1 {
                     return self.copy_l2_table(w, l1_index, off);
                 }
-                let mut l1 = self.l1.write().unwrap_or_else(|p| p.into_inner());
-                l1[l1_index] |= OFLAG_COPIED;
+                self.l1.set(l1_index, l1e | OFLAG_COPIED);
                 w.l1_dirty.insert(l1_index);
             }
             return Ok(off);
@@ -597,8 +595,7 @@ impl Qcow2Image {
             off,
             "zeroing a new L2 table",
         )?;
-        let mut l1 = self.l1.write().unwrap_or_else(|p| p.into_inner());
-        l1[l1_index] = off | OFLAG_COPIED;
+        self.l1.set(l1_index, off | OFLAG_COPIED);
         w.l1_dirty.insert(l1_index);
         Ok(off)
     }
@@ -623,8 +620,7 @@ impl Qcow2Image {
             "{}: L2 table {l1_index} shared with a snapshot: copied from {old:#x} to {new:#x}",
             self.path.display()
         );
-        let mut l1 = self.l1.write().unwrap_or_else(|p| p.into_inner());
-        l1[l1_index] = new | OFLAG_COPIED;
+        self.l1.set(l1_index, new | OFLAG_COPIED);
         w.l1_dirty.insert(l1_index);
         w.pending_decref
             .push((old >> self.geo.cluster_bits, self.inflight.current()));
