@@ -65,6 +65,10 @@ enum Cmd {
         /// Use the binaries already in target/release instead of running cargo build.
         #[arg(long)]
         no_build: bool,
+        /// Also copy this host program into the guest's /opt/bin (repeatable; its shared
+        /// libraries come along), e.g. a measuring tool for an experiment.
+        #[arg(long = "with", value_name = "PROGRAM")]
+        with: Vec<PathBuf>,
     },
     /// Boot each kernel once and run a fixed fio matrix: kernel null_blk and loop vs our null,
     /// loop (copy, -g, -u) and qcow2 devices, 1 and 2 queues (see xtask/src/bench.rs).
@@ -149,7 +153,11 @@ fn main() -> Result<ExitCode> {
             quiet,
             no_build,
         }),
-        Cmd::VmShell { kernel, no_build } => vm::shell(kernel::spec(&kernel)?, None, no_build),
+        Cmd::VmShell {
+            kernel,
+            no_build,
+            with,
+        } => vm::shell(kernel::spec(&kernel)?, None, no_build, &with),
         Cmd::Bench {
             kernel,
             quick,

@@ -230,8 +230,19 @@ fn append_line(label: &str, filter: Option<&str>, mode: &Mode) -> Result<String>
 }
 
 /// Interactive guest: serial console multiplexed with the qemu monitor (Ctrl-A X quits).
-pub fn shell(spec: &KernelSpec, filter: Option<&str>, no_build: bool) -> Result<ExitCode> {
-    let bins = build_binaries(no_build)?;
+pub fn shell(
+    spec: &KernelSpec,
+    filter: Option<&str>,
+    no_build: bool,
+    with: &[PathBuf],
+) -> Result<ExitCode> {
+    let mut bins = build_binaries(no_build)?;
+    for p in with {
+        if !p.is_file() {
+            bail!("--with {}: no such file", p.display());
+        }
+        bins.push(p.clone());
+    }
     let (kernel, initrd) = prepare(spec, &bins, &Mode::Shell)?;
     let append = append_line(spec.label, filter, &Mode::Shell)?;
     eprintln!(
@@ -252,7 +263,7 @@ pub fn test(opts: &TestOptions) -> Result<ExitCode> {
     if opts.shell {
         // One interactive boot: the last selected kernel (the newest with the default `all`).
         let spec = opts.kernels.last().context("no kernel selected")?;
-        return shell(spec, opts.filter.as_deref(), opts.no_build);
+        return shell(spec, opts.filter.as_deref(), opts.no_build, &[]);
     }
     let bins = build_binaries(opts.no_build)?;
     let mut results = Vec::new();
