@@ -118,8 +118,8 @@ enum Cmd {
         /// groups, and a table of ours against it.
         #[arg(long, value_name = "PATH")]
         rublk: Option<PathBuf>,
-        /// One more word for the guest kernel's command line (repeatable), e.g. `pti=off` to
-        /// compare how much the emulated page-table switches cost.
+        /// One more word for the guest kernel's command line (repeatable), for an A/B such as
+        /// `mitigations=off`.
         #[arg(long = "kernel-arg", value_name = "WORD")]
         kernel_args: Vec<String>,
     },
