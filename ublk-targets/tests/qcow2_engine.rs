@@ -10,7 +10,24 @@ mod util {
     use std::path::{Path, PathBuf};
     use std::process::Command;
     use std::sync::atomic::{AtomicU64, Ordering};
-    use ublk_targets::qcow2::{Qcow2Image, Qcow2Options};
+    use ublk_targets::qcow2::{Qcow2Error, Qcow2Image, Qcow2Options};
+
+    /// `Qcow2Image::open`, waiting out an image lock held only for an instant. Tests run in
+    /// threads of one process and spawn qemu-img: a child forked while this thread has an image
+    /// open holds a copy of its descriptor, and with it the image's OFD lock, until its exec
+    /// closes it; reopening right after a close can meet that copy. (The locking test calls
+    /// `Qcow2Image::open` directly: there a lock is the expected answer.)
+    pub fn open_image(img: &Path, opts: &Qcow2Options) -> Result<Qcow2Image, Qcow2Error> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match Qcow2Image::open(img, opts) {
+                Err(Qcow2Error::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                r => return r,
+            }
+        }
+    }
 
     pub const MIB: u64 = 1 << 20;
 
@@ -149,8 +166,7 @@ mod util {
     }
 
     pub fn assert_same_as_qemu_with(img: &Path, opts: &Qcow2Options) {
-        let q =
-            Qcow2Image::open(img, opts).unwrap_or_else(|e| panic!("open {}: {e}", img.display()));
+        let q = open_image(img, opts).unwrap_or_else(|e| panic!("open {}: {e}", img.display()));
         let reference = img.with_extension("ref.raw");
         qemu_img(&["convert", "-O", "raw", s(img), s(&reference)]);
         let mut expected = Vec::new();
@@ -258,7 +274,7 @@ fn test_qcow2_v2_v3_cluster_sizes_match_qemu() {
             let name = format!("c{}-{cs}", compat.replace('.', ""));
             let img = pattern_image(&dir, &name, &format!("compat={compat},cluster_size={cs}"));
             assert_same_as_qemu(&img);
-            let q = Qcow2Image::open(&img, &Qcow2Options::default()).expect("open");
+            let q = open_image(&img, &Qcow2Options::default()).expect("open");
             assert_eq!(q.header().version, if compat == "0.10" { 2 } else { 3 });
         }
     }
@@ -388,7 +404,7 @@ fn test_qcow2_compressed_zlib_and_zstd_match_qemu() {
                 ],
             );
             assert_same_as_qemu(&img);
-            let q = Qcow2Image::open(&img, &Qcow2Options::default()).expect("open");
+            let q = open_image(&img, &Qcow2Options::default()).expect("open");
             let want = if ct == "zstd" {
                 ublk_targets::qcow2::CompressionType::Zstd
             } else {
@@ -474,7 +490,7 @@ fn test_qcow2_backing_chains_match_qemu() {
     );
     assert_same_as_qemu(&mid);
     assert_same_as_qemu(&top);
-    let q = Qcow2Image::open(&top, &Qcow2Options::default()).expect("open top");
+    let q = open_image(&top, &Qcow2Options::default()).expect("open top");
     assert_eq!(q.chain_depth(), 3);
 
     // qcow2 base (compressed, v2) <- v3 child with extended L2 <- child, all with a smaller base.
@@ -560,7 +576,7 @@ fn test_qcow2_backing_without_format_extension_is_probed() {
         .expect("backing format extension present");
     bytes[at..at + 4].copy_from_slice(&0x1234_5678u32.to_be_bytes());
     std::fs::write(&top, &bytes).expect("write");
-    let q = Qcow2Image::open(&top, &Qcow2Options::default()).expect("open with probe");
+    let q = open_image(&top, &Qcow2Options::default()).expect("open with probe");
     assert!(matches!(
         q.backing(),
         Some(ublk_targets::qcow2::Backing::Qcow2(_))
@@ -575,7 +591,7 @@ fn test_qcow2_snapshots_are_readable() {
     let img = pattern_image(&dir, "snap", "cluster_size=64k");
     qemu_img(&["snapshot", "-c", "s1", s(&img)]);
     qemu_io(&img, &["write -P 0xee 0 64k"]);
-    let q = Qcow2Image::open(&img, &Qcow2Options::default()).expect("open ro");
+    let q = open_image(&img, &Qcow2Options::default()).expect("open ro");
     assert_eq!(q.snapshot_count(), 1);
     assert_same_as_qemu(&img);
 }
@@ -636,7 +652,7 @@ fn test_qcow2_snapshots_are_writable() {
         let mut model = s2.clone();
         for round in 0..2u64 {
             {
-                let q = Qcow2Image::open(&img, &rw()).expect("open rw with snapshots");
+                let q = open_image(&img, &rw()).expect("open rw with snapshots");
                 assert_eq!(q.snapshot_count(), 2);
                 random_snapshot_ops(&q, &mut model, 77 + round, 300);
                 q.flush().expect("flush");
@@ -667,7 +683,7 @@ fn test_qcow2_concurrent_readers_share_one_image() {
         l2_cache_bytes: 8 * 4096, // tiny: constant eviction
         ..Default::default()
     };
-    let q = Qcow2Image::open(&img, &opts).expect("open");
+    let q = open_image(&img, &opts).expect("open");
     std::thread::scope(|sc| {
         for t in 0..4u64 {
             let q = &q;
@@ -695,7 +711,7 @@ fn test_qcow2_out_of_range_read_is_an_error() {
     let dir = TempDir::new("range");
     let img = dir.path("r.qcow2");
     qemu_img(&["create", "-f", "qcow2", s(&img), "1M"]);
-    let q = Qcow2Image::open(&img, &Qcow2Options::default()).expect("open");
+    let q = open_image(&img, &Qcow2Options::default()).expect("open");
     let mut b = [0u8; 512];
     assert!(matches!(
         q.read_at(&mut b, (1 << 20) - 256),
@@ -739,7 +755,7 @@ fn be64_at(path: &Path, at: usize) -> u64 {
 }
 
 fn open_err(path: &Path) -> Qcow2Error {
-    match Qcow2Image::open(path, &Qcow2Options::default()) {
+    match open_image(path, &Qcow2Options::default()) {
         Ok(_) => panic!("{} opened but should not", path.display()),
         Err(e) => {
             eprintln!(
@@ -825,7 +841,7 @@ fn test_qcow2_malformed_images_give_clear_errors() {
         allow_corrupt_read_only: true,
         ..Default::default()
     };
-    Qcow2Image::open(&img, &ro).expect("corrupt image opens read-only when allowed");
+    open_image(&img, &ro).expect("corrupt image opens read-only when allowed");
 
     let img = base_image(&dir, "extdata.qcow2");
     patch(&img, 72, &4u64.to_be_bytes());
@@ -855,7 +871,7 @@ fn test_qcow2_malformed_images_give_clear_errors() {
     let img = base_image(&dir, "l2eof.qcow2");
     let l1 = be64_at(&img, 40);
     patch(&img, l1, &((1u64 << 63) | (1u64 << 40)).to_be_bytes());
-    let q = Qcow2Image::open(&img, &Qcow2Options::default()).expect("open");
+    let q = open_image(&img, &Qcow2Options::default()).expect("open");
     let mut buf = [0u8; 512];
     assert!(matches!(
         q.read_at(&mut buf, 0),
@@ -916,10 +932,10 @@ fn test_qcow2_backing_chain_loop_and_depth_are_errors() {
         ..Default::default()
     };
     assert!(matches!(
-        Qcow2Image::open(&prev, &opts),
+        open_image(&prev, &opts),
         Err(Qcow2Error::BackingChainTooDeep { limit: 4 })
     ));
-    Qcow2Image::open(&prev, &Qcow2Options::default()).expect("depth 6 is fine by default");
+    open_image(&prev, &Qcow2Options::default()).expect("depth 6 is fine by default");
     // Missing backing file.
     std::fs::remove_file(dir.path("d0.qcow2")).expect("rm");
     assert!(matches!(open_err(&prev), Qcow2Error::BackingOpen { .. }));
@@ -984,8 +1000,7 @@ fn random_writes(img: &Path, seed: u64, ops: usize, accept_check: &[i32]) {
     let mut model = qemu_raw(img);
     let size = model.len() as u64;
     {
-        let q = Qcow2Image::open(img, &rw())
-            .unwrap_or_else(|e| panic!("open rw {}: {e}", img.display()));
+        let q = open_image(img, &rw()).unwrap_or_else(|e| panic!("open rw {}: {e}", img.display()));
         let cs = q.cluster_size();
         let mut rng = Rng(seed | 1);
         for op in 0..ops {
@@ -1041,7 +1056,7 @@ fn random_writes(img: &Path, seed: u64, ops: usize, accept_check: &[i32]) {
         "{}: qemu sees different content",
         img.display()
     );
-    let q = Qcow2Image::open(img, &Qcow2Options::default()).expect("reopen");
+    let q = open_image(img, &Qcow2Options::default()).expect("reopen");
     assert_model(&q, &model, "after reopen");
 }
 
@@ -1172,7 +1187,7 @@ fn test_qcow2_write_zero_alloc_and_discarded_clusters() {
     );
     let model = qemu_raw(&img);
     {
-        let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+        let q = open_image(&img, &rw()).expect("open rw");
         // Partial writes into each kind.
         for (i, off) in [
             4096u64 + 100,
@@ -1216,7 +1231,7 @@ fn test_qcow2_write_clears_autoclear_bitmaps_bit() {
         "qemu set the bitmaps autoclear bit"
     );
     {
-        let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+        let q = open_image(&img, &rw()).expect("open rw");
         q.write_at(&[1u8; 4096], 0).expect("write");
     }
     assert_eq!(be64_at(&img, 88), 0, "autoclear bits cleared");
@@ -1231,13 +1246,13 @@ fn test_qcow2_write_refusals() {
     let dir = TempDir::new("refuse");
     let img = dir.path("r.qcow2");
     qemu_img(&["create", "-f", "qcow2", s(&img), "1M"]);
-    let q = Qcow2Image::open(&img, &Qcow2Options::default()).expect("open ro");
+    let q = open_image(&img, &Qcow2Options::default()).expect("open ro");
     assert!(matches!(
         q.write_at(&[0u8; 512], 0),
         Err(Qcow2Error::ReadOnly(_))
     ));
     drop(q);
-    let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+    let q = open_image(&img, &rw()).expect("open rw");
     assert!(matches!(
         q.write_at(&[0u8; 512], (1 << 20) - 256),
         Err(Qcow2Error::OutOfRange { .. })
@@ -1251,7 +1266,7 @@ fn test_qcow2_write_refusals() {
         ..rw()
     };
     assert!(matches!(
-        Qcow2Image::open(&corrupt, &opts),
+        open_image(&corrupt, &opts),
         Err(Qcow2Error::MarkedCorrupt)
     ));
 }
@@ -1293,7 +1308,7 @@ fn test_qcow2_concurrent_writers_to_shared_clusters() {
         })
         .collect();
     {
-        let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+        let q = open_image(&img, &rw()).expect("open rw");
         std::thread::scope(|sc| {
             for (t, sectors) in plan.iter().enumerate() {
                 let q = &q;
@@ -1338,7 +1353,7 @@ fn test_qcow2_unflushed_writes_leave_a_consistent_image() {
             s(&img),
             "8M",
         ]);
-        let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+        let q = open_image(&img, &rw()).expect("open rw");
         let mut rng = Rng(3);
         for i in 0..200u64 {
             let off = rng.below(4 * MIB - 5000);
@@ -1381,7 +1396,7 @@ fn test_qcow2_write_grows_the_refcount_table() {
         let rt_before = be64_at(&img, 48);
         let mut model = vec![0u8; 16 * MIB as usize];
         {
-            let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+            let q = open_image(&img, &rw()).expect("open rw");
             let mut rng = Rng(42);
             for (i, chunk) in model.chunks_mut(64 * 1024).enumerate() {
                 chunk.iter_mut().for_each(|b| *b = rng.next() as u8);
@@ -1417,7 +1432,7 @@ fn crash_region(i: u64) -> (u64, usize, u8) {
 
 fn crash_child(img: &Path, first: u64) {
     use std::io::Write;
-    let q = Qcow2Image::open(img, &rw()).expect("child open");
+    let q = open_image(img, &rw()).expect("child open");
     let regions = q.virtual_size() / 9000 - 1;
     let mut out = std::io::stdout();
     for i in first..regions {
@@ -1738,7 +1753,7 @@ fn test_qcow2_read_plan_matches_engine() {
     images.push(top);
 
     for img in &images {
-        let q = Qcow2Image::open(img, &Qcow2Options::default()).expect("open");
+        let q = open_image(img, &Qcow2Options::default()).expect("open");
         let size = q.virtual_size();
         let mut rng = Rng(size ^ 77);
         for i in 0..300 {
@@ -1923,7 +1938,7 @@ fn test_qcow2_discard_write_zeroes_random_ops_match_raw() {
             discard_zeroes: !(v2 && backing.is_some()),
         };
         {
-            let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+            let q = open_image(&img, &rw()).expect("open rw");
             let ops = if q.cluster_size() >= MIB { 150 } else { 500 };
             random_mixed_ops(&q, &mut model, 7000 + i as u64, ops, mix);
             q.flush().expect("flush");
@@ -1945,7 +1960,7 @@ fn test_qcow2_discard_write_zeroes_random_ops_match_raw() {
             ..Default::default()
         };
         {
-            let q = Qcow2Image::open(&img, &big_cache).expect("open rw");
+            let q = open_image(&img, &big_cache).expect("open rw");
             q.discard(0, q.virtual_size()).expect("discard all");
         }
         assert_eq!(qemu_check(&img), 0, "{name}: check after discard");
@@ -1958,7 +1973,7 @@ fn test_qcow2_discard_write_zeroes_random_ops_match_raw() {
             std::fs::write(&raw, vec![0u8; model.len()]).expect("write zeros");
             qemu_compare(&raw, &img);
             {
-                let q = Qcow2Image::open(&img, &big_cache).expect("open rw");
+                let q = open_image(&img, &big_cache).expect("open rw");
                 q.write_at(&vec![0x5a; 4 * MIB as usize], 0)
                     .expect("rewrite");
             }
@@ -1975,7 +1990,7 @@ fn test_qcow2_discard_write_zeroes_random_ops_match_raw() {
 }
 
 fn q_cluster(img: &Path) -> u64 {
-    Qcow2Image::open(img, &Qcow2Options::default())
+    open_image(img, &Qcow2Options::default())
         .expect("open")
         .cluster_size()
 }
@@ -1996,7 +2011,7 @@ fn test_qcow2_write_zeroes_keeps_or_releases_allocation() {
     ]);
     qemu_io(&img, &["write -P 0x77 0 4M"]);
     {
-        let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+        let q = open_image(&img, &rw()).expect("open rw");
         q.write_zeroes(0, 2 * MIB, true).expect("zero, keep");
         q.write_zeroes(2 * MIB, MIB, false).expect("zero, unmap");
         // Partial clusters are written as zeros.
@@ -2034,7 +2049,7 @@ fn test_qcow2_freed_clusters_wait_for_inflight_io() {
         "4M",
     ]);
     qemu_io(&img, &["write -P 0x42 0 64k"]);
-    let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+    let q = open_image(&img, &rw()).expect("open rw");
     // An "in-flight read" looks up cluster 0 and holds its registration.
     let token = q.io_begin();
     let mut pieces = Vec::new();
@@ -2154,7 +2169,7 @@ fn test_qcow2_dirty_image_is_repaired_on_writable_open() {
         // Read-only: reads the data, writes nothing.
         let before = std::fs::read(&img).expect("read image");
         {
-            let q = Qcow2Image::open(&img, &Qcow2Options::default()).expect("open ro");
+            let q = open_image(&img, &Qcow2Options::default()).expect("open ro");
             assert_model(&q, &model, "dirty, read-only");
         }
         assert!(
@@ -2164,7 +2179,7 @@ fn test_qcow2_dirty_image_is_repaired_on_writable_open() {
 
         // Writable: repaired first, then written.
         {
-            let q = Qcow2Image::open(&img, &rw()).expect("open rw repairs");
+            let q = open_image(&img, &rw()).expect("open rw repairs");
             assert_eq!(
                 be64_at(&img, 72) & 1,
                 0,
@@ -2212,7 +2227,7 @@ fn test_qcow2_freed_clusters_are_punched() {
             ],
         );
         let mut model = qemu_raw(&img);
-        let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+        let q = open_image(&img, &rw()).expect("open rw");
         let mut rng = Rng(99);
         let data: Vec<u8> = (0..16 * MIB).map(|_| rng.next() as u8).collect();
         q.write_at(&data, 0).expect("write");
@@ -2286,7 +2301,7 @@ fn test_qcow2_create_makes_images_qemu_accepts() {
         );
         assert!(info.contains("\"compat\": \"1.1\""), "{info}");
         // Data written through the engine reads back, in the engine and in qemu.
-        let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+        let q = open_image(&img, &rw()).expect("open rw");
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
         let off = size / 2 - 1000;
         q.write_at(&data, off).expect("write");
@@ -2298,7 +2313,7 @@ fn test_qcow2_create_makes_images_qemu_accepts() {
             let raw = qemu_raw(&img);
             assert!(raw[off as usize..off as usize + data.len()] == data[..]);
         }
-        let q = Qcow2Image::open(&img, &Qcow2Options::default()).expect("open ro");
+        let q = open_image(&img, &Qcow2Options::default()).expect("open ro");
         let mut b = vec![0u8; data.len()];
         q.read_at(&mut b, off).expect("read");
         assert!(b == data, "{size} {cs}: read back");
@@ -2323,7 +2338,7 @@ fn test_qcow2_create_makes_images_qemu_accepts() {
             "{info}"
         );
         assert_eq!(qemu_check(&img), 0);
-        let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+        let q = open_image(&img, &rw()).expect("open rw");
         q.write_at(&[0xee; 1000], 70_000).expect("write");
         drop(q);
         let mut want = std::fs::read(&base).expect("base");
@@ -2396,7 +2411,7 @@ fn test_qcow2_extended_l2_writes_match_qemu() {
         "1M",
     ]);
     {
-        let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+        let q = open_image(&img, &rw()).expect("open rw");
         q.write_at(&[0x5a; 4096], 2048).expect("write");
     }
     let out = std::process::Command::new("qemu-img")
@@ -2466,7 +2481,7 @@ fn test_qcow2_extended_l2_writes_match_qemu() {
             assert!(model[8 * MIB as usize..] == base_bytes[8 * MIB as usize..]);
         }
         {
-            let q = Qcow2Image::open(&img, &rw()).expect("open rw");
+            let q = open_image(&img, &rw()).expect("open rw");
             let mut rng = Rng(0xe1 + name.len() as u64);
             for op in 0..300 {
                 let kind = rng.below(10);
