@@ -2604,11 +2604,17 @@ fn test_qcow2_image_locking_matches_qemu() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn qemu-nbd");
+    // Some qemu-nbd versions (7.2) create the socket before they open and lock the image:
+    // retry while our open succeeds, for as long as qemu-nbd may take to start.
     let t = std::time::Instant::now();
-    while !sock.exists() && t.elapsed() < std::time::Duration::from_secs(10) {
+    let r = loop {
+        let r = Qcow2Image::open(&top, &rw());
+        if r.is_err() || t.elapsed() > std::time::Duration::from_secs(10) {
+            break r;
+        }
+        drop(r);
         std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let r = Qcow2Image::open(&top, &rw());
+    };
     let _ = srv.kill();
     let _ = srv.wait();
     assert!(sock.exists(), "qemu-nbd did not start");
