@@ -144,9 +144,24 @@ rublk_add() { # group name target args...
         skip "$group" $q "$name" "rublk add $* failed"
     fi
 }
-# Deletes every ublk device (rublk's first, with its own tool, so that its daemons exit cleanly).
+# kublk (the kernel selftests' ublk server), when `cargo xtask bench --kublk PATH` put it in the
+# guest.
+KUBLK=0
+[ -x /opt/bin/kublk ] && KUBLK=1
+kublk_add() { # group name args...
+    [ $KUBLK = 1 ] || return 0
+    group=$1 name=$2; shift 2
+    if srv_add "$name" /opt/bin/kublk add "$@"; then
+        out "@@INFO cmd.$name=kublk add $*@@"
+    else
+        skip "$group" $q "$name" "kublk add $* failed"
+    fi
+}
+# Deletes every ublk device (the other servers' first, with their own tools, so that their
+# daemons exit cleanly).
 del_all() {
     [ $RUBLK = 1 ] && /opt/bin/rublk del -a >/dev/null 2>&1
+    [ $KUBLK = 1 ] && /opt/bin/kublk del -a >/dev/null 2>&1
     /opt/bin/ublk del -a
 }
 
@@ -232,6 +247,7 @@ null_group() { # queues
     fi
     DEV_ublk_null="" PID_ublk_null="" DEV_ublk_null_c="" PID_ublk_null_c="" DEV_ublk_null_z="" PID_ublk_null_z=""
     DEV_ublk_null_b="" PID_ublk_null_b="" DEV_rublk_null="" PID_rublk_null="" DEV_rublk_null_u="" PID_rublk_null_u=""
+    DEV_kublk_null="" PID_kublk_null="" DEV_kublk_null_u="" PID_kublk_null_u=""
     # The null target uses no data: by default it uses user copy, where nothing is copied at
     # all (as in zero copy); --copy forces copy mode (the kernel copies READ data from the
     # daemon's buffer, WRITE data into it).
@@ -246,8 +262,12 @@ null_group() { # queues
     # rublk: its default (copy mode), and with user copy, where its null target copies nothing.
     rublk_add null rublk_null null -q $q
     rublk_add null rublk_null_u null -u -q $q
+    # kublk: the same two (copy mode is its default).
+    kublk_add null kublk_null -t null -q $q
+    kublk_add null kublk_null_u -t null -u -q $q
     for job in $JOBS; do
-        rounds null $q $job null_blk ublk_null ublk_null_c ublk_null_z ublk_null_b rublk_null rublk_null_u
+        rounds null $q $job null_blk ublk_null ublk_null_c ublk_null_z ublk_null_b rublk_null rublk_null_u \
+            kublk_null kublk_null_u
     done
     del_all
     rmmod null_blk
@@ -263,7 +283,9 @@ loop_group() { # queues
     else
         skip loop $q loop "losetup failed"
     fi
-    for v in ublk_loop ublk_loop_g ublk_loop_c ublk_loop_z ublk_loop_b ublk_qcow2 rublk_loop; do eval "DEV_$v='' PID_$v=''"; done
+    for v in ublk_loop ublk_loop_g ublk_loop_c ublk_loop_z ublk_loop_b ublk_qcow2 rublk_loop kublk_loop kublk_loop_z; do
+        eval "DEV_$v='' PID_$v=''"
+    done
     ublk_add ublk_loop -t loop -q $q -f $RAW || skip loop $q ublk_loop "ublk add failed"
     ublk_add ublk_loop_g -t loop -q $q -g -f $RAW || skip loop $q ublk_loop_g "ublk add -g failed"
     ublk_add ublk_loop_c -t loop -q $q --copy -f $RAW || skip loop $q ublk_loop_c "ublk add --copy failed"
@@ -276,8 +298,13 @@ loop_group() { # queues
     ublk_add ublk_qcow2 -t qcow2 -q $q -f $QCOW || skip loop $q ublk_qcow2 "ublk add -t qcow2 failed"
     # rublk loop: O_DIRECT on the same file, its default.
     rublk_add loop rublk_loop loop -q $q -f $RAW
+    # kublk loop: O_DIRECT on the same file, through its buffers (its default), and with the
+    # request pages registered in its io_uring (--auto_zc), like our -z.
+    kublk_add loop kublk_loop -t loop -q $q $RAW
+    [ $ZERO_COPY = 1 ] && kublk_add loop kublk_loop_z -t loop --auto_zc -q $q $RAW
     for job in $JOBS; do
-        rounds loop $q $job loop ublk_loop ublk_loop_g ublk_loop_c ublk_loop_z ublk_loop_b ublk_qcow2 rublk_loop
+        rounds loop $q $job loop ublk_loop ublk_loop_g ublk_loop_c ublk_loop_z ublk_loop_b ublk_qcow2 rublk_loop \
+            kublk_loop kublk_loop_z
     done
     del_all
     [ -n "$l" ] && /opt/bin/losetup -d $l

@@ -16,6 +16,7 @@ use anyhow::{bail, Context, Result};
 use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::fs;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
@@ -54,6 +55,8 @@ const GROUPS: &[(&str, &[Device])] = &[
             ("ublk_null_b", "ublk null -b", Some("null_blk")),
             ("rublk_null", "rublk null", Some("null_blk")),
             ("rublk_null_u", "rublk null -u", Some("null_blk")),
+            ("kublk_null", "kublk null", Some("null_blk")),
+            ("kublk_null_u", "kublk null -u", Some("null_blk")),
         ],
     ),
     (
@@ -67,6 +70,8 @@ const GROUPS: &[(&str, &[Device])] = &[
             ("ublk_loop_b", "ublk loop -b", Some("loop")),
             ("ublk_qcow2", "ublk qcow2", Some("ublk_loop")),
             ("rublk_loop", "rublk loop", Some("loop")),
+            ("kublk_loop", "kublk loop", Some("loop")),
+            ("kublk_loop_z", "kublk loop -z", Some("loop")),
         ],
     ),
     (
@@ -94,6 +99,14 @@ const RUBLK_PAIRS: &[(&str, &str, &str)] = &[
     ("null", "ublk_null_c", "rublk_null"),
     ("loop", "ublk_loop_c", "rublk_loop"),
     ("qcow2", "ublk_qcow2", "rublk_qcow2"),
+];
+
+/// Our devices against kublk's (with `--kublk`), like for like: (group, ours, kublk's).
+const KUBLK_PAIRS: &[(&str, &str, &str)] = &[
+    ("null", "ublk_null", "kublk_null_u"),
+    ("null", "ublk_null_c", "kublk_null"),
+    ("loop", "ublk_loop_c", "kublk_loop"),
+    ("loop", "ublk_loop_z", "kublk_loop_z"),
 ];
 
 /// Number of fio runs per boot (2 queue counts x jobs x devices of every group).
@@ -199,6 +212,8 @@ pub struct BenchOptions {
     pub rerender: bool,
     /// A rublk binary to measure beside ours.
     pub rublk: Option<std::path::PathBuf>,
+    /// A kublk binary to measure beside ours.
+    pub kublk: Option<std::path::PathBuf>,
     /// Extra words for the guest kernel's command line.
     pub kernel_args: Vec<String>,
 }
@@ -393,17 +408,13 @@ pub fn run(opts: &BenchOptions) -> Result<ExitCode> {
     } else {
         vm::build_binaries(opts.no_build)?
     };
-    if let (Some(path), false) = (&opts.rublk, opts.rerender) {
-        // The guest finds it as /opt/bin/rublk whatever its name here.
-        let meta = fs::metadata(path).with_context(|| format!("--rublk {}", path.display()))?;
-        if !meta.is_file() {
-            bail!("--rublk {}: not a file", path.display());
+    for (flag, name, path) in [
+        ("--rublk", "rublk", &opts.rublk),
+        ("--kublk", "kublk", &opts.kublk),
+    ] {
+        if let (Some(path), false) = (path, opts.rerender) {
+            bins.push(peer_binary(flag, name, path)?);
         }
-        let dir = vm::target_dir().join("vm/rublk");
-        fs::create_dir_all(&dir)?;
-        let copy = dir.join("rublk");
-        fs::copy(path, &copy).with_context(|| format!("copying {}", path.display()))?;
-        bins.push(copy);
     }
     let timeout = Duration::from_secs(
         opts.timeout
@@ -460,10 +471,12 @@ pub fn run(opts: &BenchOptions) -> Result<ExitCode> {
         println!();
         print!("{}", summary_table(k));
         println!();
-        let rublk = rublk_table(k);
-        if !rublk.is_empty() {
-            print!("{rublk}");
-            println!();
+        for pairs in [RUBLK_PAIRS, KUBLK_PAIRS] {
+            let t = peer_table(k, pairs);
+            if !t.is_empty() {
+                print!("{t}");
+                println!();
+            }
         }
         print!("{}", targets_table(k));
         println!();
@@ -1027,13 +1040,27 @@ fn summary_table(k: &KernelResults) -> String {
     table(&header, &rows, &right)
 }
 
-/// Our devices against rublk's (`--rublk`): rows (queues, pair), columns jobs; empty without
-/// rublk runs.
-fn rublk_table(k: &KernelResults) -> String {
+/// Copies another server's binary to `target/vm/NAME/NAME`, where the guest finds it as
+/// `/opt/bin/NAME` whatever its name here.
+fn peer_binary(flag: &str, name: &str, path: &Path) -> Result<PathBuf> {
+    let meta = fs::metadata(path).with_context(|| format!("{flag} {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{flag} {}: not a file", path.display());
+    }
+    let dir = vm::target_dir().join("vm").join(name);
+    fs::create_dir_all(&dir)?;
+    let copy = dir.join(name);
+    fs::copy(path, &copy).with_context(|| format!("copying {}", path.display()))?;
+    Ok(copy)
+}
+
+/// Our devices against another server's (`--rublk`, `--kublk`): rows (queues, pair), columns
+/// jobs; empty without runs of that server.
+fn peer_table(k: &KernelResults, pairs: &[(&str, &'static str, &'static str)]) -> String {
     let mut header = vec!["queues", "device", "vs"];
     header.extend_from_slice(JOBS);
     let mut rows = Vec::new();
-    for (group, ours, theirs) in RUBLK_PAIRS {
+    for (group, ours, theirs) in pairs {
         for q in [1, 2] {
             let cells: Vec<String> = JOBS
                 .iter()
@@ -1472,6 +1499,24 @@ fn render_doc(all: &[KernelResults], notes: Option<&str>) -> String {
             cmd("cmd.rublk_qcow2", "rublk add qcow2 -q N -f IMG.qcow2"),
         );
     }
+    if all
+        .iter()
+        .any(|k| k.runs.iter().any(|r| r.dev.starts_with("kublk_")))
+    {
+        let _ = writeln!(
+            s,
+            "- kublk (`--kublk`; built by `cargo xtask kublk` from {}): the ublk server of the \
+             kernel's selftests, in C, by the ublk driver's author, measured in the same groups \
+             and rounds as ours: `{}` and `{}` (null group), `{}` and, where the kernel has \
+             UBLK_F_AUTO_BUF_REG, `{}` (loop group, O_DIRECT on the same raw file). It pins each \
+             queue thread to the queue's CPUs, as it sets them up.\n",
+            cmd("kublk_version", "linux-source-7.3"),
+            cmd("cmd.kublk_null", "kublk add -t null -q N"),
+            cmd("cmd.kublk_null_u", "kublk add -t null -u -q N"),
+            cmd("cmd.kublk_loop", "kublk add -t loop -q N RAW"),
+            cmd("cmd.kublk_loop_z", "kublk add -t loop --auto_zc -q N RAW"),
+        );
+    }
     for k in all {
         let _ = writeln!(s, "## Linux {} ({})\n", k.label, k.release);
         if let Some(f) = k.info("features") {
@@ -1504,7 +1549,7 @@ fn render_doc(all: &[KernelResults], notes: Option<&str>) -> String {
              (shown as IOPS, at least 0.91).\n\n{}",
             targets_table(k)
         );
-        let rublk = rublk_table(k);
+        let rublk = peer_table(k, RUBLK_PAIRS);
         if !rublk.is_empty() {
             let _ = writeln!(
                 s,
@@ -1513,6 +1558,18 @@ fn render_doc(all: &[KernelResults], notes: Option<&str>) -> String {
                  rublk's with `-u`), null in copy mode (`--copy`, rublk's default), loop \
                  in copy mode (ours with `--copy`; both O_DIRECT on the same file, through a \
                  buffer), qcow2 (each on its own copy of the image).\n\n{rublk}"
+            );
+        }
+        let kublk = peer_table(k, KUBLK_PAIRS);
+        if !kublk.is_empty() {
+            let _ = writeln!(
+                s,
+                "### Against kublk (same boot)\n\n\
+                 Our IOPS / kublk's, like for like: null without copying (ours by default, \
+                 kublk's with `-u`), null in copy mode (`--copy`, kublk's default), loop in \
+                 copy mode (ours with `--copy`; both O_DIRECT on the same file, through a \
+                 buffer), loop in zero copy (`-z`, kublk's `--auto_zc`, where the kernel has \
+                 it).\n\n{kublk}"
             );
         }
         let _ = writeln!(s, "### All runs\n\n{}", full_table(k));
@@ -1803,38 +1860,46 @@ mod tests {
     /// With rublk runs, a table of ours against rublk's like-for-like device, and a method line;
     /// without, neither.
     #[test]
-    fn against_rublk() {
-        let mut text = String::from("@@INFO cmd.rublk_loop=rublk add loop -q 1 -f /x@@\n");
-        for (group, dev, iops) in [
-            ("null", "null_blk", 1000.0),
-            ("null", "ublk_null", 900.0),
-            ("null", "rublk_null_u", 600.0),
-            ("loop", "loop", 500.0),
-            ("loop", "ublk_loop_c", 400.0),
-            ("loop", "rublk_loop", 200.0),
-        ] {
-            text.push_str(&run_text(
-                &format!("group={group} queues=1 dev={dev}"),
-                "randread-4k-qd32",
-                iops,
-            ));
+    fn against_rublk_and_kublk() {
+        for (peer, pairs) in [("rublk", RUBLK_PAIRS), ("kublk", KUBLK_PAIRS)] {
+            let mut text = format!("@@INFO cmd.{peer}_loop={peer} add loop -q 1 /x@@\n");
+            for (group, dev, iops) in [
+                ("null", "null_blk", 1000.0),
+                ("null", "ublk_null", 900.0),
+                ("null", &format!("{peer}_null_u"), 600.0),
+                ("loop", "loop", 500.0),
+                ("loop", "ublk_loop_c", 400.0),
+                ("loop", &format!("{peer}_loop"), 200.0),
+            ] {
+                text.push_str(&run_text(
+                    &format!("group={group} queues=1 dev={dev}"),
+                    "randread-4k-qd32",
+                    iops,
+                ));
+            }
+            text.push_str("@@DONE@@\n");
+            let k = KernelResults::parse("7.3", &text);
+            let t = peer_table(&k, pairs);
+            assert!(
+                t.contains(&format!("| ublk null        | {peer} null -u |")),
+                "{t}"
+            );
+            assert!(t.contains("1.50"), "{t}");
+            assert!(
+                t.contains(&format!("| ublk loop --copy | {peer} loop    |")),
+                "{t}"
+            );
+            assert!(t.contains("2.00"), "{t}");
+            assert!(!t.contains("qcow2"), "{t}");
+            let sum = summary_table(&k);
+            assert!(sum.contains(&format!("{peer} null -u")), "{sum}");
+            let doc = render_doc(&[k], None);
+            assert!(doc.contains(&format!("### Against {peer}")), "{doc}");
+            assert!(doc.contains(&format!("`{peer} add loop -q 1 /x`")), "{doc}");
+            let plain = KernelResults::parse("7.3", &text.replace(peer, "x"));
+            assert_eq!(peer_table(&plain, pairs), "");
+            assert!(!render_doc(&[plain], None).contains(peer));
         }
-        text.push_str("@@DONE@@\n");
-        let k = KernelResults::parse("7.3", &text);
-        let t = rublk_table(&k);
-        assert!(t.contains("| ublk null        | rublk null -u |"), "{t}");
-        assert!(t.contains("1.50"), "{t}");
-        assert!(t.contains("| ublk loop --copy | rublk loop    |"), "{t}");
-        assert!(t.contains("2.00"), "{t}");
-        assert!(!t.contains("qcow2"), "{t}");
-        let sum = summary_table(&k);
-        assert!(sum.contains("rublk null -u"), "{sum}");
-        let doc = render_doc(&[k], None);
-        assert!(doc.contains("### Against rublk"), "{doc}");
-        assert!(doc.contains("`rublk add loop -q 1 -f /x`"), "{doc}");
-        let plain = KernelResults::parse("7.3", &text.replace("rublk", "x"));
-        assert_eq!(rublk_table(&plain), "");
-        assert!(!render_doc(&[plain], None).contains("rublk"));
     }
 
     #[test]

@@ -93,7 +93,7 @@ pub fn spec(label: &str) -> Result<&'static KernelSpec> {
     })
 }
 
-fn vm_dir() -> PathBuf {
+pub(crate) fn vm_dir() -> PathBuf {
     crate::project_root().join("target/vm")
 }
 
@@ -332,11 +332,18 @@ fn decompress(src: &Path, dest: &Path) -> Result<()> {
 }
 
 /// A private apt configuration rooted at `target/vm/apt`.
-struct Apt {
+pub(crate) struct Apt {
     dir: PathBuf,
 }
 
 impl Apt {
+    /// The private configuration, its package lists refreshed if older than a day.
+    pub(crate) fn private() -> Result<Self> {
+        let apt = Apt::new(vm_dir().join("apt"))?;
+        apt.update_if_stale()?;
+        Ok(apt)
+    }
+
     fn new(dir: PathBuf) -> Result<Self> {
         for sub in ["etc", "state", "lists/partial", "cache/archives/partial"] {
             fs::create_dir_all(dir.join(sub))?;
@@ -481,6 +488,18 @@ impl Apt {
         Ok((release, meta_version, packages))
     }
 
+    /// The version of `pkg` apt would install (its candidate) from the private sources.
+    pub(crate) fn candidate(&self, pkg: &str) -> Result<String> {
+        let policy = run(self.cmd("apt-cache").args(["policy", pkg]))?;
+        policy
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Candidate:"))
+            .map(str::trim)
+            .filter(|v| !v.is_empty() && *v != "(none)")
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("{pkg} is not in the archive"))
+    }
+
     /// Names of the packages `pkg=version` depends on (alternatives flattened).
     fn depends(&self, pkg: &str, version: &str) -> Result<Vec<String>> {
         let show = run(self
@@ -498,7 +517,7 @@ impl Apt {
             .collect())
     }
 
-    fn download(&self, pkg: &str, version: &str, into: &Path) -> Result<()> {
+    pub(crate) fn download(&self, pkg: &str, version: &str, into: &Path) -> Result<()> {
         // Always an exact name=version: never a pattern.
         let status = self
             .cmd("apt-get")

@@ -10,6 +10,7 @@ mod bindgen;
 mod initramfs;
 mod json;
 mod kernel;
+mod kublk;
 mod vm;
 
 use anyhow::Result;
@@ -57,6 +58,9 @@ enum Cmd {
         #[arg(long)]
         no_build: bool,
     },
+    /// Fetch the kernel selftests' ublk server (kublk, in C) from Debian's linux-source-7.3 and
+    /// build it statically into target/vm/kublk/kublk (prints the path), for `bench --kublk`.
+    Kublk,
     /// Boot one kernel into an interactive shell with ublk and the test tools (Ctrl-A X quits).
     VmShell {
         /// Kernel: 6.12 or 7.3.
@@ -118,6 +122,11 @@ enum Cmd {
         /// groups, and a table of ours against it.
         #[arg(long, value_name = "PATH")]
         rublk: Option<PathBuf>,
+        /// Also measure kublk (the kernel selftests' ublk server, in C; `cargo xtask kublk`
+        /// builds it): its null and loop devices in the same groups, and a table of ours
+        /// against it.
+        #[arg(long, value_name = "PATH")]
+        kublk: Option<PathBuf>,
         /// One more word for the guest kernel's command line (repeatable), for an A/B such as
         /// `mitigations=off`.
         #[arg(long = "kernel-arg", value_name = "WORD")]
@@ -171,6 +180,7 @@ fn main() -> Result<ExitCode> {
             wait_quiet,
             rerender,
             rublk,
+            kublk,
             kernel_args,
         } => bench::run(&bench::BenchOptions {
             kernels: vm::parse_kernels(&kernel)?,
@@ -185,8 +195,13 @@ fn main() -> Result<ExitCode> {
             wait_quiet,
             rerender,
             rublk,
+            kublk,
             kernel_args,
         }),
+        Cmd::Kublk => {
+            println!("{}", kublk::build()?.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::VmHostPackages => {
             println!("{}", vm::HOST_PACKAGES.join(" "));
             Ok(ExitCode::SUCCESS)

@@ -1,0 +1,132 @@
+//! `cargo xtask kublk`: builds kublk, the ublk server of the kernel's selftests
+//! (`tools/testing/selftests/ublk`, written by the ublk driver's author and kept in step with
+//! it), as a static binary for `cargo xtask bench --kublk`.
+//!
+//! The source comes from Debian's `linux-source-7.3` package and liburing from trixie's
+//! `liburing-dev`, both fetched with the private apt configuration of [`crate::kernel`]; the
+//! uapi headers kublk needs (`ublk_cmd.h`, `io_uring.h`, ...) are taken from the same source
+//! tree, so the host's older kernel headers are not used for them. Everything lives under
+//! `target/vm/kublk/`; the binary is `target/vm/kublk/kublk`.
+
+use crate::kernel::{run, Apt};
+use anyhow::{bail, Context, Result};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The kernel source package (its kublk speaks every feature of the 7.3 guest kernel).
+const SOURCE_PACKAGE: &str = "linux-source-7.3";
+/// Where the selftest sits in the source tree, and the uapi headers it includes.
+const SELFTEST: &str = "tools/testing/selftests/ublk";
+const UAPI: &[&str] = &[
+    "include/uapi/linux/ublk_cmd.h",
+    "include/uapi/linux/io_uring.h",
+    "include/uapi/linux/io_uring",
+    "include/uapi/linux/blkdev.h",
+    "include/uapi/linux/fs.h",
+];
+/// kublk's sources (the Makefile's, less `metadata_size.c`, a separate test tool).
+const SOURCES: &[&str] = &[
+    "kublk.c",
+    "null.c",
+    "file_backed.c",
+    "common.c",
+    "stripe.c",
+    "fault_inject.c",
+    "batch.c",
+];
+
+/// Fetches and builds kublk unless it is built already; returns its path.
+pub fn build() -> Result<PathBuf> {
+    let dir = crate::kernel::vm_dir().join("kublk");
+    let bin = dir.join("kublk");
+    if bin.is_file() {
+        return Ok(bin);
+    }
+    let apt = Apt::private()?;
+    let debs = dir.join("debs");
+    let root = dir.join("root");
+    fs::create_dir_all(&debs)?;
+    fs::create_dir_all(&root)?;
+    for pkg in [SOURCE_PACKAGE, "liburing-dev", "liburing2"] {
+        let version = apt.candidate(pkg)?;
+        if find_deb(&debs, pkg)?.is_none() {
+            apt.download(pkg, &version, &debs)?;
+        }
+        let deb = find_deb(&debs, pkg)?.with_context(|| format!("{pkg}: no .deb downloaded"))?;
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+    }
+    let tarball = root
+        .join("usr/src")
+        .join(format!("{SOURCE_PACKAGE}.tar.xz"));
+    let top = SOURCE_PACKAGE;
+    let src = dir.join("src");
+    fs::create_dir_all(&src)?;
+    let mut tar = Command::new("tar");
+    tar.arg("-xJf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&src)
+        .arg(format!("{top}/{SELFTEST}"));
+    for h in UAPI {
+        tar.arg(format!("{top}/{h}"));
+    }
+    eprintln!("xtask: unpacking kublk's source from {}", tarball.display());
+    run(&mut tar)?;
+    fs::remove_file(&tarball)?;
+    let tree = src.join(top);
+    // The uapi headers go where the selftest Makefile's `usr/include` would have them.
+    let inc = dir.join("include");
+    for h in UAPI {
+        let to = inc.join(h.trim_start_matches("include/uapi/"));
+        copy_tree(&tree.join(h), &to)?;
+    }
+    let mut gcc = Command::new("gcc");
+    gcc.current_dir(tree.join(SELFTEST))
+        .args(["-D_GNU_SOURCE", "-O3", "-Wall", "-static", "-o"])
+        .arg(&bin)
+        .arg("-I")
+        .arg(&inc)
+        .arg("-I")
+        .arg(root.join("usr/include"))
+        .args(SOURCES)
+        .arg("-L")
+        .arg(root.join("usr/lib/x86_64-linux-gnu"))
+        .args(["-luring", "-lpthread", "-lm"]);
+    eprintln!("xtask: building {}", bin.display());
+    run(&mut gcc)?;
+    if !bin.is_file() {
+        bail!("gcc made no {}", bin.display());
+    }
+    Ok(bin)
+}
+
+/// The downloaded `.deb` of `pkg` in `dir`, if any.
+fn find_deb(dir: &Path, pkg: &str) -> Result<Option<PathBuf>> {
+    let prefix = format!("{pkg}_");
+    for e in fs::read_dir(dir)? {
+        let p = e?.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with(&prefix) && name.ends_with(".deb") {
+            return Ok(Some(p));
+        }
+    }
+    Ok(None)
+}
+
+/// Copies a file, or a directory's files, to `to`.
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    if from.is_dir() {
+        fs::create_dir_all(to)?;
+        for e in fs::read_dir(from)? {
+            let e = e?;
+            copy_tree(&e.path(), &to.join(e.file_name()))?;
+        }
+        return Ok(());
+    }
+    if let Some(parent) = to.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    fs::copy(from, to).with_context(|| format!("copying {}", from.display()))?;
+    Ok(())
+}
