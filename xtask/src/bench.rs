@@ -105,6 +105,7 @@ const RUBLK_PAIRS: &[(&str, &str, &str)] = &[
 const KUBLK_PAIRS: &[(&str, &str, &str)] = &[
     ("null", "ublk_null", "kublk_null_u"),
     ("null", "ublk_null_c", "kublk_null"),
+    ("loop", "ublk_loop", "kublk_loop"),
     ("loop", "ublk_loop_c", "kublk_loop"),
     ("loop", "ublk_loop_z", "kublk_loop_z"),
 ];
@@ -1567,8 +1568,11 @@ fn render_doc(all: &[KernelResults], notes: Option<&str>) -> String {
                 "### Against kublk (same boot)\n\n\
                  Our IOPS / kublk's, like for like: null without copying (ours by default, \
                  kublk's with `-u`), null in copy mode (`--copy`, kublk's default), loop in \
-                 copy mode (ours with `--copy`; both O_DIRECT on the same file, through a \
-                 buffer), loop in zero copy (`-z`, kublk's `--auto_zc`, where the kernel has \
+                 each one's default mode (ours maps a tmpfs file and has the kernel copy \
+                 between it and the request; kublk uses O_DIRECT through a buffer), loop in \
+                 copy mode (ours with `--copy`; both through a buffer, on the same file: ours \
+                 reads and writes the tmpfs file inline on the queue thread, kublk through \
+                 io_uring, which hands tmpfs IO to its worker threads), loop in zero copy (`-z`, kublk's `--auto_zc`, where the kernel has \
                  it).\n\n{kublk}"
             );
         }
