@@ -1051,7 +1051,10 @@ fn peer_binary(flag: &str, name: &str, path: &Path) -> Result<PathBuf> {
     let dir = vm::target_dir().join("vm").join(name);
     fs::create_dir_all(&dir)?;
     let copy = dir.join(name);
-    fs::copy(path, &copy).with_context(|| format!("copying {}", path.display()))?;
+    // `cargo xtask kublk` builds kublk right there: copying a file onto itself empties it.
+    if fs::canonicalize(path)? != fs::canonicalize(&copy).unwrap_or_default() {
+        fs::copy(path, &copy).with_context(|| format!("copying {}", path.display()))?;
+    }
     Ok(copy)
 }
 

@@ -40,7 +40,7 @@ const SOURCES: &[&str] = &[
 pub fn build() -> Result<PathBuf> {
     let dir = crate::kernel::vm_dir().join("kublk");
     let bin = dir.join("kublk");
-    if bin.is_file() {
+    if fs::metadata(&bin).is_ok_and(|m| m.is_file() && m.len() > 0) {
         return Ok(bin);
     }
     let apt = Apt::private()?;
