@@ -152,6 +152,21 @@ static DEVICE_STARTED: AtomicBool = AtomicBool::new(false);
 
 /// `ublk add`.
 pub(crate) fn run(mut a: AddArgs) -> Result<()> {
+    if let Some(f) = a.files.first() {
+        if a.files.len() > 1 {
+            bail!(
+                "one backing file, not {}: {}",
+                a.files.len(),
+                a.files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
+        }
+        a.file = Some(f.clone());
+        a.files.clear();
+    }
     a.data_mode()?;
     if a.fail_io == 1 && a.reissue == 1 {
         bail!("-e 1 (fail io) and -i 1 (reissue) exclude each other");
@@ -291,10 +306,13 @@ fn is_warning(line: &str) -> bool {
 }
 
 /// `ublk recover -n ID`: start a daemon like the one that died, re-attaching to the device.
-pub(crate) fn recover(id: u32, foreground: bool) -> Result<()> {
+pub(crate) fn recover(id: u32, foreground: bool, add_args: &[String]) -> Result<()> {
     let st = state::load(id).ok_or_else(|| {
         anyhow!("no saved state for device {id} (in /run/ublk or $XDG_RUNTIME_DIR/ublk): it was not added by this tool, or the machine rebooted")
     })?;
+    if !add_args.is_empty() {
+        check_add_line(id, &st.args, add_args)?;
+    }
     let mut a = st.args;
     a.id = Some(id);
     a.recover_id = Some(id);
@@ -304,6 +322,30 @@ pub(crate) fn recover(id: u32, foreground: bool) -> Result<()> {
     } else {
         spawn_daemon(&a)
     }
+}
+
+/// `ublk recover -n ID ADD_ARGS...` (kublk's spelling): the add command line given must parse
+/// and name the device's target type and queue count; the saved configuration is what is used.
+fn check_add_line(id: u32, saved: &AddArgs, line: &[String]) -> Result<()> {
+    #[derive(clap::Parser)]
+    #[command(no_binary_name = true)]
+    struct Line {
+        #[command(flatten)]
+        add: AddArgs,
+    }
+    let given = <Line as clap::Parser>::try_parse_from(line)
+        .map_err(|e| anyhow!("recover: the add command line does not parse: {e}"))?
+        .add;
+    if given.target != saved.target || given.queues != saved.queues {
+        bail!(
+            "device {id} was added as -t {:?} -q {}, not -t {:?} -q {}",
+            saved.target,
+            saved.queues,
+            given.target,
+            given.queues
+        );
+    }
+    Ok(())
 }
 
 /// Re-runs this program in the foreground as a detached daemon and returns once it reports the

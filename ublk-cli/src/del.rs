@@ -144,7 +144,8 @@ pub(crate) fn quiesce(id: u32, timeout_secs: u64) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    println!("device {id} quiesced; `ublk recover -n {id}` attaches a new daemon");
+    // On stderr: scripts written for kublk read the state from stdout right after.
+    eprintln!("device {id} quiesced; `ublk recover -n {id}` attaches a new daemon");
     Ok(())
 }
 

@@ -46,6 +46,7 @@ enum Cmd {
     Quiesce(QuiesceArgs),
     /// Change a live device's size (null: any size; loop: up to the backing file's size, which
     /// is the default, e.g. after growing the file; Linux 6.16).
+    #[command(alias = "update_size")]
     Resize(ResizeArgs),
     /// Show the ublk features of the running kernel.
     Features,
@@ -73,6 +74,9 @@ struct ResizeArgs {
     /// New size, e.g. 20G (loop: default the backing file's current size).
     #[arg(value_parser = size::parse_size)]
     size: Option<u64>,
+    /// The new size as kublk's `update_size -s` spells it.
+    #[arg(short = 's', long = "size", value_parser = size::parse_size, conflicts_with = "size")]
+    size_opt: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -156,6 +160,10 @@ pub(crate) struct AddArgs {
     /// Backing file or block device (loop), or image (qcow2).
     #[arg(short = 'f', long = "file")]
     pub(crate) file: Option<PathBuf>,
+    /// The backing file without -f, as kublk spells it (`ublk add -t loop disk.img`).
+    #[arg(value_name = "FILE", conflicts_with = "file")]
+    #[serde(skip)]
+    pub(crate) files: Vec<PathBuf>,
     /// Buffered IO on the backing file instead of O_DIRECT (loop).
     #[arg(long)]
     pub(crate) buffered: bool,
@@ -261,6 +269,15 @@ struct RecoverArgs {
     /// Stay in the foreground.
     #[arg(long)]
     foreground: bool,
+    /// The command line the device was added with, as kublk takes it (`recover -n 0 -t loop
+    /// -q 2 -r 1 disk.img`): checked against the device's saved configuration, which is the
+    /// one used.
+    #[arg(
+        value_name = "ADD_ARGS",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    add_args: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -270,9 +287,9 @@ fn main() -> ExitCode {
         Cmd::Add(a) => add::run(*a),
         Cmd::Del(d) => del::run(d.id, d.all, d.force),
         Cmd::List(l) => list::run(l.id, l.json),
-        Cmd::Recover(r) => add::recover(r.id, r.foreground),
+        Cmd::Recover(r) => add::recover(r.id, r.foreground, &r.add_args),
         Cmd::Quiesce(q) => del::quiesce(q.id, q.timeout),
-        Cmd::Resize(r) => list::resize(r.id, r.size),
+        Cmd::Resize(r) => list::resize(r.id, r.size.or(r.size_opt)),
         Cmd::Features => list::features(),
         Cmd::Owner(o) => list::owner(&o.name),
     };
@@ -312,6 +329,33 @@ mod tests {
         assert!(a.user_copy && !a.need_get_data);
         assert_eq!((a.recovery, a.reissue, a.fail_io), (1, 1, 0));
         assert_eq!(a.file.as_deref(), Some(std::path::Path::new("/tmp/x")));
+    }
+
+    #[test]
+    fn test_kublk_positional_file_update_size_and_recover_line() {
+        let Cmd::Add(a) = parse(&["add", "-t", "loop", "-q", "2", "/tmp/x"])
+            .unwrap()
+            .cmd
+        else {
+            panic!("not add")
+        };
+        assert_eq!(a.files, [std::path::PathBuf::from("/tmp/x")]);
+        assert!(parse(&["add", "-t", "loop", "-f", "/a", "/b"]).is_err());
+        let Cmd::Resize(r) = parse(&["update_size", "-n", "1", "-s", "4096"])
+            .unwrap()
+            .cmd
+        else {
+            panic!("not resize")
+        };
+        assert_eq!((r.id, r.size, r.size_opt), (1, None, Some(4096)));
+        let Cmd::Recover(r) = parse(&["recover", "-n", "0", "-t", "null", "-q", "2", "-r", "1"])
+            .unwrap()
+            .cmd
+        else {
+            panic!("not recover")
+        };
+        assert_eq!(r.id, 0);
+        assert_eq!(r.add_args, ["-t", "null", "-q", "2", "-r", "1"]);
     }
 
     #[test]

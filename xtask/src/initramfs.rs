@@ -53,10 +53,27 @@ pub enum Mode {
     Shell,
     /// Run `/opt/bin/ublk-bench` (`cargo xtask bench`), print the result marker, power off.
     Bench,
+    /// Run the kernel's ublk selftests in this directory (`cargo xtask selftests`) with our
+    /// `ublk` as their server, print the result marker, power off.
+    Selftests(PathBuf),
 }
 
 /// The guest side of `cargo xtask bench`, installed as `/opt/bin/ublk-bench` in every mode.
 const BENCH_SCRIPT: &str = include_str!("../guest/bench.sh");
+
+/// The guest side of `cargo xtask selftests`, installed as `/opt/bin/ublk-selftests`.
+const SELFTESTS_SCRIPT: &str = include_str!("../guest/selftests.sh");
+
+/// Host programs the kernel's selftest scripts need beyond busybox.
+const SELFTEST_TOOLS: &[(&str, &[&str])] = &[
+    ("bash", &["/bin/bash", "/usr/bin/bash"]),
+    ("lsblk", &["/bin/lsblk", "/usr/bin/lsblk"]),
+    // GNU spellings the scripts use (busybox's mktemp wants six X's, the scripts give five).
+    ("mktemp", &["/bin/mktemp", "/usr/bin/mktemp"]),
+    ("realpath", &["/bin/realpath", "/usr/bin/realpath"]),
+    ("stat", &["/bin/stat", "/usr/bin/stat"]),
+    ("truncate", &["/bin/truncate", "/usr/bin/truncate"]),
+];
 
 /// Marker the guest prints last in test mode: `@@UBLK-VM-RESULT rc=N@@`.
 pub const RESULT_MARKER: &str = "@@UBLK-VM-RESULT rc=";
@@ -291,6 +308,10 @@ pub fn build(kernel: &Kernel, bins: &[PathBuf], mode: &Mode, out: &Path) -> Resu
         t.program(&format!("opt/bin/{name}"), bin)?;
     }
 
+    if let Mode::Selftests(dir) = mode {
+        add_selftests(&mut t, dir)?;
+    }
+
     if Path::new("/etc/mke2fs.conf").exists() {
         t.file("etc/mke2fs.conf", Path::new("/etc/mke2fs.conf"))?;
     }
@@ -329,6 +350,45 @@ pub fn build(kernel: &Kernel, bins: &[PathBuf], mode: &Mode, out: &Path) -> Resu
     t.write(out)
 }
 
+/// The kernel's selftest scripts in `/opt/ublk-selftests`, `kublk` there being our `ublk`,
+/// with bash, lsblk, a `udevadm` that has nothing to settle (devtmpfs makes the nodes) and the
+/// runner `/opt/bin/ublk-selftests`.
+fn add_selftests(t: &mut Tree, dir: &Path) -> Result<()> {
+    for e in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = e?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if path.is_file() && (name.ends_with(".sh") || name == "settings") {
+            t.file(&format!("opt/ublk-selftests/{name}"), &path)?;
+        }
+    }
+    t.add(
+        "opt/ublk-selftests/kublk",
+        Entry::Symlink("/opt/bin/ublk".into()),
+    );
+    for (name, candidates) in SELFTEST_TOOLS {
+        let src = find_first(candidates)?;
+        t.program(&format!("opt/bin/{name}"), &src)?;
+    }
+    t.add(
+        "opt/bin/udevadm",
+        Entry::Data {
+            data: b"#!/bin/sh\n# The guest has no udev: devtmpfs makes the nodes.\nexit 0\n"
+                .to_vec(),
+            mode: 0o755,
+        },
+    );
+    t.add(
+        "opt/bin/ublk-selftests",
+        Entry::Data {
+            data: SELFTESTS_SCRIPT.as_bytes().to_vec(),
+            mode: 0o755,
+        },
+    );
+    Ok(())
+}
+
 fn init_script(insmods: &str, mode: &Mode) -> String {
     let tail = match mode {
         Mode::Test => format!(
@@ -343,6 +403,15 @@ echo "{RESULT_MARKER}$rc@@"
         Mode::Bench => format!(
             r#"echo "init: running /opt/bin/ublk-bench (kernel $(uname -r))"
 /opt/bin/ublk-bench
+rc=$?
+sync
+echo
+echo "{RESULT_MARKER}$rc@@"
+"#
+        ),
+        Mode::Selftests(_) => format!(
+            r#"echo "init: running /opt/bin/ublk-selftests (kernel $(uname -r))"
+/opt/bin/ublk-selftests
 rc=$?
 sync
 echo

@@ -58,6 +58,25 @@ enum Cmd {
         #[arg(long)]
         no_build: bool,
     },
+    /// Run the kernel's own ublk selftests (tools/testing/selftests/ublk of Linux 7.3, from
+    /// Debian's linux-source-7.3) in the VM with our `ublk` as their server, on each kernel.
+    Selftests {
+        /// Kernel(s): 6.12, 7.3, a comma-separated list, or all.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+        /// Only these tests, comma-separated (e.g. `loop_01,recover_01`).
+        #[arg(long)]
+        tests: Option<String>,
+        /// Host-side limit for one boot, in seconds.
+        #[arg(long, default_value_t = 2400)]
+        timeout: u64,
+        /// Show only the result lines, not the guest console.
+        #[arg(long)]
+        quiet: bool,
+        /// Use the binaries already in target/release instead of running cargo build.
+        #[arg(long)]
+        no_build: bool,
+    },
     /// Fetch the kernel selftests' ublk server (kublk, in C) from Debian's linux-source-7.3 and
     /// build it statically into target/vm/kublk/kublk (prints the path), for `bench --kublk`.
     Kublk,
@@ -197,6 +216,19 @@ fn main() -> Result<ExitCode> {
             rublk,
             kublk,
             kernel_args,
+        }),
+        Cmd::Selftests {
+            kernel,
+            tests,
+            timeout,
+            quiet,
+            no_build,
+        } => kublk::selftests(&kublk::SelftestOptions {
+            kernels: vm::parse_kernels(&kernel)?,
+            tests,
+            timeout: Duration::from_secs(timeout),
+            quiet,
+            no_build,
         }),
         Cmd::Kublk => {
             println!("{}", kublk::build()?.display());

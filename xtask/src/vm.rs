@@ -152,6 +152,7 @@ pub(crate) fn prepare(
         Mode::Test => "test",
         Mode::Shell => "shell",
         Mode::Bench => "bench",
+        Mode::Selftests(_) => "selftests",
     };
     let initrd = target_dir().join(format!("vm/initramfs-{}-{suffix}.cpio", spec.label));
     fs::create_dir_all(initrd.parent().unwrap())?;
