@@ -578,7 +578,7 @@ fn boot_and_bench(
     let load_before = loadavg();
     let (host0, kids0) = (host_busy_ticks(), children_ticks());
     let mut loads: Vec<f64> = Vec::new();
-    let outcome = vm::run_guest(&boot, |line| {
+    let outcome = vm::run_guest_retrying(&boot, |line| {
         if line.starts_with("bench: ") {
             if let Some(l) = loadavg()
                 .split_whitespace()

@@ -157,7 +157,7 @@ pub fn selftests(o: &SelftestOptions) -> Result<ExitCode> {
             quiet: o.quiet,
             log_path: vm::target_dir().join(format!("vm/selftests-{}.log", spec.label)),
         };
-        let outcome = vm::run_guest(&boot, |line| {
+        let outcome = vm::run_guest_retrying(&boot, |line| {
             let Some(at) = line.find("@@SELFTEST ") else {
                 return;
             };

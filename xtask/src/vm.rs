@@ -340,6 +340,28 @@ pub(crate) struct Outcome {
 /// stuck, and is better retried than waited for.
 pub(crate) const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
+/// [`run_guest`], booting once more if the guest never became ready: it stalled, or it crashed
+/// during boot (under TCG the 7.3 kernel now and then oopses on an `int3` in early text
+/// patching, before `/init` runs). Nothing is lost: no test had started. The first console is
+/// kept as `<log>.unready.log`.
+pub(crate) fn run_guest_retrying(b: &Boot, mut on_line: impl FnMut(&str)) -> Result<Outcome> {
+    let outcome = run_guest(b, &mut on_line)?;
+    if outcome.booted.is_some() || outcome.rc.is_some() {
+        return Ok(outcome);
+    }
+    eprintln!(
+        "xtask: {}: the guest never became ready ({}); booting it again",
+        b.label,
+        if outcome.stalled {
+            format!("nothing within {}s", BOOT_TIMEOUT.as_secs())
+        } else {
+            "it crashed or powered off during boot".to_string()
+        }
+    );
+    let _ = std::fs::rename(&b.log_path, b.log_path.with_extension("unready.log"));
+    run_guest(b, &mut on_line)
+}
+
 /// Boot once with the console on stdio, hand every console line to `on_line`, stop at the
 /// result marker (plus the guest's power-off), a crash or the timeout.
 pub(crate) fn run_guest(b: &Boot, mut on_line: impl FnMut(&str)) -> Result<Outcome> {
@@ -489,16 +511,7 @@ fn boot_and_test(
             }
         }
     };
-    let mut outcome = run_guest(&boot, &mut on_line)?;
-    if outcome.stalled {
-        eprintln!(
-            "xtask: {label}: the guest was not ready after {}s; booting it again",
-            BOOT_TIMEOUT.as_secs()
-        );
-        // Keep the stalled boot's console for a post-mortem.
-        let _ = std::fs::rename(&log_path, log_path.with_extension("stalled.log"));
-        outcome = run_guest(&boot, &mut on_line)?;
-    }
+    let outcome = run_guest_retrying(&boot, &mut on_line)?;
     let Outcome {
         rc,
         timed_out,
