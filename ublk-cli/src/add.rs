@@ -152,20 +152,8 @@ static DEVICE_STARTED: AtomicBool = AtomicBool::new(false);
 
 /// `ublk add`.
 pub(crate) fn run(mut a: AddArgs) -> Result<()> {
-    if let Some(f) = a.files.first() {
-        if a.files.len() > 1 {
-            bail!(
-                "one backing file, not {}: {}",
-                a.files.len(),
-                a.files
-                    .iter()
-                    .map(|f| f.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            );
-        }
-        a.file = Some(f.clone());
-        a.files.clear();
+    if let Some(f) = a.file_arg.take() {
+        a.file = Some(f);
     }
     a.data_mode()?;
     if a.fail_io == 1 && a.reissue == 1 {

@@ -163,7 +163,7 @@ pub(crate) struct AddArgs {
     /// The backing file without -f, as kublk spells it (`ublk add -t loop disk.img`).
     #[arg(value_name = "FILE", conflicts_with = "file")]
     #[serde(skip)]
-    pub(crate) files: Vec<PathBuf>,
+    pub(crate) file_arg: Option<PathBuf>,
     /// Buffered IO on the backing file instead of O_DIRECT (loop).
     #[arg(long)]
     pub(crate) buffered: bool,
@@ -339,8 +339,9 @@ mod tests {
         else {
             panic!("not add")
         };
-        assert_eq!(a.files, [std::path::PathBuf::from("/tmp/x")]);
+        assert_eq!(a.file_arg.as_deref(), Some(std::path::Path::new("/tmp/x")));
         assert!(parse(&["add", "-t", "loop", "-f", "/a", "/b"]).is_err());
+        assert!(parse(&["add", "-t", "loop", "/a", "/b"]).is_err());
         let Cmd::Resize(r) = parse(&["update_size", "-n", "1", "-s", "4096"])
             .unwrap()
             .cmd

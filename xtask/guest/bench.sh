@@ -135,28 +135,23 @@ if [ -x /opt/bin/rublk ]; then
     RUBLK=1
     out "@@INFO rublk_version=$(/opt/bin/rublk --version 2>&1 | head -n 1)@@"
 fi
-rublk_add() { # group name target args...
-    [ $RUBLK = 1 ] || return 0
-    group=$1 name=$2; shift 2
-    if srv_add "$name" /opt/bin/rublk add "$@"; then
-        out "@@INFO cmd.$name=rublk add $*@@"
+# Adds a device with another server (rublk, kublk) if `cargo xtask bench --rublk/--kublk` put
+# it in the guest; a failure skips that device.
+peer_add() { # server group name args...
+    peer=$1 group=$2 name=$3; shift 3
+    [ -x /opt/bin/$peer ] || return 0
+    if srv_add "$name" /opt/bin/$peer add "$@"; then
+        out "@@INFO cmd.$name=$peer add $*@@"
     else
-        skip "$group" $q "$name" "rublk add $* failed"
+        skip "$group" $q "$name" "$peer add $* failed"
     fi
 }
+rublk_add() { peer_add rublk "$@"; } # group name target args...
 # kublk (the kernel selftests' ublk server), when `cargo xtask bench --kublk PATH` put it in the
 # guest.
 KUBLK=0
 [ -x /opt/bin/kublk ] && KUBLK=1
-kublk_add() { # group name args...
-    [ $KUBLK = 1 ] || return 0
-    group=$1 name=$2; shift 2
-    if srv_add "$name" /opt/bin/kublk add "$@"; then
-        out "@@INFO cmd.$name=kublk add $*@@"
-    else
-        skip "$group" $q "$name" "kublk add $* failed"
-    fi
-}
+kublk_add() { peer_add kublk "$@"; } # group name args...
 # Deletes every ublk device (the other servers' first, with their own tools, so that their
 # daemons exit cleanly).
 del_all() {

@@ -389,35 +389,24 @@ fn add_selftests(t: &mut Tree, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `/init`'s tail that runs `program`, then prints its exit status in the result marker.
+fn run_and_report(program: &str, note: &str) -> String {
+    format!(
+        r#"echo "init: running {program} (kernel $(uname -r){note})"
+{program}
+rc=$?
+sync
+echo
+echo "{RESULT_MARKER}$rc@@"
+"#
+    )
+}
+
 fn init_script(insmods: &str, mode: &Mode) -> String {
     let tail = match mode {
-        Mode::Test => format!(
-            r#"echo "init: running /opt/bin/ublk-vm-tests (kernel $(uname -r), filter '$UBLK_VM_FILTER')"
-/opt/bin/ublk-vm-tests
-rc=$?
-sync
-echo
-echo "{RESULT_MARKER}$rc@@"
-"#
-        ),
-        Mode::Bench => format!(
-            r#"echo "init: running /opt/bin/ublk-bench (kernel $(uname -r))"
-/opt/bin/ublk-bench
-rc=$?
-sync
-echo
-echo "{RESULT_MARKER}$rc@@"
-"#
-        ),
-        Mode::Selftests(_) => format!(
-            r#"echo "init: running /opt/bin/ublk-selftests (kernel $(uname -r))"
-/opt/bin/ublk-selftests
-rc=$?
-sync
-echo
-echo "{RESULT_MARKER}$rc@@"
-"#
-        ),
+        Mode::Test => run_and_report("/opt/bin/ublk-vm-tests", ", filter '$UBLK_VM_FILTER'"),
+        Mode::Bench => run_and_report("/opt/bin/ublk-bench", ""),
+        Mode::Selftests(_) => run_and_report("/opt/bin/ublk-selftests", ""),
         Mode::Shell => r#"echo
 echo "ublk VM shell: kernel $(uname -r). Tools in /opt/bin (ublk, ublk-vm-tests, fio, mkfs.ext4, ...)."
 echo "Run 'ublk-vm-tests --list' / 'ublk-vm-tests FILTER'. Exit the shell to power off."
