@@ -30,6 +30,11 @@ pub fn all() -> Vec<Test> {
             nbd_verify(false, 2, false, false, &["-b"])
         }),
         test("kernel_nbd_server_restart", 240, nbd_server_restart),
+        test(
+            "kernel_nbd_timeout_and_no_reconnect",
+            240,
+            nbd_timeout_no_reconnect,
+        ),
         test("kernel_nbd_ext4_readd", 240, nbd_ext4_readd),
         test("kernel_nbd_nbdkit_memory_q1", 300, || nbdkit_memory(1)),
         test("kernel_nbd_nbdkit_memory_q2_multiconn", 300, || {
@@ -418,6 +423,95 @@ fn nbd_server_restart() -> Result<Outcome> {
         fs::read(&file)?[..want.len()] == want[..],
         "the server's file differs from what was written"
     );
+    Ok(Outcome::Pass)
+}
+
+/// A direct 4 KiB read of `dev` at block `blk` into `out`: the run (failed or not) and how
+/// long it took.
+fn read_block(dev: &str, blk: u64, out: &Path) -> Result<(Run, Duration)> {
+    let t = std::time::Instant::now();
+    let r = run_timeout(
+        Command::new("dd").args([
+            &format!("if={dev}"),
+            &format!("of={}", out.display()),
+            "bs=4k",
+            "count=1",
+            &format!("skip={blk}"),
+            "iflag=direct",
+            "status=none",
+        ]),
+        Duration::from_secs(60),
+    )?;
+    Ok((r, t.elapsed()))
+}
+
+/// `--nbd-timeout`: IO the stopped server does not answer fails with EIO after about the
+/// timeout, and the device works again once the server continues. `--nbd-no-reconnect`: IO
+/// fails as soon as the server is gone, and the device can still be deleted.
+fn nbd_timeout_no_reconnect() -> Result<Outcome> {
+    let file = workdir()?.join("nbd-timeout.raw");
+    write_pattern(&file, 16 * MIB, 41)?;
+    let want = fs::read(&file)?;
+    let out = workdir()?.join("nbd-timeout.out");
+    let (server, ep) = Server::start(&file, false, 1)?;
+    let d = add_nbd(&ep, &["--nbd-timeout", "2"])?;
+    let (r, _) = read_block(&d.bdev(), 5, &out)?;
+    ensure!(
+        r.ok(),
+        "read before stopping the server failed: {}",
+        r.stderr
+    );
+    ensure!(
+        fs::read(&out)? == want[5 * 4096..6 * 4096],
+        "block 5 reads back wrong"
+    );
+
+    let pid = server.child.id().to_string();
+    sh("kill", &["-STOP", &pid])?;
+    let (r, took) = read_block(&d.bdev(), 7, &out)?;
+    sh("kill", &["-CONT", &pid])?;
+    ensure!(!r.ok(), "a read succeeded while the server was stopped");
+    ensure!(
+        r.stderr.contains("Input/output error"),
+        "the read failed without EIO: {}",
+        r.stderr
+    );
+    ensure!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(20),
+        "the read failed after {took:?}, not after about the 2 s timeout"
+    );
+    // Back: the connection is re-established and the same block reads right.
+    let mut ok = false;
+    for _ in 0..30 {
+        let (r, _) = read_block(&d.bdev(), 7, &out)?;
+        if r.ok() {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    ensure!(ok, "the device still fails 30 s after the server continued");
+    ensure!(
+        fs::read(&out)? == want[7 * 4096..8 * 4096],
+        "block 7 reads back wrong"
+    );
+    ublk_del(d.id)?;
+
+    let d = add_nbd(&ep, &["--nbd-no-reconnect"])?;
+    let (r, _) = read_block(&d.bdev(), 9, &out)?;
+    ensure!(
+        r.ok(),
+        "read before killing the server failed: {}",
+        r.stderr
+    );
+    drop(server);
+    let (r, took) = read_block(&d.bdev(), 11, &out)?;
+    ensure!(!r.ok(), "a read succeeded with the server gone");
+    ensure!(
+        took < Duration::from_secs(10),
+        "without reconnecting, the read took {took:?} to fail"
+    );
+    ublk_del(d.id)?;
     Ok(Outcome::Pass)
 }
 

@@ -1,7 +1,7 @@
 //! `ublk add` and `ublk recover`: build the target, add (or re-attach to) the device, serve it.
 
 use crate::state::{self, DevState};
-use crate::{list, AddArgs, TargetType};
+use crate::{list, AddArgs, NbdServerArgs, TargetType};
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
@@ -9,9 +9,10 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use ublk_core::{
-    Ctrl, DataMode, DevInfo, Device, DeviceBuilder, DeviceParams, Recovery, RunOptions, StopReason,
-    Target,
+    Ctrl, DataMode, DevInfo, Device, DeviceBuilder, DeviceFlags, DeviceParams, Recovery,
+    RunOptions, StopReason, Target,
 };
 use ublk_targets::loop_::{LoopConfig, LoopTarget};
 use ublk_targets::nbd::{Engine, NbdAddr, NbdConfig, NbdTarget, NbdUri, TlsParams};
@@ -52,20 +53,23 @@ impl AddArgs {
         if let Some(s) = self.max_io_size {
             opt("--max-io-size", s.to_string());
         }
+        if let Some(s) = self.nbd_timeout {
+            opt("--nbd-timeout", s.to_string());
+        }
         for (k, val) in [
-            ("--uri", self.uri.clone()),
-            ("--host", self.host.clone()),
-            ("--port", self.port.map(|p| p.to_string())),
+            ("--uri", self.nbd.uri.clone()),
+            ("--host", self.nbd.host.clone()),
+            ("--port", self.nbd.port.map(|p| p.to_string())),
             (
                 "--unix",
-                self.unix.as_ref().map(|p| p.display().to_string()),
+                self.nbd.unix.as_ref().map(|p| p.display().to_string()),
             ),
-            ("--export_name", self.export_name.clone()),
+            ("--export_name", self.nbd.export_name.clone()),
             (
                 "--tls-certs",
-                self.tls_certs.as_ref().map(|p| p.display().to_string()),
+                self.nbd.tls_certs.as_ref().map(|p| p.display().to_string()),
             ),
-            ("--tls-hostname", self.tls_hostname.clone()),
+            ("--tls-hostname", self.nbd.tls_hostname.clone()),
         ] {
             if let Some(val) = val {
                 opt(k, val);
@@ -81,15 +85,17 @@ impl AddArgs {
             (self.zero_copy, "-z"),
             (self.batch, "-b"),
             (self.unprivileged, "--unprivileged"),
+            (self.no_auto_part_scan, "--no-auto-part-scan"),
             (self.fallback, "--fallback"),
             (self.buffered, "--buffered"),
             (self.read_only, "--read-only"),
             (self.no_affinity, "--no-affinity"),
             (self.no_batch_sched, "--no-batch-sched"),
             (self.foreground, "--foreground"),
-            (self.tls, "--tls"),
+            (self.nbd.tls, "--tls"),
             (self.nbd_threads, "--nbd-threads"),
             (self.nbd_sparse_reads, "--nbd-sparse-reads"),
+            (self.nbd_no_reconnect, "--nbd-no-reconnect"),
         ] {
             if on {
                 v.push(flag.into());
@@ -224,7 +230,7 @@ fn run_created(a: AddArgs) -> Result<()> {
         }
     }
     let mut a = a;
-    if a.target != TargetType::Nbd && (a.tls || a.tls_certs.is_some() || a.tls_hostname.is_some()) {
+    if a.target != TargetType::Nbd && a.nbd.wants_tls() {
         bail!("--tls, --tls-certs and --tls-hostname are for the nbd target");
     }
     if a.target != TargetType::Null && a.size.is_some() {
@@ -234,15 +240,17 @@ fn run_created(a: AddArgs) -> Result<()> {
              export's)"
         );
     }
-    if a.target != TargetType::Nbd && (a.nbd_threads || a.nbd_sparse_reads) {
-        bail!("--nbd-threads and --nbd-sparse-reads are for the nbd target");
+    if a.target != TargetType::Nbd
+        && (a.nbd_threads || a.nbd_sparse_reads || a.nbd_timeout.is_some() || a.nbd_no_reconnect)
+    {
+        bail!("--nbd-* options are for the nbd target");
     }
-    if let Some(d) = &a.tls_certs {
+    if let Some(d) = &a.nbd.tls_certs {
         // The daemon may run elsewhere; keep the directory meaning what the user meant.
-        a.tls_certs = Some(std::path::absolute(d).context("bad --tls-certs directory")?);
+        a.nbd.tls_certs = Some(std::path::absolute(d).context("bad --tls-certs directory")?);
     }
     if a.target == TargetType::Nbd {
-        nbd_uri(&a)?;
+        nbd_uri(&a.nbd)?;
     }
     if a.foreground {
         serve(a)
@@ -252,7 +260,7 @@ fn run_created(a: AddArgs) -> Result<()> {
 }
 
 /// The NBD server from `--uri`, or from ublksrv's `--host/--port/--unix/--export_name`.
-pub(crate) fn nbd_uri(a: &AddArgs) -> Result<NbdUri> {
+pub(crate) fn nbd_uri(a: &NbdServerArgs) -> Result<NbdUri> {
     let export = a.export_name.clone().unwrap_or_default();
     let mut uri = match (&a.uri, &a.host, &a.unix) {
         (Some(u), None, None) => NbdUri::parse(u)?,
@@ -270,12 +278,12 @@ pub(crate) fn nbd_uri(a: &AddArgs) -> Result<NbdUri> {
             tls: None,
         },
         (None, None, None) => {
-            bail!("the nbd target needs a server: --uri nbd://HOST/EXPORT (or --host / --unix)")
+            bail!("an NBD server is needed: --uri nbd://HOST/EXPORT (or --host / --unix)")
         }
         _ => bail!("give the NBD server once: --uri, --host or --unix"),
     };
     // --tls-* override the URI's tls- parameters; any of them requires TLS.
-    if a.tls || a.tls_certs.is_some() || a.tls_hostname.is_some() {
+    if a.wants_tls() {
         let t = uri.tls.get_or_insert_with(TlsParams::default);
         if let Some(d) = &a.tls_certs {
             t.certificates = Some(d.clone());
@@ -285,6 +293,13 @@ pub(crate) fn nbd_uri(a: &AddArgs) -> Result<NbdUri> {
         }
     }
     Ok(uri)
+}
+
+impl NbdServerArgs {
+    /// Whether a TLS flag was given.
+    pub(crate) fn wants_tls(&self) -> bool {
+        self.tls || self.tls_certs.is_some() || self.tls_hostname.is_some()
+    }
 }
 
 /// Whether a daemon log line (`ublk[PID]: LEVEL: ...`) is a warning or an error.
@@ -451,7 +466,7 @@ fn serve(a: AddArgs) -> Result<()> {
             serve_target(a, Arc::new(t), params, json)
         }
         TargetType::Nbd => {
-            let uri = nbd_uri(&a)?;
+            let uri = nbd_uri(&a.nbd)?;
             let mut cfg = NbdConfig::new(uri.clone());
             cfg.queues = a.queues;
             cfg.read_only = a.read_only;
@@ -459,6 +474,10 @@ fn serve(a: AddArgs) -> Result<()> {
                 cfg.engine = Engine::Threads;
             }
             cfg.client.sparse_reads = a.nbd_sparse_reads;
+            if let Some(secs) = a.nbd_timeout {
+                cfg.client.request_timeout = (secs > 0).then(|| Duration::from_secs(secs));
+            }
+            cfg.client.reconnect = !a.nbd_no_reconnect;
             let t = NbdTarget::connect(&cfg).context("cannot connect to the NBD server")?;
             let params = t.params();
             let mut a = a;
@@ -472,6 +491,8 @@ fn serve(a: AddArgs) -> Result<()> {
                 "connections": t.connections(),
                 "multi_conn": t.multi_conn(),
                 "engine": if t.engine() == Engine::Ring { "io_uring" } else { "threads" },
+                "timeout_secs": cfg.client.request_timeout.map_or(0, |d| d.as_secs()),
+                "reconnect": cfg.client.reconnect,
             });
             serve_target(a, Arc::new(t), params, json)
         }
@@ -537,6 +558,9 @@ fn serve_target<T: Target + 'static>(
                 .affinity(!a.no_affinity)
                 .batch_io(a.batch)
                 .unprivileged(a.unprivileged);
+            if a.no_auto_part_scan {
+                b = b.flags(DeviceFlags::NO_AUTO_PART_SCAN);
+            }
             if let Some(m) = a.max_io_size {
                 let m = u32::try_from(m).map_err(|_| anyhow!("--max-io-size is too large"))?;
                 b = b.max_io_bytes(m);

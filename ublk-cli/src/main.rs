@@ -6,6 +6,7 @@
 
 mod add;
 mod del;
+mod exports;
 mod list;
 mod logger;
 mod size;
@@ -53,6 +54,19 @@ enum Cmd {
     /// Print the owner of an unprivileged device as "UID GID" (for udev rules; fails for
     /// ordinary devices).
     Owner(OwnerArgs),
+    /// List the exports of an NBD server with their size and flags (what `add -t nbd` would
+    /// get from each).
+    #[command(name = "nbd-list", alias = "list-exports")]
+    NbdList(NbdListArgs),
+}
+
+#[derive(Args, Debug)]
+struct NbdListArgs {
+    #[command(flatten)]
+    server: NbdServerArgs,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -142,6 +156,12 @@ pub(crate) struct AddArgs {
     #[arg(long)]
     #[serde(default)]
     pub(crate) unprivileged: bool,
+    /// Do not let the kernel scan the new disk for partitions (UBLK_F_NO_AUTO_PART_SCAN, Linux
+    /// 7.0; an untrusted image's partition table is then not parsed until `blockdev
+    /// --rereadpt`).
+    #[arg(long = "no-auto-part-scan", alias = "no_auto_part_scan")]
+    #[serde(default)]
+    pub(crate) no_auto_part_scan: bool,
     /// Fall back to copy mode (with a warning) when the kernel lacks the requested mode.
     #[arg(long)]
     pub(crate) fallback: bool,
@@ -197,6 +217,36 @@ pub(crate) struct AddArgs {
     /// batch of requests build up before the queue thread takes the CPU from the submitter).
     #[arg(long = "no-batch-sched")]
     pub(crate) no_batch_sched: bool,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) nbd: NbdServerArgs,
+    /// Drive NBD connections with writer and reader threads instead of the queue threads'
+    /// io_uring (which is used whenever each queue has a plaintext connection of its own).
+    #[arg(long = "nbd-threads")]
+    pub(crate) nbd_threads: bool,
+    /// Let the NBD server answer reads of holes with hole chunks instead of zeros (less
+    /// traffic on sparse exports; costs qemu-nbd an allocation lookup per read).
+    #[arg(long = "nbd-sparse-reads")]
+    pub(crate) nbd_sparse_reads: bool,
+    /// A request the NBD server has not answered within SECS fails with EIO, and the
+    /// connection is considered dead and re-established (0: wait for ever; nbd; default 30).
+    #[arg(long = "nbd-timeout", value_name = "SECS")]
+    #[serde(default)]
+    pub(crate) nbd_timeout: Option<u64>,
+    /// Fail all IO with EIO once the connection to the NBD server is lost, instead of
+    /// reconnecting (with backoff) and resending what was in flight (nbd).
+    #[arg(long = "nbd-no-reconnect")]
+    #[serde(default)]
+    pub(crate) nbd_no_reconnect: bool,
+    /// Internal: re-attach to this device instead of adding one.
+    #[arg(long, hide = true)]
+    pub(crate) recover_id: Option<u32>,
+}
+
+/// Where the NBD server is (`add -t nbd`, `nbd-list`).
+#[derive(Args, Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub(crate) struct NbdServerArgs {
     /// NBD server: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (nbd).
     #[arg(long)]
     pub(crate) uri: Option<String>,
@@ -223,17 +273,6 @@ pub(crate) struct AddArgs {
     /// Unix sockets). Implies --tls.
     #[arg(long = "tls-hostname")]
     pub(crate) tls_hostname: Option<String>,
-    /// Drive NBD connections with writer and reader threads instead of the queue threads'
-    /// io_uring (which is used whenever each queue has a plaintext connection of its own).
-    #[arg(long = "nbd-threads")]
-    pub(crate) nbd_threads: bool,
-    /// Let the NBD server answer reads of holes with hole chunks instead of zeros (less
-    /// traffic on sparse exports; costs qemu-nbd an allocation lookup per read).
-    #[arg(long = "nbd-sparse-reads")]
-    pub(crate) nbd_sparse_reads: bool,
-    /// Internal: re-attach to this device instead of adding one.
-    #[arg(long, hide = true)]
-    pub(crate) recover_id: Option<u32>,
 }
 
 #[derive(Args, Debug)]
@@ -292,6 +331,7 @@ fn main() -> ExitCode {
         Cmd::Resize(r) => list::resize(r.id, r.size.or(r.size_opt)),
         Cmd::Features => list::features(),
         Cmd::Owner(o) => list::owner(&o.name),
+        Cmd::NbdList(l) => exports::run(&l.server, l.json),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -536,6 +576,46 @@ mod tests {
         assert!(mode(&["--copy", "-u"], false).is_err());
     }
 
+    /// Options the daemon must get again (it is started with `to_argv`), in kublk's spelling
+    /// too.
+    #[test]
+    fn test_add_options_reach_the_daemon() {
+        let Cmd::Add(a) = parse(&[
+            "add",
+            "-t",
+            "nbd",
+            "--unix",
+            "/s",
+            "--nbd-timeout",
+            "0",
+            "--nbd-no-reconnect",
+            "--no_auto_part_scan",
+        ])
+        .unwrap()
+        .cmd
+        else {
+            panic!("not add")
+        };
+        assert_eq!(a.nbd_timeout, Some(0));
+        assert!(a.nbd_no_reconnect && a.no_auto_part_scan);
+        let again =
+            Cli::try_parse_from(std::iter::once("ublk".to_string()).chain(a.to_argv())).unwrap();
+        let Cmd::Add(b) = again.cmd else {
+            panic!("not add")
+        };
+        assert_eq!(
+            serde_json::to_value(&a).unwrap(),
+            serde_json::to_value(&b).unwrap()
+        );
+        // A state file written before these options existed still loads.
+        let mut old = serde_json::to_value(&a).unwrap();
+        for k in ["nbd_timeout", "nbd_no_reconnect", "no_auto_part_scan"] {
+            old.as_object_mut().unwrap().remove(k);
+        }
+        let c: AddArgs = serde_json::from_value(old).unwrap();
+        assert!(c.nbd_timeout.is_none() && !c.nbd_no_reconnect && !c.no_auto_part_scan);
+    }
+
     #[test]
     fn test_nbd_tls_options() {
         let cli = parse(&[
@@ -555,7 +635,7 @@ mod tests {
         let Cmd::Add(a) = cli.cmd else {
             panic!("not add")
         };
-        let u = add::nbd_uri(&a).unwrap();
+        let u = add::nbd_uri(&a.nbd).unwrap();
         let t = u.tls.expect("--tls-certs implies TLS");
         assert_eq!(
             t.certificates.as_deref(),
@@ -578,7 +658,7 @@ mod tests {
             let Cmd::Add(a) = parse(args).unwrap().cmd else {
                 panic!("not add")
             };
-            add::nbd_uri(&a).unwrap().tls
+            add::nbd_uri(&a.nbd).unwrap().tls
         };
         assert!(tls_of(&["add", "-t", "nbd", "--unix", "/s", "--tls"]).is_some());
         assert!(tls_of(&["add", "-t", "nbd", "--unix", "/s"]).is_none());

@@ -10,7 +10,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use ublk_targets::nbd::proto::{self, TransmissionFlags as TF};
-use ublk_targets::nbd::{list_exports, Client, Cmd, Completion, ConnectOptions, NbdError};
+use ublk_targets::nbd::{
+    list_exports, probe_export, Client, Cmd, Completion, ConnectOptions, NbdError,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Negotiation
@@ -134,6 +136,13 @@ fn test_nbd_list_exports() {
         assert_eq!(l.len(), 1);
         assert_eq!(l[0].name, "exp1");
         assert_eq!(l[0].description, "the disk");
+        let i = probe_export(&srv.uri("").addr, "exp1", &ConnectOptions::default()).unwrap();
+        assert_eq!(i.size, MIB);
+        assert!(i.used_go);
+        assert!(probe_export(&srv.uri("").addr, "nope", &ConnectOptions::default()).is_err());
+        // Each connection was closed: the server (one client at a time) takes the next.
+        let l = list_exports(&srv.uri("").addr, &ConnectOptions::default()).unwrap();
+        assert_eq!(l.len(), 1);
     });
 }
 

@@ -491,6 +491,13 @@ pub fn open(addr: &NbdAddr, export: &str, opts: &ConnectOptions) -> Result<(Stre
     };
     let info = match negotiate_export(&mut &s, hflags, export, opts) {
         Err(NbdError::Io(e)) if opts.tls.is_some() => return Err(tls_alert(&s, addr, e)),
+        Err(e @ (NbdError::OptionRefused { .. } | NbdError::TlsRequired { .. })) => {
+            // The session is still in option haggling: end it as the protocol asks, so that
+            // the server does not log a client that vanished.
+            abort_options(&mut &s);
+            s.close_notify();
+            return Err(e);
+        }
         r => r.map_err(timed_out)?,
     };
     s.set_timeouts(None, None)?;
@@ -509,13 +516,30 @@ pub fn list_exports(addr: &NbdAddr, opts: &ConnectOptions) -> Result<Vec<ExportE
     };
     let mut s = &s;
     let list = list_after_greeting(&mut s)?;
-    // Soft disconnect; a server that just closes is fine.
-    if send_option(&mut s, proto::OPT_ABORT, &[]).is_ok() {
-        let _ = read_opt_reply(&mut s, proto::OPT_ABORT);
-    }
+    abort_options(&mut s);
     s.close_notify();
     s.shutdown();
     Ok(list)
+}
+
+/// What a client of `export` would see: negotiates it as [`open`] does, then disconnects
+/// (`NBD_CMD_DISC`) without sending anything else.
+pub fn probe_export(addr: &NbdAddr, export: &str, opts: &ConnectOptions) -> Result<ExportInfo> {
+    let (s, info) = open(addr, export, opts)?;
+    // A server that is gone already is no reason to fail: the export was described.
+    let _ = s.set_timeouts(Some(opts.timeout), Some(opts.timeout));
+    let _ = (&s).write_all(&proto::RequestHeader::disc(info.extended));
+    s.close_notify();
+    s.shutdown();
+    Ok(info)
+}
+
+/// Ends option haggling with `NBD_OPT_ABORT` (a soft disconnect: a server that just closes
+/// is fine too).
+fn abort_options<S: Read + Write>(s: &mut S) {
+    if send_option(s, proto::OPT_ABORT, &[]).is_ok() {
+        let _ = read_opt_reply(s, proto::OPT_ABORT);
+    }
 }
 
 /// `NBD_OPT_LIST` on a fresh stream.

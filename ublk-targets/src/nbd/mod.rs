@@ -21,7 +21,7 @@ pub mod tls;
 pub mod uri;
 
 pub use client::{Client, ClientOptions, Cmd, Completion, Request};
-pub use conn::{list_exports, ConnectOptions, ExportEntry, ExportInfo};
+pub use conn::{list_exports, probe_export, ConnectOptions, ExportEntry, ExportInfo};
 pub use error::{NbdError, ProtoError, Result};
 pub use target::{Engine, NbdConfig, NbdQueue, NbdTarget};
 pub use tls::TlsConfig;
