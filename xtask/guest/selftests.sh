@@ -17,7 +17,7 @@ RUN=/tmp/ublk-selftests
 TIMEOUT=${UBLK_SELFTESTS_TIMEOUT:-300}
 # The tests run (in the kernel's order).
 ALL="generic_07 generic_10 null_01 null_02 null_03 loop_01 loop_02 loop_03 loop_04 loop_05 loop_06
-loop_07 recover_01 recover_02 recover_03 recover_04 stress_01 stress_02 stress_06 stress_07"
+loop_07 part_01 recover_01 recover_02 recover_03 recover_04 stress_01 stress_02 stress_06 stress_07"
 TESTS=$(echo "${UBLK_SELFTESTS:-$ALL}" | tr ',' ' ')
 
 # Lines dropped from a test, and why (sed patterns): kublk-only targets and threading options;

@@ -73,6 +73,9 @@ const SELFTEST_TOOLS: &[(&str, &[&str])] = &[
     ("realpath", &["/bin/realpath", "/usr/bin/realpath"]),
     ("stat", &["/bin/stat", "/usr/bin/stat"]),
     ("truncate", &["/bin/truncate", "/usr/bin/truncate"]),
+    // part_01 writes a partition table and rereads it.
+    ("sfdisk", &["/sbin/sfdisk", "/usr/sbin/sfdisk"]),
+    ("blockdev", &["/sbin/blockdev", "/usr/sbin/blockdev"]),
 ];
 
 /// Marker the guest prints last in test mode: `@@UBLK-VM-RESULT rc=N@@`.
