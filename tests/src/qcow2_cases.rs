@@ -44,6 +44,7 @@ pub fn all() -> Vec<Test> {
             qcow2_mapped_preallocated,
         ),
         test("kernel_qcow2_discard", 240, qcow2_discard),
+        test("kernel_qcow2_small_l2_cache_q2", 240, qcow2_small_l2_cache),
         test(
             "kernel_qcow2_write_zeroes_over_backing",
             240,
@@ -103,6 +104,47 @@ fn qcow2_verify(dir: &Path, queues: u32, extra: &[&str]) -> Result<Outcome> {
             && (d.flags & (1 << 7) != 0) == tmpfs,
         "on tmpfs: {tmpfs}, flags {:#x}, listed {listed}",
         d.flags
+    );
+    fio_verify(&d.bdev(), 32, ("32M", "64M"), Duration::from_secs(180))?;
+    ublk_del(d.id)?;
+    qemu_img_check(&img)?;
+    Ok(Outcome::Pass)
+}
+
+/// `--l2-cache-size 16K --refcount-cache-size 4K` on an image with 4 KiB clusters: the caches
+/// hold 4 L2 slices of 2 MiB of guest space and 4 refcount blocks of 8 MiB of file each, so fio
+/// over 32-64 MiB from two queues evicts (and writes back dirty entries) all the time; the
+/// data verifies and `qemu-img check` is clean.
+fn qcow2_small_l2_cache() -> Result<Outcome> {
+    let img = workdir()?.join("small-cache.qcow2");
+    let f = img.to_string_lossy().into_owned();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        &f,
+        "128M",
+    ])?;
+    let d = ublk_add(&[
+        "-t",
+        "qcow2",
+        "-f",
+        &f,
+        "-q",
+        "2",
+        "--l2-cache-size",
+        "16K",
+        "--refcount-cache-size",
+        "4K",
+    ])?;
+    let listed = ublk_ok(&["list", "-n", &d.id.to_string()])?.stdout;
+    ensure!(
+        listed.contains("\"l2_cache_bytes\":16384")
+            && listed.contains("\"refcount_cache_bytes\":4096"),
+        "the cache size is not the one asked for: {listed}"
     );
     fio_verify(&d.bdev(), 32, ("32M", "64M"), Duration::from_secs(180))?;
     ublk_del(d.id)?;

@@ -17,7 +17,10 @@ use ublk_core::{
 use ublk_targets::loop_::{LoopConfig, LoopTarget};
 use ublk_targets::nbd::{Engine, NbdAddr, NbdConfig, NbdTarget, NbdUri, TlsParams};
 use ublk_targets::null::NullTarget;
-use ublk_targets::qcow2::{CreateOptions, Qcow2Image, Qcow2Target};
+use ublk_targets::qcow2::{
+    CreateOptions, Qcow2Image, Qcow2Options, Qcow2Target, DEFAULT_L2_CACHE_BYTES,
+    DEFAULT_REFCOUNT_CACHE_BYTES,
+};
 
 /// Marker the daemon prints once the device is up; the parent stops reading there.
 const READY: &str = "@@ublk-ready@@";
@@ -55,6 +58,12 @@ impl AddArgs {
         }
         if let Some(s) = self.nbd_timeout {
             opt("--nbd-timeout", s.to_string());
+        }
+        if let Some(s) = self.l2_cache_size {
+            opt("--l2-cache-size", s.to_string());
+        }
+        if let Some(s) = self.refcount_cache_size {
+            opt("--refcount-cache-size", s.to_string());
         }
         for (k, val) in [
             ("--uri", self.nbd.uri.clone()),
@@ -244,6 +253,11 @@ fn run_created(a: AddArgs) -> Result<()> {
         && (a.nbd_threads || a.nbd_sparse_reads || a.nbd_timeout.is_some() || a.nbd_no_reconnect)
     {
         bail!("--nbd-* options are for the nbd target");
+    }
+    if a.target != TargetType::Qcow2
+        && (a.l2_cache_size.is_some() || a.refcount_cache_size.is_some())
+    {
+        bail!("--l2-cache-size and --refcount-cache-size are for the qcow2 target");
     }
     if let Some(d) = &a.nbd.tls_certs {
         // The daemon may run elsewhere; keep the directory meaning what the user meant.
@@ -501,7 +515,19 @@ fn serve(a: AddArgs) -> Result<()> {
                 .file
                 .clone()
                 .ok_or_else(|| anyhow!("the qcow2 target needs -f FILE"))?;
-            let mut t = Qcow2Target::open(&path, a.read_only)
+            let opts = Qcow2Options {
+                writable: !a.read_only,
+                l2_cache_bytes: match a.l2_cache_size {
+                    Some(n) => usize::try_from(n).context("--l2-cache-size is too large")?,
+                    None => DEFAULT_L2_CACHE_BYTES,
+                },
+                refcount_cache_bytes: match a.refcount_cache_size {
+                    Some(n) => usize::try_from(n).context("--refcount-cache-size is too large")?,
+                    None => DEFAULT_REFCOUNT_CACHE_BYTES,
+                },
+                ..Qcow2Options::default()
+            };
+            let mut t = Qcow2Target::open_with(&path, &opts)
                 .with_context(|| format!("cannot open {}", path.display()))?;
             // A device that outlives its daemon must not keep acknowledged writes' metadata
             // only in the daemon's memory.
@@ -514,6 +540,8 @@ fn serve(a: AddArgs) -> Result<()> {
                 "cluster_size": t.image().cluster_size(),
                 "backing_depth": t.image().chain_depth(),
                 "mapped": u8::from(t.is_mapped()),
+                "l2_cache_bytes": opts.l2_cache_bytes,
+                "refcount_cache_bytes": opts.refcount_cache_bytes,
             });
             serve_target(a, Arc::new(t), params, json)
         }

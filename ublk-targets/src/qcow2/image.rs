@@ -19,13 +19,26 @@ use std::sync::{Arc, Mutex};
 /// Size of a cached L2 slice in bytes (or the cluster size, if smaller).
 pub const L2_SLICE_BYTES: u64 = 4096;
 
+/// Default bound of an image's L2 cache: 32 MiB, qemu's default `l2-cache-size` on Linux. That
+/// holds every L2 entry of a 256 GiB image with 64 KiB clusters, so random IO over such an
+/// image reads each L2 slice once.
+pub const DEFAULT_L2_CACHE_BYTES: usize = 32 << 20;
+
+/// Default size of the refcount block cache: 1 MiB, 16 blocks of 64 KiB clusters with 16-bit
+/// refcounts, each covering 2 GiB of the image file (new clusters are allocated in file order,
+/// so allocation touches few blocks at a time).
+pub const DEFAULT_REFCOUNT_CACHE_BYTES: usize = 1 << 20;
+
 /// How to open an image.
 #[derive(Debug, Clone)]
 pub struct Qcow2Options {
     /// Open the top image read-write (backing files are always read-only).
     pub writable: bool,
-    /// Memory for the L2 slice cache of each image in the chain, in bytes.
+    /// Most memory for the L2 slice cache of each image in the chain, in bytes. Slices are
+    /// cached as lookups touch them, so an image whose L2 tables are smaller never uses more.
     pub l2_cache_bytes: usize,
+    /// Memory for the refcount block cache of a writable image, in bytes (at least 4 blocks).
+    pub refcount_cache_bytes: usize,
     /// Maximum number of images in the chain, the top one included.
     pub max_chain_depth: usize,
     /// Open images marked corrupt (read-only opens only).
@@ -36,7 +49,8 @@ impl Default for Qcow2Options {
     fn default() -> Self {
         Qcow2Options {
             writable: false,
-            l2_cache_bytes: 1 << 20,
+            l2_cache_bytes: DEFAULT_L2_CACHE_BYTES,
+            refcount_cache_bytes: DEFAULT_REFCOUNT_CACHE_BYTES,
             max_chain_depth: 64,
             allow_corrupt_read_only: false,
         }
@@ -321,7 +335,7 @@ impl Qcow2Image {
             if img.header.incompatible_features & INCOMPAT_DIRTY != 0 {
                 img.repair_refcounts()?;
             }
-            img.open_writer()?;
+            img.open_writer(opts.refcount_cache_bytes)?;
         }
         Ok(img)
     }

@@ -53,5 +53,8 @@ mod write;
 pub use create::CreateOptions;
 pub use error::{Qcow2Error, Result};
 pub use header::{CompressionType, Geometry, Header, HeaderExtension};
-pub use image::{Backing, Qcow2Image, Qcow2Options, ReadPiece, ReadSource, L2_SLICE_BYTES};
+pub use image::{
+    Backing, Qcow2Image, Qcow2Options, ReadPiece, ReadSource, DEFAULT_L2_CACHE_BYTES,
+    DEFAULT_REFCOUNT_CACHE_BYTES, L2_SLICE_BYTES,
+};
 pub use target::{Qcow2Queue, Qcow2Target};

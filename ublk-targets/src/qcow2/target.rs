@@ -81,7 +81,12 @@ impl Qcow2Target {
             writable: !read_only,
             ..Qcow2Options::default()
         };
-        let image = Qcow2Image::open(path, &opts)?;
+        Self::open_with(path, &opts)
+    }
+
+    /// Opens the image (and its backing chain) with `opts`.
+    pub fn open_with(path: &Path, opts: &Qcow2Options) -> Result<Qcow2Target> {
+        let image = Qcow2Image::open(path, opts)?;
         Ok(Qcow2Target::from_image(image))
     }
 

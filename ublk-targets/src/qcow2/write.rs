@@ -101,8 +101,9 @@ impl Qcow2Image {
     }
 
     /// Sets up the writer: loads the refcount table and clears autoclear bits (this
-    /// implementation maintains none of the structures they vouch for).
-    pub(super) fn open_writer(&mut self) -> Result<()> {
+    /// implementation maintains none of the structures they vouch for). The refcount block
+    /// cache holds `cache_bytes` worth of blocks, at least 4.
+    pub(super) fn open_writer(&mut self, cache_bytes: usize) -> Result<()> {
         let cs = self.geo.cluster_size;
         let rt_bytes = u64::from(self.header.refcount_table_clusters) * cs;
         let mut raw = vec![0u8; rt_bytes as usize];
@@ -123,7 +124,7 @@ impl Qcow2Image {
             self.sync()?;
             self.header.autoclear_features = 0;
         }
-        let refblock_capacity = ((1u64 << 20) / cs).max(4) as usize;
+        let refblock_capacity = (cache_bytes as u64 / cs).max(4) as usize;
         self.writer = Some(std::sync::Mutex::new(Writer {
             reftable,
             reftable_offset: self.header.refcount_table_offset,
