@@ -1,28 +1,65 @@
 //! `ublk nbd-list`: the exports an NBD server offers, and what a client of each would get.
 
 use crate::{add, NbdServerArgs};
-use anyhow::{Context, Result};
-use ublk_targets::nbd::{self, ConnectOptions, ExportInfo};
+use anyhow::{bail, Context, Result};
+use ublk_targets::nbd::{self, ConnectOptions, ExportInfo, NbdError};
 
 /// Lists the server's exports (`NBD_OPT_LIST`) and negotiates each (`NBD_OPT_GO`) to show its
-/// size, block sizes and transmission flags. The export part of the address is not used.
+/// size, block sizes and transmission flags. An export named in the address (`--uri .../NAME`,
+/// `--export_name`) is described alone, without listing; a server that refuses to list (as
+/// nbd-server does by default) gets its default export described.
 pub(crate) fn run(server: &NbdServerArgs, json: bool) -> Result<()> {
     let uri = add::nbd_uri(server)?;
     let opts = ConnectOptions::default()
         .for_uri(&uri)
         .context("cannot set up TLS")?;
-    let entries = nbd::list_exports(&uri.addr, &opts)
-        .with_context(|| format!("cannot list the exports of {}", uri.addr))?;
+    // Exports to describe, and why there is only one if it was not listed.
+    let (entries, single) = if uri.export.is_empty() {
+        match nbd::list_exports(&uri.addr, &opts) {
+            Ok(l) => (
+                l.into_iter().map(|e| (e.name, e.description)).collect(),
+                None,
+            ),
+            Err(e @ NbdError::OptionRefused { .. }) => {
+                log::warn!("{}: {e}; describing the default export", uri.addr);
+                let why = "the server does not list its exports: name one with --export_name";
+                (vec![(String::new(), String::new())], Some(why))
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot list the exports of {}", uri.addr))
+            }
+        }
+    } else {
+        (vec![(uri.export.clone(), String::new())], Some(""))
+    };
     let described: Vec<serde_json::Value> = entries
         .iter()
-        .map(|e| {
-            let probed = nbd::probe_export(&uri.addr, &e.name, &opts);
+        .map(|(name, listed)| {
+            let probed = nbd::probe_export(&uri.addr, name, &opts);
             if let Err(err) = &probed {
-                log::debug!("nbd: export {:?}: {err}", e.name);
+                log::debug!("nbd: export {name:?}: {err}");
             }
-            export_json(&e.name, &e.description, probed.map_err(|e| e.to_string()))
+            let description = match &probed {
+                Ok(ExportInfo {
+                    description: Some(d),
+                    ..
+                }) if listed.is_empty() => d.clone(),
+                _ => listed.clone(),
+            };
+            export_json(name, &description, probed.map_err(|e| e.to_string()))
         })
         .collect();
+    if let (Some(why), [v]) = (single, &described[..]) {
+        // The one export asked for (or the default one) cannot be opened: that is the answer.
+        if let Some(e) = v["error"].as_str() {
+            let hint = if why.is_empty() {
+                String::new()
+            } else {
+                format!(" ({why})")
+            };
+            bail!("export {} of {}: {e}{hint}", v["name"], uri.addr);
+        }
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&described)?);
     } else if described.is_empty() {

@@ -97,6 +97,25 @@ fn test_nbd_list_shows_exports_with_size_and_flags() {
     assert_eq!(v[0]["size"], 1 << 20);
     assert_eq!(v[0]["read_only"], true);
     assert_eq!(v.as_array().map(Vec::len), Some(1));
+
+    // A named export is described alone; an unknown one is reported, not fatal.
+    let uri = format!("nbd+unix:///exp1?socket={}", srv.sock.display());
+    let out = Command::new(env!("CARGO_BIN_EXE_ublk"))
+        .args(["nbd-list", "--uri", &uri])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(text.starts_with("export \"exp1\": size 1048576"), "{text}");
+    let out = Command::new(env!("CARGO_BIN_EXE_ublk"))
+        .args(["nbd-list", "--export_name", "nope", "--unix"])
+        .arg(&srv.sock)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.starts_with("ublk: export \"nope\" of unix:"), "{err}");
+    assert!(out.stdout.is_empty());
 }
 
 #[test]
