@@ -586,6 +586,19 @@ mod tests {
         assert!(mode(&["--copy", "-u"], false).is_err());
     }
 
+    /// The daemon, started with `a.to_argv()`, parses the same options back.
+    fn assert_reaches_daemon(a: &AddArgs) {
+        let again =
+            Cli::try_parse_from(std::iter::once("ublk".to_string()).chain(a.to_argv())).unwrap();
+        let Cmd::Add(b) = again.cmd else {
+            panic!("not add")
+        };
+        assert_eq!(
+            serde_json::to_value(a).unwrap(),
+            serde_json::to_value(&*b).unwrap()
+        );
+    }
+
     /// Options the daemon must get again (it is started with `to_argv`), in kublk's spelling
     /// too.
     #[test]
@@ -614,15 +627,7 @@ mod tests {
         assert!(a.nbd_no_reconnect && a.no_auto_part_scan);
         assert_eq!(a.l2_cache_size, Some(64 << 10));
         assert_eq!(a.refcount_cache_size, Some(128 << 10));
-        let again =
-            Cli::try_parse_from(std::iter::once("ublk".to_string()).chain(a.to_argv())).unwrap();
-        let Cmd::Add(b) = again.cmd else {
-            panic!("not add")
-        };
-        assert_eq!(
-            serde_json::to_value(&a).unwrap(),
-            serde_json::to_value(&b).unwrap()
-        );
+        assert_reaches_daemon(&a);
         // A state file written before these options existed still loads.
         let mut old = serde_json::to_value(&a).unwrap();
         for k in [
@@ -665,15 +670,7 @@ mod tests {
         );
         assert_eq!(t.hostname.as_deref(), Some("srv.example"));
         // The daemon gets the same options.
-        let again =
-            Cli::try_parse_from(std::iter::once("ublk".to_string()).chain(a.to_argv())).unwrap();
-        let Cmd::Add(b) = again.cmd else {
-            panic!("not add")
-        };
-        assert_eq!(
-            serde_json::to_value(&a).unwrap(),
-            serde_json::to_value(&b).unwrap()
-        );
+        assert_reaches_daemon(&a);
 
         // --tls alone; plain otherwise; nbds:// URIs need no flag.
         let tls_of = |args: &[&str]| {
