@@ -10,6 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
+/// qemu-nbd 10 from Debian trixie (`xtask/src/peers.rs`), which offers extended headers; the
+/// guest's `qemu-nbd` is the host's (Debian 12: 7.2, without them).
+const QEMU_NBD_NEW: &str = "/opt/bin/qemu-nbd-new";
 
 /// The nbd tests, in run order.
 pub fn all() -> Vec<Test> {
@@ -28,6 +31,22 @@ pub fn all() -> Vec<Test> {
                 return Ok(Outcome::Skip("batch io commands need Linux 7.0".into()));
             }
             nbd_verify(false, 2, false, false, &["-b"])
+        }),
+        test("kernel_nbd_extended_headers_qemu_nbd_10_q2", 240, || {
+            nbd_verify_with(QEMU_NBD_NEW, false, 2, false, false, &[])
+        }),
+        test("kernel_nbd_extended_headers_threads_q1", 240, || {
+            nbd_verify_with(QEMU_NBD_NEW, false, 1, true, false, &[])
+        }),
+        test("kernel_nbd_no_extended_headers_q1", 240, || {
+            nbd_verify_with(
+                QEMU_NBD_NEW,
+                false,
+                1,
+                false,
+                false,
+                &["--nbd-no-extended-headers"],
+            )
         }),
         test("kernel_nbd_server_restart", 240, nbd_server_restart),
         test(
@@ -163,14 +182,7 @@ fn nbdkit_memory(queues: u32) -> Result<Outcome> {
         "capacity {} sectors",
         d.capacity
     );
-    let json = ublk_ok(&["list", "-n", &d.id.to_string(), "--json"])?.stdout;
-    let v: serde_json::Value = serde_json::from_str(json.trim())
-        .with_context(|| format!("`ublk list --json` is not JSON: {json:?}"))?;
-    let t = if v.is_array() {
-        &v[0]["target"]
-    } else {
-        &v["target"]
-    };
+    let t = &list_target(d.id)?;
     ensure!(
         t["connections"] == queues && t["multi_conn"] == (queues > 1),
         "expected {queues} connection(s), one per queue: {t}"
@@ -200,6 +212,18 @@ fn nbdkit_memory(queues: u32) -> Result<Outcome> {
     Ok(Outcome::Pass)
 }
 
+/// The `target` object of `ublk list -n ID --json`.
+fn list_target(id: u32) -> Result<serde_json::Value> {
+    let json = ublk_ok(&["list", "-n", &id.to_string(), "--json"])?.stdout;
+    let v: serde_json::Value = serde_json::from_str(json.trim())
+        .with_context(|| format!("`ublk list --json` is not JSON: {json:?}"))?;
+    Ok(if v.is_array() {
+        v[0]["target"].clone()
+    } else {
+        v["target"].clone()
+    })
+}
+
 /// A qemu-nbd server, killed on drop.
 struct Server {
     child: Child,
@@ -209,9 +233,14 @@ impl Server {
     /// Serves `file` (raw) on a Unix socket or on 127.0.0.1:10809, with `conns` connections
     /// allowed (more than 1 advertises multi-conn).
     fn start(file: &Path, tcp: bool, conns: u32) -> Result<(Server, String)> {
+        Server::start_bin(&opt_bin("qemu-nbd"), file, tcp, conns)
+    }
+
+    /// [`Server::start`] with another qemu-nbd binary.
+    fn start_bin(bin: &str, file: &Path, tcp: bool, conns: u32) -> Result<(Server, String)> {
         let sock = workdir()?.join("nbd.sock");
         let _ = fs::remove_file(&sock);
-        let mut cmd = Command::new(opt_bin("qemu-nbd"));
+        let mut cmd = Command::new(bin);
         cmd.args([
             "-f",
             "raw",
@@ -240,7 +269,7 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        let child = cmd.spawn().context("cannot start qemu-nbd")?;
+        let child = cmd.spawn().with_context(|| format!("cannot start {bin}"))?;
         let server = Server { child };
         if tcp {
             // Poll until the port accepts connections.
@@ -297,10 +326,25 @@ fn check_engine(pid: i64, threads: bool, conns: usize) -> Result<()> {
     Ok(())
 }
 
-/// fio verify through an nbd device; the data also reached the server's file. `sparse`: the
-/// file is sparse and holes may come back as hole chunks (`--nbd-sparse-reads`), which the
-/// read-back of unwritten ranges at the end goes through.
+/// fio verify through an nbd device served by the guest's qemu-nbd (see [`nbd_verify_with`]).
 fn nbd_verify(
+    tcp: bool,
+    queues: u32,
+    threads: bool,
+    sparse: bool,
+    more: &[&str],
+) -> Result<Outcome> {
+    nbd_verify_with(&opt_bin("qemu-nbd"), tcp, queues, threads, sparse, more)
+}
+
+/// fio verify through an nbd device served by `server` (a qemu-nbd); the data also reached the
+/// server's file, and a range zeroed with `blkdiscard -z` (WRITE_ZEROES) reads back as zeros.
+/// `sparse`: the file is sparse and holes may come back as hole chunks
+/// (`--nbd-sparse-reads`), which the read-back of unwritten ranges at the end goes through.
+/// The device negotiated extended headers exactly when the server has them (qemu-nbd 8.2+)
+/// and they were not turned off.
+fn nbd_verify_with(
+    server: &str,
     tcp: bool,
     queues: u32,
     threads: bool,
@@ -314,7 +358,11 @@ fn nbd_verify(
     } else {
         backing("nbd.raw", 256)?
     };
-    let (_server, ep) = Server::start(&file, tcp, if queues > 1 { 4 } else { 1 })?;
+    let (_server, ep) = Server::start_bin(server, &file, tcp, if queues > 1 { 4 } else { 1 })?;
+    let version = sh(server, &["--version"])?;
+    let new_server = !version.contains("qemu-nbd 7.")
+        && !version.contains("qemu-nbd 8.0")
+        && !version.contains("qemu-nbd 8.1");
     let q = queues.to_string();
     let mut extra = vec!["-q", &q];
     if threads {
@@ -337,7 +385,18 @@ fn nbd_verify(
         wc == "write back",
         "write cache is {wc:?}: FLUSH would never reach the server"
     );
+    let t = list_target(d.id)?;
+    let want_ext = new_server && !more.contains(&"--nbd-no-extended-headers");
+    ensure!(
+        t["extended_headers"] == want_ext && t["structured_replies"] == true,
+        "{version:?}: expected extended headers {want_ext}, structured replies: {t}"
+    );
     fio_verify(&d.bdev(), 32, ("16M", "48M"), Duration::from_secs(180))?;
+    // WRITE_ZEROES over part of what fio wrote.
+    sh(
+        &opt_bin("blkdiscard"),
+        &["-z", "-o", "16777216", "-l", "1048576", &d.bdev()],
+    )?;
     // The device content and the server's file agree (beyond what fio wrote, too: in the
     // sparse case those ranges are holes).
     let rb = workdir()?.join("nbd-readback");
@@ -358,6 +417,12 @@ fn nbd_verify(
     ensure!(
         served[..seen.len()] == seen[..],
         "the server's file differs from what the device read"
+    );
+    ensure!(
+        seen[16 * MIB as usize..17 * MIB as usize]
+            .iter()
+            .all(|&b| b == 0),
+        "the range zeroed with blkdiscard -z does not read back as zeros"
     );
     Ok(Outcome::Pass)
 }

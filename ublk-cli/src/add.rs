@@ -105,6 +105,7 @@ impl AddArgs {
             (self.nbd_threads, "--nbd-threads"),
             (self.nbd_sparse_reads, "--nbd-sparse-reads"),
             (self.nbd_no_reconnect, "--nbd-no-reconnect"),
+            (self.nbd_no_extended_headers, "--nbd-no-extended-headers"),
         ] {
             if on {
                 v.push(flag.into());
@@ -250,7 +251,11 @@ fn run_created(a: AddArgs) -> Result<()> {
         );
     }
     if a.target != TargetType::Nbd
-        && (a.nbd_threads || a.nbd_sparse_reads || a.nbd_timeout.is_some() || a.nbd_no_reconnect)
+        && (a.nbd_threads
+            || a.nbd_sparse_reads
+            || a.nbd_timeout.is_some()
+            || a.nbd_no_reconnect
+            || a.nbd_no_extended_headers)
     {
         bail!("--nbd-* options are for the nbd target");
     }
@@ -492,6 +497,7 @@ fn serve(a: AddArgs) -> Result<()> {
                 cfg.client.request_timeout = (secs > 0).then(|| Duration::from_secs(secs));
             }
             cfg.client.reconnect = !a.nbd_no_reconnect;
+            cfg.client.connect.extended_headers = !a.nbd_no_extended_headers;
             let t = NbdTarget::connect(&cfg).context("cannot connect to the NBD server")?;
             let params = t.params();
             let mut a = a;
@@ -507,6 +513,8 @@ fn serve(a: AddArgs) -> Result<()> {
                 "engine": if t.engine() == Engine::Ring { "io_uring" } else { "threads" },
                 "timeout_secs": cfg.client.request_timeout.map_or(0, |d| d.as_secs()),
                 "reconnect": cfg.client.reconnect,
+                "structured_replies": t.info().structured,
+                "extended_headers": t.info().extended,
             });
             serve_target(a, Arc::new(t), params, json)
         }

@@ -248,6 +248,11 @@ pub(crate) struct AddArgs {
     #[arg(long = "nbd-no-reconnect")]
     #[serde(default)]
     pub(crate) nbd_no_reconnect: bool,
+    /// Do not ask the NBD server for extended headers (64-bit lengths; asked for by default,
+    /// and structured replies used where the server does not offer them; nbd).
+    #[arg(long = "nbd-no-extended-headers")]
+    #[serde(default)]
+    pub(crate) nbd_no_extended_headers: bool,
     /// Internal: re-attach to this device instead of adding one.
     #[arg(long, hide = true)]
     pub(crate) recover_id: Option<u32>,
@@ -612,6 +617,7 @@ mod tests {
             "--nbd-timeout",
             "0",
             "--nbd-no-reconnect",
+            "--nbd-no-extended-headers",
             "--no_auto_part_scan",
             "--l2-cache-size",
             "64K",
@@ -624,7 +630,7 @@ mod tests {
             panic!("not add")
         };
         assert_eq!(a.nbd_timeout, Some(0));
-        assert!(a.nbd_no_reconnect && a.no_auto_part_scan);
+        assert!(a.nbd_no_reconnect && a.nbd_no_extended_headers && a.no_auto_part_scan);
         assert_eq!(a.l2_cache_size, Some(64 << 10));
         assert_eq!(a.refcount_cache_size, Some(128 << 10));
         assert_reaches_daemon(&a);
@@ -633,6 +639,7 @@ mod tests {
         for k in [
             "nbd_timeout",
             "nbd_no_reconnect",
+            "nbd_no_extended_headers",
             "no_auto_part_scan",
             "l2_cache_size",
             "refcount_cache_size",
@@ -641,6 +648,7 @@ mod tests {
         }
         let c: AddArgs = serde_json::from_value(old).unwrap();
         assert!(c.nbd_timeout.is_none() && !c.nbd_no_reconnect && !c.no_auto_part_scan);
+        assert!(!c.nbd_no_extended_headers);
     }
 
     #[test]

@@ -295,6 +295,21 @@ pub fn build(kernel: &Kernel, bins: &[PathBuf], mode: &Mode, out: &Path) -> Resu
         let guest = src.to_string_lossy().trim_start_matches('/').to_string();
         t.program(&guest, &src)?;
     }
+    // A newer qemu-nbd (Debian trixie's, with extended headers) as /opt/bin/qemu-nbd-new.
+    let g = crate::peers::guest_files(&crate::peers::qemu_nbd_new()?)?;
+    for (guest, src) in &g.files {
+        t.file(guest, src)?;
+    }
+    for lib in &g.host_libs {
+        t.program(lib.to_string_lossy().trim_start_matches('/'), lib)?;
+    }
+    t.add(
+        crate::peers::GUEST_WRAPPER,
+        Entry::Data {
+            data: g.wrapper.into_bytes(),
+            mode: 0o755,
+        },
+    );
     t.add("opt/bin/mkfs.ext4", Entry::Symlink("mke2fs".into()));
     t.add(
         "opt/bin/ublk-bench",

@@ -11,6 +11,7 @@ mod initramfs;
 mod json;
 mod kernel;
 mod kublk;
+mod peers;
 mod vm;
 
 use anyhow::Result;
@@ -151,6 +152,10 @@ enum Cmd {
         #[arg(long = "kernel-arg", value_name = "WORD")]
         kernel_args: Vec<String>,
     },
+    /// Fetch qemu-nbd from Debian trixie (extended headers) into target/vm/qemu-nbd-trixie and
+    /// print the wrapper that runs it on this host (the nbd host tests use it when it is there;
+    /// the VM tests always have it, as /opt/bin/qemu-nbd-new).
+    QemuNbdNew,
     /// Print the Debian packages the host needs for test-vm / vm-shell.
     VmHostPackages,
 }
@@ -232,6 +237,10 @@ fn main() -> Result<ExitCode> {
         }),
         Cmd::Kublk => {
             println!("{}", kublk::build()?.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::QemuNbdNew => {
+            println!("{}", peers::qemu_nbd_new()?.wrapper.display());
             Ok(ExitCode::SUCCESS)
         }
         Cmd::VmHostPackages => {

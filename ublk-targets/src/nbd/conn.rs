@@ -164,7 +164,9 @@ pub struct ConnectOptions {
     pub timeout: Duration,
     /// Ask for structured replies (`NBD_OPT_STRUCTURED_REPLY`).
     pub structured_replies: bool,
-    /// Ask for extended headers first (`NBD_OPT_EXTENDED_HEADERS`, experimental).
+    /// Ask for extended headers first (`NBD_OPT_EXTENDED_HEADERS`; on by default, as in
+    /// libnbd: a server that does not know the option refuses it and structured replies are
+    /// asked for instead). Only with `structured_replies`, which extended headers include.
     pub extended_headers: bool,
     /// Require TLS with these credentials (`NBD_OPT_STARTTLS` first; no plaintext fallback).
     /// [`ConnectOptions::for_uri`] fills it from an `nbds://` URI.
@@ -186,7 +188,7 @@ impl Default for ConnectOptions {
         ConnectOptions {
             timeout: Duration::from_secs(10),
             structured_replies: true,
-            extended_headers: false,
+            extended_headers: true,
             tls: None,
         }
     }
@@ -382,7 +384,7 @@ fn negotiate_export<S: Read + Write>(
 ) -> Result<ExportInfo> {
     let mut extended = false;
     let mut structured = false;
-    if opts.extended_headers {
+    if opts.extended_headers && opts.structured_replies {
         extended = simple_option(s, proto::OPT_EXTENDED_HEADERS)?;
         structured = extended;
     }

@@ -582,6 +582,10 @@ mod tests {
     }
 
     fn session(structured: bool) -> Session {
+        session_with(structured, false)
+    }
+
+    fn session_with(structured: bool, extended: bool) -> Session {
         let info = ExportInfo {
             name: String::new(),
             size: 1 << 20,
@@ -594,7 +598,7 @@ mod tests {
             block: BlockSizes::default(),
             block_sizes_advertised: false,
             structured,
-            extended: false,
+            extended,
             used_go: true,
             description: None,
         };
@@ -736,6 +740,74 @@ mod tests {
         assert_eq!(io.done, vec![(0, 4096), (1, -libc::ENOSPC)]);
         assert!(io.bufs[0][..2048].iter().all(|&b| b == 0));
         assert!(io.bufs[0][2048..].iter().all(|&b| b == 7));
+    }
+
+    /// With extended headers every request header is 32 bytes (WRITE with PAYLOAD_LEN) and
+    /// every reply an extended chunk; a compact reply is a violation.
+    #[test]
+    fn test_extended_headers() {
+        let mut s = session_with(true, true);
+        let mut io = FakeIo {
+            bufs: vec![vec![0; 4096]; 3],
+            ..FakeIo::default()
+        };
+        for r in [
+            req(0, 0, 4096, 4096),
+            req(1, 1, 0, 1024),
+            req(2, 3, 0, 8192),
+        ] {
+            s.submit(&r).unwrap();
+        }
+        let (mut bytes, mut parts) = (Vec::new(), Vec::new());
+        let total = s.build_send(64, &mut bytes, &mut parts);
+        assert_eq!(bytes.len(), 3 * 32);
+        assert_eq!(total, 3 * 32 + 1024, "headers and the WRITE payload");
+        let mut cookies = Vec::new();
+        for (h, (cmd, flags, off, len)) in bytes.chunks(32).zip([
+            (proto::CMD_READ, proto::CMD_FLAG_DF, 4096u64, 4096u64),
+            (proto::CMD_WRITE, proto::CMD_FLAG_PAYLOAD_LEN, 0, 1024),
+            (proto::CMD_TRIM, 0, 0, 8192),
+        ]) {
+            assert_eq!(h[0..4], proto::EXTENDED_REQUEST_MAGIC.to_be_bytes());
+            assert_eq!(u16::from_be_bytes([h[4], h[5]]), flags);
+            assert_eq!(u16::from_be_bytes([h[6], h[7]]), cmd);
+            assert_eq!(h[16..24], off.to_be_bytes());
+            assert_eq!(h[24..32], len.to_be_bytes());
+            cookies.push(u64::from_be_bytes(h[8..16].try_into().unwrap()));
+        }
+        let ext = |flags: u16, ty: u16, cookie: u64, off: u64, payload: &[u8]| {
+            let mut b = proto::EXTENDED_REPLY_MAGIC.to_be_bytes().to_vec();
+            b.extend_from_slice(&flags.to_be_bytes());
+            b.extend_from_slice(&ty.to_be_bytes());
+            b.extend_from_slice(&cookie.to_be_bytes());
+            b.extend_from_slice(&off.to_be_bytes());
+            b.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+            b.extend_from_slice(payload);
+            b
+        };
+        let done = proto::REPLY_FLAG_DONE;
+        let mut d = 4096u64.to_be_bytes().to_vec();
+        d.extend_from_slice(&[9; 4096]);
+        let mut stream = ext(done, proto::REPLY_TYPE_NONE, cookies[1], 0, &[]);
+        stream.extend(ext(
+            done,
+            proto::REPLY_TYPE_OFFSET_DATA,
+            cookies[0],
+            4096,
+            &d,
+        ));
+        stream.extend(ext(done, proto::REPLY_TYPE_NONE, cookies[2], 0, &[]));
+        feed(&mut s, &mut io, &stream, 7).unwrap();
+        assert_eq!(io.done, vec![(1, 1024), (0, 4096), (2, 0)]);
+        assert!(io.bufs[0].iter().all(|&b| b == 9));
+        // A compact (simple) reply where extended ones were negotiated.
+        let r = send(&mut s, &[]);
+        assert!(r.is_empty());
+        s.submit(&req(0, 0, 0, 512)).unwrap();
+        let (mut bytes, mut parts) = (Vec::new(), Vec::new());
+        s.build_send(64, &mut bytes, &mut parts);
+        let cookie = u64::from_be_bytes(bytes[8..16].try_into().unwrap());
+        assert!(feed(&mut s, &mut io, &simple(cookie, 0), 64).is_err());
     }
 
     #[test]

@@ -157,10 +157,10 @@ impl NbdTarget {
             info.block.max_payload,
             n,
             if ring { "io_uring" } else { "threaded" },
-            if info.structured {
-                ", structured replies"
-            } else {
-                ""
+            match (info.extended, info.structured) {
+                (true, _) => ", extended headers",
+                (false, true) => ", structured replies",
+                _ => "",
             }
         );
         Ok(NbdTarget {

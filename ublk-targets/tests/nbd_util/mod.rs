@@ -34,6 +34,28 @@ pub fn have(bin: &str) -> bool {
         .is_ok()
 }
 
+/// qemu-nbd 10 from Debian trixie (it negotiates extended headers; the host's 7.2 does not),
+/// as `cargo xtask qemu-nbd-new` leaves it (`UBLK_QEMU_NBD_NEW` overrides the path). `None`
+/// when it is not there, which fails the test under CI (`CI` set), where `.ci/run` fetches it.
+pub fn qemu_nbd_new() -> Option<String> {
+    let p = std::env::var("UBLK_QEMU_NBD_NEW").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../target/vm/qemu-nbd-trixie/qemu-nbd"
+        )
+        .to_string()
+    });
+    if Path::new(&p).exists() {
+        return Some(p);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{p} is missing: `cargo xtask qemu-nbd-new` fetches it"
+    );
+    eprintln!("SKIPPED: {p} is missing (`cargo xtask qemu-nbd-new` fetches it)");
+    None
+}
+
 /// A unique temporary directory, removed on drop.
 pub struct TempDir(pub PathBuf);
 
@@ -91,13 +113,18 @@ impl Server {
 
     /// `qemu-nbd -k SOCK -f raw -t [extra...] FILE`.
     pub fn qemu_nbd(dir: &TempDir, file: &Path, extra: &[&str]) -> Server {
+        Server::qemu_nbd_bin("qemu-nbd", dir, file, extra)
+    }
+
+    /// [`Server::qemu_nbd`] with another qemu-nbd binary.
+    pub fn qemu_nbd_bin(bin: &str, dir: &TempDir, file: &Path, extra: &[&str]) -> Server {
         let sock = dir.path("qemu-nbd.sock");
         let s = sock.to_str().unwrap().to_string();
         let f = file.to_str().unwrap().to_string();
         let mut args = vec!["-k", &s, "-f", "raw", "-t"];
         args.extend_from_slice(extra);
         args.push(&f);
-        Server::start("qemu-nbd", &args, &sock)
+        Server::start(bin, &args, &sock)
     }
 
     fn wait_ready(&mut self) {
