@@ -48,7 +48,12 @@ pub fn all() -> Vec<Test> {
                 &["--nbd-no-extended-headers"],
             )
         }),
-        test("kernel_nbd_server_restart", 240, nbd_server_restart),
+        test("kernel_nbd_server_restart", 240, || {
+            nbd_server_restart(false)
+        }),
+        test("kernel_nbd_server_restart_upgraded", 240, || {
+            nbd_server_restart(true)
+        }),
         test(
             "kernel_nbd_timeout_and_no_reconnect",
             240,
@@ -429,7 +434,10 @@ fn nbd_verify_with(
 
 /// The server is killed and restarted under the io_uring engine: writes issued while it is
 /// down complete once it is back, and nothing written before or after is lost.
-fn nbd_server_restart() -> Result<Outcome> {
+///
+/// `upgrade`: it comes back as qemu-nbd 10, which offers extended headers; the reconnect keeps
+/// the reply format the session started with (structured replies).
+fn nbd_server_restart(upgrade: bool) -> Result<Outcome> {
     let file = backing("nbd-restart.raw", 64)?;
     let (server, ep) = Server::start(&file, false, 1)?;
     let d = add_nbd(&ep, &[])?;
@@ -460,7 +468,12 @@ fn nbd_server_restart() -> Result<Outcome> {
         writer.try_wait()?.is_none(),
         "dd finished while the server was down"
     );
-    let (_server, _) = Server::start(&file, false, 1)?;
+    let bin = if upgrade {
+        QEMU_NBD_NEW.to_string()
+    } else {
+        opt_bin("qemu-nbd")
+    };
+    let (_server, _) = Server::start_bin(&bin, &file, false, 1)?;
     let st = wait_child(&mut writer, Duration::from_secs(60))?
         .ok_or_else(|| anyhow::anyhow!("dd still blocked 60 s after the server came back"))?;
     ensure!(st.success(), "dd after the restart failed: {st}");

@@ -508,6 +508,52 @@ fn test_nbd_reconnect_after_server_restart_loses_no_acknowledged_write() {
     });
 }
 
+/// The server is restarted in a newer version that offers extended headers (qemu-nbd 7.2,
+/// then 10): the reconnect asks for the reply format the session has, and writes in flight
+/// complete on the upgraded server. The other way round, down to a server without the
+/// session's extended headers, the reconnect is refused and requests time out.
+#[test]
+fn test_nbd_reconnect_to_an_upgraded_server_keeps_the_reply_format() {
+    require_bin!("qemu-nbd");
+    let Some(new) = qemu_nbd_new() else { return };
+    with_timeout(120, move || {
+        let dir = TempDir::new("upgrade");
+        let img = dir.path("disk.raw");
+        std::fs::write(&img, vec![0u8; 4 * MIB as usize]).unwrap();
+        let mut old = Server::qemu_nbd(&dir, &img, &[]);
+        let c = Client::connect(&old.uri(""), quick_opts()).unwrap();
+        assert!(c.info().structured && !c.info().extended);
+        assert_eq!(c.call(write(0, vec![1; 65536], false)).0, 65536);
+        old.kill();
+        let col = Collect::new();
+        c.submit(write(MIB, vec![2; 65536], true), col.clone(), 0)
+            .map_err(|e| e.0)
+            .unwrap();
+        let srv = Server::qemu_nbd_bin(&new, &dir, &img, &[]);
+        let (_, res, _) = col.wait_n(1).remove(0);
+        assert_eq!(res, 65536, "the write in flight across the upgrade");
+        assert!(c.reconnects() >= 1);
+        assert!(!c.info().extended, "the session kept its format");
+        let (res, buf) = c.call(read(0, 65536));
+        assert_eq!(res, 65536);
+        assert!(buf.iter().all(|&b| b == 1));
+        drop(c);
+
+        // Downgrade: a session with extended headers cannot go on with a server without.
+        let mut o = quick_opts();
+        o.request_timeout = Some(Duration::from_millis(1500));
+        let mut srv = srv;
+        let c = Client::connect(&srv.uri(""), o).unwrap();
+        assert!(c.info().extended);
+        srv.kill();
+        let _old = Server::qemu_nbd(&dir, &img, &[]);
+        let t = Instant::now();
+        assert_eq!(c.call(read(0, 4096)).0, -libc::EIO);
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        assert_eq!(c.reconnects(), 0);
+    });
+}
+
 #[test]
 fn test_nbd_request_timeout_fails_with_eio_then_recovers() {
     require_bin!("nbdkit");

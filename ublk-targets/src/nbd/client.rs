@@ -25,7 +25,7 @@ use super::conn::{self, ConnectOptions, ExportInfo, Stream};
 use super::error::{NbdError, ProtoError, Result};
 use super::proto::TransmissionFlags as TF;
 use super::proto::{self, ChunkEvent, ChunkPlan, Coverage, Expect, Reply, RequestHeader};
-use super::uri::NbdUri;
+use super::uri::{NbdAddr, NbdUri};
 use std::collections::VecDeque;
 use std::io::{BufReader, Read, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -241,6 +241,7 @@ impl Client {
         opts.connect = opts.connect.for_uri(uri)?;
         let (stream, info) = conn::open(&uri.addr, &uri.export, &opts.connect)?;
         check_servable(&info)?;
+        opts.connect = opts.connect.same_format_as(&info);
         Ok(Client::start(uri, opts, stream, info))
     }
 
@@ -251,7 +252,7 @@ impl Client {
         mut opts: ClientOptions,
         expect: &ExportInfo,
     ) -> Result<Client> {
-        opts.connect = opts.connect.for_uri(uri)?;
+        opts.connect = opts.connect.for_uri(uri)?.same_format_as(expect);
         let (stream, info) = conn::open(&uri.addr, &uri.export, &opts.connect)?;
         expect.same_export(&info).map_err(NbdError::ExportChanged)?;
         Ok(Client::start(uri, opts, stream, info))
@@ -782,7 +783,7 @@ impl Writer {
             }
             Ok(s) => s.shutdown(),
             Err(e) => {
-                log::debug!("nbd: reconnecting to {} failed: {e}", inner.uri.addr);
+                reconnect_failed(&inner.uri.addr, &e);
                 self.next_attempt = Instant::now() + self.backoff;
                 self.backoff = (self.backoff * 2).min(inner.opts.reconnect_delay_max);
             }
@@ -1067,6 +1068,16 @@ fn receive<'a, R: Read>(
         return Err(NbdError::Closed);
     }
     Ok(st)
+}
+
+/// Logs a failed reconnect attempt: at debug level while the server is unreachable, as a
+/// warning when it answers with something else than the export the device was set up with.
+pub(crate) fn reconnect_failed(addr: &NbdAddr, e: &NbdError) {
+    if matches!(e, NbdError::ExportChanged(_)) {
+        log::warn!("nbd: {addr} is back, but not with the same export ({e}); retrying");
+    } else {
+        log::debug!("nbd: reconnecting to {addr} failed: {e}");
+    }
 }
 
 #[cfg(test)]

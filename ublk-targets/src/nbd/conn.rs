@@ -174,6 +174,17 @@ pub struct ConnectOptions {
 }
 
 impl ConnectOptions {
+    /// These options, asking for exactly the reply format `info` has. Further connections to
+    /// an export and reconnects use them: requests and replies keep the format the session
+    /// was set up with, even where a server restarted meanwhile in a newer version would
+    /// offer more (e.g. extended headers after an upgrade from qemu-nbd 7.2 to 10).
+    pub fn same_format_as(&self, info: &ExportInfo) -> ConnectOptions {
+        let mut o = self.clone();
+        o.structured_replies = info.structured;
+        o.extended_headers = info.extended;
+        o
+    }
+
     /// Loads the TLS credentials `uri` asks for, unless TLS is already configured.
     pub fn for_uri(mut self, uri: &NbdUri) -> Result<ConnectOptions> {
         if let (None, Some(p)) = (&self.tls, &uri.tls) {

@@ -261,7 +261,7 @@ impl RingQueue {
                             let _ = tx.send(s);
                             return;
                         }
-                        Err(e) => log::debug!("nbd: reconnecting to {} failed: {e}", uri.addr),
+                        Err(e) => super::client::reconnect_failed(&uri.addr, &e),
                     }
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(opts.reconnect_delay_max);

@@ -111,6 +111,7 @@ impl NbdTarget {
         let queues = usize::from(cfg.queues.max(1));
         let (first, info) = conn::open(&cfg.uri.addr, &cfg.uri.export, &client_opts.connect)?;
         check_servable(&info)?;
+        client_opts.connect = client_opts.connect.same_format_as(&info);
         let multi = info.flags.contains(TF::CAN_MULTI_CONN);
         let n = if multi { queues } else { 1 };
         let ring = cfg.engine == Engine::Ring
