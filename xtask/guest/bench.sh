@@ -24,6 +24,8 @@ SERVER_PID=""
 FILTER=${UBLK_BENCH_FILTER:-}
 FILE_MB=${UBLK_BENCH_FILE_MB:-512}
 REPEAT=${UBLK_BENCH_REPEAT:-1}
+# The nbd group's server: qemu-nbd (one thread) or nbdkit (file plugin, a thread pool).
+NBD_SERVER=${UBLK_BENCH_NBD_SERVER:-qemu-nbd}
 ROUND=1
 NULL_GB=4
 KO=/lib/modules/$(uname -r)
@@ -393,8 +395,17 @@ nbd_group() { # queues
     [ -z "$why" ] && ! qnbd_opts && why="qemu-nbd refused every cache/aio choice"
     rm -f $NBD_SOCK
     if [ -z "$why" ]; then
+        if [ "$NBD_SERVER" = nbdkit ]; then
+            # nbdkit's file plugin: a pool of 16 threads per connection (-P: written when ready).
+            if /opt/bin/nbdkit -U $NBD_SOCK -e bench -P $W/srv.pid file $RAW >$W/srv.out 2>&1; then
+                SERVER_PID=$(cat $W/srv.pid)
+                out "@@INFO cmd.nbd_server=nbdkit -U SOCK -e bench file RAW@@"
+                log "nbd server: nbdkit pid $SERVER_PID"
+            else
+                why="nbdkit server failed: $(tr '\n' ' ' <$W/srv.out)"
+            fi
         # shellcheck disable=SC2086
-        if /opt/bin/qemu-nbd --fork -f raw $QNBD_OPTS -k $NBD_SOCK -x bench --shared=8 \
+        elif /opt/bin/qemu-nbd --fork -f raw $QNBD_OPTS -k $NBD_SOCK -x bench --shared=8 \
             --pid-file=$W/srv.pid $RAW >$W/srv.out 2>&1; then
             SERVER_PID=$(cat $W/srv.pid)
             out "@@INFO cmd.nbd_server=qemu-nbd --fork -f raw $QNBD_OPTS -k SOCK -x bench --shared=8 RAW@@"

@@ -217,6 +217,8 @@ pub struct BenchOptions {
     pub kublk: Option<std::path::PathBuf>,
     /// Extra words for the guest kernel's command line.
     pub kernel_args: Vec<String>,
+    /// The nbd group's server: `qemu-nbd` or `nbdkit`.
+    pub nbd_server: String,
 }
 
 /// One fio run as reported by the guest.
@@ -391,6 +393,9 @@ pub fn run(opts: &BenchOptions) -> Result<ExitCode> {
     if runtime == 0 {
         bail!("--runtime must be at least 1 second");
     }
+    if !matches!(opts.nbd_server.as_str(), "qemu-nbd" | "nbdkit") {
+        bail!("--nbd-server is qemu-nbd or nbdkit");
+    }
     if opts.repeat == 0 {
         bail!("--repeat must be at least 1");
     }
@@ -557,6 +562,7 @@ fn boot_and_bench(
     if let Some(f) = opts.filter.as_deref().filter(|f| !f.is_empty()) {
         append.push_str(&format!(" UBLK_BENCH_FILTER={f}"));
     }
+    append.push_str(&format!(" UBLK_BENCH_NBD_SERVER={}", opts.nbd_server));
     for w in &opts.kernel_args {
         vm::check_word("--kernel-arg", w)?;
         append.push(' ');
@@ -1461,7 +1467,9 @@ fn render_doc(all: &[KernelResults], notes: Option<&str>) -> String {
     let _ = writeln!(
         s,
         "- nbd group: one NBD server in the guest, `{}` (the raw file of the loop group on a Unix \
-         socket; allowing more than one client, qemu-nbd offers multi-conn), and its clients \
+         socket; qemu-nbd serves with one thread and offers multi-conn when it allows more than \
+         one client; with `--nbd-server nbdkit`, nbdkit's file plugin serves with a pool of \
+         threads per connection and always offers multi-conn), and its clients \
          connected to it at the same time, runs alternating: the kernel nbd driver, `{}` \
          (netlink), ours, `{}` (its io_uring engine: each queue thread drives its own \
          connection), and ours with the threaded engine, `{}` (a writer and a reader thread \
@@ -1469,7 +1477,7 @@ fn render_doc(all: &[KernelResults], notes: Option<&str>) -> String {
          ours with `-b`, all connected at once. With N queues all have N connections (nbd-client -C \
          N; our target opens one connection per queue when the server offers multi-conn) and N \
          hardware queues of 128 requests. All devices have 512-byte logical blocks. \
-         \"server CPU µs/IO\" is qemu-nbd's CPU time per IO (in this group only), the same \
+         \"server CPU µs/IO\" is the server's CPU time per IO (in this group only), the same \
          server for all clients.\n",
         cmd(
             "cmd.nbd_server",

@@ -37,10 +37,16 @@ const HOST_TOOLS: &[(&str, &[&str])] = &[
 
 /// nbdkit plugins (and filters) copied to the same path in the guest, where the guest's
 /// nbdkit looks for them (`nbdkit --dump-config`: plugindir, filterdir).
-const NBDKIT_MODULES: &[&[&str]] = &[&[
-    "/usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-memory-plugin.so",
-    "/usr/lib64/nbdkit/plugins/nbdkit-memory-plugin.so",
-]];
+const NBDKIT_MODULES: &[&[&str]] = &[
+    &[
+        "/usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-memory-plugin.so",
+        "/usr/lib64/nbdkit/plugins/nbdkit-memory-plugin.so",
+    ],
+    &[
+        "/usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-file-plugin.so",
+        "/usr/lib64/nbdkit/plugins/nbdkit-file-plugin.so",
+    ],
+];
 
 const BUSYBOX: &[&str] = &["/usr/bin/busybox", "/bin/busybox"];
 

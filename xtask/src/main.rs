@@ -151,6 +151,10 @@ enum Cmd {
         /// `mitigations=off`.
         #[arg(long = "kernel-arg", value_name = "WORD")]
         kernel_args: Vec<String>,
+        /// The nbd group's server: qemu-nbd (one thread: it bounds every client with one
+        /// connection) or nbdkit (its file plugin, a pool of threads per connection).
+        #[arg(long, value_name = "SERVER", default_value = "qemu-nbd")]
+        nbd_server: String,
     },
     /// Fetch qemu-nbd from Debian trixie (extended headers) into target/vm/qemu-nbd-trixie and
     /// print the wrapper that runs it on this host (the nbd host tests use it when it is there;
@@ -206,6 +210,7 @@ fn main() -> Result<ExitCode> {
             rublk,
             kublk,
             kernel_args,
+            nbd_server,
         } => bench::run(&bench::BenchOptions {
             kernels: vm::parse_kernels(&kernel)?,
             quick,
@@ -221,6 +226,7 @@ fn main() -> Result<ExitCode> {
             rublk,
             kublk,
             kernel_args,
+            nbd_server,
         }),
         Cmd::Selftests {
             kernel,
