@@ -115,8 +115,15 @@ fn format_text(v: &serde_json::Value) -> String {
         s += &format!(": cannot open: {e}\n");
     } else {
         let b = &v["block_size"];
+        let replies = if v["extended_headers"] == true {
+            "extended headers"
+        } else if v["structured_replies"] == true {
+            "structured"
+        } else {
+            "simple"
+        };
         s += &format!(
-            ": size {} ({}), block sizes {}/{}/{}{}\n\tflags: {}\n",
+            ": size {} ({}), block sizes {}/{}/{}{}\n\tflags: {}\n\treplies: {replies}\n",
             v["size"],
             human(v["size"].as_u64().unwrap_or(0)),
             b["min"],
@@ -185,7 +192,7 @@ mod tests {
         let t = format_text(&v);
         assert!(t.starts_with("export \"disk\": size 536870912 (512 MiB), block sizes"));
         assert!(t.contains("(not advertised)"));
-        assert!(t.contains("\tflags: read-only send-flush can-multi-conn\n"));
+        assert!(t.contains("\tflags: read-only send-flush can-multi-conn\n\treplies: structured\n"));
         assert!(t.ends_with("\tdescription: my disk\n"));
         assert_eq!(v["read_only"], true);
 

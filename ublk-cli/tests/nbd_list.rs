@@ -16,13 +16,18 @@ struct QemuNbd {
 impl QemuNbd {
     /// Serves a fresh 1 MiB file read-only as export `exp1`; None without qemu-nbd.
     fn start(tag: &str) -> Option<QemuNbd> {
+        QemuNbd::start_bin("qemu-nbd", tag)
+    }
+
+    /// [`QemuNbd::start`] with another qemu-nbd binary.
+    fn start_bin(bin: &str, tag: &str) -> Option<QemuNbd> {
         let dir = std::env::temp_dir().join(format!("ublk-nbd-list-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let img = dir.join("disk.raw");
         std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
         let sock = dir.join("nbd.sock");
-        let child = Command::new("qemu-nbd")
+        let child = Command::new(bin)
             .args(["-k".as_ref(), sock.as_os_str()])
             .args(["-f", "raw", "-t", "-r", "-x", "exp1", "-D", "the disk"])
             .arg(&img)
@@ -87,6 +92,7 @@ fn test_nbd_list_shows_exports_with_size_and_flags() {
         "{text}"
     );
     assert!(text.contains("\tflags: read-only"), "{text}");
+    assert!(text.contains("\treplies: "), "{text}");
     assert!(text.ends_with("\tdescription: the disk\n"), "{text}");
 
     // Each connection was closed: the server (one client at a time) answers again.
@@ -116,6 +122,30 @@ fn test_nbd_list_shows_exports_with_size_and_flags() {
     assert!(!out.status.success());
     assert!(err.starts_with("ublk: export \"nope\" of unix:"), "{err}");
     assert!(out.stdout.is_empty());
+}
+
+/// qemu-nbd 10 (Debian trixie's, fetched by `cargo xtask qemu-nbd-new`) negotiates extended
+/// headers, and the listing says so; skipped without it, failing under CI (`CI` set).
+#[test]
+fn test_nbd_list_shows_extended_headers() {
+    let bin = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/vm/qemu-nbd-trixie/qemu-nbd"
+    );
+    if !Path::new(bin).exists() {
+        assert!(std::env::var_os("CI").is_none(), "{bin} is missing");
+        eprintln!("skipped: {bin} missing (`cargo xtask qemu-nbd-new` fetches it)");
+        return;
+    }
+    let srv = QemuNbd::start_bin(bin, "ext").expect("qemu-nbd 10 starts");
+    let out = ublk(&["nbd-list", "--unix"], &srv.sock);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("\treplies: extended headers\n"), "{text}");
+    let out = ublk(&["nbd-list", "--json", "--unix"], &srv.sock);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["extended_headers"], true);
+    assert_eq!(v[0]["structured_replies"], true);
 }
 
 #[test]
