@@ -365,9 +365,16 @@ fn nbd_verify_with(
     };
     let (_server, ep) = Server::start_bin(server, &file, tcp, if queues > 1 { 4 } else { 1 })?;
     let version = sh(server, &["--version"])?;
-    let new_server = !version.contains("qemu-nbd 7.")
-        && !version.contains("qemu-nbd 8.0")
-        && !version.contains("qemu-nbd 8.1");
+    // "qemu-nbd 10.0.13 (Debian ...)": extended headers from 8.2 on.
+    let (major, minor) = version
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| {
+            let mut n = v.split('.').map(|x| x.parse::<u32>().ok());
+            Some((n.next()??, n.next()??))
+        })
+        .with_context(|| format!("no version in {version:?}"))?;
+    let new_server = (major, minor) >= (8, 2);
     let q = queues.to_string();
     let mut extra = vec!["-q", &q];
     if threads {

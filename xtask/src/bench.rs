@@ -393,9 +393,6 @@ pub fn run(opts: &BenchOptions) -> Result<ExitCode> {
     if runtime == 0 {
         bail!("--runtime must be at least 1 second");
     }
-    if !matches!(opts.nbd_server.as_str(), "qemu-nbd" | "nbdkit") {
-        bail!("--nbd-server is qemu-nbd or nbdkit");
-    }
     if opts.repeat == 0 {
         bail!("--repeat must be at least 1");
     }

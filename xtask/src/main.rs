@@ -153,7 +153,8 @@ enum Cmd {
         kernel_args: Vec<String>,
         /// The nbd group's server: qemu-nbd (one thread: it bounds every client with one
         /// connection) or nbdkit (its file plugin, a pool of threads per connection).
-        #[arg(long, value_name = "SERVER", default_value = "qemu-nbd")]
+        #[arg(long, value_name = "SERVER", default_value = "qemu-nbd",
+              value_parser = ["qemu-nbd", "nbdkit"])]
         nbd_server: String,
     },
     /// Fetch qemu-nbd from Debian trixie (extended headers) into target/vm/qemu-nbd-trixie and
