@@ -875,7 +875,7 @@ fn resize() -> Result<Outcome> {
 }
 
 /// Whether the kernel has zero copy with automatic buffer registration (6.16).
-fn zero_copy_supported() -> Result<bool> {
+pub(crate) fn zero_copy_supported() -> Result<bool> {
     Ok(kernel_version()? >= (6, 16))
 }
 

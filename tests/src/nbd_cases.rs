@@ -1,6 +1,6 @@
 //! Kernel-facing tests of the nbd target, against qemu-nbd and nbdkit running in the guest.
 
-use crate::cases::{batch_supported, test};
+use crate::cases::{batch_supported, test, zero_copy_supported};
 use crate::util::*;
 use crate::{Outcome, Test};
 use anyhow::{ensure, Context, Result};
@@ -31,6 +31,18 @@ pub fn all() -> Vec<Test> {
                 return Ok(Outcome::Skip("batch io commands need Linux 7.0".into()));
             }
             nbd_verify(false, 2, false, false, &["-b"])
+        }),
+        test("kernel_nbd_zero_copy_tcp_q2_sparse", 240, || {
+            if !zero_copy_supported()? {
+                return Ok(Outcome::Skip("zero copy needs Linux 6.16".into()));
+            }
+            nbd_verify(true, 2, false, true, &["-z"])
+        }),
+        test("kernel_nbd_zero_copy_threads_q1_sparse", 240, || {
+            if !zero_copy_supported()? {
+                return Ok(Outcome::Skip("zero copy needs Linux 6.16".into()));
+            }
+            nbd_verify(false, 1, true, true, &["-z"])
         }),
         test("kernel_nbd_extended_headers_qemu_nbd_10_q2", 240, || {
             nbd_verify_with(QEMU_NBD_NEW, false, 2, false, false, &[])
@@ -229,6 +241,22 @@ fn list_target(id: u32) -> Result<serde_json::Value> {
     })
 }
 
+/// The names of device `id`'s flags, from `ublk list --json`.
+fn list_flags(id: u32) -> Result<Vec<String>> {
+    let json = ublk_ok(&["list", "-n", &id.to_string(), "--json"])?.stdout;
+    let v: serde_json::Value = serde_json::from_str(json.trim())
+        .with_context(|| format!("`ublk list --json` is not JSON: {json:?}"))?;
+    let v = if v.is_array() { v[0].clone() } else { v };
+    Ok(v["flag_names"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|n| n.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
 /// A qemu-nbd server, killed on drop.
 struct Server {
     child: Child,
@@ -397,6 +425,16 @@ fn nbd_verify_with(
         wc == "write back",
         "write cache is {wc:?}: FLUSH would never reach the server"
     );
+    if more.contains(&"-z") {
+        // Zero copy comes with user copy, for the bytes the client moves itself.
+        let flags = list_flags(d.id)?;
+        ensure!(
+            ["AUTO_BUF_REG", "USER_COPY"]
+                .iter()
+                .all(|f| flags.iter().any(|n| n == f)),
+            "a zero-copy device has flags {flags:?}"
+        );
+    }
     let t = list_target(d.id)?;
     let want_ext = new_server && !more.contains(&"--nbd-no-extended-headers");
     ensure!(

@@ -59,10 +59,13 @@ pub enum DataMode {
     /// The server copies with pread/pwrite on `/dev/ublkcN` (`UBLK_F_USER_COPY`, Linux 6.5).
     UserCopy,
     /// No copy at all: the kernel registers each request's pages in the queue's io_uring buffer
-    /// table (index = tag) before handing the request over, and the target's io_uring reads and
-    /// writes use them as fixed buffers (`UBLK_F_AUTO_BUF_REG`, Linux 6.16). The server never
-    /// sees the data: [`IoCtx::buf`] is empty, so only targets that move data with
-    /// [`IoCtx::read_at`] / [`IoCtx::write_at`] alone can use it ([`Target::zero_copy`]).
+    /// table (index = tag) before handing the request over, and the target's io_uring reads,
+    /// writes and socket receives use them as fixed buffers (`UBLK_F_AUTO_BUF_REG`, Linux
+    /// 6.16). The server does not see the data: [`IoCtx::buf`] is empty. User copy comes with
+    /// it (`UBLK_F_USER_COPY`), so a target can still move bytes of its own with
+    /// [`IoCtx::copy_read_data`] and [`IoCtx::copy_write_data`] (or bring WRITE data into the
+    /// buffer with [`IoCtx::fetch_write_data`]). Only targets that say so use it
+    /// ([`Target::zero_copy`]).
     ZeroCopy,
 }
 
@@ -73,7 +76,7 @@ impl DataMode {
             DataMode::Copy => DeviceFlags::empty(),
             DataMode::NeedGetData => DeviceFlags::NEED_GET_DATA,
             DataMode::UserCopy => DeviceFlags::USER_COPY,
-            DataMode::ZeroCopy => DeviceFlags::AUTO_BUF_REG,
+            DataMode::ZeroCopy => DeviceFlags::AUTO_BUF_REG.union(DeviceFlags::USER_COPY),
         }
     }
 
@@ -137,6 +140,8 @@ const KIND_BATCH: u64 = 6;
 /// A multishot FETCH_IO_CMDS: tag bits = which of the queue's fetches.
 const KIND_FETCH: u64 = 7;
 const CDEV: types::Fixed = types::Fixed(0);
+/// `IORING_RECVSEND_FIXED_BUF` (in the SQE's `ioprio`): a receive into a fixed buffer.
+const IORING_RECVSEND_FIXED_BUF: u16 = 1 << 2;
 
 fn user_data(kind: u64, tag: u16, data: u32) -> u64 {
     (u64::from(data) << 32) | (kind << 16) | u64::from(tag)
@@ -229,6 +234,9 @@ pub(crate) enum DataPath {
     Handler,
     /// The handler delivered the READ data: nothing to copy at the commit.
     Delivered,
+    /// Zero copy: the data stays in the request's pages, where only fixed-buffer operations
+    /// and the handler's own user copies reach it.
+    Kernel,
 }
 
 impl std::fmt::Debug for IoCtx<'_> {
@@ -257,14 +265,16 @@ impl IoCtx<'_> {
     }
 
     /// The data buffer of request `tag` (`req.len` bytes): WRITE data to consume, or room for
-    /// READ data. Empty if the tag is not with the target or has operations in flight, and
-    /// always in zero-copy mode.
+    /// READ data. Empty if the tag is not with the target or has operations in flight, and in
+    /// zero-copy mode, except for a WRITE whose data [`IoCtx::fetch_write_data`] brought in.
     pub fn buf(&mut self, tag: u16) -> &mut [u8] {
-        if self.mode == DataMode::ZeroCopy || !self.tags.owned_by_target(tag, true) {
+        if !self.tags.owned_by_target(tag, true) || !self.buffered(tag) {
             return &mut [];
         }
         if let Some(p) = self.paths.get_mut(usize::from(tag)) {
-            if self.tags.req(tag).is_some_and(|r| r.op == Op::Read) {
+            if self.mode != DataMode::ZeroCopy
+                && self.tags.req(tag).is_some_and(|r| r.op == Op::Read)
+            {
                 // A READ filled in the buffer is committed from it, whatever was delivered.
                 *p = DataPath::Buffer;
             }
@@ -280,6 +290,13 @@ impl IoCtx<'_> {
         unsafe { self.bufs.slice(tag, len) }
     }
 
+    /// Whether `tag`'s data is in (or goes through) its buffer: always, except in zero-copy
+    /// mode, where only a WRITE's data brought in by [`IoCtx::fetch_write_data`] is.
+    fn buffered(&self, tag: u16) -> bool {
+        self.mode != DataMode::ZeroCopy
+            || self.paths.get(usize::from(tag)) == Some(&DataPath::Buffer)
+    }
+
     /// The data mode of the device.
     pub fn mode(&self) -> DataMode {
         self.mode
@@ -289,12 +306,15 @@ impl IoCtx<'_> {
     /// [`QueueHandler::moves_data`] and has not fallen back to the buffer since
     /// ([`IoCtx::fetch_write_data`], [`IoCtx::buf`] on a READ).
     pub fn handler_moves(&self, tag: u16) -> bool {
-        self.paths.get(usize::from(tag)) != Some(&DataPath::Buffer)
+        matches!(
+            self.paths.get(usize::from(tag)),
+            Some(DataPath::Handler | DataPath::Delivered)
+        )
     }
 
     /// The request of `tag` if the handler moves its data itself (see
-    /// [`QueueHandler::moves_data`]) and may now: user copy, with the target, idle, and
-    /// `[req_off, req_off + len)` inside the request.
+    /// [`QueueHandler::moves_data`]; always in zero-copy mode) and may now: user copy, with
+    /// the target, idle, and `[req_off, req_off + len)` inside the request.
     fn moving(&self, tag: u16, op: Op, req_off: u32, len: usize) -> io::Result<()> {
         let req = match self.tags.req(tag) {
             Some(r) if self.tags.owned_by_target(tag, true) => *r,
@@ -304,10 +324,11 @@ impl IoCtx<'_> {
                 ))
             }
         };
-        if self.mode != DataMode::UserCopy || req.op != op {
+        if !matches!(self.mode, DataMode::UserCopy | DataMode::ZeroCopy) || req.op != op {
             return Err(einval("not a user-copy request of that operation"));
         }
-        if !self.handler_moves(tag) {
+        let kernel = self.paths.get(usize::from(tag)) == Some(&DataPath::Kernel);
+        if !kernel && !self.handler_moves(tag) {
             return Err(einval("the handler does not move this request's data"));
         }
         if u64::from(req_off) + len as u64 > u64::from(req.len) {
@@ -392,8 +413,17 @@ impl IoCtx<'_> {
         Ok(())
     }
 
-    /// User copy, for a WRITE whose data the handler moves ([`QueueHandler::moves_data`]):
-    /// copies it into the tag's buffer after all, for [`IoCtx::buf`] (a fallback).
+    /// Like [`IoCtx::copy_write_data_to`], into bytes of the handler's own: the kernel copies
+    /// `dst.len()` bytes of the WRITE's data from `req_off` into `dst`.
+    pub fn copy_write_data(&mut self, tag: u16, req_off: u32, dst: &mut [u8]) -> io::Result<()> {
+        self.moving(tag, Op::Write, req_off, dst.len())?;
+        self.cdev
+            .read_exact_at(dst, user_copy_offset(self.q_id, tag) + u64::from(req_off))
+    }
+
+    /// User copy, for a WRITE whose data the handler moves ([`QueueHandler::moves_data`], or
+    /// zero-copy mode): copies it into the tag's buffer, for [`IoCtx::buf`] and
+    /// [`IoCtx::send`] (in user-copy mode, a fallback).
     pub fn fetch_write_data(&mut self, tag: u16) -> io::Result<()> {
         let len = self.tags.req(tag).map_or(0, |r| r.len as usize);
         self.moving(tag, Op::Write, 0, len)?;
@@ -421,6 +451,22 @@ impl IoCtx<'_> {
         }
         // SAFETY: in bounds of the slot (checked above).
         Ok(unsafe { self.bufs.addr(tag).add(buf_off as usize) })
+    }
+
+    /// Like `check_range`, for an address in the tag's own buffer slot, whatever the mode
+    /// (in zero-copy mode only once [`IoCtx::fetch_write_data`] filled it).
+    fn slot_range(&self, tag: u16, buf_off: u32, len: u32) -> io::Result<*mut u8> {
+        if !self.buffered(tag) {
+            return Err(einval(
+                "the request's data is not in its buffer (zero copy)",
+            ));
+        }
+        if self.mode == DataMode::ZeroCopy {
+            self.check_range(tag, buf_off, len)?;
+            // SAFETY: in bounds of the slot (checked above).
+            return Ok(unsafe { self.bufs.addr(tag).add(buf_off as usize) });
+        }
+        self.check_range(tag, buf_off, len)
     }
 
     fn push(&mut self, tag: u16, data: u32, sqe: squeue::Entry) -> io::Result<()> {
@@ -533,7 +579,9 @@ impl IoCtx<'_> {
 
     /// Receives exactly `len` bytes (`MSG_WAITALL`) from socket `fd` into request `tag`'s
     /// buffer at `buf_off`; the completion arrives in [`QueueHandler::on_complete`] with
-    /// `data` (fewer bytes when the connection ends or fails). Not in zero-copy mode.
+    /// `data` (fewer bytes when the connection ends or fails). In zero-copy mode the bytes go
+    /// straight into the request's pages (a receive into the fixed buffer, Linux 7.3 checked):
+    /// the socket's data is copied once.
     pub fn recv_at(
         &mut self,
         tag: u16,
@@ -542,14 +590,14 @@ impl IoCtx<'_> {
         len: u32,
         data: u32,
     ) -> io::Result<()> {
-        if self.mode == DataMode::ZeroCopy {
-            return Err(einval("no receive into a zero-copy request"));
-        }
         let p = self.check_range(tag, buf_off, len)?;
-        let sqe = opcode::Recv::new(types::Fd(fd.as_raw_fd()), p, len)
-            .flags(libc::MSG_WAITALL)
-            .build();
-        self.push(tag, data, sqe)
+        let mut recv =
+            opcode::Recv::new(types::Fd(fd.as_raw_fd()), p, len).flags(libc::MSG_WAITALL);
+        if self.mode == DataMode::ZeroCopy {
+            // The fixed buffer index shares the SQE field of the buffer group.
+            recv = recv.ioprio(IORING_RECVSEND_FIXED_BUF).buf_group(tag);
+        }
+        self.push(tag, data, recv.build())
     }
 
     /// Receives at most `max` bytes from socket `fd` into the spare capacity of `buf` (from
@@ -583,8 +631,8 @@ impl IoCtx<'_> {
     /// count means the connection failed). [`SendPart::Bytes`] ranges are of `bytes`, which is
     /// lent to the kernel until the completion; [`SendPart::Tag`] ranges are of request
     /// buffers, whose commits wait for it. The completion arrives in
-    /// [`QueueHandler::on_event`] with `data`, the bytes sent, and `bytes` back. Request
-    /// buffers cannot be sent in zero-copy mode.
+    /// [`QueueHandler::on_event`] with `data`, the bytes sent, and `bytes` back. In zero-copy
+    /// mode a request buffer holds data only once [`IoCtx::fetch_write_data`] brought it in.
     pub fn send(
         &mut self,
         fd: BorrowedFd<'_>,
@@ -609,24 +657,16 @@ impl IoCtx<'_> {
                         return Err(einval("byte range outside the send buffer"));
                     }
                 },
-                SendPart::Tag { tag, off, len } => {
-                    let p = match self.check_range(tag, off, len) {
-                        Ok(_) if self.mode == DataMode::ZeroCopy => {
-                            Err(einval("no send from a zero-copy request"))
-                        }
-                        r => r,
-                    };
-                    match p {
-                        Ok(p) => {
-                            tags.push(tag);
-                            (p, len as usize)
-                        }
-                        Err(e) => {
-                            self.own.put_iov(iov);
-                            return Err(e);
-                        }
+                SendPart::Tag { tag, off, len } => match self.slot_range(tag, off, len) {
+                    Ok(p) => {
+                        tags.push(tag);
+                        (p, len as usize)
                     }
-                }
+                    Err(e) => {
+                        self.own.put_iov(iov);
+                        return Err(e);
+                    }
+                },
             };
             iov.push(libc::iovec {
                 iov_base: base.cast(),
@@ -1221,7 +1261,9 @@ impl<H: QueueHandler> Queue<H> {
             && self.copy_data
             && matches!(req.op, Op::Read | Op::Write)
             && self.handler.moves_data(&req);
-        self.paths[usize::from(tag)] = if moves {
+        self.paths[usize::from(tag)] = if self.cfg.mode == DataMode::ZeroCopy {
+            DataPath::Kernel
+        } else if moves {
             DataPath::Handler
         } else {
             DataPath::Buffer

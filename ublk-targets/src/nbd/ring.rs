@@ -31,7 +31,7 @@ use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use ublk_core::{Action, IoCtx, IoRequest, QueueHandler, SendPart};
+use ublk_core::{Action, IoCtx, IoRequest, Op, QueueHandler, SendPart};
 
 /// Event kinds in the top two bits of an operation's data; the rest is the connection's
 /// generation, so completions of a dead connection's operations are recognised.
@@ -334,9 +334,16 @@ fn errno_text(res: i32) -> String {
 }
 
 impl QueueHandler for RingQueue {
-    fn handle_io(&mut self, _ctx: &mut IoCtx<'_>, req: &IoRequest) -> Action {
+    fn handle_io(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest) -> Action {
         if self.dead {
             return Action::Done(-libc::EIO);
+        }
+        if ctx.zero_copy() && req.op == Op::Write {
+            // The payload is sent from the request buffer (and again after a reconnect).
+            if let Err(e) = ctx.fetch_write_data(req.tag) {
+                log::error!("nbd: cannot bring in WRITE data of tag {}: {e}", req.tag);
+                return Action::Done(-libc::EIO);
+            }
         }
         match self.session.submit(req) {
             Ok(()) => Action::Pending,

@@ -17,13 +17,47 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 use ublk_core::{IoCtx, IoFlags, IoRequest, Op, SendPart};
 
-/// What the session needs of the queue: request buffers and completions.
+/// What the session needs of the queue: a place for READ data, and completions.
 pub(crate) trait TagIo {
     /// Request `tag`'s buffer (empty if it is not available).
     fn buf(&mut self, tag: u16) -> &mut [u8];
     /// Completes request `tag`.
     fn complete(&mut self, tag: u16, res: i32);
+
+    /// Places `data` in READ request `tag` at `at`; false if it cannot.
+    fn put(&mut self, tag: u16, at: u32, data: &[u8]) -> bool {
+        put_in(self.buf(tag), at, data)
+    }
+
+    /// Zeroes `len` bytes of READ request `tag` at `at`; false if it cannot.
+    fn zero(&mut self, tag: u16, at: u32, len: u32) -> bool {
+        zero_in(self.buf(tag), at, len)
+    }
 }
+
+fn put_in(buf: &mut [u8], at: u32, data: &[u8]) -> bool {
+    let at = at as usize;
+    match buf.get_mut(at..at + data.len()) {
+        Some(dst) => {
+            dst.copy_from_slice(data);
+            true
+        }
+        None => false,
+    }
+}
+
+fn zero_in(buf: &mut [u8], at: u32, len: u32) -> bool {
+    match buf.get_mut(at as usize..(at + len) as usize) {
+        Some(dst) => {
+            dst.fill(0);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Zeros for holes in zero-copy mode.
+static ZEROS: [u8; 4096] = [0; 4096];
 
 impl TagIo for IoCtx<'_> {
     fn buf(&mut self, tag: u16) -> &mut [u8] {
@@ -31,6 +65,35 @@ impl TagIo for IoCtx<'_> {
     }
     fn complete(&mut self, tag: u16, res: i32) {
         IoCtx::complete(self, tag, res);
+    }
+
+    /// In zero-copy mode the kernel copies `data` into the request's pages (user copy).
+    fn put(&mut self, tag: u16, at: u32, data: &[u8]) -> bool {
+        if !self.zero_copy() {
+            return put_in(IoCtx::buf(self, tag), at, data);
+        }
+        match self.copy_read_data(tag, at, data) {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!("nbd: cannot place READ data of tag {tag}: {e}");
+                false
+            }
+        }
+    }
+
+    fn zero(&mut self, tag: u16, at: u32, len: u32) -> bool {
+        if !self.zero_copy() {
+            return zero_in(IoCtx::buf(self, tag), at, len);
+        }
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(ZEROS.len() as u32);
+            if !self.put(tag, at + done, &ZEROS[..n as usize]) {
+                return false;
+            }
+            done += n;
+        }
+        true
     }
 }
 
@@ -367,10 +430,9 @@ impl Session {
                     if n == 0 {
                         return Ok(pos);
                     }
-                    let Some(dst) = io.buf(tag).get_mut(at as usize..at as usize + n) else {
+                    if !io.put(tag, at, &avail[..n]) {
                         return Err(ProtoError::Mismatch("read reply for a busy buffer").into());
-                    };
-                    dst.copy_from_slice(&avail[..n]);
+                    }
                     pos += n;
                     self.rx = Rx::Data {
                         tag,
@@ -390,13 +452,11 @@ impl Session {
                         ChunkEvent::None => {}
                         ChunkEvent::Hole { buf_off, len } => {
                             s.coverage.add(buf_off, len)?;
-                            let range = buf_off as usize..(buf_off + len) as usize;
-                            let Some(dst) = io.buf(tag).get_mut(range) else {
+                            if !io.zero(tag, buf_off, len) {
                                 return Err(
                                     ProtoError::Mismatch("read reply for a busy buffer").into()
                                 );
-                            };
-                            dst.fill(0);
+                            }
                         }
                         ChunkEvent::Error { error, message } => {
                             log::trace!("nbd: server error {error}: {message}");

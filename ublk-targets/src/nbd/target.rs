@@ -261,6 +261,13 @@ impl NbdTarget {
 
 impl Target for NbdTarget {
     type Queue = NbdQueue;
+
+    /// Both engines work in zero-copy mode: the io_uring engine receives large READ payloads
+    /// straight into the request's pages; smaller READ data and WRITE data move by user copy.
+    fn zero_copy(&self) -> bool {
+        true
+    }
+
     fn open_queue(&self, q_id: u16) -> io::Result<NbdQueue> {
         let conns = match &self.conns {
             Conns::Threads(c) => c,
@@ -447,7 +454,7 @@ impl ThreadQueue {
             Err(e) => e,
         };
         let res = if res > 0 {
-            copy_read(ctx.buf(req.tag), &buf, req.len, res)
+            deliver_read(ctx, req, &buf, res)
         } else {
             res
         };
@@ -462,9 +469,27 @@ impl ThreadQueue {
             return Action::Done(res);
         }
         let buf = self.bufs.take(req.tag);
-        let res = copy_read(ctx.buf(req.tag), &buf, req.len, res);
+        let res = deliver_read(ctx, req, &buf, res);
         self.bufs.put(req.tag, buf);
         Action::Done(res)
+    }
+}
+
+/// Copies READ data from the tag's own buffer into the request: into the request buffer, or
+/// in zero-copy mode straight into its pages (user copy). Returns `res` or `-EIO`.
+fn deliver_read(ctx: &mut IoCtx<'_>, req: &IoRequest, src: &[u8], res: i32) -> i32 {
+    if !ctx.zero_copy() {
+        return copy_read(ctx.buf(req.tag), src, req.len, res);
+    }
+    let Some(src) = src.get(..req.len as usize) else {
+        return -libc::EIO;
+    };
+    match ctx.copy_read_data(req.tag, 0, src) {
+        Ok(()) => res,
+        Err(e) => {
+            log::error!("nbd: cannot deliver READ data of tag {}: {e}", req.tag);
+            -libc::EIO
+        }
     }
 }
 
@@ -502,14 +527,25 @@ impl QueueHandler for ThreadQueue {
                 if self.read_only {
                     return Action::Done(-libc::EROFS);
                 }
-                let data = ctx.buf(tag);
                 let n = req.len as usize;
-                if data.len() < n {
-                    return Action::Done(-libc::EIO);
-                }
                 let mut buf = self.bufs.take(tag);
                 buf.clear();
-                buf.extend_from_slice(&data[..n]);
+                if ctx.zero_copy() {
+                    // The kernel copies the data straight into the tag's own buffer.
+                    buf.resize(n, 0);
+                    if let Err(e) = ctx.copy_write_data(tag, 0, &mut buf) {
+                        log::error!("nbd: cannot bring in WRITE data of tag {tag}: {e}");
+                        self.bufs.put(tag, buf);
+                        return Action::Done(-libc::EIO);
+                    }
+                } else {
+                    let data = ctx.buf(tag);
+                    if data.len() < n {
+                        self.bufs.put(tag, buf);
+                        return Action::Done(-libc::EIO);
+                    }
+                    buf.extend_from_slice(&data[..n]);
+                }
                 r.cmd = Cmd::Write;
                 r.buf = buf;
             }
