@@ -627,12 +627,21 @@ impl IoCtx<'_> {
         unsafe { self.push_own(idx, sqe) }
     }
 
+    /// The most operations one [`IoCtx::send`] may take: in zero-copy mode it takes one per
+    /// run of parts in memory and one per range of a request's pages.
+    pub fn send_max_ops(&mut self) -> usize {
+        self.ring.submission().capacity()
+    }
+
     /// Sends `parts` in order on socket `fd` with one `sendmsg` (`MSG_WAITALL`, so a short
     /// count means the connection failed). [`SendPart::Bytes`] ranges are of `bytes`, which is
     /// lent to the kernel until the completion; [`SendPart::Tag`] ranges are of request
-    /// buffers, whose commits wait for it. The completion arrives in
-    /// [`QueueHandler::on_event`] with `data`, the bytes sent, and `bytes` back. In zero-copy
-    /// mode a request buffer holds data only once [`IoCtx::fetch_write_data`] brought it in.
+    /// buffers, whose commits wait for it. In zero-copy mode a request's range is sent straight
+    /// from its pages (a send from the fixed buffer, linked between the `sendmsg`s of what comes
+    /// before and after it, so the stream keeps its order), unless
+    /// [`IoCtx::fetch_write_data`] brought its data into the buffer. The completion arrives
+    /// once, in [`QueueHandler::on_event`], with `data`, the bytes sent (or the first error),
+    /// and `bytes` back.
     pub fn send(
         &mut self,
         fd: BorrowedFd<'_>,
@@ -648,38 +657,97 @@ impl IoCtx<'_> {
         }
         let mut iov = self.own.take_iov();
         let mut tags = Vec::new();
+        // What goes out, in order: runs of the iovec array (one `sendmsg` each) and ranges of
+        // requests' pages (one fixed-buffer send each).
+        let mut segs: Vec<Seg> = Vec::new();
         for part in parts {
-            let (base, len) = match *part {
+            let r = match *part {
                 SendPart::Bytes(ref r) => match bytes.get(r.clone()) {
-                    Some(b) => (b.as_ptr().cast_mut(), b.len()),
-                    None => {
-                        self.own.put_iov(iov);
-                        return Err(einval("byte range outside the send buffer"));
-                    }
+                    Some(b) => Ok(Some((b.as_ptr().cast_mut(), b.len()))),
+                    None => Err(einval("byte range outside the send buffer")),
                 },
-                SendPart::Tag { tag, off, len } => match self.slot_range(tag, off, len) {
-                    Ok(p) => {
+                SendPart::Tag { tag, off, len } if !self.buffered(tag) => {
+                    self.check_range(tag, off, len).map(|_| {
                         tags.push(tag);
-                        (p, len as usize)
-                    }
-                    Err(e) => {
-                        self.own.put_iov(iov);
-                        return Err(e);
-                    }
-                },
+                        segs.push(Seg::Fixed { tag, off, len });
+                        None
+                    })
+                }
+                SendPart::Tag { tag, off, len } => self.slot_range(tag, off, len).map(|p| {
+                    tags.push(tag);
+                    Some((p, len as usize))
+                }),
             };
-            iov.push(libc::iovec {
-                iov_base: base.cast(),
-                iov_len: len,
-            });
+            match r {
+                Ok(Some((base, len))) => {
+                    match segs.last_mut() {
+                        Some(Seg::Msg(run)) => run.end += 1,
+                        _ => segs.push(Seg::Msg(iov.len()..iov.len() + 1)),
+                    }
+                    iov.push(libc::iovec {
+                        iov_base: base.cast(),
+                        iov_len: len,
+                    });
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.own.put_iov(iov);
+                    return Err(e);
+                }
+            }
         }
-        // SAFETY: an all-zero msghdr is valid (no name, no control data).
-        let mut hdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
-        hdr.msg_iov = iov.as_mut_ptr();
-        hdr.msg_iovlen = iov.len();
-        let sqe = opcode::SendMsg::new(types::Fd(fd.as_raw_fd()), &*hdr)
-            .flags((libc::MSG_WAITALL | libc::MSG_NOSIGNAL) as u32)
-            .build();
+        let room = self.ring.submission().capacity();
+        if segs.len() > room {
+            self.own.put_iov(iov);
+            return Err(einval(
+                "a send of more segments than the submission queue holds",
+            ));
+        }
+        // The iovec array is complete: the message headers may point into it. Neither array's
+        // heap block moves from here on (both go into the op table entry as they are).
+        let hdrs: Vec<libc::msghdr> = segs
+            .iter()
+            .filter_map(|seg| match seg {
+                Seg::Msg(run) => {
+                    // SAFETY: an all-zero msghdr is valid (no name, no control data).
+                    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+                    hdr.msg_iov = iov[run.clone()].as_ptr().cast_mut();
+                    hdr.msg_iovlen = run.len();
+                    Some(hdr)
+                }
+                Seg::Fixed { .. } => None,
+            })
+            .collect();
+        let flags = libc::MSG_WAITALL | libc::MSG_NOSIGNAL;
+        let fd = types::Fd(fd.as_raw_fd());
+        let mut msgs = hdrs.iter();
+        let sqes: Vec<squeue::Entry> = segs
+            .iter()
+            .enumerate()
+            .map(|(i, seg)| {
+                let sqe = match seg {
+                    Seg::Msg(_) => {
+                        let hdr = msgs.next().expect("one header per sendmsg");
+                        opcode::SendMsg::new(fd, hdr).flags(flags as u32).build()
+                    }
+                    // A fixed buffer registered by the kernel is addressed from 0.
+                    Seg::Fixed { tag, off, len } => opcode::Send::new(
+                        fd,
+                        std::ptr::null::<u8>().wrapping_add(*off as usize),
+                        *len,
+                    )
+                    .flags(flags)
+                    .ioprio(IORING_RECVSEND_FIXED_BUF)
+                    .buf_group(*tag)
+                    .build(),
+                };
+                if i + 1 < segs.len() {
+                    sqe.flags(squeue::Flags::IO_LINK)
+                } else {
+                    sqe
+                }
+            })
+            .collect();
         for &t in &tags {
             self.tags.op_submitted(t);
         }
@@ -688,14 +756,46 @@ impl IoCtx<'_> {
             OwnBuf::Send {
                 bytes,
                 iov,
-                hdr,
+                hdrs,
                 tags,
+                left: sqes.len(),
+                sent: 0,
+                err: None,
             },
         );
-        // SAFETY: the message header, the iovec array and `bytes` are owned by the op table
-        // entry `idx` until the completion; request buffer ranges were checked against their
-        // requests, whose tags now count this operation (their commits wait for it).
-        unsafe { self.push_own(idx, sqe) }
+        // A chain must reach the kernel whole: a submission in its middle would end the link.
+        let free = {
+            let sq = self.ring.submission();
+            sq.capacity() - sq.len()
+        };
+        if free < sqes.len() {
+            if let Err(e) = self.ring.submit() {
+                self.drop_send(idx);
+                return Err(e);
+            }
+        }
+        for (i, sqe) in sqes.iter().enumerate() {
+            let sqe = sqe.clone().user_data(user_data(KIND_OWN, idx, 0));
+            // SAFETY: the message headers, the iovec array and `bytes` are owned by the op
+            // table entry `idx` until its last completion; request ranges (of buffers or fixed
+            // buffers) were checked against their requests, whose tags now count this
+            // operation (their commits wait for it).
+            if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+                // Not reached: room was made above. What was pushed points into the entry,
+                // which its completions free; nothing was pushed, it goes now.
+                match self.own.get_mut(idx) {
+                    Some(OwnBuf::Send { left, err, .. }) if i > 0 => {
+                        *left = i;
+                        *err = Some(-libc::EIO);
+                    }
+                    _ => self.drop_send(idx),
+                }
+                return Err(io::Error::other(
+                    "submission queue full in the middle of a send",
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// A timer: [`QueueHandler::on_event`] is called with `data` and `-ETIME` after `after`.
@@ -725,15 +825,29 @@ impl IoCtx<'_> {
         let sqe = sqe.user_data(user_data(KIND_OWN, idx, 0));
         let r = push_sqe(self.ring, &sqe);
         if r.is_err() {
-            if let Some((_, OwnBuf::Send { iov, tags, .. })) = self.own.remove(idx) {
-                for t in tags {
-                    self.tags.op_completed(t);
-                }
-                self.own.put_iov(iov);
-            }
+            self.drop_send(idx);
         }
         r
     }
+
+    /// Forgets own operation `idx` that never reached the ring; the request buffers a send
+    /// pointed into stop counting it.
+    fn drop_send(&mut self, idx: u16) {
+        if let Some((_, OwnBuf::Send { iov, tags, .. })) = self.own.remove(idx) {
+            for t in tags {
+                self.tags.op_completed(t);
+            }
+            self.own.put_iov(iov);
+        }
+    }
+}
+
+/// One operation of a send: a `sendmsg` of a run of its iovec array, or a send of a range of
+/// a request's pages (zero copy).
+#[derive(Debug)]
+enum Seg {
+    Msg(std::ops::Range<usize>),
+    Fixed { tag: u16, off: u32, len: u32 },
 }
 
 /// One part of an [`IoCtx::send`].
@@ -760,10 +874,16 @@ enum OwnBuf {
     Send {
         bytes: Vec<u8>,
         iov: Vec<libc::iovec>,
-        /// Only kept alive: the kernel reads it.
+        /// Only kept alive: the kernel reads them.
         #[allow(dead_code)]
-        hdr: Box<libc::msghdr>,
+        hdrs: Vec<libc::msghdr>,
         tags: Vec<u16>,
+        /// Completions still to come (one per linked operation).
+        left: usize,
+        /// Bytes sent so far.
+        sent: usize,
+        /// The first error.
+        err: Option<i32>,
     },
     /// Only kept alive: the kernel reads it.
     Timer(#[allow(dead_code)] Box<types::Timespec>),
@@ -802,6 +922,13 @@ impl OwnOps {
         }
         self.slots.push(Some((data, buf)));
         (self.slots.len() - 1) as u16
+    }
+
+    fn get_mut(&mut self, idx: u16) -> Option<&mut OwnBuf> {
+        self.slots
+            .get_mut(usize::from(idx))?
+            .as_mut()
+            .map(|(_, b)| b)
     }
 
     fn remove(&mut self, idx: u16) -> Option<(u32, OwnBuf)> {
@@ -1308,7 +1435,24 @@ impl<H: QueueHandler> Queue<H> {
     }
 
     /// The target's own operation `idx` completed.
-    fn on_own(&mut self, idx: u16, res: i32) {
+    fn on_own(&mut self, idx: u16, mut res: i32) {
+        if let Some(OwnBuf::Send {
+            left, sent, err, ..
+        }) = self.own.get_mut(idx)
+        {
+            // A chain of linked operations: report once, after the last.
+            match res {
+                r if r < 0 => {
+                    err.get_or_insert(r);
+                }
+                r => *sent += r as usize,
+            }
+            *left = left.saturating_sub(1);
+            if *left > 0 {
+                return;
+            }
+            res = err.unwrap_or(i32::try_from(*sent).unwrap_or(i32::MAX));
+        }
         let Some((data, buf)) = self.own.remove(idx) else {
             log::error!(
                 "queue {}: stray completion of own operation {idx}",

@@ -389,7 +389,7 @@ qcow2_group() { # queues
 nbd_group() { # queues
     q=$1
     DEV_nbd="" PID_nbd="" DEV_ublk_nbd="" PID_ublk_nbd="" DEV_ublk_nbd_t="" PID_ublk_nbd_t="" SERVER_PID=""
-    DEV_ublk_nbd_b="" PID_ublk_nbd_b=""
+    DEV_ublk_nbd_b="" PID_ublk_nbd_b="" DEV_ublk_nbd_z="" PID_ublk_nbd_z=""
     why=$(nbd_missing)
     [ -z "$why" ] && [ ! -x /opt/bin/nbd-client ] && why="nbd-client missing from the initramfs"
     [ -z "$why" ] && ! qnbd_opts && why="qemu-nbd refused every cache/aio choice"
@@ -405,10 +405,10 @@ nbd_group() { # queues
                 why="nbdkit server failed: $(tr '\n' ' ' <$W/srv.out)"
             fi
         # shellcheck disable=SC2086
-        elif /opt/bin/qemu-nbd --fork -f raw $QNBD_OPTS -k $NBD_SOCK -x bench --shared=8 \
+        elif /opt/bin/qemu-nbd --fork -f raw $QNBD_OPTS -k $NBD_SOCK -x bench --shared=16 \
             --pid-file=$W/srv.pid $RAW >$W/srv.out 2>&1; then
             SERVER_PID=$(cat $W/srv.pid)
-            out "@@INFO cmd.nbd_server=qemu-nbd --fork -f raw $QNBD_OPTS -k SOCK -x bench --shared=8 RAW@@"
+            out "@@INFO cmd.nbd_server=qemu-nbd --fork -f raw $QNBD_OPTS -k SOCK -x bench --shared=16 RAW@@"
             log "nbd server: qemu-nbd pid $SERVER_PID"
         else
             why="qemu-nbd server failed: $(tr '\n' ' ' <$W/srv.out)"
@@ -419,6 +419,7 @@ nbd_group() { # queues
         skip nbd $q ublk_nbd "$why"
         skip nbd $q ublk_nbd_t "$why"
         [ $BATCH = 1 ] && skip nbd $q ublk_nbd_b "$why"
+        [ $ZERO_COPY = 1 ] && skip nbd $q ublk_nbd_z "$why"
         return 0
     fi
     if /opt/bin/nbd-client -unix $NBD_SOCK /dev/nbd1 -N bench -C $q >$W/nbdc.out 2>&1 &&
@@ -445,8 +446,12 @@ nbd_group() { # queues
         ublk_add ublk_nbd_b -t nbd -q $q -b --uri "nbd+unix:///bench?socket=$NBD_SOCK" ||
             skip nbd $q ublk_nbd_b "ublk add -t nbd -b failed"
     fi
+    if [ $ZERO_COPY = 1 ]; then
+        ublk_add ublk_nbd_z -t nbd -q $q -z --uri "nbd+unix:///bench?socket=$NBD_SOCK" ||
+            skip nbd $q ublk_nbd_z "ublk add -t nbd -z failed"
+    fi
     for job in $JOBS; do
-        rounds nbd $q $job nbd ublk_nbd ublk_nbd_t ublk_nbd_b
+        rounds nbd $q $job nbd ublk_nbd ublk_nbd_t ublk_nbd_b ublk_nbd_z
     done
     del_all
     [ -n "$DEV_nbd" ] && /opt/bin/nbd-client -d /dev/nbd1 >/dev/null 2>&1

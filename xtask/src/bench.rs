@@ -89,6 +89,7 @@ const GROUPS: &[(&str, &[Device])] = &[
             ("ublk_nbd", "ublk nbd", Some("nbd")),
             ("ublk_nbd_t", "ublk nbd threads", Some("nbd")),
             ("ublk_nbd_b", "ublk nbd -b", Some("nbd")),
+            ("ublk_nbd_z", "ublk nbd -z", Some("nbd")),
         ],
     ),
 ];
@@ -1478,7 +1479,7 @@ fn render_doc(all: &[KernelResults], notes: Option<&str>) -> String {
          server for all clients.\n",
         cmd(
             "cmd.nbd_server",
-            "qemu-nbd --fork -f raw OPTIONS -k SOCK -x bench --shared=8 RAW"
+            "qemu-nbd --fork -f raw OPTIONS -k SOCK -x bench --shared=16 RAW"
         ),
         cmd("cmd.nbd", "nbd-client -unix SOCK /dev/nbd1 -N bench -C N"),
         cmd(

@@ -200,9 +200,12 @@ fn qemu_command(kernel: &Kernel, initrd: &Path, append: &str, serial: &str, mem:
     c
 }
 
-/// The kernel command line every guest gets: serial console, `UBLK_VM_KERNEL=<label>`.
+/// The kernel command line every guest gets: serial console, `UBLK_VM_KERNEL=<label>`, and
+/// `tsc=reliable`: under emulation the clocksource watchdog sees the TSC drift whenever the
+/// host is busy and switches clocks, patching kernel text as it does; a 6.12 guest once died
+/// of that (an int3 oops in `sched_clock_cpu` during `text_poke`).
 pub(crate) fn base_append(label: &str) -> String {
-    format!("console=ttyS0 panic=-1 quiet UBLK_VM_KERNEL={label}")
+    format!("console=ttyS0 panic=-1 quiet tsc=reliable UBLK_VM_KERNEL={label}")
 }
 
 /// Refuse values that would not survive as one kernel command-line word.

@@ -5,7 +5,13 @@
 //! from a small buffer, WRITE payloads straight from the requests' own buffers: no copy), and
 //! one `recv` is always posted on the socket; the replies it brings are parsed here, READ data
 //! copied into the requests' buffers (a large remainder is received straight into the request
-//! buffer instead) and the requests completed. The ublk commits, the socket operations and the
+//! buffer instead) and the requests completed. In zero-copy mode (`ublk add -z`, Linux 6.16+)
+//! such a remainder is received straight into the request's pages, so a large READ is copied
+//! once, from the socket to the pages, as in the kernel's nbd driver; the few bytes of it that
+//! came with the header, and small READs, are copied in by user copy. WRITE payloads are
+//! sent straight from the request's pages, each a send from the fixed buffer linked between
+//! the `sendmsg`s of the headers around it.
+//! The ublk commits, the socket operations and the
 //! next fetches all go through the same `io_uring_enter`: no other thread, lock, channel or
 //! wake-up on the data path (the threaded [`Client`](super::client::Client) needs three
 //! threads and three copies per request).
@@ -31,7 +37,7 @@ use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use ublk_core::{Action, IoCtx, IoRequest, Op, QueueHandler, SendPart};
+use ublk_core::{Action, IoCtx, IoRequest, QueueHandler, SendPart};
 
 /// Event kinds in the top two bits of an operation's data; the rest is the connection's
 /// generation, so completions of a dead connection's operations are recognised.
@@ -155,9 +161,14 @@ impl RingQueue {
         let mut bytes = std::mem::take(&mut self.sbuf);
         bytes.clear();
         self.parts.clear();
-        let total = self
-            .session
-            .build_send(SEND_BATCH, &mut bytes, &mut self.parts);
+        // In zero copy each WRITE payload is an operation of its own, and its header may
+        // start another: at most two per request.
+        let max = if ctx.zero_copy() {
+            SEND_BATCH.min(ctx.send_max_ops() / 2)
+        } else {
+            SEND_BATCH
+        };
+        let total = self.session.build_send(max, &mut bytes, &mut self.parts);
         if total == 0 {
             self.sbuf = bytes;
             return;
@@ -334,16 +345,9 @@ fn errno_text(res: i32) -> String {
 }
 
 impl QueueHandler for RingQueue {
-    fn handle_io(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest) -> Action {
+    fn handle_io(&mut self, _ctx: &mut IoCtx<'_>, req: &IoRequest) -> Action {
         if self.dead {
             return Action::Done(-libc::EIO);
-        }
-        if ctx.zero_copy() && req.op == Op::Write {
-            // The payload is sent from the request buffer (and again after a reconnect).
-            if let Err(e) = ctx.fetch_write_data(req.tag) {
-                log::error!("nbd: cannot bring in WRITE data of tag {}: {e}", req.tag);
-                return Action::Done(-libc::EIO);
-            }
         }
         match self.session.submit(req) {
             Ok(()) => Action::Pending,

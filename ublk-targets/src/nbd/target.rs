@@ -18,7 +18,9 @@
 //! (no allocation per IO once warm). WRITE data is copied into it in `handle_io` (it must
 //! survive a reconnect and be resent anyway). READ data lands in it on the reader thread and
 //! is copied into the request buffer on the queue thread, in
-//! [`QueueHandler::on_remote_complete`], before the commit.
+//! [`QueueHandler::on_remote_complete`], before the commit. In zero-copy mode the kernel
+//! copies between the request's pages and the tag's own buffer instead (user copy): one copy
+//! each way where the request buffer takes two.
 //!
 //! The buffer goes back to the queue thread through a bounded lock-free channel (sent before
 //! the [`Completer`] is told, so it is there when the queue thread hears of the completion);
