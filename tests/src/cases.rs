@@ -381,7 +381,7 @@ fn zero_copy_errors() -> Result<Outcome> {
 }
 
 /// Refused `ublk add` arguments: the error names `want`, and no device is left behind.
-fn check_refused(r: &Run, want: &str) -> Result<()> {
+pub(crate) fn check_refused(r: &Run, want: &str) -> Result<()> {
     ensure!(!r.ok(), "succeeded: {}", r.stdout);
     ensure!(
         r.stderr.contains(want),
@@ -875,7 +875,7 @@ fn resize() -> Result<Outcome> {
 }
 
 /// Whether the kernel has zero copy with automatic buffer registration (6.16).
-pub(crate) fn zero_copy_supported() -> Result<bool> {
+fn zero_copy_supported() -> Result<bool> {
     Ok(kernel_version()? >= (6, 16))
 }
 

@@ -1,6 +1,6 @@
 //! Kernel-facing tests of the nbd target, against qemu-nbd and nbdkit running in the guest.
 
-use crate::cases::{batch_supported, test, zero_copy_supported};
+use crate::cases::{batch_supported, check_refused, test};
 use crate::util::*;
 use crate::{Outcome, Test};
 use anyhow::{ensure, Context, Result};
@@ -13,6 +13,16 @@ const MIB: u64 = 1 << 20;
 /// qemu-nbd 10 from Debian trixie (`xtask/src/peers.rs`), which offers extended headers; the
 /// guest's `qemu-nbd` is the host's (Debian 12: 7.2, without them).
 const QEMU_NBD_NEW: &str = "/opt/bin/qemu-nbd-new";
+
+/// Why the zero-copy nbd cases are skipped before 7.3.
+const NBD_ZC: &str = "zero copy for nbd needs io_uring sends and receives on registered \
+                      buffers (checked on Linux 7.3)";
+
+/// Whether `ublk add -t nbd -z` is expected to work: io_uring's plain send and receive on
+/// registered buffers came after zero copy itself (6.16); 7.3 has them.
+fn nbd_zero_copy_supported() -> Result<bool> {
+    Ok(kernel_version()? >= (7, 3))
+}
 
 /// The nbd tests, in run order.
 pub fn all() -> Vec<Test> {
@@ -33,17 +43,18 @@ pub fn all() -> Vec<Test> {
             nbd_verify(false, 2, false, false, &["-b"])
         }),
         test("kernel_nbd_zero_copy_tcp_q2_sparse", 240, || {
-            if !zero_copy_supported()? {
-                return Ok(Outcome::Skip("zero copy needs Linux 6.16".into()));
+            if !nbd_zero_copy_supported()? {
+                return Ok(Outcome::Skip(NBD_ZC.into()));
             }
             nbd_verify(true, 2, false, true, &["-z"])
         }),
         test("kernel_nbd_zero_copy_threads_q1_sparse", 240, || {
-            if !zero_copy_supported()? {
-                return Ok(Outcome::Skip("zero copy needs Linux 6.16".into()));
+            if !nbd_zero_copy_supported()? {
+                return Ok(Outcome::Skip(NBD_ZC.into()));
             }
             nbd_verify(false, 1, true, true, &["-z"])
         }),
+        test("kernel_nbd_zero_copy_refused", 120, nbd_zero_copy_refused),
         test("kernel_nbd_extended_headers_qemu_nbd_10_q2", 240, || {
             nbd_verify_with(QEMU_NBD_NEW, false, 2, false, false, &[])
         }),
@@ -239,6 +250,37 @@ fn list_target(id: u32) -> Result<serde_json::Value> {
     } else {
         v["target"].clone()
     })
+}
+
+/// Where io_uring cannot send and receive on registered buffers, `ublk add -t nbd -z` fails
+/// saying why and leaves nothing behind; with `--fallback` the device comes up in copy mode.
+fn nbd_zero_copy_refused() -> Result<Outcome> {
+    if nbd_zero_copy_supported()? {
+        return Ok(Outcome::Skip(
+            "zero copy works here (kernel_nbd_zero_copy_*)".into(),
+        ));
+    }
+    let file = backing("nbd-zc.raw", 16)?;
+    let (_server, ep) = Server::start(&file, false, 1)?;
+    let mut args = vec!["add", "-t", "nbd"];
+    args.extend(ep.split('\u{1f}'));
+    args.push("-z");
+    check_refused(&ublk(&args)?, "zero copy")?;
+    args.push("--fallback");
+    let r = ublk_ok(&args)?;
+    let d = parse_one("ublk add -t nbd -z --fallback", &r)?;
+    let flags = list_flags(d.id)?;
+    ublk_del(d.id)?;
+    ensure!(
+        r.stderr.contains("falling back to copy mode"),
+        "no fallback warning on the terminal: {:?}",
+        r.stderr
+    );
+    ensure!(
+        !flags.iter().any(|f| f == "AUTO_BUF_REG"),
+        "flags {flags:?}"
+    );
+    Ok(Outcome::Pass)
 }
 
 /// The names of device `id`'s flags, from `ublk list --json`.

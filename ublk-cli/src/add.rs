@@ -572,15 +572,35 @@ fn serve_target<T: Target + 'static>(
     params: DeviceParams,
     json: serde_json::Value,
 ) -> Result<()> {
-    let (mode, fallback) = a.mode_for(&*target)?;
+    let (mut mode, fallback) = a.mode_for(&*target)?;
+    if mode == DataMode::ZeroCopy && !target.zero_copy() && fallback {
+        log::warn!("the target cannot use zero copy here; falling back to copy mode");
+        mode = DataMode::Copy;
+    }
     if mode == DataMode::ZeroCopy && !target.zero_copy() {
-        bail!(
-            "the {} target cannot use zero copy (-z): it needs the request data in user space",
-            json["name"].as_str().unwrap_or("chosen")
-        );
+        let name = json["name"].as_str().unwrap_or("chosen");
+        let why = if name == "nbd" {
+            "this kernel's io_uring cannot send and receive on sockets from and into registered \
+             buffers (Linux 7.3 can)"
+        } else {
+            "it needs the request data in user space"
+        };
+        bail!("the {name} target cannot use zero copy (-z): {why}");
     }
     shield_from_oom_killer();
-    let ctrl = Ctrl::open()?;
+    let mut ctrl = Ctrl::open()?;
+    if a.recover_id.is_none()
+        && a.data_mode()?.is_none()
+        && mode != DataMode::Copy
+        && !ctrl.features()?.contains(mode.flag())
+    {
+        // The target's preferred mode, which the kernel lacks: copy mode is no news.
+        log::info!(
+            "the kernel has no {} mode: using copy mode",
+            mode.name().replace('_', " ")
+        );
+        mode = DataMode::Copy;
+    }
     let mut dev = match a.recover_id {
         Some(id) => Device::recover(ctrl, id)?,
         None => {

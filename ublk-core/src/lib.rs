@@ -36,5 +36,5 @@ pub use filemap::FileMap;
 pub use flags::DeviceFlags;
 pub use os::{gettid, SignalSet};
 pub use params::{Attrs, DevNumbers, DeviceParams, DiscardParams};
-pub use queue::{Completer, DataMode, IoCtx, QueueError, SendPart};
+pub use queue::{socket_io_on_fixed_buffers, Completer, DataMode, IoCtx, QueueError, SendPart};
 pub use target::{Action, IoFlags, IoRequest, Op, QueueHandler, Target};

@@ -1660,6 +1660,47 @@ pub fn user_copy_offset(q: u16, tag: u16) -> u64 {
         + (u64::from(tag) << sys::UBLK_TAG_OFF)
 }
 
+/// Whether this kernel's io_uring sends and receives on sockets straight from and into
+/// registered buffers (`IORING_RECVSEND_FIXED_BUF` on plain `IORING_OP_SEND` / `RECV`, new in
+/// Linux 7.x): what [`IoCtx::recv_at`] and [`IoCtx::send`] need in zero-copy mode. Probed once:
+/// a kernel without it refuses the flag when it prepares the receive (`EINVAL`); one with it
+/// looks for the buffer, which the probe's ring does not have (`EFAULT`).
+pub fn socket_io_on_fixed_buffers() -> bool {
+    static PROBED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PROBED.get_or_init(|| match probe_recv_fixed() {
+        Ok(res) => {
+            log::debug!("receive into a fixed buffer: {res}");
+            res == -libc::EFAULT
+        }
+        Err(e) => {
+            log::debug!("cannot probe receives into fixed buffers: {e}");
+            false
+        }
+    })
+}
+
+/// The result of a receive into fixed buffer 0 of a ring that has none.
+fn probe_recv_fixed() -> io::Result<i32> {
+    let mut ring = IoUring::new(2)?;
+    let (a, _b) = std::os::unix::net::UnixStream::pair()?;
+    let sqe = opcode::Recv::new(types::Fd(a.as_raw_fd()), std::ptr::null_mut(), 1)
+        .ioprio(IORING_RECVSEND_FIXED_BUF)
+        .buf_group(0)
+        .flags(libc::MSG_DONTWAIT)
+        .build()
+        .user_data(1);
+    // SAFETY: the entry points at no memory: with the flag, `addr` is an offset into a
+    // registered buffer, and the ring has none; without the flag's support the kernel refuses
+    // the entry before reading anything.
+    unsafe { ring.submission().push(&sqe) }.map_err(|_| io::Error::other("queue full"))?;
+    ring.submit_and_wait(1)?;
+    let cqe = ring
+        .completion()
+        .next()
+        .ok_or_else(|| io::Error::other("no completion"))?;
+    Ok(cqe.result())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

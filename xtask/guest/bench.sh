@@ -175,6 +175,7 @@ run() {
         randread-4k-qd32) rw=randread bs=4k qd=32 ;;
         randwrite-4k-qd32) rw=randwrite bs=4k qd=32 ;;
         read-128k-qd8) rw=read bs=128k qd=8 ;;
+        write-128k-qd8) rw=write bs=128k qd=8 ;;
     esac
     set -- --name="$job" --filename="$dev" --ioengine=io_uring --direct=1 \
         --clocksource=clock_gettime --lat_percentiles=1 --percentile_list=50:99:99.9 \

@@ -8,9 +8,10 @@
 //! buffer instead) and the requests completed. In zero-copy mode (`ublk add -z`, Linux 6.16+)
 //! such a remainder is received straight into the request's pages, so a large READ is copied
 //! once, from the socket to the pages, as in the kernel's nbd driver; the few bytes of it that
-//! came with the header, and small READs, are copied in by user copy. WRITE payloads are
-//! sent straight from the request's pages, each a send from the fixed buffer linked between
-//! the `sendmsg`s of the headers around it.
+//! came with the header, and small READs, are copied in by user copy. Large WRITE payloads
+//! are sent straight from the request's pages, each a send from the fixed buffer linked
+//! between the `sendmsg`s of the headers around it; small ones are copied into the request
+//! buffer by user copy and sent with the headers.
 //! The ublk commits, the socket operations and the
 //! next fetches all go through the same `io_uring_enter`: no other thread, lock, channel or
 //! wake-up on the data path (the threaded [`Client`](super::client::Client) needs three
@@ -37,7 +38,7 @@ use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use ublk_core::{Action, IoCtx, IoRequest, QueueHandler, SendPart};
+use ublk_core::{Action, IoCtx, IoRequest, Op, QueueHandler, SendPart};
 
 /// Event kinds in the top two bits of an operation's data; the rest is the connection's
 /// generation, so completions of a dead connection's operations are recognised.
@@ -56,6 +57,10 @@ const DIRECT_MIN: u32 = 32 << 10;
 /// (headers and small replies), so that big payloads are received straight into their
 /// request buffers, whatever is left of them: one copy less.
 const SMALL_RECV: usize = 4096;
+/// In zero copy, a WRITE payload at least this large is sent straight from the request's pages
+/// (a linked operation of its own); a smaller one is copied into the request buffer (user copy)
+/// and goes with the headers: at 4 KiB the linked send costs more than the copy it saves.
+const ZC_SEND_MIN: u32 = 32 << 10;
 /// Most requests per `sendmsg`.
 const SEND_BATCH: usize = 64;
 /// Timer period while reconnecting.
@@ -345,9 +350,17 @@ fn errno_text(res: i32) -> String {
 }
 
 impl QueueHandler for RingQueue {
-    fn handle_io(&mut self, _ctx: &mut IoCtx<'_>, req: &IoRequest) -> Action {
+    fn handle_io(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest) -> Action {
         if self.dead {
             return Action::Done(-libc::EIO);
+        }
+        if ctx.zero_copy() && req.op == Op::Write && req.len < ZC_SEND_MIN {
+            // A small payload costs less copied in now (user copy) and sent with the headers
+            // than sent from its pages by an operation of its own.
+            if let Err(e) = ctx.fetch_write_data(req.tag) {
+                log::error!("nbd: cannot bring in WRITE data of tag {}: {e}", req.tag);
+                return Action::Done(-libc::EIO);
+            }
         }
         match self.session.submit(req) {
             Ok(()) => Action::Pending,

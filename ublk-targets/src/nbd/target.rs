@@ -264,10 +264,12 @@ impl NbdTarget {
 impl Target for NbdTarget {
     type Queue = NbdQueue;
 
-    /// Both engines work in zero-copy mode: the io_uring engine receives large READ payloads
-    /// straight into the request's pages; smaller READ data and WRITE data move by user copy.
+    /// Zero copy where the kernel's io_uring sends and receives on sockets from and into the
+    /// request's registered pages ([`ublk_core::socket_io_on_fixed_buffers`]): the io_uring
+    /// engine receives large READ payloads and sends large WRITE payloads that way; smaller
+    /// ones, and all data of the threaded engine, move by user copy.
     fn zero_copy(&self) -> bool {
-        true
+        ublk_core::socket_io_on_fixed_buffers()
     }
 
     fn open_queue(&self, q_id: u16) -> io::Result<NbdQueue> {
