@@ -5,17 +5,18 @@
 //! from a small buffer, WRITE payloads straight from the requests' own buffers: no copy), and
 //! one `recv` is always posted on the socket; the replies it brings are parsed here, READ data
 //! copied into the requests' buffers (a large remainder is received straight into the request
-//! buffer instead) and the requests completed. In zero-copy mode (`ublk add -z`, Linux 6.16+)
-//! such a remainder is received straight into the request's pages, so a large READ is copied
-//! once, from the socket to the pages, as in the kernel's nbd driver; the few bytes of it that
-//! came with the header, and small READs, are copied in by user copy. Large WRITE payloads
-//! are sent straight from the request's pages, each a send from the fixed buffer linked
-//! between the `sendmsg`s of the headers around it; small ones are copied into the request
-//! buffer by user copy and sent with the headers.
-//! The ublk commits, the socket operations and the
-//! next fetches all go through the same `io_uring_enter`: no other thread, lock, channel or
-//! wake-up on the data path (the threaded [`Client`](super::client::Client) needs three
+//! buffer instead) and the requests completed. The ublk commits, the socket operations and
+//! the next fetches all go through the same `io_uring_enter`: no other thread, lock, channel
+//! or wake-up on the data path (the threaded [`Client`](super::client::Client) needs three
 //! threads and three copies per request).
+//!
+//! In zero-copy mode (`ublk add -z`, where io_uring sends and receives on registered buffers:
+//! Linux 7.3) such a remainder is received straight into the request's pages, so a large READ
+//! is copied once, from the socket to the pages, as in the kernel's nbd driver; the few bytes
+//! of it that came with the header, and small READs, are copied in by user copy. Large WRITE
+//! payloads are sent straight from the request's pages, each a send from the fixed buffer
+//! linked between the `sendmsg`s of the headers around it; small ones are copied into the
+//! request buffer by user copy and sent with the headers.
 //!
 //! The protocol state and the reply parser are in [`Session`](super::session), without IO;
 //! this module does the socket and ring side. The rules are those of the threaded engine:
