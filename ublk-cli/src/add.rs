@@ -588,19 +588,7 @@ fn serve_target<T: Target + 'static>(
         bail!("the {name} target cannot use zero copy (-z): {why}");
     }
     shield_from_oom_killer();
-    let mut ctrl = Ctrl::open()?;
-    if a.recover_id.is_none()
-        && a.data_mode()?.is_none()
-        && mode != DataMode::Copy
-        && !ctrl.features()?.contains(mode.flag())
-    {
-        // The target's preferred mode, which the kernel lacks: copy mode is no news.
-        log::info!(
-            "the kernel has no {} mode: using copy mode",
-            mode.name().replace('_', " ")
-        );
-        mode = DataMode::Copy;
-    }
+    let ctrl = Ctrl::open()?;
     let mut dev = match a.recover_id {
         Some(id) => Device::recover(ctrl, id)?,
         None => {
