@@ -12,8 +12,10 @@
 //!
 //! In zero-copy mode (`ublk add -z`, where io_uring sends and receives on registered buffers:
 //! Linux 7.3) such a remainder is received straight into the request's pages, so a large READ
-//! is copied once, from the socket to the pages, as in the kernel's nbd driver; the few bytes
-//! of it that came with the header, and small READs, are copied in by user copy. Large WRITE
+//! is copied once, from the socket to the pages, as in the kernel's nbd driver. While only
+//! large READs are on the wire, each reply's header is received on its own (its exact size),
+//! so all of the data takes that path; small READs, and the first bytes of a large one that
+//! came in with other replies, are copied in by user copy. Large WRITE
 //! payloads are sent straight from the request's pages, each a send from the fixed buffer
 //! linked between the `sendmsg`s of the headers around it; small ones are copied into the
 //! request buffer by user copy and sent with the headers.
@@ -54,9 +56,10 @@ const RBUF: usize = 256 << 10;
 /// A READ payload remainder at least this large is received straight into the request's
 /// buffer instead of going through the receive buffer.
 const DIRECT_MIN: u32 = 32 << 10;
-/// While big READs are on the wire, receives into the receive buffer stop at this many bytes
-/// (headers and small replies), so that big payloads are received straight into their
-/// request buffers, whatever is left of them: one copy less.
+/// While big READs are on the wire among other requests, receives into the receive buffer
+/// stop at this many bytes (headers and small replies), so that big payloads are received
+/// straight into their request buffers, whatever is left of them: one copy less. (With only
+/// big READs on the wire, a receive takes just the next reply's header.)
 const SMALL_RECV: usize = 4096;
 /// In zero copy, a WRITE payload at least this large is sent straight from the request's pages
 /// (a linked operation of its own); a smaller one is copied into the request buffer (user copy)
@@ -213,7 +216,13 @@ impl RingQueue {
                     self.rbuf.reserve(RBUF);
                 }
                 let buf = std::mem::take(&mut self.rbuf);
-                let max = if big { SMALL_RECV } else { RBUF };
+                let max = match self.session.header_recv_len() {
+                    // Only what comes before the data, which then goes straight to its
+                    // request: none of it is copied in from here.
+                    Some(n) => n.saturating_sub(self.rbuf.len()).max(1),
+                    None if big => SMALL_RECV,
+                    None => RBUF,
+                };
                 ctx.recv(fd, buf, max, EV_RECV | gen)
             }
         };

@@ -225,6 +225,25 @@ impl Session {
         self.big_reads
     }
 
+    /// How many bytes to receive next while only big READs are on the wire: the header of a
+    /// READ's reply up to its data (a chunk header and its offset with structured replies), so
+    /// that all the data can be received straight into the request's buffer. `None` while
+    /// anything else is on the wire: its replies are small and better received many at a time.
+    pub(crate) fn header_recv_len(&self) -> Option<usize> {
+        if self.big_reads == 0 || self.big_reads != self.busy {
+            return None;
+        }
+        match self.rx {
+            Rx::Header => Some(match (self.info.extended, self.info.structured) {
+                (true, _) => 32 + 8,
+                (false, true) => 20 + 8,
+                (false, false) => 16,
+            }),
+            Rx::ChunkOffset { .. } => Some(8),
+            _ => None,
+        }
+    }
+
     fn slot(&mut self, tag: u16) -> &mut Slot {
         let t = usize::from(tag);
         if self.slots.len() <= t {
@@ -956,7 +975,10 @@ mod tests {
             bufs: vec![vec![0; 65536]],
             ..FakeIo::default()
         };
+        assert_eq!(s.header_recv_len(), None);
         let sent = send(&mut s, &[req(0, 0, 0, 65536)]);
+        // Only a big READ on the wire: receive its chunk header and offset, nothing more.
+        assert_eq!(s.header_recv_len(), Some(28));
         let mut head = chunk(
             proto::REPLY_FLAG_DONE,
             proto::REPLY_TYPE_OFFSET_DATA,
@@ -964,8 +986,12 @@ mod tests {
             &0u64.to_be_bytes(),
         );
         head[16..20].copy_from_slice(&(8u32 + 65536).to_be_bytes());
+        assert_eq!(s.parse(&mut io, &head[..20]).unwrap(), 20);
+        assert_eq!(s.header_recv_len(), Some(8));
+        let mut head = head[20..].to_vec();
         head.extend_from_slice(&[3; 1000]);
         assert_eq!(s.parse(&mut io, &head).unwrap(), head.len());
+        assert_eq!(s.header_recv_len(), None);
         let d = s.direct(32 << 10).unwrap();
         assert_eq!((d.tag, d.at, d.len), (0, 1000, 65536 - 1000));
         io.bufs[0][1000..].fill(3);
@@ -975,6 +1001,11 @@ mod tests {
         assert_eq!(s.big_reads(), 0);
         send(&mut s, &[req(0, 0, 0, 65536), req(1, 0, 0, 4096)]);
         assert_eq!(s.big_reads(), 1);
+        // A small reply may come first: receive many at a time.
+        assert_eq!(s.header_recv_len(), None);
+        let mut simple_s = session(false);
+        send(&mut simple_s, &[req(0, 0, 0, 65536)]);
+        assert_eq!(simple_s.header_recv_len(), Some(16));
         s.connection_lost();
         assert_eq!(s.big_reads(), 0);
     }
