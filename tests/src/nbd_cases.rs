@@ -295,15 +295,15 @@ fn nbd_zero_copy_refused() -> Result<Outcome> {
     let mut args = vec!["add", "-t", "nbd"];
     args.extend(ep.split('\u{1f}'));
     args.push("-z");
-    check_refused(&ublk(&args)?, "zero copy")?;
+    check_refused(&ublk(&args)?, "registered buffers")?;
     args.push("--fallback");
     let r = ublk_ok(&args)?;
     let d = parse_one("ublk add -t nbd -z --fallback", &r)?;
     let flags = list_flags(d.id)?;
     ublk_del(d.id)?;
     ensure!(
-        r.stderr.contains("falling back to copy mode"),
-        "no fallback warning on the terminal: {:?}",
+        r.stderr.contains("falling back to copy mode") && r.stderr.contains("registered buffers"),
+        "no fallback warning with its reason on the terminal: {:?}",
         r.stderr
     );
     ensure!(

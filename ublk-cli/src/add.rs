@@ -573,19 +573,17 @@ fn serve_target<T: Target + 'static>(
     json: serde_json::Value,
 ) -> Result<()> {
     let (mut mode, fallback) = a.mode_for(&*target)?;
-    if mode == DataMode::ZeroCopy && !target.zero_copy() && fallback {
-        log::warn!("the target cannot use zero copy here; falling back to copy mode");
-        mode = DataMode::Copy;
-    }
-    if mode == DataMode::ZeroCopy && !target.zero_copy() {
-        let name = json["name"].as_str().unwrap_or("chosen");
-        let why = if name == "nbd" {
-            "this kernel's io_uring cannot send and receive on sockets from and into registered \
-             buffers (Linux 7.3 can)"
-        } else {
-            "it needs the request data in user space"
-        };
-        bail!("the {name} target cannot use zero copy (-z): {why}");
+    if mode == DataMode::ZeroCopy {
+        if let Err(why) = target.zero_copy() {
+            let name = json["name"].as_str().unwrap_or("chosen");
+            if !fallback {
+                bail!("the {name} target cannot use zero copy (-z): {why}");
+            }
+            log::warn!(
+                "the {name} target cannot use zero copy here ({why}); falling back to copy mode"
+            );
+            mode = DataMode::Copy;
+        }
     }
     shield_from_oom_killer();
     let ctrl = Ctrl::open()?;

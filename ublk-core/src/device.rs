@@ -458,10 +458,12 @@ impl Device {
         T: Target + 'static,
         F: FnOnce(&DevInfo),
     {
-        if self.mode == DataMode::ZeroCopy && !target.zero_copy() {
-            return Err(DeviceError::Config(
-                "this target needs the request data in user space and cannot use zero copy".into(),
-            ));
+        if self.mode == DataMode::ZeroCopy {
+            if let Err(why) = target.zero_copy() {
+                return Err(DeviceError::Config(format!(
+                    "this target cannot use zero copy: {why}"
+                )));
+            }
         }
         let signals = if opts.handle_signals {
             Some(SignalSet::block_termination().map_err(DeviceError::Signals)?)

@@ -124,10 +124,11 @@ pub trait Target: Send + Sync {
 
     /// Whether the target works in [`DataMode::ZeroCopy`](crate::DataMode::ZeroCopy), where it
     /// never sees request data ([`IoCtx::buf`] is empty) and moves it only with
-    /// [`IoCtx::read_at`] / [`IoCtx::write_at`]. [`Device::run`](crate::Device::run) refuses a
-    /// zero-copy device for a target that says no.
-    fn zero_copy(&self) -> bool {
-        false
+    /// [`IoCtx::read_at`] / [`IoCtx::write_at`]: `Ok`, or why not, in words for its user.
+    /// [`Device::run`](crate::Device::run) refuses a zero-copy device for a target that says
+    /// no.
+    fn zero_copy(&self) -> Result<(), &'static str> {
+        Err("it needs the request data in user space")
     }
 
     /// The data mode that suits the target best, for a device whose user names none: copy

@@ -253,8 +253,8 @@ impl Target for LoopTarget {
 
     /// Reads and writes go through io_uring (never inline) and zeros are written from a
     /// buffer of the target's own.
-    fn zero_copy(&self) -> bool {
-        true
+    fn zero_copy(&self) -> Result<(), &'static str> {
+        Ok(())
     }
 }
 

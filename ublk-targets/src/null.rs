@@ -18,8 +18,8 @@ impl Target for NullTarget {
         Ok(NullQueue)
     }
 
-    fn zero_copy(&self) -> bool {
-        true
+    fn zero_copy(&self) -> Result<(), &'static str> {
+        Ok(())
     }
 
     fn uses_data(&self) -> bool {

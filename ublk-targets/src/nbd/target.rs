@@ -268,8 +268,15 @@ impl Target for NbdTarget {
     /// request's registered pages ([`ublk_core::socket_io_on_fixed_buffers`]): the io_uring
     /// engine receives large READ payloads and sends large WRITE payloads that way; smaller
     /// ones, and all data of the threaded engine, move by user copy.
-    fn zero_copy(&self) -> bool {
-        ublk_core::socket_io_on_fixed_buffers()
+    fn zero_copy(&self) -> Result<(), &'static str> {
+        if ublk_core::socket_io_on_fixed_buffers() {
+            Ok(())
+        } else {
+            Err(
+                "this kernel's io_uring cannot send and receive on sockets from and into \
+                 registered buffers (Linux 7.3 can)",
+            )
+        }
     }
 
     fn open_queue(&self, q_id: u16) -> io::Result<NbdQueue> {
