@@ -38,7 +38,7 @@ QCOW_NBD=$W/nbd.qcow2
 # rublk's copy (with --rublk).
 QCOW_RUBLK=$W/rublk.qcow2
 NBD_SOCK=$W/nbd.sock
-JOBS="randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd32 read-128k-qd8"
+JOBS="randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd32 read-128k-qd8 write-128k-qd8"
 
 # The files need 2 x FILE_MB of tmpfs, more than its default half of RAM in a 2 GiB guest.
 mount -o remount,size=90% /tmp 2>/dev/null
@@ -184,7 +184,7 @@ run() {
     if [ "$q" = 2 ]; then
         # One job per vCPU, each submitting to the hardware queue of its CPU; same iodepth per job.
         set -- "$@" --numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split
-        if [ $rw = read ]; then
+        if [ $rw = read ] || [ $rw = write ]; then
             size=$(($(cat /sys/class/block/${dev#/dev/}/size) * 512 / 2))
             set -- "$@" --size=$size --offset_increment=$size
         fi

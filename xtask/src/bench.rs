@@ -36,6 +36,7 @@ const JOBS: &[&str] = &[
     "randread-4k-qd32",
     "randwrite-4k-qd32",
     "read-128k-qd8",
+    "write-128k-qd8",
 ];
 
 /// A device of a group: guest name, display name, baseline (guest name, same group).
@@ -159,6 +160,7 @@ const TARGETS: &[Target] = &[
             ("randread-4k-qd32", 1.1),
             ("randwrite-4k-qd32", 1.1),
             ("read-128k-qd8", 1.0),
+            ("write-128k-qd8", 1.0),
         ],
     ),
     (
@@ -1376,11 +1378,11 @@ fn render_doc(all: &[KernelResults], notes: Option<&str>) -> String {
          - One boot per kernel runs the whole matrix; results come back on a second serial port.\n\
          - fio: `--ioengine=io_uring --direct=1 --clocksource=clock_gettime --lat_percentiles=1 \
            --time_based --norandommap --randrepeat=0 --group_reporting`, on the whole device. Jobs: \
-           4k randread QD1, 4k randread QD32, 4k randwrite QD32, 128k sequential read QD8.\n\
+           4k randread QD1, 4k randread QD32, 4k randwrite QD32, 128k sequential read QD8, 128k sequential write QD8.\n\
          - Queues: with 1 queue, one fio job. With 2 queues, `--numjobs=2 --cpus_allowed=0-1 \
            --cpus_allowed_policy=split`: one job per vCPU, each with the **same iodepth as the \
            1-queue run** (so twice the IO in flight), each submitting to the hardware queue of its \
-           CPU. Sequential jobs read their own half of the device each. Our devices get `-q 2`; \
+           CPU. Sequential jobs read or write their own half of the device each. Our devices get `-q 2`; \
            null_blk gets `submit_queues=2`; kernel loop has a single hardware queue whatever the \
            count (its row under \"2\" is the same device driven by two jobs).\n\
          - null: `null_blk queue_mode=2 submit_queues=N gb=4` (memory-less, default softirq \
