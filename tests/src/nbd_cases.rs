@@ -93,6 +93,12 @@ pub fn all() -> Vec<Test> {
             300,
             nbdkit_simple_replies,
         ),
+        test("kernel_nbd_kill_recovery_under_fio", 240, || {
+            nbd_recover_under_fio(false)
+        }),
+        test("kernel_nbd_quiesce_recover_under_fio", 240, || {
+            nbd_recover_under_fio(true)
+        }),
     ]
 }
 
@@ -267,6 +273,72 @@ fn nbdkit_simple_replies() -> Result<Outcome> {
             .with_context(|| format!("mode {mode:?}"))?;
         ublk_del(d.id)?;
     }
+    Ok(Outcome::Pass)
+}
+
+/// User recovery of an nbd device under fio (4k random writes, crc32c verify, 2 queues and
+/// connections): the daemon is killed with -9 (or, from 6.16, quiesced: a planned replacement),
+/// and `ublk recover` attaches a new one, which connects to the server again. With reissue
+/// (`-i 1`) the requests the old daemon held go to the new one: fio finishes without an error
+/// and every block verifies.
+fn nbd_recover_under_fio(quiesce: bool) -> Result<Outcome> {
+    if quiesce && kernel_version()? < (6, 16) {
+        return Ok(Outcome::Skip("QUIESCE_DEV needs Linux 6.16".into()));
+    }
+    let file = backing("nbd-recover.raw", 128)?;
+    let (_server, ep) = Server::start(&file, false, 4)?;
+    let d = add_nbd(&ep, &["-q", "2", "-r", "1", "-i", "1"])?;
+    let id = d.id.to_string();
+    let bdev = d.bdev();
+    let fio = std::thread::spawn(move || {
+        fio(
+            &[
+                "--name=recover",
+                &format!("--filename={bdev}"),
+                "--rw=randwrite",
+                "--bs=4k",
+                "--size=64M",
+                "--iodepth=32",
+                "--ioengine=io_uring",
+                "--direct=1",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+            ],
+            Duration::from_secs(180),
+        )
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    ensure!(!fio.is_finished(), "fio finished before the daemon went");
+    if quiesce {
+        ublk_ok(&["quiesce", "-n", &id])?;
+    } else {
+        kill(d.pid, "9")?;
+    }
+    wait_for(
+        "state QUIESCED without a daemon",
+        Duration::from_secs(15),
+        || ublk_list_one(d.id).is_ok_and(|x| x.state == "QUIESCED") && !alive(d.pid),
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    if fio.is_finished() {
+        let r = fio
+            .join()
+            .map_err(|_| anyhow::anyhow!("fio thread panicked"))?;
+        anyhow::bail!("fio ended while no daemon was attached: {r:?}");
+    }
+    let r = ublk_ok(&["recover", "-n", &id])?;
+    let n = parse_one("ublk recover", &r)?;
+    ensure!(n.state == "LIVE" && n.pid != d.pid, "after recover: {n:?}");
+    let how = if quiesce { "quiesce" } else { "kill -9" };
+    let json = fio
+        .join()
+        .map_err(|_| anyhow::anyhow!("fio thread panicked"))?
+        .with_context(|| format!("fio across {how} + recover"))?;
+    let ios = json["jobs"][0]["write"]["total_ios"].as_u64().unwrap_or(0);
+    ensure!(ios > 0, "fio wrote nothing: {json}");
+    println!("fio wrote and verified {ios} blocks across {how} + recover");
+    ublk_del(d.id)?;
     Ok(Outcome::Pass)
 }
 

@@ -15,10 +15,10 @@
 //! is copied once, from the socket to the pages, as in the kernel's nbd driver. While only
 //! large READs are on the wire, each reply's header is received on its own (its exact size),
 //! so all of the data takes that path; small READs, and the first bytes of a large one that
-//! came in with other replies, are copied in by user copy. Large WRITE
-//! payloads are sent straight from the request's pages, each a send from the fixed buffer
-//! linked between the `sendmsg`s of the headers around it; small ones are copied into the
-//! request buffer by user copy and sent with the headers.
+//! came in with other replies, are copied in by user copy. Large WRITE payloads are sent
+//! straight from the request's pages, each a send from the fixed buffer linked between the
+//! `sendmsg`s of the headers around it; small ones are copied into the request buffer by user
+//! copy and sent with the headers.
 //!
 //! The protocol state and the reply parser are in [`Session`](super::session), without IO;
 //! this module does the socket and ring side. The rules are those of the threaded engine:
