@@ -99,6 +99,11 @@ pub fn all() -> Vec<Test> {
         test("kernel_nbd_quiesce_recover_under_fio", 240, || {
             nbd_recover_under_fio(true)
         }),
+        test(
+            "kernel_nbd_recover_server_down",
+            180,
+            nbd_recover_server_down,
+        ),
     ]
 }
 
@@ -339,6 +344,68 @@ fn nbd_recover_under_fio(quiesce: bool) -> Result<Outcome> {
     ensure!(ios > 0, "fio wrote nothing: {json}");
     println!("fio wrote and verified {ios} blocks across {how} + recover");
     ublk_del(d.id)?;
+    Ok(Outcome::Pass)
+}
+
+/// `ublk recover` of an nbd device while its server is down fails saying why and leaves the
+/// device QUIESCED, with no daemon: a second `ublk recover` once the server is back attaches
+/// one, and what was written before the kill reads back.
+fn nbd_recover_server_down() -> Result<Outcome> {
+    let file = backing("nbd-recover-down.raw", 32)?;
+    let (server, ep) = Server::start(&file, false, 2)?;
+    let d = add_nbd(&ep, &["-r", "1"])?;
+    let id = d.id.to_string();
+    let dir = workdir()?;
+    let (pat, rb) = (dir.join("down-pattern"), dir.join("down-readback"));
+    write_pattern(&pat, 4 * MIB, 41)?;
+    let copy = |from: &Path, to: &Path, flag: &str| {
+        check_cmd(
+            Command::new("dd").args([
+                &format!("if={}", from.display()),
+                &format!("of={}", to.display()),
+                "bs=1M",
+                "count=4",
+                flag,
+                "status=none",
+            ]),
+            Duration::from_secs(60),
+        )
+    };
+    copy(&pat, Path::new(&d.bdev()), "oflag=direct")?;
+    kill(d.pid, "9")?;
+    wait_for(
+        "state QUIESCED without a daemon",
+        Duration::from_secs(15),
+        || ublk_list_one(d.id).is_ok_and(|x| x.state == "QUIESCED") && !alive(d.pid),
+    )?;
+    drop(server);
+    let r = ublk(&["recover", "-n", &id])?;
+    ensure!(
+        !r.ok(),
+        "recover with the server down succeeded: {}",
+        r.stdout
+    );
+    ensure!(
+        r.stderr.contains("nbd") || r.stderr.contains("connect"),
+        "unclear error: {:?}",
+        r.stderr
+    );
+    println!("error as expected: {}", r.stderr.trim());
+    let now = ublk_list_one(d.id)?;
+    ensure!(
+        now.state == "QUIESCED" && !alive(now.pid),
+        "after the failed recover: {now:?}"
+    );
+    let (_server, _) = Server::start(&file, false, 2)?;
+    let r = ublk_ok(&["recover", "-n", &id])?;
+    let n = parse_one("ublk recover", &r)?;
+    ensure!(n.state == "LIVE" && n.pid != d.pid, "after recover: {n:?}");
+    copy(Path::new(&d.bdev()), &rb, "iflag=direct")?;
+    ublk_del(d.id)?;
+    ensure!(
+        fs::read(&rb)? == fs::read(&pat)?,
+        "the device does not read back what was written before the kill"
+    );
     Ok(Outcome::Pass)
 }
 
