@@ -725,25 +725,7 @@ fn quiesce_recover(extra: &[&str]) -> Result<Outcome> {
             r.stderr.trim()
         )));
     }
-    let bdev = d.bdev();
-    let fio = std::thread::spawn(move || {
-        fio(
-            &[
-                "--name=quiesce",
-                &format!("--filename={bdev}"),
-                "--rw=randwrite",
-                "--bs=4k",
-                "--size=96M",
-                "--iodepth=32",
-                "--ioengine=io_uring",
-                "--direct=1",
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-            ],
-            Duration::from_secs(150),
-        )
-    });
+    let fio = spawn_fio_verify("quiesce", &d.bdev(), "96M");
     sleep(Duration::from_secs(2));
     ensure!(!fio.is_finished(), "fio finished before the quiesce");
     let r = ublk_ok(&["quiesce", "-n", &id])?;

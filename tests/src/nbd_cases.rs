@@ -294,25 +294,7 @@ fn nbd_recover_under_fio(quiesce: bool) -> Result<Outcome> {
     let (_server, ep) = Server::start(&file, false, 4)?;
     let d = add_nbd(&ep, &["-q", "2", "-r", "1", "-i", "1"])?;
     let id = d.id.to_string();
-    let bdev = d.bdev();
-    let fio = std::thread::spawn(move || {
-        fio(
-            &[
-                "--name=recover",
-                &format!("--filename={bdev}"),
-                "--rw=randwrite",
-                "--bs=4k",
-                "--size=64M",
-                "--iodepth=32",
-                "--ioengine=io_uring",
-                "--direct=1",
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-            ],
-            Duration::from_secs(180),
-        )
-    });
+    let fio = spawn_fio_verify("recover", &d.bdev(), "64M");
     std::thread::sleep(Duration::from_secs(2));
     ensure!(!fio.is_finished(), "fio finished before the daemon went");
     if quiesce {

@@ -690,6 +690,32 @@ pub fn allocated_bytes(path: impl AsRef<Path>) -> Result<u64> {
     }
 }
 
+/// fio in a thread: 4k random writes of `size` at QD32 with crc32c checksums, verified at the
+/// end (fatal on the first mismatch), for tests that disturb the device meanwhile.
+pub fn spawn_fio_verify(
+    name: &str,
+    bdev: &str,
+    size: &str,
+) -> std::thread::JoinHandle<Result<serde_json::Value>> {
+    let args = [
+        format!("--name={name}"),
+        format!("--filename={bdev}"),
+        "--rw=randwrite".into(),
+        "--bs=4k".into(),
+        format!("--size={size}"),
+        "--iodepth=32".into(),
+        "--ioengine=io_uring".into(),
+        "--direct=1".into(),
+        "--verify=crc32c".into(),
+        "--do_verify=1".into(),
+        "--verify_fatal=1".into(),
+    ];
+    std::thread::spawn(move || {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        fio(&a, Duration::from_secs(180))
+    })
+}
+
 /// Data-integrity pass on a block device: a 4k random-write and a 128k sequential-write fio job,
 /// each writing `sizes.0` / `sizes.1` with crc32c checksums and verifying them (fatal on the first
 /// mismatch), at `iodepth`.
