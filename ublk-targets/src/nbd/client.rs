@@ -456,6 +456,11 @@ impl Completion for Waiter {
 
 /// The `NBD_CMD_FLAG_*` of a request: FUA and NO_HOLE as asked (FUA only where the export
 /// takes it), DF on READs unless `opts.sparse_reads` (where the export takes it).
+///
+/// Never `FAST_ZERO`: a WRITE_ZEROES request reaching a block driver must zero the range
+/// whatever it costs (the block layer decides on its fallback to plain writes before the
+/// request is made, from the device's write-zeroes limit, and passes no "fast only" flag
+/// down), so a server's fast refusal could only turn into an IO error.
 pub(crate) fn cmd_flags(
     info: &ExportInfo,
     opts: &ClientOptions,
