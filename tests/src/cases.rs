@@ -33,6 +33,7 @@ pub fn all() -> Vec<Test> {
         test("kernel_null_fio_randrw_no_batch_sched", 90, || {
             null_fio(&["--no-batch-sched"])
         }),
+        test("kernel_queue_threads_pinned", 60, queue_threads_pinned),
         test("kernel_del_during_fio", 120, || del_during_fio(&[])),
         test("kernel_del_during_fio_batch", 120, || {
             if !batch_supported()? {
@@ -439,6 +440,57 @@ fn batch_io() -> Result<Outcome> {
         )?;
         ublk_del(d.id)?;
     }
+    Ok(Outcome::Pass)
+}
+
+/// Each queue thread is pinned to one CPU of its queue's set, chosen by the device id so that
+/// single-queue devices spread over the CPUs; `--no-affinity` pins nothing.
+fn queue_threads_pinned() -> Result<Outcome> {
+    let online = read_trim("/sys/devices/system/cpu/online")?;
+    if online == "0" {
+        return Ok(Outcome::Skip("one CPU: nothing to spread".into()));
+    }
+    let q_cpus = |pid: i64| -> Result<Vec<String>> {
+        let t = thread_cpus(pid)?;
+        Ok(t.into_iter()
+            .filter(|(name, _)| name.contains("-q"))
+            .map(|(_, cpus)| cpus)
+            .collect())
+    };
+    let single = |cpus: &str| !cpus.contains(['-', ',']);
+    let a = ublk_add(&["-t", "null"])?;
+    let b = ublk_add(&["-t", "null"])?;
+    let two = ublk_add(&["-t", "null", "-q", "2"])?;
+    let free = ublk_add(&["-t", "null", "--no-affinity"])?;
+    let (ca, cb, c2, cf) = (
+        q_cpus(a.pid)?,
+        q_cpus(b.pid)?,
+        q_cpus(two.pid)?,
+        q_cpus(free.pid)?,
+    );
+    for d in [a.id, b.id, two.id, free.id] {
+        ublk_del(d)?;
+    }
+    ensure!(
+        ca.len() == 1 && cb.len() == 1 && single(&ca[0]) && single(&cb[0]),
+        "single-queue devices: queue threads on {ca:?} and {cb:?}, want one CPU each"
+    );
+    // Consecutive ids, one queue mapped to every CPU: two different CPUs.
+    ensure!(
+        b.id != a.id + 1 || ca != cb,
+        "devices {} and {} both pinned to CPU {}",
+        a.id,
+        b.id,
+        ca[0]
+    );
+    ensure!(
+        c2.len() == 2 && c2.iter().all(|c| single(c)) && c2[0] != c2[1],
+        "two queues: queue threads on {c2:?}, want two different CPUs"
+    );
+    ensure!(
+        cf.len() == 1 && cf[0] == online,
+        "--no-affinity: queue thread on {cf:?}, want every online CPU ({online})"
+    );
     Ok(Outcome::Pass)
 }
 

@@ -333,6 +333,25 @@ pub fn queue_thread_policies(pid: i64) -> Result<Vec<(String, u32)>> {
     Ok(out)
 }
 
+/// The CPUs each thread of daemon `pid` may run on (`Cpus_allowed_list` of
+/// `/proc/PID/task/TID/status`), by thread name: `ublkN-qM` for queue threads.
+pub fn thread_cpus(pid: i64) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(format!("/proc/{pid}/task"))? {
+        let status = fs::read_to_string(e?.path().join("status"))?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+                .ok_or_else(|| anyhow!("no {name} in {status:?}"))
+        };
+        out.push((field("Name:")?, field("Cpus_allowed_list:")?));
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// Mount points used by tests live below this directory.
 pub const MNT_BASE: &str = "/mnt/ublk-test";
 

@@ -220,7 +220,8 @@ pub(crate) struct AddArgs {
     /// Largest request, e.g. 512K, 1M.
     #[arg(long = "max-io-size", value_parser = size::parse_size)]
     pub(crate) max_io_size: Option<u64>,
-    /// Do not pin queue threads to the CPUs the kernel suggests.
+    /// Do not pin queue threads (by default each runs on one CPU of those the kernel maps to
+    /// its queue, picked by device id).
     #[arg(long = "no-affinity")]
     pub(crate) no_affinity: bool,
     /// Keep queue threads in the normal scheduling policy instead of SCHED_BATCH (which lets a

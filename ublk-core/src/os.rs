@@ -211,6 +211,21 @@ pub(crate) fn set_thread_affinity(cpus: &[usize]) -> io::Result<()> {
     Ok(())
 }
 
+/// The CPUs the calling thread may run on.
+pub(crate) fn thread_affinity() -> io::Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is plain data; an all-zero value is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 is the calling thread; `set` is a writable cpu_set_t of the size passed.
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((0..libc::CPU_SETSIZE as usize)
+        // SAFETY: c is below CPU_SETSIZE, so the bit is inside `set`.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect())
+}
+
 /// The calling thread's kernel task id.
 pub fn gettid() -> i32 {
     // SAFETY: gettid has no preconditions.
@@ -287,6 +302,20 @@ mod tests {
             .unwrap();
         f.write_all_at(content, 0).unwrap();
         (path, f)
+    }
+
+    /// A thread pinned to one CPU reads that CPU back as its only allowed one.
+    #[test]
+    fn thread_affinity_reads_back_what_was_set() {
+        std::thread::spawn(|| {
+            let all = thread_affinity().unwrap();
+            assert!(!all.is_empty());
+            let last = *all.last().unwrap();
+            set_thread_affinity(&[last]).unwrap();
+            assert_eq!(thread_affinity().unwrap(), [last]);
+        })
+        .join()
+        .unwrap();
     }
 
     /// Both directions of `map_io` move bytes between a file and a shared mapping of another,
