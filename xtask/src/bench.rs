@@ -25,7 +25,7 @@ pub const DEFAULT_RUNTIME: u64 = 5;
 pub const QUICK_RUNTIME: u64 = 3;
 
 /// Guest memory: the raw file and the qcow2 image live on tmpfs.
-const BENCH_MEM: &str = "3G";
+const BENCH_MEM: &str = "4G";
 
 /// Clock ticks per second in the guest (`CONFIG_HZ` does not matter: /proc reports USER_HZ).
 const CLK_TCK: f64 = 100.0;
