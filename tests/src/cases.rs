@@ -152,13 +152,6 @@ fn add_loop(file: &Path, args: &[&str]) -> Result<DevInfo> {
     ublk_add(&a)
 }
 
-fn dd(args: &[&str]) -> Result<()> {
-    let mut a = args.to_vec();
-    a.push("status=none");
-    check_cmd(Command::new("dd").args(&a), Duration::from_secs(120))?;
-    Ok(())
-}
-
 /// 1. The infrastructure itself: modules, control device, the kernel the host meant to boot,
 ///    the tools in /opt/bin.
 fn smoke() -> Result<Outcome> {
@@ -666,13 +659,7 @@ fn kill_recovery(extra: &[&str], qcow2: bool) -> Result<Outcome> {
         sparse_file(&file, 64)?;
         add_loop(&file, &args)?
     };
-    dd(&[
-        &format!("if={}", pat.display()),
-        &format!("of={}", d.bdev()),
-        "bs=64k",
-        "count=64",
-        "oflag=direct",
-    ])?;
+    dd(&pat, d.bdev(), &["bs=64k", "count=64", "oflag=direct"])?;
     kill(d.pid, "9")?;
     let mut last = String::new();
     wait_for(
@@ -711,36 +698,23 @@ fn kill_recovery(extra: &[&str], qcow2: bool) -> Result<Outcome> {
     );
 
     let rb = wd.join("readback");
-    dd(&[
-        &format!("if={}", d.bdev()),
-        &format!("of={}", rb.display()),
-        "bs=1M",
-        "count=4",
-        "iflag=direct",
-    ])?;
+    dd(d.bdev(), &rb, &["bs=1M", "count=4", "iflag=direct"])?;
     let got = sha256(&rb)?;
     ensure!(
         got == want,
         "data after recovery differs: sha256 {got} != {want}"
     );
     // And the recovered daemon serves new I/O.
-    dd(&[
-        &format!("if={}", pat.display()),
-        &format!("of={}", d.bdev()),
-        "bs=1M",
-        "count=4",
-        "seek=8",
-        "oflag=direct",
-        "conv=fsync",
-    ])?;
-    dd(&[
-        &format!("if={}", d.bdev()),
-        &format!("of={}", rb.display()),
-        "bs=1M",
-        "count=4",
-        "skip=8",
-        "iflag=direct",
-    ])?;
+    dd(
+        &pat,
+        d.bdev(),
+        &["bs=1M", "count=4", "seek=8", "oflag=direct", "conv=fsync"],
+    )?;
+    dd(
+        d.bdev(),
+        &rb,
+        &["bs=1M", "count=4", "skip=8", "iflag=direct"],
+    )?;
     ensure!(
         sha256(&rb)? == want,
         "write after recovery reads back differently"
@@ -881,14 +855,11 @@ fn resize() -> Result<Outcome> {
     // Write past the old end, through the device, and find it in the file.
     let pat = wd.join("pattern");
     write_pattern(&pat, MIB, 0x512e)?;
-    dd(&[
-        &format!("if={}", pat.display()),
-        &format!("of={}", d.bdev()),
-        "bs=1M",
-        "seek=80",
-        "oflag=direct",
-        "conv=fsync",
-    ])?;
+    dd(
+        &pat,
+        d.bdev(),
+        &["bs=1M", "seek=80", "oflag=direct", "conv=fsync"],
+    )?;
     let got = fs::read(&file)?;
     ensure!(
         got[(80 * MIB) as usize..(81 * MIB) as usize] == fs::read(&pat)?[..],
@@ -950,32 +921,19 @@ fn loop_verify(mode: &[&str], queues: u32, depth: u32) -> Result<Outcome> {
     Ok(Outcome::Pass)
 }
 
-/// `count` MiB of `bdev` from MiB `skip`, read with O_DIRECT.
-fn read_dev(bdev: &str, skip: u64, count: u64) -> Result<Vec<u8>> {
-    let out = workdir()?.join("read-back");
-    dd(&[
-        &format!("if={bdev}"),
-        &format!("of={}", out.display()),
-        "bs=1M",
-        &format!("skip={skip}"),
-        &format!("count={count}"),
-        "iflag=direct",
-    ])?;
-    Ok(fs::read(&out)?)
-}
-
 /// `dd` of `src` onto `bdev` at MiB `seek`, O_DIRECT, then fsync.
 fn write_dev(src: &Path, bdev: &str, seek: u64) -> Result<Run> {
     run_timeout(
-        Command::new("dd").args([
-            &format!("if={}", src.display()),
-            &format!("of={bdev}"),
-            "bs=1M",
-            &format!("seek={seek}"),
-            "oflag=direct",
-            "conv=fsync,notrunc",
-            "status=none",
-        ]),
+        &mut dd_cmd(
+            src,
+            bdev,
+            &[
+                "bs=1M",
+                &format!("seek={seek}"),
+                "oflag=direct",
+                "conv=fsync,notrunc",
+            ],
+        ),
         Duration::from_secs(60),
     )
 }
@@ -1307,13 +1265,7 @@ fn discard_punches_holes() -> Result<Outcome> {
         before.saturating_sub(after) / 1024
     );
     let rb = wd.join("readback");
-    dd(&[
-        &format!("if={}", d.bdev()),
-        &format!("of={}", rb.display()),
-        "bs=1M",
-        "count=64",
-        "iflag=direct",
-    ])?;
+    dd(d.bdev(), &rb, &["bs=1M", "count=64", "iflag=direct"])?;
     let data = fs::read(&rb)?;
     ensure!(
         data.len() as u64 == 64 * MIB,
@@ -1365,13 +1317,7 @@ fn write_zeroes(args: &[&str]) -> Result<Outcome> {
         "NOUNMAP write-zeroes freed space: {before} -> {after} bytes"
     );
     let rb = wd.join("readback");
-    dd(&[
-        &format!("if={}", d.bdev()),
-        &format!("of={}", rb.display()),
-        "bs=1M",
-        "count=64",
-        "iflag=direct",
-    ])?;
+    dd(d.bdev(), &rb, &["bs=1M", "count=64", "iflag=direct"])?;
     let data = fs::read(&rb)?;
     let orig = wd.join("orig");
     write_pattern(&orig, 64 * MIB, 0x2e20)?;

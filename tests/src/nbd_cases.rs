@@ -338,22 +338,9 @@ fn nbd_recover_server_down() -> Result<Outcome> {
     let d = add_nbd(&ep, &["-r", "1"])?;
     let id = d.id.to_string();
     let dir = workdir()?;
-    let (pat, rb) = (dir.join("down-pattern"), dir.join("down-readback"));
+    let pat = dir.join("down-pattern");
     write_pattern(&pat, 4 * MIB, 41)?;
-    let copy = |from: &Path, to: &Path, flag: &str| {
-        check_cmd(
-            Command::new("dd").args([
-                &format!("if={}", from.display()),
-                &format!("of={}", to.display()),
-                "bs=1M",
-                "count=4",
-                flag,
-                "status=none",
-            ]),
-            Duration::from_secs(60),
-        )
-    };
-    copy(&pat, Path::new(&d.bdev()), "oflag=direct")?;
+    dd(&pat, d.bdev(), &["bs=1M", "count=4", "oflag=direct"])?;
     kill(d.pid, "9")?;
     wait_for(
         "state QUIESCED without a daemon",
@@ -382,10 +369,10 @@ fn nbd_recover_server_down() -> Result<Outcome> {
     let r = ublk_ok(&["recover", "-n", &id])?;
     let n = parse_one("ublk recover", &r)?;
     ensure!(n.state == "LIVE" && n.pid != d.pid, "after recover: {n:?}");
-    copy(Path::new(&d.bdev()), &rb, "iflag=direct")?;
+    let seen = read_dev(&d.bdev(), 0, 4)?;
     ublk_del(d.id)?;
     ensure!(
-        fs::read(&rb)? == fs::read(&pat)?,
+        seen == fs::read(&pat)?,
         "the device does not read back what was written before the kill"
     );
     Ok(Outcome::Pass)
@@ -642,21 +629,9 @@ fn nbd_verify_with(
     )?;
     // The device content and the server's file agree (beyond what fio wrote, too: in the
     // sparse case those ranges are holes).
-    let rb = workdir()?.join("nbd-readback");
-    check_cmd(
-        Command::new("dd").args([
-            &format!("if={}", d.bdev()),
-            &format!("of={}", rb.display()),
-            "bs=1M",
-            "count=128",
-            "iflag=direct",
-            "status=none",
-        ]),
-        Duration::from_secs(60),
-    )?;
+    let seen = read_dev(&d.bdev(), 0, 128)?;
     ublk_del(d.id)?;
     let served = fs::read(&file)?;
-    let seen = fs::read(&rb)?;
     ensure!(
         served[..seen.len()] == seen[..],
         "the server's file differs from what the device read"
@@ -684,23 +659,22 @@ fn nbd_server_restart(upgrade: bool) -> Result<Outcome> {
     let (a, b) = (dir.join("restart-a"), dir.join("restart-b"));
     write_pattern(&a, 8 * MIB, 31)?;
     write_pattern(&b, 8 * MIB, 32)?;
-    let dd = |src: &Path, seek_mib: u64| {
-        let mut c = Command::new("dd");
-        c.args([
-            &format!("if={}", src.display()),
-            &format!("of={}", d.bdev()),
-            "bs=64k",
-            &format!("seek={}", seek_mib * 16),
-            "oflag=direct",
-            "conv=fsync,notrunc",
-            "status=none",
-        ]);
-        c
+    let write = |src: &Path, seek_mib: u64| {
+        dd_cmd(
+            src,
+            d.bdev(),
+            &[
+                "bs=64k",
+                &format!("seek={}", seek_mib * 16),
+                "oflag=direct",
+                "conv=fsync,notrunc",
+            ],
+        )
     };
-    check_cmd(&mut dd(&a, 0), Duration::from_secs(60))?;
+    check_cmd(&mut write(&a, 0), Duration::from_secs(60))?;
     drop(server);
     // Written while the server is down: blocks until the connection is back.
-    let mut writer = dd(&b, 8).stdin(Stdio::null()).spawn()?;
+    let mut writer = write(&b, 8).stdin(Stdio::null()).spawn()?;
     std::thread::sleep(Duration::from_millis(1500));
     ensure!(
         writer.try_wait()?.is_none(),
@@ -715,20 +689,8 @@ fn nbd_server_restart(upgrade: bool) -> Result<Outcome> {
     let st = wait_child(&mut writer, Duration::from_secs(60))?
         .ok_or_else(|| anyhow::anyhow!("dd still blocked 60 s after the server came back"))?;
     ensure!(st.success(), "dd after the restart failed: {st}");
-    let rb = dir.join("restart-readback");
-    check_cmd(
-        Command::new("dd").args([
-            &format!("if={}", d.bdev()),
-            &format!("of={}", rb.display()),
-            "bs=1M",
-            "count=16",
-            "iflag=direct",
-            "status=none",
-        ]),
-        Duration::from_secs(60),
-    )?;
+    let seen = read_dev(&d.bdev(), 0, 16)?;
     ublk_del(d.id)?;
-    let seen = fs::read(&rb)?;
     let mut want = fs::read(&a)?;
     want.extend(fs::read(&b)?);
     ensure!(
@@ -747,15 +709,11 @@ fn nbd_server_restart(upgrade: bool) -> Result<Outcome> {
 fn read_block(dev: &str, blk: u64, out: &Path) -> Result<(Run, Duration)> {
     let t = std::time::Instant::now();
     let r = run_timeout(
-        Command::new("dd").args([
-            &format!("if={dev}"),
-            &format!("of={}", out.display()),
-            "bs=4k",
-            "count=1",
-            &format!("skip={blk}"),
-            "iflag=direct",
-            "status=none",
-        ]),
+        &mut dd_cmd(
+            dev,
+            out,
+            &["bs=4k", "count=1", &format!("skip={blk}"), "iflag=direct"],
+        ),
         Duration::from_secs(60),
     )?;
     Ok((r, t.elapsed()))

@@ -171,18 +171,7 @@ fn qcow2_mapped_preallocated() -> Result<Outcome> {
     ])?;
     let used = allocated_bytes(&img)?;
     let d = ublk_add(&["-t", "qcow2", "-f", &f, "-q", "2"])?;
-    let out = workdir()?.join("read-back");
-    check_cmd(
-        Command::new("dd").args([
-            &format!("if={}", d.bdev()),
-            &format!("of={}", out.display()),
-            "bs=1M",
-            "iflag=direct",
-            "status=none",
-        ]),
-        Duration::from_secs(120),
-    )?;
-    let data = fs::read(&out)?;
+    let data = read_dev(&d.bdev(), 0, 64)?;
     ensure!(
         data.len() as u64 == 64 * MIB && data.iter().all(|&b| b == 0),
         "the preallocated image does not read as 64 MiB of zeros"
@@ -278,9 +267,9 @@ fn allocated_bytes(path: &Path) -> Result<u64> {
         * 512)
 }
 
-/// Reads `len` bytes of a block device from offset 0, after dropping the page cache (so the
-/// device serves them now).
-fn read_dev(bdev: &str, len: u64) -> Result<Vec<u8>> {
+/// Reads `len` bytes of a block device from offset 0 through the page cache, after dropping
+/// it (so the device serves them now).
+fn read_buffered(bdev: &str, len: u64) -> Result<Vec<u8>> {
     fs::write("/proc/sys/vm/drop_caches", "1").context("drop caches")?;
     let mut f = fs::File::open(bdev).with_context(|| format!("open {bdev}"))?;
     let mut out = vec![0u8; len as usize];
@@ -361,7 +350,7 @@ fn qcow2_discard() -> Result<Outcome> {
     let mut want = data.clone();
     want[..(48 * MIB) as usize].fill(0);
     want[(48 * MIB + 65536) as usize..(49 * MIB) as usize].fill(0);
-    let got = read_dev(&d.bdev(), 64 * MIB)?;
+    let got = read_buffered(&d.bdev(), 64 * MIB)?;
     if let Some(at) = first_diff(&got, &want) {
         bail!(
             "after discard: byte {at} is {:#x}, want {:#x}",
@@ -443,7 +432,7 @@ fn qcow2_write_zeroes_over_backing() -> Result<Outcome> {
     // A discard over backing-only and allocated clusters: zero flags, no backing data.
     blkdiscard(&d.bdev(), false, 28 * MIB, 16 * MIB)?;
     want[(28 * MIB) as usize..(44 * MIB) as usize].fill(0);
-    let got = read_dev(&d.bdev(), 64 * MIB)?;
+    let got = read_buffered(&d.bdev(), 64 * MIB)?;
     if let Some(at) = first_diff(&got, &want) {
         bail!(
             "through the device: byte {at} is {:#x}, want {:#x}",
@@ -556,7 +545,7 @@ fn qcow2_create() -> Result<Outcome> {
         "--backing",
         "created.qcow2",
     ])?;
-    let got = read_dev(&d.bdev(), 64 * MIB)?;
+    let got = read_buffered(&d.bdev(), 64 * MIB)?;
     ublk_del(d.id)?;
     let raw = wd.join("created.raw");
     qemu_img(&[

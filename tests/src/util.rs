@@ -163,6 +163,39 @@ pub fn sh(prog: &str, args: &[&str]) -> Result<String> {
     Ok(check_cmd(Command::new(prog).args(args), CMD_TIMEOUT)?.stdout)
 }
 
+/// `dd if=INPUT of=OUTPUT ARGS... status=none`, to run or to spawn; `args` as dd spells them
+/// (`bs=1M`, `count=4`, `seek=8`, `iflag=direct`, `conv=fsync`...).
+pub fn dd_cmd(input: impl AsRef<Path>, output: impl AsRef<Path>, args: &[&str]) -> Command {
+    let mut c = Command::new("dd");
+    c.arg(format!("if={}", input.as_ref().display()))
+        .arg(format!("of={}", output.as_ref().display()))
+        .args(args)
+        .arg("status=none");
+    c
+}
+
+/// Run [`dd_cmd`] and require success within 120 s.
+pub fn dd(input: impl AsRef<Path>, output: impl AsRef<Path>, args: &[&str]) -> Result<()> {
+    check_cmd(&mut dd_cmd(input, output, args), Duration::from_secs(120))?;
+    Ok(())
+}
+
+/// `count` MiB of the block device `bdev` from MiB `skip` on, read with O_DIRECT.
+pub fn read_dev(bdev: &str, skip: u64, count: u64) -> Result<Vec<u8>> {
+    let out = workdir()?.join("read-back");
+    dd(
+        bdev,
+        &out,
+        &[
+            "bs=1M",
+            &format!("skip={skip}"),
+            &format!("count={count}"),
+            "iflag=direct",
+        ],
+    )?;
+    Ok(fs::read(&out)?)
+}
+
 /// Poll `cond` every 50 ms until it holds or `timeout` passes.
 pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Result<()> {
     let start = Instant::now();
@@ -229,18 +262,7 @@ pub fn write_pattern(path: impl AsRef<Path>, size: u64, seed: u64) -> Result<()>
 
 /// A file of `mib` MiB of zeros written with dd (allocated, not sparse).
 pub fn zero_file(path: impl AsRef<Path>, mib: u64) -> Result<()> {
-    let p = path.as_ref().to_string_lossy().into_owned();
-    sh(
-        "dd",
-        &[
-            "if=/dev/zero",
-            &format!("of={p}"),
-            "bs=1M",
-            &format!("count={mib}"),
-            "status=none",
-        ],
-    )?;
-    Ok(())
+    dd("/dev/zero", path, &["bs=1M", &format!("count={mib}")])
 }
 
 /// A sparse file of `mib` MiB.
