@@ -1264,9 +1264,7 @@ fn discard_punches_holes() -> Result<Outcome> {
         "allocation dropped by {} KiB only ({before} -> {after} bytes)",
         before.saturating_sub(after) / 1024
     );
-    let rb = wd.join("readback");
-    dd(d.bdev(), &rb, &["bs=1M", "count=64", "iflag=direct"])?;
-    let data = fs::read(&rb)?;
+    let data = read_dev(&d.bdev(), 0, 64)?;
     ensure!(
         data.len() as u64 == 64 * MIB,
         "read back {} bytes",
@@ -1316,9 +1314,7 @@ fn write_zeroes(args: &[&str]) -> Result<Outcome> {
         after + MIB >= before,
         "NOUNMAP write-zeroes freed space: {before} -> {after} bytes"
     );
-    let rb = wd.join("readback");
-    dd(d.bdev(), &rb, &["bs=1M", "count=64", "iflag=direct"])?;
-    let data = fs::read(&rb)?;
+    let data = read_dev(&d.bdev(), 0, 64)?;
     let orig = wd.join("orig");
     write_pattern(&orig, 64 * MIB, 0x2e20)?;
     let orig = fs::read(&orig)?;

@@ -484,6 +484,13 @@ impl Device {
         let mut threads = Vec::new();
         let mut wakers = Vec::new();
         let mut setup_err = None;
+        // The CPUs this daemon may run on (a cpuset may exclude some of a queue's): empty if
+        // unknown, then any.
+        let allowed = if self.affinity {
+            crate::os::thread_affinity().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         for q in 0..self.info.nr_hw_queues {
             let wake = match QueueWaker::new() {
                 Ok(w) => w,
@@ -495,10 +502,7 @@ impl Device {
             wakers.push(wake.clone());
             let cpus = if self.affinity {
                 match self.ctrl.queue_affinity(id, q) {
-                    Ok(set) => {
-                        let allowed = crate::os::thread_affinity().unwrap_or_default();
-                        queue_cpu(&set, &allowed, id).into_iter().collect()
-                    }
+                    Ok(set) => queue_cpu(&set, &allowed, id).into_iter().collect(),
                     Err(e) => {
                         log::warn!("queue {q}: no affinity ({e}); not pinning");
                         Vec::new()
