@@ -1,7 +1,7 @@
 //! `ublk add` and `ublk recover`: build the target, add (or re-attach to) the device, serve it.
 
 use crate::state::{self, DevState};
-use crate::{list, AddArgs, NbdServerArgs, TargetType};
+use crate::{list, AddArgs, KtlsArg, NbdServerArgs, TargetType};
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
@@ -15,7 +15,7 @@ use ublk_core::{
     RunOptions, StopReason, Target,
 };
 use ublk_targets::loop_::{LoopConfig, LoopTarget};
-use ublk_targets::nbd::{Engine, NbdAddr, NbdConfig, NbdTarget, NbdUri, TlsParams};
+use ublk_targets::nbd::{Engine, Ktls, NbdAddr, NbdConfig, NbdTarget, NbdUri, TlsParams};
 use ublk_targets::null::NullTarget;
 use ublk_targets::qcow2::{
     CreateOptions, Qcow2Image, Qcow2Options, Qcow2Target, DEFAULT_L2_CACHE_BYTES,
@@ -86,6 +86,9 @@ impl AddArgs {
         }
         if let Some(id) = self.recover_id {
             opt("--recover-id", id.to_string());
+        }
+        if self.ktls != KtlsArg::Auto {
+            opt("--ktls", format!("{:?}", self.ktls).to_lowercase());
         }
         for (on, flag) in [
             (self.copy, "--copy"),
@@ -255,9 +258,10 @@ fn run_created(a: AddArgs) -> Result<()> {
             || a.nbd_sparse_reads
             || a.nbd_timeout.is_some()
             || a.nbd_no_reconnect
-            || a.nbd_no_extended_headers)
+            || a.nbd_no_extended_headers
+            || a.ktls != KtlsArg::Auto)
     {
-        bail!("--nbd-* options are for the nbd target");
+        bail!("--nbd-* options and --ktls are for the nbd target");
     }
     if a.target != TargetType::Qcow2
         && (a.l2_cache_size.is_some() || a.refcount_cache_size.is_some())
@@ -268,8 +272,8 @@ fn run_created(a: AddArgs) -> Result<()> {
         // The daemon may run elsewhere; keep the directory meaning what the user meant.
         a.nbd.tls_certs = Some(std::path::absolute(d).context("bad --tls-certs directory")?);
     }
-    if a.target == TargetType::Nbd {
-        nbd_uri(&a.nbd)?;
+    if a.target == TargetType::Nbd && nbd_uri(&a.nbd)?.tls.is_none() && a.ktls != KtlsArg::Auto {
+        bail!("--ktls is for TLS sessions (nbds:// or --tls)");
     }
     if a.foreground {
         serve(a)
@@ -498,6 +502,11 @@ fn serve(a: AddArgs) -> Result<()> {
             }
             cfg.client.reconnect = !a.nbd_no_reconnect;
             cfg.client.connect.extended_headers = !a.nbd_no_extended_headers;
+            cfg.client.connect.ktls = match a.ktls {
+                KtlsArg::Auto => Ktls::Auto,
+                KtlsArg::On => Ktls::On,
+                KtlsArg::Off => Ktls::Off,
+            };
             let t = NbdTarget::connect(&cfg).context("cannot connect to the NBD server")?;
             let params = t.params();
             let mut a = a;
@@ -507,6 +516,7 @@ fn serve(a: AddArgs) -> Result<()> {
                 "server": uri.addr.to_string(),
                 "export": uri.export,
                 "tls": uri.tls.is_some(),
+                "ktls": t.kernel_tls(),
                 "dev_size": params.size,
                 "connections": t.connections(),
                 "multi_conn": t.multi_conn(),

@@ -115,6 +115,29 @@ pub(crate) enum TargetType {
     Nbd,
 }
 
+/// Who encrypts an NBD TLS session once the export is negotiated (`--ktls`).
+#[derive(
+    clap::ValueEnum,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum KtlsArg {
+    /// The kernel where it can (TCP and the tls module), else this process.
+    #[default]
+    Auto,
+    /// The kernel, or the connection fails.
+    On,
+    /// This process (rustls).
+    Off,
+}
+
 #[derive(Args, Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct AddArgs {
     /// Target type.
@@ -231,8 +254,14 @@ pub(crate) struct AddArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub(crate) nbd: NbdServerArgs,
+    /// Who encrypts NBD TLS sessions once the export is negotiated: the kernel (kTLS), which
+    /// lets the queue threads' io_uring drive the connections, or this process (nbd).
+    #[arg(long, value_name = "WHEN", default_value = "auto")]
+    #[serde(default)]
+    pub(crate) ktls: KtlsArg,
     /// Drive NBD connections with writer and reader threads instead of the queue threads'
-    /// io_uring (which is used whenever each queue has a plaintext connection of its own).
+    /// io_uring (which is used whenever each queue has a connection of its own carrying
+    /// plaintext for us: no TLS, or TLS in the kernel).
     #[arg(long = "nbd-threads")]
     pub(crate) nbd_threads: bool,
     /// Let the NBD server answer reads of holes with hole chunks instead of zeros (less
@@ -666,11 +695,14 @@ mod tests {
             "/etc/pki/x",
             "--tls-hostname",
             "srv.example",
+            "--ktls",
+            "off",
         ])
         .unwrap();
         let Cmd::Add(a) = cli.cmd else {
             panic!("not add")
         };
+        assert_eq!(a.ktls, KtlsArg::Off);
         let u = add::nbd_uri(&a.nbd).unwrap();
         let t = u.tls.expect("--tls-certs implies TLS");
         assert_eq!(

@@ -649,6 +649,32 @@ impl IoCtx<'_> {
         parts: &[SendPart],
         data: u32,
     ) -> io::Result<()> {
+        self.send_with(fd, bytes, parts, data, libc::MSG_WAITALL)
+    }
+
+    /// [`IoCtx::send`] without `MSG_WAITALL`, for sockets that refuse it (kernel TLS): the
+    /// kernel may send less than all, and the completion's count says how much. The caller
+    /// sends the rest ([`SendPart::skip`]). It must be one `sendmsg`: in zero-copy mode every
+    /// request range must be in its buffer ([`IoCtx::fetch_write_data`]), as a linked chain
+    /// would go on after a short send and leave a gap in the stream.
+    pub fn send_some(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        bytes: Vec<u8>,
+        parts: &[SendPart],
+        data: u32,
+    ) -> io::Result<()> {
+        self.send_with(fd, bytes, parts, data, 0)
+    }
+
+    fn send_with(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        bytes: Vec<u8>,
+        parts: &[SendPart],
+        data: u32,
+        waitall: i32,
+    ) -> io::Result<()> {
         if parts.is_empty() || parts.len() > 1024 {
             return Err(einval("a send takes 1 to 1024 parts"));
         }
@@ -696,6 +722,10 @@ impl IoCtx<'_> {
                 }
             }
         }
+        if waitall == 0 && segs.len() > 1 {
+            self.own.put_iov(iov);
+            return Err(einval("a partial send must be one sendmsg"));
+        }
         let room = self.ring.submission().capacity();
         if segs.len() > room {
             self.own.put_iov(iov);
@@ -718,7 +748,7 @@ impl IoCtx<'_> {
                 Seg::Fixed { .. } => None,
             })
             .collect();
-        let flags = libc::MSG_WAITALL | libc::MSG_NOSIGNAL;
+        let flags = waitall | libc::MSG_NOSIGNAL;
         let fd = types::Fd(fd.as_raw_fd());
         let mut msgs = hdrs.iter();
         let sqes: Vec<squeue::Entry> = segs
@@ -864,6 +894,44 @@ pub enum SendPart {
         /// Length.
         len: u32,
     },
+}
+
+impl SendPart {
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            SendPart::Bytes(r) => r.len(),
+            SendPart::Tag { len, .. } => *len as usize,
+        }
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// What is left of `parts` once their first `n` bytes are sent.
+    pub fn skip(parts: &[SendPart], mut n: usize) -> Vec<SendPart> {
+        let mut rest = Vec::with_capacity(parts.len());
+        for p in parts {
+            let len = p.len();
+            if n >= len {
+                n -= len;
+                continue;
+            }
+            rest.push(match *p {
+                SendPart::Bytes(ref r) => SendPart::Bytes(r.start + n..r.end),
+                SendPart::Tag { tag, off, len } => SendPart::Tag {
+                    tag,
+                    // n < len, a u32.
+                    off: off + n as u32,
+                    len: len - n as u32,
+                },
+            });
+            n = 0;
+        }
+        rest
+    }
 }
 
 /// A target operation of its own in flight, with the memory the kernel may touch until it
@@ -1704,6 +1772,41 @@ fn probe_recv_fixed() -> io::Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_send_part_skip() {
+        let parts = [
+            SendPart::Bytes(0..28),
+            SendPart::Tag {
+                tag: 3,
+                off: 0,
+                len: 4096,
+            },
+            SendPart::Bytes(28..56),
+        ];
+        let total: usize = parts.iter().map(SendPart::len).sum();
+        assert_eq!(SendPart::skip(&parts, 0), parts);
+        assert_eq!(SendPart::skip(&parts, 10)[0], SendPart::Bytes(10..28));
+        assert_eq!(SendPart::skip(&parts, 28), parts[1..]);
+        assert_eq!(
+            SendPart::skip(&parts, 28 + 100),
+            [
+                SendPart::Tag {
+                    tag: 3,
+                    off: 100,
+                    len: 3996
+                },
+                SendPart::Bytes(28..56)
+            ]
+        );
+        assert_eq!(SendPart::skip(&parts, total - 1), [SendPart::Bytes(55..56)]);
+        assert!(SendPart::skip(&parts, total).is_empty());
+        // What is left always adds up.
+        for n in 0..=total {
+            let rest: usize = SendPart::skip(&parts, n).iter().map(SendPart::len).sum();
+            assert_eq!(rest, total - n);
+        }
+    }
 
     #[test]
     fn test_user_copy_offset_is_additive() {

@@ -40,7 +40,32 @@ pub const KERNELS: &[KernelSpec] = &[
 
 /// Modules the guest needs. Dependencies (read from `modinfo -F depends`) are added and ordered
 /// automatically; modules built into the kernel are skipped.
-pub const GUEST_MODULES: &[&str] = &["configfs", "null_blk", "loop", "nbd", "ublk_drv"];
+pub const GUEST_MODULES: &[&str] = &[
+    "configfs",
+    "null_blk",
+    "loop",
+    "nbd",
+    "ublk_drv",
+    // Kernel TLS and the ciphers it asks the crypto API for by name (no modprobe in the guest).
+    "tls",
+    "gcm",
+    "ctr",
+    "aesni_intel",
+    "chacha20poly1305",
+];
+
+/// Modules loaded where the kernel has them as modules (6.12's GHASH for `gcm`; 7.3 has it in
+/// its crypto library).
+pub const GUEST_MODULES_IF_PRESENT: &[&str] = &["ghash_generic", "ghash_clmulni_intel"];
+
+/// What a kernel cache was extracted for.
+fn module_lists() -> String {
+    format!(
+        "{} / {}",
+        GUEST_MODULES.join(" "),
+        GUEST_MODULES_IF_PRESENT.join(" ")
+    )
+}
 
 /// The private apt configuration's sources.
 const APT_SOURCES: &str = "\
@@ -151,6 +176,11 @@ fn load_cached(dir: &Path) -> Result<Option<Kernel>> {
     if !dir.join(".complete").exists() {
         return Ok(None);
     }
+    // A cache made for another module list is extracted again.
+    let wanted = module_lists();
+    if fs::read_to_string(dir.join("guest-modules")).map_or(true, |m| m.trim() != wanted) {
+        return Ok(None);
+    }
     let release = fs::read_to_string(dir.join("release"))?.trim().to_string();
     let order = fs::read_to_string(dir.join("modules.order"))?;
     let modules = order
@@ -212,6 +242,7 @@ fn extract(
     fs::write(out.join("modules.order"), order.join("\n") + "\n")?;
     fs::write(out.join("release"), format!("{release}\n"))?;
     fs::write(out.join("package-version"), format!("{version}\n"))?;
+    fs::write(out.join("guest-modules"), module_lists() + "\n")?;
     fs::write(out.join(".complete"), "")?;
     let _ = fs::remove_dir_all(dir);
     fs::rename(&out, dir)?;
@@ -236,6 +267,11 @@ fn collect_modules(moddir: &Path, dest: &Path) -> Result<Vec<String>> {
     let mut done = BTreeSet::new();
     for m in GUEST_MODULES {
         add_module(m, &files, &builtin, &mut done, &mut order, 0)?;
+    }
+    for m in GUEST_MODULES_IF_PRESENT {
+        if files.contains_key(*m) {
+            add_module(m, &files, &builtin, &mut done, &mut order, 0)?;
+        }
     }
     let mut names = Vec::new();
     for (name, src) in &order {

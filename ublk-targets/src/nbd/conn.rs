@@ -5,7 +5,7 @@
 
 use super::error::{NbdError, ProtoError, Result};
 use super::proto::{self, BlockSizes, Info, OptReply, TransmissionFlags};
-use super::tls::{TlsConfig, TlsStream};
+use super::tls::{KernelTls, TlsConfig, TlsStream};
 use super::uri::{NbdAddr, NbdUri};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
@@ -38,8 +38,10 @@ pub enum Stream {
     Tcp(TcpStream),
     /// Unix domain socket.
     Unix(UnixStream),
-    /// A TLS session over one of the above.
+    /// A TLS session over one of the above, encrypted in user space.
     Tls(Box<TlsStream>),
+    /// A TLS session over TCP that the kernel encrypts and decrypts (kTLS): plaintext for us.
+    KernelTls(TcpStream),
 }
 
 impl Stream {
@@ -83,12 +85,14 @@ impl Stream {
     pub fn try_clone(&self) -> io::Result<Stream> {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::KernelTls(s) => Stream::KernelTls(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
             Stream::Tls(_) => return Err(io::ErrorKind::Unsupported.into()),
         })
     }
 
-    /// Ends a TLS session cleanly (`close_notify`); nothing for plain sockets.
+    /// Ends a TLS session cleanly (`close_notify`); nothing for plain sockets, nor for kernel
+    /// TLS (the server sees the connection close after `NBD_CMD_DISC`).
     pub fn close_notify(&self) {
         if let Stream::Tls(t) = self {
             t.close_notify();
@@ -98,7 +102,7 @@ impl Stream {
     /// Shuts the socket down (both directions); wakes any thread blocked on it.
     pub fn shutdown(&self) {
         let _ = match self {
-            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+            Stream::Tcp(s) | Stream::KernelTls(s) => s.shutdown(Shutdown::Both),
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
             Stream::Tls(t) => {
                 t.socket().shutdown();
@@ -110,7 +114,7 @@ impl Stream {
     /// Sets the read and write timeouts (`None`: block forever).
     pub fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
         match self {
-            Stream::Tcp(s) => {
+            Stream::Tcp(s) | Stream::KernelTls(s) => {
                 s.set_read_timeout(read)?;
                 s.set_write_timeout(write)
             }
@@ -127,7 +131,7 @@ impl std::os::fd::AsFd for Stream {
     /// The socket (for TLS, the one carrying the encrypted bytes).
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         match self {
-            Stream::Tcp(s) => s.as_fd(),
+            Stream::Tcp(s) | Stream::KernelTls(s) => s.as_fd(),
             Stream::Unix(s) => s.as_fd(),
             Stream::Tls(t) => t.socket().as_fd(),
         }
@@ -137,7 +141,7 @@ impl std::os::fd::AsFd for Stream {
 impl Read for &Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            Stream::Tcp(s) => (&*s).read(buf),
+            Stream::Tcp(s) | Stream::KernelTls(s) => (&*s).read(buf),
             Stream::Unix(s) => (&*s).read(buf),
             Stream::Tls(t) => (&**t).read(buf),
         }
@@ -147,7 +151,7 @@ impl Read for &Stream {
 impl Write for &Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
-            Stream::Tcp(s) => (&*s).write(buf),
+            Stream::Tcp(s) | Stream::KernelTls(s) => (&*s).write(buf),
             Stream::Unix(s) => (&*s).write(buf),
             Stream::Tls(t) => (&**t).write(buf),
         }
@@ -171,6 +175,20 @@ pub struct ConnectOptions {
     /// Require TLS with these credentials (`NBD_OPT_STARTTLS` first; no plaintext fallback).
     /// [`ConnectOptions::for_uri`] fills it from an `nbds://` URI.
     pub tls: Option<Arc<TlsConfig>>,
+    /// Whether a TLS session goes to the kernel once the export is negotiated.
+    pub ktls: Ktls,
+}
+
+/// Whether the kernel takes over a TLS session (kTLS) once the export is negotiated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Ktls {
+    /// Where it can: over TCP, with the kernel's `tls` module. Otherwise rustls goes on.
+    #[default]
+    Auto,
+    /// Always: a connection where the kernel cannot take the session fails.
+    On,
+    /// Never: rustls encrypts and decrypts in this process.
+    Off,
 }
 
 impl ConnectOptions {
@@ -201,6 +219,7 @@ impl Default for ConnectOptions {
             structured_replies: true,
             extended_headers: true,
             tls: None,
+            ktls: Ktls::Auto,
         }
     }
 }
@@ -512,6 +531,26 @@ pub fn open(addr: &NbdAddr, export: &str, opts: &ConnectOptions) -> Result<(Stre
             return Err(e);
         }
         r => r.map_err(timed_out)?,
+    };
+    let s = match s {
+        Stream::Tls(t) if opts.ktls != Ktls::Off => match t.into_kernel()? {
+            KernelTls::On(tcp) => {
+                log::debug!("nbd: TLS with {addr} handed to the kernel");
+                Stream::KernelTls(tcp)
+            }
+            KernelTls::Declined(t, why) if opts.ktls == Ktls::On => {
+                // The export is negotiated: leave as a client that is done.
+                let s = Stream::Tls(t);
+                let _ = (&s).write_all(&proto::RequestHeader::disc(info.extended));
+                s.close_notify();
+                return Err(NbdError::KernelTlsUnavailable(why));
+            }
+            KernelTls::Declined(t, why) => {
+                log::info!("nbd: TLS with {addr} stays in user space: {why}");
+                Stream::Tls(t)
+            }
+        },
+        s => s,
     };
     s.set_timeouts(None, None)?;
     log::debug!("nbd: connected to {addr}, export {export:?}: {info:?}");

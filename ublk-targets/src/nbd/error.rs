@@ -40,6 +40,14 @@ pub enum NbdError {
     /// Reading from or writing to the server failed.
     #[error("NBD connection IO failed")]
     Io(#[source] io::Error),
+    /// The TLS session could not be handed to the kernel after its keys were taken out of
+    /// rustls: the session is lost.
+    #[error("cannot hand the TLS session to the kernel: {0}")]
+    KernelTls(String),
+    /// Kernel TLS was required (`--ktls on`, or the io_uring engine's further connections)
+    /// and is not possible.
+    #[error("kernel TLS is required and not possible: {0}")]
+    KernelTlsUnavailable(String),
     /// The server does not speak fixed newstyle negotiation.
     #[error("the server does not speak fixed newstyle NBD ({0})")]
     NotNewstyle(&'static str),

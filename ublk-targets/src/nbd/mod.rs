@@ -3,7 +3,8 @@
 //! * [`proto`]: the wire protocol, pure encode/decode (no IO), fuzz-tested.
 //! * [`uri`]: `nbd[s]://HOST[:PORT]/EXPORT` and `nbd[s]+unix:///EXPORT?socket=PATH`.
 //! * [`conn`]: connecting, negotiating (GO / EXPORT_NAME), listing exports.
-//! * [`tls`]: `NBD_OPT_STARTTLS` with rustls (X.509), a TLS stream for two threads.
+//! * [`tls`]: `NBD_OPT_STARTTLS` with rustls (X.509), a TLS stream for two threads, and the
+//!   hand-over of a session to the kernel (kTLS).
 //! * [`client`]: the pipelined transmission engine with reconnect and timeouts.
 //! * [`ring`]: the io_uring engine, one connection per queue driven by the queue thread, on
 //!   top of `session` (its requests and reply parser, without IO).
@@ -21,7 +22,7 @@ pub mod tls;
 pub mod uri;
 
 pub use client::{Client, ClientOptions, Cmd, Completion, Request};
-pub use conn::{list_exports, probe_export, ConnectOptions, ExportEntry, ExportInfo};
+pub use conn::{list_exports, probe_export, ConnectOptions, ExportEntry, ExportInfo, Ktls};
 pub use error::{NbdError, ProtoError, Result};
 pub use target::{Engine, NbdConfig, NbdQueue, NbdTarget};
 pub use tls::TlsConfig;

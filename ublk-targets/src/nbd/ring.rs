@@ -114,6 +114,9 @@ pub struct RingQueue {
     sbuf: Vec<u8>,
     parts: Vec<SendPart>,
     reconnects: u64,
+    /// The connection's TLS is in the kernel, which refuses `MSG_WAITALL`: sends may be short
+    /// and the rest is sent after, so each must be one `sendmsg` (WRITE data copied in).
+    kernel_tls: bool,
 }
 
 impl RingQueue {
@@ -141,6 +144,7 @@ impl RingQueue {
             sbuf: Vec::new(),
             parts: Vec::new(),
             reconnects: 0,
+            kernel_tls: false,
         };
         q.install(stream);
         q
@@ -148,6 +152,7 @@ impl RingQueue {
 
     fn install(&mut self, stream: Stream) {
         let _ = stream.set_timeouts(None, None);
+        self.kernel_tls = matches!(stream, Stream::KernelTls(_));
         let gen = self.next_gen;
         self.next_gen = (self.next_gen + 1) & GEN_MASK;
         self.live = Some(Live {
@@ -182,11 +187,32 @@ impl RingQueue {
             self.sbuf = bytes;
             return;
         }
-        let r = ctx.send(live.stream.as_fd(), bytes, &self.parts, EV_SEND | live.gen);
+        let fd = live.stream.as_fd();
+        let r = if self.kernel_tls {
+            ctx.send_some(fd, bytes, &self.parts, EV_SEND | live.gen)
+        } else {
+            ctx.send(fd, bytes, &self.parts, EV_SEND | live.gen)
+        };
         match r {
             Ok(()) => {
                 if let Some(l) = &mut self.live {
                     l.sending = Some(total);
+                }
+            }
+            Err(e) => self.kill(ctx, &format!("cannot send: {e}")),
+        }
+    }
+
+    /// Sends what a short send (kernel TLS) left of the last one.
+    fn send_rest(&mut self, ctx: &mut IoCtx<'_>, sent: usize, total: usize) {
+        let Some(live) = &self.live else { return };
+        self.parts = SendPart::skip(&self.parts, sent);
+        let bytes = std::mem::take(&mut self.sbuf);
+        let r = ctx.send_some(live.stream.as_fd(), bytes, &self.parts, EV_SEND | live.gen);
+        match r {
+            Ok(()) => {
+                if let Some(l) = &mut self.live {
+                    l.sending = Some(total - sent);
                 }
             }
             Err(e) => self.kill(ctx, &format!("cannot send: {e}")),
@@ -364,9 +390,10 @@ impl QueueHandler for RingQueue {
         if self.dead {
             return Action::Done(-libc::EIO);
         }
-        if ctx.zero_copy() && req.op == Op::Write && req.len < ZC_SEND_MIN {
+        if ctx.zero_copy() && req.op == Op::Write && (req.len < ZC_SEND_MIN || self.kernel_tls) {
             // A small payload costs less copied in now (user copy) and sent with the headers
-            // than sent from its pages by an operation of its own.
+            // than sent from its pages by an operation of its own. (With kernel TLS every
+            // payload is: a send may be short, so it must be one `sendmsg`.)
             if let Err(e) = ctx.fetch_write_data(req.tag) {
                 log::error!("nbd: cannot bring in WRITE data of tag {}: {e}", req.tag);
                 return Action::Done(-libc::EIO);
@@ -436,6 +463,11 @@ impl QueueHandler for RingQueue {
                     return;
                 }
                 let expected = self.live.as_mut().and_then(|l| l.sending.take());
+                if let Some(total) = expected {
+                    if self.kernel_tls && res > 0 && (res as usize) < total {
+                        return self.send_rest(ctx, res as usize, total);
+                    }
+                }
                 if res < 0 || Some(res as usize) != expected {
                     let why = if res < 0 {
                         errno_text(res)

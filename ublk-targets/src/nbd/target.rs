@@ -6,8 +6,9 @@
 //!
 //! * [`Engine::Ring`] (the default): each queue's own plaintext connection is driven by the
 //!   queue thread on its io_uring ([`RingQueue`]); used whenever every queue has a connection
-//!   of its own and there is no TLS.
-//! * [`Engine::Threads`], and the fallback for TLS or a connection shared by several queues:
+//!   of its own and the socket carries plaintext for us (no TLS, or TLS handed to the kernel).
+//! * [`Engine::Threads`], and the fallback for TLS in user space or a connection shared by
+//!   several queues:
 //!   requests are submitted from the queue thread to a [`Client`] (writer and reader threads);
 //!   completions come back from the reader thread through ublk-core's [`Completer`].
 //!
@@ -27,7 +28,7 @@
 //! the queue thread parks buffers per tag in a table only it touches. No lock per IO.
 
 use super::client::{check_servable, Client, ClientOptions, Cmd, Completion, Request, Waiter};
-use super::conn::{self, ExportInfo, Stream};
+use super::conn::{self, ConnectOptions, ExportInfo, Ktls, Stream};
 use super::error::{NbdError, Result};
 use super::proto::TransmissionFlags as TF;
 use super::ring::RingQueue;
@@ -102,6 +103,8 @@ pub struct NbdTarget {
     conns: Conns,
     info: ExportInfo,
     read_only: bool,
+    /// The connections' TLS sessions are in the kernel (kTLS).
+    kernel_tls: bool,
 }
 
 impl NbdTarget {
@@ -111,16 +114,27 @@ impl NbdTarget {
         let mut client_opts = cfg.client.clone();
         client_opts.connect = client_opts.connect.for_uri(&cfg.uri)?;
         let queues = usize::from(cfg.queues.max(1));
-        let (first, info) = conn::open(&cfg.uri.addr, &cfg.uri.export, &client_opts.connect)?;
+        let open_first = |o: &ConnectOptions| conn::open(&cfg.uri.addr, &cfg.uri.export, o);
+        let (first, info) = match open_first(&client_opts.connect) {
+            // The kernel refused the keys (rare: the session is lost); once more without it.
+            Err(e @ NbdError::KernelTls(_)) if client_opts.connect.ktls == Ktls::Auto => {
+                log::warn!("nbd: {e}; TLS stays in user space");
+                client_opts.connect.ktls = Ktls::Off;
+                open_first(&client_opts.connect)?
+            }
+            r => r?,
+        };
         check_servable(&info)?;
         client_opts.connect = client_opts.connect.same_format_as(&info);
         let multi = info.flags.contains(TF::CAN_MULTI_CONN);
         let n = if multi { queues } else { 1 };
-        let ring = cfg.engine == Engine::Ring
-            && n == queues
-            && client_opts.connect.tls.is_none()
-            && !matches!(first, Stream::Tls(_));
+        let kernel_tls = matches!(first, Stream::KernelTls(_));
+        let ring = cfg.engine == Engine::Ring && n == queues && !matches!(first, Stream::Tls(_));
         let conns = if ring {
+            if kernel_tls {
+                // The other connections and reconnects must carry plaintext for us too.
+                client_opts.connect.ktls = Ktls::On;
+            }
             let mut streams = vec![Some(first)];
             for _ in 1..n {
                 let (s, i) = conn::open(&cfg.uri.addr, &cfg.uri.export, &client_opts.connect)?;
@@ -150,7 +164,7 @@ impl NbdTarget {
             Conns::Threads(conns)
         };
         log::info!(
-            "nbd: {} export {:?}: {} bytes, flags {:#x}, block sizes {}/{}/{}, {} connection(s), {} engine{}",
+            "nbd: {} export {:?}: {} bytes, flags {:#x}, block sizes {}/{}/{}, {} connection(s), {} engine{}{}",
             cfg.uri.addr,
             info.name,
             info.size,
@@ -164,13 +178,20 @@ impl NbdTarget {
                 (true, _) => ", extended headers",
                 (false, true) => ", structured replies",
                 _ => "",
-            }
+            },
+            if kernel_tls { ", TLS in the kernel" } else { "" }
         );
         Ok(NbdTarget {
             conns,
             info,
             read_only: cfg.read_only,
+            kernel_tls,
         })
+    }
+
+    /// Whether the (first) connection's TLS session is in the kernel (kTLS).
+    pub fn kernel_tls(&self) -> bool {
+        self.kernel_tls
     }
 
     /// What negotiation established.
@@ -602,6 +623,7 @@ mod tests {
                 description: None,
             },
             read_only: false,
+            kernel_tls: false,
         }
     }
 

@@ -17,15 +17,25 @@
 //! for the writer. (The reader may block briefly sending such a small record itself if the
 //! socket's send buffer is full; this only arises on a server-requested key update.)
 //!
+//! Once an export is negotiated on a TCP socket, the session is normally handed to the kernel
+//! ([`TlsStream::into_kernel`], kTLS): rustls gives up its traffic keys and sequence numbers,
+//! the socket gets the `tls` upper layer protocol, and from then on it carries plaintext for
+//! this process while the kernel encrypts and decrypts the records. The io_uring engine can
+//! then drive it like any plaintext socket. Where that is not possible (a Unix socket, no `tls`
+//! module), the session stays here, in user space.
+//!
 //! The plaintext path does not go through this module at all.
 
 use super::conn::Stream;
 use super::error::{NbdError, Result};
 use super::uri::{NbdAddr, TlsParams};
+use nix::sys::socket::{setsockopt, sockopt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::{ClientConfig, ClientConnection, RootCertStore};
+use rustls::RootCertStore;
+use rustls::{ClientConfig, ClientConnection, ConnectionTrafficSecrets, ProtocolVersion};
 use std::io::{self, Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
@@ -82,7 +92,7 @@ impl TlsConfig {
             .certificates
             .as_ref()
             .map(|d| (d.join("client-cert.pem"), d.join("client-key.pem")));
-        let config = match client_pair {
+        let mut config = match client_pair {
             Some((cert, key)) if cert.exists() || key.exists() => {
                 if !key.exists() {
                     return Err(cred_err(&key, "missing (client-cert.pem needs its key)"));
@@ -95,6 +105,8 @@ impl TlsConfig {
             }
             _ => builder.with_no_client_auth(),
         };
+        // For kernel TLS (`TlsStream::into_kernel`).
+        config.enable_secret_extraction = true;
         let name = match (&params.hostname, addr) {
             (Some(h), _) => h.clone(),
             (None, NbdAddr::Tcp { host, .. }) => host.clone(),
@@ -309,6 +321,119 @@ impl TlsStream {
         drop(st);
         Ok(n)
     }
+}
+
+/// What became of a session offered to the kernel by [`TlsStream::into_kernel`].
+#[derive(Debug)]
+pub enum KernelTls {
+    /// The kernel encrypts and decrypts the session's records: the socket reads and writes
+    /// plaintext.
+    On(TcpStream),
+    /// The kernel cannot take this session (the reason); it goes on in user space.
+    Declined(Box<TlsStream>, String),
+}
+
+impl TlsStream {
+    /// Hands the session to the kernel (kTLS), between requests: nothing may be left
+    /// half-read or unsent. Declined, with the session intact, where the kernel cannot take
+    /// it: not a TCP socket, no `tls` module, data pending. An error means the keys were
+    /// extracted but the kernel refused them: the session is lost.
+    pub fn into_kernel(self) -> Result<KernelTls> {
+        let pending = {
+            let mut st = self.lock();
+            let s = &mut *st;
+            let plaintext = s
+                .conn
+                .process_new_packets()
+                .map(|io| io.plaintext_bytes_to_read())
+                .unwrap_or(1);
+            s.rx_pos < s.rx_end || s.eof || s.conn.wants_write() || plaintext > 0
+        };
+        if pending {
+            return Ok(KernelTls::Declined(Box::new(self), "data pending".into()));
+        }
+        let tcp = match &self.sock {
+            Stream::Tcp(tcp) => tcp,
+            _ => {
+                let why = "kernel TLS needs a TCP socket".into();
+                return Ok(KernelTls::Declined(Box::new(self), why));
+            }
+        };
+        // Harmless if the rest fails before the keys are set: the socket passes data through.
+        if let Err(e) = setsockopt(tcp, sockopt::TcpUlp::default(), b"tls") {
+            let why = format!("no kernel TLS (TCP_ULP \"tls\": {e}; is the tls module loaded?)");
+            return Ok(KernelTls::Declined(Box::new(self), why));
+        }
+        let TlsStream { sock, st, .. } = self;
+        let Stream::Tcp(tcp) = sock else {
+            unreachable!("checked above");
+        };
+        let conn = st.into_inner().unwrap_or_else(|e| e.into_inner()).conn;
+        let version = match conn.protocol_version() {
+            Some(ProtocolVersion::TLSv1_2) => libc::TLS_1_2_VERSION,
+            Some(ProtocolVersion::TLSv1_3) => libc::TLS_1_3_VERSION,
+            v => return Err(ktls_err(format!("TLS version {v:?}"))),
+        };
+        let secrets = conn
+            .dangerous_extract_secrets()
+            .map_err(|e| ktls_err(format!("cannot extract the session keys: {e}")))?;
+        let tx = crypto_info(version, secrets.tx)?;
+        let rx = crypto_info(version, secrets.rx)?;
+        setsockopt(&tcp, sockopt::TcpTlsTx, &tx).map_err(|e| ktls_err(format!("TLS_TX: {e}")))?;
+        setsockopt(&tcp, sockopt::TcpTlsRx, &rx).map_err(|e| ktls_err(format!("TLS_RX: {e}")))?;
+        Ok(KernelTls::On(tcp))
+    }
+}
+
+fn ktls_err(why: String) -> NbdError {
+    NbdError::KernelTls(why)
+}
+
+/// The kernel's form of one direction's traffic keys: `version` and the
+/// sequence number of the next record with `secrets`.
+fn crypto_info(
+    version: u16,
+    (seq, secrets): (u64, ConnectionTrafficSecrets),
+) -> Result<sockopt::TlsCryptoInfo> {
+    let info = |cipher_type| libc::tls_crypto_info {
+        version,
+        cipher_type,
+    };
+    let bad = |_| ktls_err("unexpected key or IV length".into());
+    let rec_seq = seq.to_be_bytes();
+    // For AES-GCM the kernel takes the 12-byte IV as a 4-byte salt and 8 bytes of IV.
+    Ok(match secrets {
+        ConnectionTrafficSecrets::Aes128Gcm { key, iv } => {
+            let (salt, iv) = iv.as_ref().split_at(4);
+            sockopt::TlsCryptoInfo::Aes128Gcm(libc::tls12_crypto_info_aes_gcm_128 {
+                info: info(libc::TLS_CIPHER_AES_GCM_128),
+                iv: iv.try_into().map_err(bad)?,
+                key: key.as_ref().try_into().map_err(bad)?,
+                salt: salt.try_into().map_err(bad)?,
+                rec_seq,
+            })
+        }
+        ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
+            let (salt, iv) = iv.as_ref().split_at(4);
+            sockopt::TlsCryptoInfo::Aes256Gcm(libc::tls12_crypto_info_aes_gcm_256 {
+                info: info(libc::TLS_CIPHER_AES_GCM_256),
+                iv: iv.try_into().map_err(bad)?,
+                key: key.as_ref().try_into().map_err(bad)?,
+                salt: salt.try_into().map_err(bad)?,
+                rec_seq,
+            })
+        }
+        ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+            sockopt::TlsCryptoInfo::Chacha20Poly1305(libc::tls12_crypto_info_chacha20_poly1305 {
+                info: info(libc::TLS_CIPHER_CHACHA20_POLY1305),
+                iv: iv.as_ref().try_into().map_err(bad)?,
+                key: key.as_ref().try_into().map_err(bad)?,
+                salt: [],
+                rec_seq,
+            })
+        }
+        _ => return Err(ktls_err("a cipher the kernel does not take".into())),
+    })
 }
 
 impl Read for &TlsStream {
