@@ -1,5 +1,7 @@
-//! The io_uring engine: one plaintext NBD connection per ublk queue, driven entirely by the
-//! queue thread on the queue's own io_uring.
+//! The io_uring engine: one NBD connection per ublk queue, driven entirely by the queue thread
+//! on the queue's own io_uring. The socket carries plaintext for us: no TLS, or TLS that the
+//! kernel encrypts (kTLS; there `MSG_WAITALL` is refused, so a send may be short and the rest
+//! follows, and WRITE payloads always go in the `sendmsg`, never as linked operations).
 //!
 //! Per batch of requests the queue thread sends every new request with one `sendmsg` (headers
 //! from a small buffer, WRITE payloads straight from the requests' own buffers: no copy), and
