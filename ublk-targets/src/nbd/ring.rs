@@ -22,7 +22,7 @@
 //! `sendmsg`s of the headers around it; small ones are copied into the request buffer by user
 //! copy and sent with the headers.
 //!
-//! The protocol state and the reply parser are in [`Session`](super::session), without IO;
+//! The protocol state and the reply parser are in `Session` (module `session`), without IO;
 //! this module does the socket and ring side. The rules are those of the threaded engine:
 //! cookies carry a per-request sequence number that changes on every (re)send, so a reply to
 //! anything not on the wire is a violation; a violation, an IO error or a request on the wire past its timeout kills the
@@ -122,7 +122,7 @@ pub struct RingQueue {
 }
 
 impl RingQueue {
-    /// A handler serving its queue over `stream`, a negotiated plaintext connection to the
+    /// A handler serving its queue over `stream`, a negotiated connection (plaintext for us) to the
     /// export described by `info`.
     pub(crate) fn new(
         uri: Arc<NbdUri>,

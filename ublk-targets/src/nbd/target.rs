@@ -4,7 +4,7 @@
 //! connection shared by all queues (the spec says clients SHOULD NOT multiplex over several
 //! connections without it). Two engines ([`Engine`]):
 //!
-//! * [`Engine::Ring`] (the default): each queue's own plaintext connection is driven by the
+//! * [`Engine::Ring`] (the default): each queue's own connection is driven by the
 //!   queue thread on its io_uring ([`RingQueue`]); used whenever every queue has a connection
 //!   of its own and the socket carries plaintext for us (no TLS, or TLS handed to the kernel).
 //! * [`Engine::Threads`], and the fallback for TLS in user space or a connection shared by
@@ -62,8 +62,9 @@ pub struct NbdConfig {
 /// How NBD connections are driven.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Engine {
-    /// By the queue threads, on their io_uring, where each queue has a plaintext connection
-    /// of its own; otherwise as [`Engine::Threads`].
+    /// By the queue threads, on their io_uring, where each queue has a connection of its own
+    /// carrying plaintext for us (no TLS, or TLS in the kernel); otherwise as
+    /// [`Engine::Threads`].
     #[default]
     Ring,
     /// By a writer and a reader thread per connection ([`Client`]).
