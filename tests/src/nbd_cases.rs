@@ -294,6 +294,33 @@ fn nbd_ktls() -> Result<Outcome> {
         ublk_del(d.id)?;
     }
     drop(server);
+
+    // The other versions and ciphers rustls and the kernel share (above: TLS 1.3 with
+    // AES-256-GCM, GnuTLS's first choice): their keys reach the kernel right, or fio fails.
+    for (want, priority) in [
+        (
+            "TLSv1_2 TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+            "NORMAL:-VERS-ALL:+VERS-TLS1.2:-CIPHER-ALL:+AES-128-GCM",
+        ),
+        (
+            "TLSv1_3 TLS13_CHACHA20_POLY1305_SHA256",
+            "NORMAL:-VERS-ALL:+VERS-TLS1.3:-CIPHER-ALL:+CHACHA20-POLY1305",
+        ),
+    ] {
+        let creds = format!("{creds},priority={priority}");
+        let args = ["--object", &creds, "--tls-creds", "tls0"];
+        let (server, _) = Server::start_with(&qemu_nbd, &file, true, 2, &args)?;
+        let d = add(&["-v"])?;
+        check_engine(d.pid, false, 1)?;
+        let log = fs::read_to_string(format!("/run/ublk/ublk{}.log", d.id))?;
+        ensure!(
+            log.contains(&format!("({want}) handed to the kernel")),
+            "no {want} session handed to the kernel in the daemon log: {log:?}"
+        );
+        fio_verify(&d.bdev(), 32, ("4M", "8M"), Duration::from_secs(200))?;
+        ublk_del(d.id)?;
+        drop(server);
+    }
     Ok(Outcome::Pass)
 }
 
@@ -615,7 +642,7 @@ impl Server {
             .arg(file)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(Stdio::inherit());
         let child = cmd.spawn().with_context(|| format!("cannot start {bin}"))?;
         let server = Server { child };
         if tcp {

@@ -54,9 +54,17 @@ pub const GUEST_MODULES: &[&str] = &[
     "chacha20poly1305",
 ];
 
-/// Modules loaded where the kernel has them as modules (6.12's GHASH for `gcm`; 7.3 has it in
-/// its crypto library).
-pub const GUEST_MODULES_IF_PRESENT: &[&str] = &["ghash_generic", "ghash_clmulni_intel"];
+/// Modules loaded where the kernel has them as modules: what `gcm` and `chacha20poly1305` ask
+/// for by name, which 6.12 has as modules of their own and 7.3 partly in its crypto library.
+pub const GUEST_MODULES_IF_PRESENT: &[&str] = &[
+    "ghash_generic",
+    "ghash_clmulni_intel",
+    "chacha",
+    "chacha_generic",
+    "chacha_x86_64",
+    "poly1305_generic",
+    "poly1305_x86_64",
+];
 
 /// What a kernel cache was extracted for.
 fn module_lists() -> String {

@@ -533,23 +533,26 @@ pub fn open(addr: &NbdAddr, export: &str, opts: &ConnectOptions) -> Result<(Stre
         r => r.map_err(timed_out)?,
     };
     let s = match s {
-        Stream::Tls(t) if opts.ktls != Ktls::Off => match t.into_kernel()? {
-            KernelTls::On(tcp) => {
-                log::debug!("nbd: TLS with {addr} handed to the kernel");
-                Stream::KernelTls(tcp)
+        Stream::Tls(t) if opts.ktls != Ktls::Off => {
+            let what = t.describe();
+            match t.into_kernel()? {
+                KernelTls::On(tcp) => {
+                    log::info!("nbd: TLS with {addr} ({what}) handed to the kernel");
+                    Stream::KernelTls(tcp)
+                }
+                KernelTls::Declined(t, why) if opts.ktls == Ktls::On => {
+                    // The export is negotiated: leave as a client that is done.
+                    let s = Stream::Tls(t);
+                    let _ = (&s).write_all(&proto::RequestHeader::disc(info.extended));
+                    s.close_notify();
+                    return Err(NbdError::KernelTlsUnavailable(why));
+                }
+                KernelTls::Declined(t, why) => {
+                    log::info!("nbd: TLS with {addr} ({what}) stays in user space: {why}");
+                    Stream::Tls(t)
+                }
             }
-            KernelTls::Declined(t, why) if opts.ktls == Ktls::On => {
-                // The export is negotiated: leave as a client that is done.
-                let s = Stream::Tls(t);
-                let _ = (&s).write_all(&proto::RequestHeader::disc(info.extended));
-                s.close_notify();
-                return Err(NbdError::KernelTlsUnavailable(why));
-            }
-            KernelTls::Declined(t, why) => {
-                log::info!("nbd: TLS with {addr} stays in user space: {why}");
-                Stream::Tls(t)
-            }
-        },
+        }
         s => s,
     };
     s.set_timeouts(None, None)?;

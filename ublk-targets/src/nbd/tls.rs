@@ -197,6 +197,17 @@ impl TlsStream {
         })
     }
 
+    /// The protocol version and cipher suite, for logs (`TLSv1_3 TLS13_AES_256_GCM_SHA384`).
+    pub fn describe(&self) -> String {
+        let st = self.lock();
+        let version = st.conn.protocol_version();
+        let suite = st.conn.negotiated_cipher_suite().map(|s| s.suite());
+        match (version, suite) {
+            (Some(v), Some(s)) => format!("{v:?} {s:?}"),
+            _ => "handshake not done".into(),
+        }
+    }
+
     /// The socket under the session.
     pub fn socket(&self) -> &Stream {
         &self.sock
