@@ -580,6 +580,11 @@ pub fn list_exports(addr: &NbdAddr, opts: &ConnectOptions) -> Result<Vec<ExportE
 /// What a client of `export` would see: negotiates it as [`open`] does, then disconnects
 /// (`NBD_CMD_DISC`) without sending anything else.
 pub fn probe_export(addr: &NbdAddr, export: &str, opts: &ConnectOptions) -> Result<ExportInfo> {
+    // No transmission follows: the session stays with rustls.
+    let opts = &ConnectOptions {
+        ktls: Ktls::Off,
+        ..opts.clone()
+    };
     let (s, info) = open(addr, export, opts)?;
     // A server that is gone already is no reason to fail: the export was described.
     let _ = s.set_timeouts(Some(opts.timeout), Some(opts.timeout));

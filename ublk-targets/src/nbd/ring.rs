@@ -458,12 +458,14 @@ impl QueueHandler for RingQueue {
                 self.parse(ctx);
             }
             EV_SEND => {
-                if self.sbuf.capacity() == 0 {
-                    self.sbuf = buf;
-                }
                 if !current {
+                    if self.sbuf.capacity() == 0 {
+                        self.sbuf = buf;
+                    }
                     return;
                 }
+                // The buffer of the send in flight: a short send's rest is in it.
+                self.sbuf = buf;
                 let expected = self.live.as_mut().and_then(|l| l.sending.take());
                 if let Some(total) = expected {
                     if self.kernel_tls && res > 0 && (res as usize) < total {

@@ -133,7 +133,9 @@ impl NbdTarget {
         let ring = cfg.engine == Engine::Ring && n == queues && !matches!(first, Stream::Tls(_));
         let conns = if ring {
             if kernel_tls {
-                // The other connections and reconnects must carry plaintext for us too.
+                // The other connections and reconnects must carry plaintext for us too: where
+                // the kernel refuses one, adding the device fails, or reconnecting retries.
+                log::debug!("nbd: io_uring engine: every connection needs kernel TLS");
                 client_opts.connect.ktls = Ktls::On;
             }
             let mut streams = vec![Some(first)];

@@ -347,10 +347,16 @@ pub enum KernelTls {
 impl TlsStream {
     /// Hands the session to the kernel (kTLS), between requests: nothing may be left
     /// half-read or unsent. Declined, with the session intact, where the kernel cannot take
-    /// it: not a TCP socket, no `tls` module, data pending. An error means the keys were
-    /// extracted but the kernel refused them: the session is lost.
+    /// it: not a TCP socket, no `tls` module, data pending, another TLS version. An error
+    /// means the keys were extracted but the kernel refused them: the session is lost.
+    ///
+    /// Afterwards any record other than application data (a late session ticket, a
+    /// `KeyUpdate`, the server's `close_notify`) makes the socket's reads fail with `EIO`, and
+    /// the engine reconnects; nothing is sent for `close_notify` when the connection ends, and
+    /// no `KeyUpdate` is ever sent (the kernel does not).
     pub fn into_kernel(self) -> Result<KernelTls> {
-        let pending = {
+        let decline = |t: TlsStream, why: String| Ok(KernelTls::Declined(Box::new(t), why));
+        let (pending, version) = {
             let mut st = self.lock();
             let s = &mut *st;
             let plaintext = s
@@ -358,38 +364,37 @@ impl TlsStream {
                 .process_new_packets()
                 .map(|io| io.plaintext_bytes_to_read())
                 .unwrap_or(1);
-            s.rx_pos < s.rx_end || s.eof || s.conn.wants_write() || plaintext > 0
+            let pending = s.rx_pos < s.rx_end || s.eof || s.conn.wants_write() || plaintext > 0;
+            (pending, s.conn.protocol_version())
         };
         if pending {
-            return Ok(KernelTls::Declined(Box::new(self), "data pending".into()));
+            return decline(self, "data pending".into());
         }
-        let tcp = match &self.sock {
+        let version = match version {
+            Some(ProtocolVersion::TLSv1_2) => libc::TLS_1_2_VERSION,
+            Some(ProtocolVersion::TLSv1_3) => libc::TLS_1_3_VERSION,
+            v => return decline(self, format!("the kernel does not take {v:?}")),
+        };
+        let TlsStream { sock, st, wlock } = self;
+        let tcp = match sock {
             Stream::Tcp(tcp) => tcp,
-            _ => {
+            sock => {
                 let why = "kernel TLS needs a TCP socket".into();
-                return Ok(KernelTls::Declined(Box::new(self), why));
+                return decline(TlsStream { sock, st, wlock }, why);
             }
         };
         // Harmless if the rest fails before the keys are set: the socket passes data through.
-        if let Err(e) = setsockopt(tcp, sockopt::TcpUlp::default(), b"tls") {
+        if let Err(e) = setsockopt(&tcp, sockopt::TcpUlp::default(), b"tls") {
             let why = format!("no kernel TLS (TCP_ULP \"tls\": {e}; is the tls module loaded?)");
-            return Ok(KernelTls::Declined(Box::new(self), why));
+            let sock = Stream::Tcp(tcp);
+            return decline(TlsStream { sock, st, wlock }, why);
         }
-        let TlsStream { sock, st, .. } = self;
-        let Stream::Tcp(tcp) = sock else {
-            unreachable!("checked above");
-        };
         let conn = st.into_inner().unwrap_or_else(|e| e.into_inner()).conn;
-        let version = match conn.protocol_version() {
-            Some(ProtocolVersion::TLSv1_2) => libc::TLS_1_2_VERSION,
-            Some(ProtocolVersion::TLSv1_3) => libc::TLS_1_3_VERSION,
-            v => return Err(ktls_err(format!("TLS version {v:?}"))),
-        };
         let secrets = conn
             .dangerous_extract_secrets()
             .map_err(|e| ktls_err(format!("cannot extract the session keys: {e}")))?;
-        let tx = crypto_info(version, secrets.tx)?;
-        let rx = crypto_info(version, secrets.rx)?;
+        let tx = crypto_info(version, secrets.tx, true)?;
+        let rx = crypto_info(version, secrets.rx, false)?;
         setsockopt(&tcp, sockopt::TcpTlsTx, &tx).map_err(|e| ktls_err(format!("TLS_TX: {e}")))?;
         setsockopt(&tcp, sockopt::TcpTlsRx, &rx).map_err(|e| ktls_err(format!("TLS_RX: {e}")))?;
         Ok(KernelTls::On(tcp))
@@ -401,10 +406,11 @@ fn ktls_err(why: String) -> NbdError {
 }
 
 /// The kernel's form of one direction's traffic keys: `version` and the
-/// sequence number of the next record with `secrets`.
+/// sequence number of the next record with `secrets`; `tx` for the sending direction.
 fn crypto_info(
     version: u16,
     (seq, secrets): (u64, ConnectionTrafficSecrets),
+    tx: bool,
 ) -> Result<sockopt::TlsCryptoInfo> {
     let info = |cipher_type| libc::tls_crypto_info {
         version,
@@ -412,13 +418,27 @@ fn crypto_info(
     };
     let bad = |_| ktls_err("unexpected key or IV length".into());
     let rec_seq = seq.to_be_bytes();
-    // For AES-GCM the kernel takes the 12-byte IV as a 4-byte salt and 8 bytes of IV.
+    // For AES-GCM the kernel takes the 12-byte IV as a 4-byte salt and 8 bytes of IV. In TLS
+    // 1.2 those 8 bytes are the explicit nonce of the next record it sends, and it counts up
+    // from there, where rustls sent `iv XOR seq`: starting from rustls's IV would reuse the
+    // nonces of the records rustls sent (the Finished, the options). A random start does
+    // not (the receiver reads each record's explicit nonce from the record).
+    let explicit = |iv: &[u8]| -> Result<[u8; 8]> {
+        let mut n: [u8; 8] = iv.try_into().map_err(bad)?;
+        if tx && version == libc::TLS_1_2_VERSION {
+            rustls::crypto::ring::default_provider()
+                .secure_random
+                .fill(&mut n)
+                .map_err(|_| ktls_err("no random bytes for the TLS 1.2 nonce".into()))?;
+        }
+        Ok(n)
+    };
     Ok(match secrets {
         ConnectionTrafficSecrets::Aes128Gcm { key, iv } => {
             let (salt, iv) = iv.as_ref().split_at(4);
             sockopt::TlsCryptoInfo::Aes128Gcm(libc::tls12_crypto_info_aes_gcm_128 {
                 info: info(libc::TLS_CIPHER_AES_GCM_128),
-                iv: iv.try_into().map_err(bad)?,
+                iv: explicit(iv)?,
                 key: key.as_ref().try_into().map_err(bad)?,
                 salt: salt.try_into().map_err(bad)?,
                 rec_seq,
@@ -428,7 +448,7 @@ fn crypto_info(
             let (salt, iv) = iv.as_ref().split_at(4);
             sockopt::TlsCryptoInfo::Aes256Gcm(libc::tls12_crypto_info_aes_gcm_256 {
                 info: info(libc::TLS_CIPHER_AES_GCM_256),
-                iv: iv.try_into().map_err(bad)?,
+                iv: explicit(iv)?,
                 key: key.as_ref().try_into().map_err(bad)?,
                 salt: salt.try_into().map_err(bad)?,
                 rec_seq,
@@ -459,5 +479,64 @@ impl Write for &TlsStream {
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::crypto::cipher::{AeadKey, Iv};
+
+    fn aes256(iv: [u8; 12]) -> ConnectionTrafficSecrets {
+        ConnectionTrafficSecrets::Aes256Gcm {
+            key: AeadKey::from([7u8; 32]),
+            iv: Iv::new(iv),
+        }
+    }
+
+    fn gcm256(info: sockopt::TlsCryptoInfo) -> libc::tls12_crypto_info_aes_gcm_256 {
+        match info {
+            sockopt::TlsCryptoInfo::Aes256Gcm(i) => i,
+            other => panic!("not AES-256-GCM: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn test_crypto_info_for_the_kernel() {
+        let iv: [u8; 12] = std::array::from_fn(|i| i as u8 + 1);
+        let seq = 0x0102_0304_0506_0708u64;
+        for (version, tx) in [
+            (libc::TLS_1_3_VERSION, true),
+            (libc::TLS_1_3_VERSION, false),
+            (libc::TLS_1_2_VERSION, false),
+        ] {
+            let k = gcm256(crypto_info(version, (seq, aes256(iv)), tx).unwrap());
+            assert_eq!(k.info.version, version);
+            assert_eq!(k.info.cipher_type, libc::TLS_CIPHER_AES_GCM_256);
+            assert_eq!(k.salt, iv[..4]);
+            assert_eq!(k.iv, iv[4..]);
+            assert_eq!(k.key, [7u8; 32]);
+            assert_eq!(k.rec_seq, seq.to_be_bytes());
+        }
+        // TLS 1.2 sending: the kernel counts explicit nonces up from `iv`, which must not
+        // meet the ones rustls used (`iv XOR seq`): a fresh random start each time.
+        let a = gcm256(crypto_info(libc::TLS_1_2_VERSION, (seq, aes256(iv)), true).unwrap());
+        let b = gcm256(crypto_info(libc::TLS_1_2_VERSION, (seq, aes256(iv)), true).unwrap());
+        assert_eq!(a.salt, iv[..4]);
+        assert_ne!(a.iv, iv[4..]);
+        assert_ne!(a.iv, b.iv);
+        // ChaCha20-Poly1305: the whole 12-byte IV, no salt.
+        let c = ConnectionTrafficSecrets::Chacha20Poly1305 {
+            key: AeadKey::from([9u8; 32]),
+            iv: Iv::new(iv),
+        };
+        match crypto_info(libc::TLS_1_3_VERSION, (seq, c), true).unwrap() {
+            sockopt::TlsCryptoInfo::Chacha20Poly1305(k) => {
+                assert_eq!(k.iv, iv);
+                assert_eq!(k.key, [9u8; 32]);
+                assert_eq!(k.rec_seq, seq.to_be_bytes());
+            }
+            other => panic!("not ChaCha20-Poly1305: {other:?}"),
+        }
     }
 }
