@@ -233,8 +233,32 @@ fn nbd_ktls() -> Result<Outcome> {
 
     // One queue: its connection sees the flush of what it wrote (with two, a write acked on
     // the other connection and not flushed there fails the next flush after the reconnect).
-    let d = add(&[])?;
+    let d = add(&["-vvv"])?;
     check_engine(d.pid, false, 1)?;
+    // 32 MiB in flight: more than the socket takes at once, so sends come back short (kernel
+    // TLS has no MSG_WAITALL) and the rest is sent after.
+    fio_as(
+        &[],
+        &[
+            "--name=short-sends",
+            &format!("--filename={}", d.bdev()),
+            "--rw=write",
+            "--bs=1M",
+            "--size=32M",
+            "--iodepth=32",
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+        ],
+        Duration::from_secs(200),
+    )?;
+    let log = fs::read_to_string(format!("/run/ublk/ublk{}.log", d.id))?;
+    ensure!(
+        log.contains("short send"),
+        "no short send with 32 MiB in flight: the resend path went untested"
+    );
     let dir = workdir()?;
     let (a, b) = (dir.join("ktls-a"), dir.join("ktls-b"));
     write_pattern(&a, 4 * MIB, 41)?;

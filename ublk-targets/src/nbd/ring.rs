@@ -208,6 +208,7 @@ impl RingQueue {
     /// Sends what a short send (kernel TLS) left of the last one.
     fn send_rest(&mut self, ctx: &mut IoCtx<'_>, sent: usize, total: usize) {
         let Some(live) = &self.live else { return };
+        log::trace!("nbd: short send ({sent} of {total} bytes), sending the rest");
         self.parts = SendPart::skip(&self.parts, sent);
         let bytes = std::mem::take(&mut self.sbuf);
         let r = ctx.send_some(live.stream.as_fd(), bytes, &self.parts, EV_SEND | live.gen);
