@@ -127,9 +127,14 @@ srv_add() { # name command...
     eval "DEV_$name=$dev PID_$name=$pid"
     log "$name: $dev daemon pid $pid ($(grep -A1 '^dev id' $UBLK_ADD_OUT | tail -n 1 | tr -s '\t ' ' '))"
 }
+# PIN: a prefix for the commands that start a client's daemon (e.g. "taskset -c 0"; empty: none).
+PIN=""
+# FIO_CPUS: the CPUs fio runs on with one queue (empty: any).
+FIO_CPUS=""
 ublk_add() { # name args...
     name=$1; shift
-    srv_add "$name" /opt/bin/ublk add "$@"
+    # shellcheck disable=SC2086
+    srv_add "$name" $PIN /opt/bin/ublk add "$@"
 }
 # rublk (the libublk-based server), when `cargo xtask bench --rublk PATH` put it in the guest.
 RUBLK=0
@@ -181,6 +186,7 @@ run() {
         --clocksource=clock_gettime --lat_percentiles=1 --percentile_list=50:99:99.9 \
         --time_based --runtime="$RUNTIME" --rw=$rw --bs=$bs --iodepth=$qd \
         --norandommap --randrepeat=0 --group_reporting --output-format=json --output=$W/fio.json
+    [ -n "$FIO_CPUS" ] && [ "$q" = 1 ] && set -- "$@" --cpus_allowed="$FIO_CPUS"
     if [ "$q" = 2 ]; then
         # One job per vCPU, each submitting to the hardware queue of its CPU; same iodepth per job.
         set -- "$@" --numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split
@@ -387,10 +393,35 @@ qcow2_group() { # queues
 # queues. (qemu-nbd offers multi-conn when it allows more than one client, and ours then opens
 # one connection per queue; nbd-client -C N gives the kernel driver N connections and N hardware
 # queues.)
-nbd_group() { # queues
+# With "apart" (one queue only), group nbd_apart: the server runs on vCPU 1 and everything on the
+# client side on vCPU 0 (fio, our daemons, and the kernel's unbound workqueues, where kernel nbd
+# receives), as with a server on another machine: the clients never share a CPU with the server.
+# Its devices are nbd_sa, ublk_nbd_sa and ublk_nbd_z_sa.
+nbd_group() { # queues [apart]
     q=$1
-    DEV_nbd="" PID_nbd="" DEV_ublk_nbd="" PID_ublk_nbd="" DEV_ublk_nbd_t="" PID_ublk_nbd_t="" SERVER_PID=""
-    DEV_ublk_nbd_b="" PID_ublk_nbd_b="" DEV_ublk_nbd_z="" PID_ublk_nbd_z=""
+    g=nbd sfx="" srv_pin="" wq_mask=""
+    if [ "${2:-}" = apart ]; then
+        g=nbd_apart sfx=_sa srv_pin="taskset -c 1" PIN="taskset -c 0" FIO_CPUS=0
+        wq_mask=$(cat /sys/devices/virtual/workqueue/cpumask 2>/dev/null)
+        if ! echo 1 >/sys/devices/virtual/workqueue/cpumask; then
+            skip $g $q nbd$sfx "cannot restrict the unbound workqueues to vCPU 0"
+            skip $g $q ublk_nbd$sfx "cannot restrict the unbound workqueues to vCPU 0"
+            PIN="" FIO_CPUS=""
+            return 0
+        fi
+        log "unbound workqueues: cpumask $(cat /sys/devices/virtual/workqueue/cpumask) (was $wq_mask)"
+    fi
+    for v in nbd ublk_nbd ublk_nbd_t ublk_nbd_b ublk_nbd_z; do eval "DEV_$v$sfx='' PID_$v$sfx=''"; done
+    SERVER_PID=""
+    nbd_devices $q $g "$sfx" "$srv_pin"
+    if [ -n "$wq_mask" ]; then
+        echo "$wq_mask" >/sys/devices/virtual/workqueue/cpumask
+    fi
+    PIN="" FIO_CPUS=""
+}
+
+nbd_devices() { # queues group suffix server-pin
+    q=$1 g=$2 sfx=$3 srv_pin=$4
     why=$(nbd_missing)
     [ -z "$why" ] && [ ! -x /opt/bin/nbd-client ] && why="nbd-client missing from the initramfs"
     [ -z "$why" ] && ! qnbd_opts && why="qemu-nbd refused every cache/aio choice"
@@ -398,7 +429,8 @@ nbd_group() { # queues
     if [ -z "$why" ]; then
         if [ "$NBD_SERVER" = nbdkit ]; then
             # nbdkit's file plugin: a pool of 16 threads per connection (-P: written when ready).
-            if /opt/bin/nbdkit -U $NBD_SOCK -e bench -P $W/srv.pid file $RAW >$W/srv.out 2>&1; then
+            # shellcheck disable=SC2086
+            if $srv_pin /opt/bin/nbdkit -U $NBD_SOCK -e bench -P $W/srv.pid file $RAW >$W/srv.out 2>&1; then
                 SERVER_PID=$(cat $W/srv.pid)
                 out "@@INFO cmd.nbd_server=nbdkit -U SOCK -e bench file RAW@@"
                 log "nbd server: nbdkit pid $SERVER_PID"
@@ -406,7 +438,7 @@ nbd_group() { # queues
                 why="nbdkit server failed: $(tr '\n' ' ' <$W/srv.out)"
             fi
         # shellcheck disable=SC2086
-        elif /opt/bin/qemu-nbd --fork -f raw $QNBD_OPTS -k $NBD_SOCK -x bench --shared=16 \
+        elif $srv_pin /opt/bin/qemu-nbd --fork -f raw $QNBD_OPTS -k $NBD_SOCK -x bench --shared=16 \
             --pid-file=$W/srv.pid $RAW >$W/srv.out 2>&1; then
             SERVER_PID=$(cat $W/srv.pid)
             out "@@INFO cmd.nbd_server=qemu-nbd --fork -f raw $QNBD_OPTS -k SOCK -x bench --shared=16 RAW@@"
@@ -416,46 +448,53 @@ nbd_group() { # queues
         fi
     fi
     if [ -n "$why" ]; then
-        skip nbd $q nbd "$why"
-        skip nbd $q ublk_nbd "$why"
-        skip nbd $q ublk_nbd_t "$why"
-        [ $BATCH = 1 ] && skip nbd $q ublk_nbd_b "$why"
-        [ $ZERO_COPY = 1 ] && skip nbd $q ublk_nbd_z "$why"
+        skip $g $q nbd$sfx "$why"
+        skip $g $q ublk_nbd$sfx "$why"
+        [ -z "$sfx" ] && skip $g $q ublk_nbd_t "$why"
+        [ -z "$sfx" ] && [ $BATCH = 1 ] && skip $g $q ublk_nbd_b "$why"
+        [ $ZERO_COPY = 1 ] && skip $g $q ublk_nbd_z$sfx "$why"
         return 0
     fi
     if /opt/bin/nbd-client -unix $NBD_SOCK /dev/nbd1 -N bench -C $q >$W/nbdc.out 2>&1 &&
         nbd_ready /dev/nbd1; then
-        DEV_nbd=/dev/nbd1
+        eval "DEV_nbd$sfx=/dev/nbd1"
         out "@@INFO cmd.nbd=nbd-client -unix SOCK /dev/nbd1 -N bench -C N@@"
         log "nbd: /dev/nbd1 ($(tr '\n' ' ' <$W/nbdc.out)) lbs $(cat /sys/block/nbd1/queue/logical_block_size) nr_requests $(cat /sys/block/nbd1/queue/nr_requests) hw queues $(ls /sys/block/nbd1/mq | wc -l)"
     else
-        skip nbd $q nbd "nbd-client failed: $(tr '\n' ' ' <$W/nbdc.out)"
+        skip $g $q nbd$sfx "nbd-client failed: $(tr '\n' ' ' <$W/nbdc.out)"
     fi
-    if ublk_add ublk_nbd -t nbd -q $q --uri "nbd+unix:///bench?socket=$NBD_SOCK"; then
+    if ublk_add ublk_nbd$sfx -t nbd -q $q --uri "nbd+unix:///bench?socket=$NBD_SOCK"; then
         out "@@INFO cmd.ublk_nbd=ublk add -t nbd -q N --uri nbd+unix:///bench?socket=SOCK@@"
-        d=${DEV_ublk_nbd#/dev/}
+        eval "d=\${DEV_ublk_nbd$sfx#/dev/}"
         log "ublk_nbd: lbs $(cat /sys/block/$d/queue/logical_block_size) nr_requests $(cat /sys/block/$d/queue/nr_requests) hw queues $(ls /sys/block/$d/mq | wc -l) connections to the server: $(ls -l /proc/$SERVER_PID/fd 2>/dev/null | grep -c socket) sockets in qemu-nbd"
     else
-        skip nbd $q ublk_nbd "ublk add -t nbd failed"
+        skip $g $q ublk_nbd$sfx "ublk add -t nbd failed"
     fi
-    if ublk_add ublk_nbd_t -t nbd -q $q --nbd-threads --uri "nbd+unix:///bench?socket=$NBD_SOCK"; then
-        out "@@INFO cmd.ublk_nbd_t=ublk add -t nbd -q N --nbd-threads --uri nbd+unix:///bench?socket=SOCK@@"
-    else
-        skip nbd $q ublk_nbd_t "ublk add -t nbd --nbd-threads failed"
-    fi
-    if [ $BATCH = 1 ]; then
-        ublk_add ublk_nbd_b -t nbd -q $q -b --uri "nbd+unix:///bench?socket=$NBD_SOCK" ||
-            skip nbd $q ublk_nbd_b "ublk add -t nbd -b failed"
+    # The threaded engine and -b only where the server shares the vCPUs (group nbd).
+    if [ -z "$sfx" ]; then
+        if ublk_add ublk_nbd_t -t nbd -q $q --nbd-threads --uri "nbd+unix:///bench?socket=$NBD_SOCK"; then
+            out "@@INFO cmd.ublk_nbd_t=ublk add -t nbd -q N --nbd-threads --uri nbd+unix:///bench?socket=SOCK@@"
+        else
+            skip $g $q ublk_nbd_t "ublk add -t nbd --nbd-threads failed"
+        fi
+        if [ $BATCH = 1 ]; then
+            ublk_add ublk_nbd_b -t nbd -q $q -b --uri "nbd+unix:///bench?socket=$NBD_SOCK" ||
+                skip $g $q ublk_nbd_b "ublk add -t nbd -b failed"
+        fi
     fi
     if [ $ZERO_COPY = 1 ]; then
-        ublk_add ublk_nbd_z -t nbd -q $q -z --uri "nbd+unix:///bench?socket=$NBD_SOCK" ||
-            skip nbd $q ublk_nbd_z "ublk add -t nbd -z failed"
+        ublk_add ublk_nbd_z$sfx -t nbd -q $q -z --uri "nbd+unix:///bench?socket=$NBD_SOCK" ||
+            skip $g $q ublk_nbd_z$sfx "ublk add -t nbd -z failed"
     fi
     for job in $JOBS; do
-        rounds nbd $q $job nbd ublk_nbd ublk_nbd_t ublk_nbd_b ublk_nbd_z
+        if [ -n "$sfx" ]; then
+            rounds $g $q $job nbd$sfx ublk_nbd$sfx ublk_nbd_z$sfx
+        else
+            rounds $g $q $job nbd ublk_nbd ublk_nbd_t ublk_nbd_b ublk_nbd_z
+        fi
     done
     del_all
-    [ -n "$DEV_nbd" ] && /opt/bin/nbd-client -d /dev/nbd1 >/dev/null 2>&1
+    eval "[ -n \"\$DEV_nbd$sfx\" ]" && /opt/bin/nbd-client -d /dev/nbd1 >/dev/null 2>&1
     kill "$SERVER_PID" 2>/dev/null
     wait_gone "$SERVER_PID"
     SERVER_PID=""
@@ -491,5 +530,6 @@ for q in 1 2; do
     qcow2_group $q
     nbd_group $q
 done
+nbd_group 1 apart
 out "@@DONE@@"
 exec 3>&-

@@ -93,6 +93,14 @@ const GROUPS: &[(&str, &[Device])] = &[
             ("ublk_nbd_z", "ublk nbd -z", Some("nbd")),
         ],
     ),
+    (
+        "nbd_apart",
+        &[
+            ("nbd_sa", "nbd-client, server apart", None),
+            ("ublk_nbd_sa", "ublk nbd, server apart", Some("nbd_sa")),
+            ("ublk_nbd_z_sa", "ublk nbd -z, server apart", Some("nbd_sa")),
+        ],
+    ),
 ];
 
 /// Our devices against rublk's (with `--rublk`), like for like: (group, ours, rublk's).
@@ -156,6 +164,17 @@ const TARGETS: &[Target] = &[
         "4",
         "nbd",
         "ublk_nbd",
+        &[
+            ("randread-4k-qd32", 1.1),
+            ("randwrite-4k-qd32", 1.1),
+            ("read-128k-qd8", 1.0),
+            ("write-128k-qd8", 1.0),
+        ],
+    ),
+    (
+        "4",
+        "nbd_apart",
+        "ublk_nbd_sa",
         &[
             ("randread-4k-qd32", 1.1),
             ("randwrite-4k-qd32", 1.1),
@@ -1477,8 +1496,18 @@ fn render_doc(all: &[KernelResults], notes: Option<&str>) -> String {
          ours with `-b`, all connected at once. With N queues all have N connections (nbd-client -C \
          N; our target opens one connection per queue when the server offers multi-conn) and N \
          hardware queues of 128 requests. All devices have 512-byte logical blocks. \
-         \"server CPU µs/IO\" is the server's CPU time per IO (in this group only), the same \
-         server for all clients.\n",
+         \"server CPU µs/IO\" is the server's CPU time per IO (in the nbd groups only), the same \
+         server for all clients. This group's server shares both vCPUs with fio and the clients, \
+         which a server on another machine never does: with one queue, whether it lands on the \
+         vCPU of our queue thread decides much of a run (BENCHMARKS-HOWTO, \"One connection to \
+         qemu-nbd: two regimes\").\n\
+         - nbd_apart group (one queue; devices marked \"server apart\"): the same server and \
+         clients, but the server started under `taskset -c 1` and everything on the client side \
+         on vCPU 0: fio (`--cpus_allowed=0`), our daemons (started under `taskset -c 0`) and the \
+         kernel's unbound workqueues, where kernel nbd receives \
+         (`/sys/devices/virtual/workqueue/cpumask` set to 1 for the group). It stands for a \
+         server on another machine: the client side has one CPU and the server one of its own. \
+         Devices: nbd-client, ours and, where the kernel has it, ours with `-z`.\n",
         cmd(
             "cmd.nbd_server",
             "qemu-nbd --fork -f raw OPTIONS -k SOCK -x bench --shared=16 RAW"
@@ -1747,11 +1776,22 @@ mod tests {
                 iops,
             ));
         }
+        // The same clients with the server on a vCPU of its own: their own group and baseline.
+        for (dev, iops) in [("nbd_sa", 400.0), ("ublk_nbd_sa", 500.0)] {
+            text.push_str(&run_text(
+                &format!("group=nbd_apart queues=1 dev={dev} server_ticks=20 win_server=10"),
+                "randread-4k-qd32",
+                iops,
+            ));
+        }
         text.push_str("@@SKIP group=nbd queues=2 dev=ublk_nbd reason=ublk add -t nbd failed@@\n");
         text.push_str("@@DONE@@\n@@INFO host.rc=0@@\n");
         let k = KernelResults::parse("7.3", &text);
         assert!(k.finished());
-        assert_eq!(k.runs.len(), 8);
+        assert_eq!(k.runs.len(), 10);
+        let apart = ratio(&k, "nbd_apart", 1, "ublk_nbd_sa", "randread-4k-qd32").unwrap();
+        assert_eq!(apart.base, "nbd_sa");
+        assert!((apart.median - 1.25).abs() < 1e-9);
 
         // The same device in two groups: each measured against its own group's baseline.
         let r = |g: &str, d: &str, j: &str| find(&k, g, 1, d, j).unwrap();
@@ -1807,8 +1847,18 @@ mod tests {
         assert!(t.contains("0.90 < 1.00 ✗"), "{t}");
         // A job without a run in the boot shows the target it would be held to.
         assert!(t.contains("- (≥ 1.10)"), "{t}");
+        assert!(
+            t.contains("| 4     |      1 | ublk nbd, server apart | nbd-client, server apart |"),
+            "{t}"
+        );
+        assert!(t.contains("1.25 ≥ 1.10 ✓"), "{t}");
         let sum = summary_table(&k);
-        assert!(sum.contains("| ublk qcow2 | qemu-nbd + nbd |"), "{sum}");
+        let cells = sum.replace(' ', "");
+        assert!(cells.contains("|1|ublkqcow2|qemu-nbd+nbd|-|3.50|"), "{sum}");
+        assert!(
+            cells.contains("|1|ublknbd,serverapart|nbd-client,serverapart|-|1.25|"),
+            "{sum}"
+        );
 
         let doc = render_doc(&[k], None);
         assert!(doc.contains("`qemu-nbd --connect=/dev/nbd0 X`"), "{doc}");
