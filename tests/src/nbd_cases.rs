@@ -266,15 +266,9 @@ fn nbd_ktls() -> Result<Outcome> {
     write_pattern(&a, 4 * MIB, 41)?;
     write_pattern(&b, 4 * MIB, 42)?;
     let write = |src: &Path, seek_mib: u64| {
-        dd(
-            src,
-            d.bdev(),
-            &[
-                "bs=64k",
-                &format!("seek={}", seek_mib * 16),
-                "oflag=direct",
-                "conv=fsync,notrunc",
-            ],
+        check_cmd(
+            &mut write_dev_cmd(src, &d.bdev(), seek_mib),
+            Duration::from_secs(120),
         )
     };
     write(&a, 0)?;
@@ -851,22 +845,15 @@ fn nbd_server_restart(upgrade: bool) -> Result<Outcome> {
     let (a, b) = (dir.join("restart-a"), dir.join("restart-b"));
     write_pattern(&a, 8 * MIB, 31)?;
     write_pattern(&b, 8 * MIB, 32)?;
-    let write = |src: &Path, seek_mib: u64| {
-        dd_cmd(
-            src,
-            d.bdev(),
-            &[
-                "bs=64k",
-                &format!("seek={}", seek_mib * 16),
-                "oflag=direct",
-                "conv=fsync,notrunc",
-            ],
-        )
-    };
-    check_cmd(&mut write(&a, 0), Duration::from_secs(60))?;
+    check_cmd(
+        &mut write_dev_cmd(&a, &d.bdev(), 0),
+        Duration::from_secs(60),
+    )?;
     drop(server);
     // Written while the server is down: blocks until the connection is back.
-    let mut writer = write(&b, 8).stdin(Stdio::null()).spawn()?;
+    let mut writer = write_dev_cmd(&b, &d.bdev(), 8)
+        .stdin(Stdio::null())
+        .spawn()?;
     std::thread::sleep(Duration::from_millis(1500));
     ensure!(
         writer.try_wait()?.is_none(),

@@ -180,6 +180,21 @@ pub fn dd(input: impl AsRef<Path>, output: impl AsRef<Path>, args: &[&str]) -> R
     Ok(())
 }
 
+/// `dd` of `src` onto the block device `bdev` from MiB `seek_mib` on, in 64 KiB O_DIRECT
+/// writes, then fsync; to run or to spawn.
+pub fn write_dev_cmd(src: impl AsRef<Path>, bdev: &str, seek_mib: u64) -> Command {
+    dd_cmd(
+        src,
+        bdev,
+        &[
+            "bs=64k",
+            &format!("seek={}", seek_mib * 16),
+            "oflag=direct",
+            "conv=fsync,notrunc",
+        ],
+    )
+}
+
 /// `count` MiB of the block device `bdev` from MiB `skip` on, read with O_DIRECT.
 pub fn read_dev(bdev: &str, skip: u64, count: u64) -> Result<Vec<u8>> {
     let out = workdir()?.join("read-back");
