@@ -40,7 +40,8 @@ QCOW_RUBLK=$W/rublk.qcow2
 NBD_SOCK=$W/nbd.sock
 JOBS="randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd32 read-128k-qd8 write-128k-qd8"
 
-# The files need 2 x FILE_MB of tmpfs, more than its default half of RAM in a 2 GiB guest.
+# The images (raw, qcow2 and its copies) need several times FILE_MB of tmpfs, more than its
+# default half of RAM.
 mount -o remount,size=90% /tmp 2>/dev/null
 # qemu-nbd --connect puts its socket in /var/lock unless told otherwise.
 mkdir -p $W /var/lock
@@ -127,14 +128,11 @@ srv_add() { # name command...
     eval "DEV_$name=$dev PID_$name=$pid"
     log "$name: $dev daemon pid $pid ($(grep -A1 '^dev id' $UBLK_ADD_OUT | tail -n 1 | tr -s '\t ' ' '))"
 }
-# PIN: a prefix for the commands that start a client's daemon (e.g. "taskset -c 0"; empty: none).
-PIN=""
 # FIO_CPUS: the CPUs fio runs on with one queue (empty: any).
 FIO_CPUS=""
 ublk_add() { # name args...
     name=$1; shift
-    # shellcheck disable=SC2086
-    srv_add "$name" $PIN /opt/bin/ublk add "$@"
+    srv_add "$name" /opt/bin/ublk add "$@"
 }
 # rublk (the libublk-based server), when `cargo xtask bench --rublk PATH` put it in the guest.
 RUBLK=0
@@ -165,6 +163,16 @@ del_all() {
     [ $RUBLK = 1 ] && /opt/bin/rublk del -a >/dev/null 2>&1
     [ $KUBLK = 1 ] && /opt/bin/kublk del -a >/dev/null 2>&1
     /opt/bin/ublk del -a
+}
+
+# "comm:allowed CPUs:last CPU" of every thread of the processes given.
+thread_cpus() { # pid...
+    for p in "$@"; do
+        for t in /proc/$p/task/*; do
+            printf '%s:%s:%s ' "$(cat $t/comm)" "$(awk '/^Cpus_allowed_list/{print $2}' $t/status)" \
+                "$(awk '{print $39}' $t/stat)"
+        done 2>/dev/null
+    done
 }
 
 # One fio run: group queues devname job
@@ -201,6 +209,11 @@ run() {
     [ -n "$SERVER_PID" ] && v0=$(proc_ticks $SERVER_PID)
     s0=$(sys_ticks)
     window "$dev" "$pid" "$SERVER_PID"
+    if [ "$group" = nbd_apart ] && [ "$ROUND" = 1 ] && [ "$job" = randwrite-4k-qd32 ]; then
+        # Where every thread may run and last ran, once per device (who took which vCPU).
+        (sleep 2; log "$name threads (comm:allowed:last cpu): server $(thread_cpus $SERVER_PID)fio \
+$(thread_cpus $(pidof fio))${pid:+daemon $(thread_cpus $pid)}") &
+    fi
     /opt/bin/fio "$@" >$W/fio.err 2>&1
     rc=$?
     s1=$(sys_ticks)
@@ -394,34 +407,67 @@ qcow2_group() { # queues
 # one connection per queue; nbd-client -C N gives the kernel driver N connections and N hardware
 # queues.)
 # With "apart" (one queue only), group nbd_apart: the server runs on vCPU 1 and everything on the
-# client side on vCPU 0 (fio, our daemons, and the kernel's unbound workqueues, where kernel nbd
-# receives), as with a server on another machine: the clients never share a CPU with the server.
-# Its devices are nbd_sa, ublk_nbd_sa and ublk_nbd_z_sa.
+# client side on vCPU 0, as with a server on another machine: the clients never share a CPU with
+# the server. Two cgroup cpusets hold the two sides (this shell, and so fio and our daemons, in
+# one; the server in the other), because io_uring's io-wq workers (qemu-nbd's file IO on tmpfs;
+# fio's IO to kernel nbd, whose queue may block) take their CPUs from the cpuset, not from the
+# affinity of the thread that starts them; and the kernel's unbound workqueues, where kernel nbd
+# receives, are restricted to vCPU 0. Its devices are nbd_sa, ublk_nbd_sa and ublk_nbd_z_sa.
+CG=/sys/fs/cgroup
 nbd_group() { # queues [apart]
     q=$1
-    g=nbd sfx="" srv_pin="" wq_mask=""
+    g=nbd sfx="" srv_cg="" wq_mask=""
     if [ "${2:-}" = apart ]; then
-        g=nbd_apart sfx=_sa srv_pin="taskset -c 1" PIN="taskset -c 0" FIO_CPUS=0
+        g=nbd_apart sfx=_sa srv_cg=$CG/bench_server FIO_CPUS=0
         wq_mask=$(cat /sys/devices/virtual/workqueue/cpumask 2>/dev/null)
-        if ! echo 1 >/sys/devices/virtual/workqueue/cpumask; then
-            skip $g $q nbd$sfx "cannot restrict the unbound workqueues to vCPU 0"
-            skip $g $q ublk_nbd$sfx "cannot restrict the unbound workqueues to vCPU 0"
-            PIN="" FIO_CPUS=""
+        if ! why=$(apart_setup); then
+            skip $g $q nbd$sfx "$why"
+            skip $g $q ublk_nbd$sfx "$why"
+            [ $ZERO_COPY = 1 ] && skip $g $q ublk_nbd_z$sfx "$why"
+            apart_undo "$wq_mask"
             return 0
         fi
-        log "unbound workqueues: cpumask $(cat /sys/devices/virtual/workqueue/cpumask) (was $wq_mask)"
+        log "apart: this shell in $(cat /proc/$$/cgroup), cpus $(cat $CG/bench_client/cpuset.cpus.effective); server cpus $(cat $srv_cg/cpuset.cpus.effective); unbound workqueues $(cat /sys/devices/virtual/workqueue/cpumask) (was $wq_mask)"
     fi
     for v in nbd ublk_nbd ublk_nbd_t ublk_nbd_b ublk_nbd_z; do eval "DEV_$v$sfx='' PID_$v$sfx=''"; done
     SERVER_PID=""
-    nbd_devices $q $g "$sfx" "$srv_pin"
-    if [ -n "$wq_mask" ]; then
-        echo "$wq_mask" >/sys/devices/virtual/workqueue/cpumask
-    fi
-    PIN="" FIO_CPUS=""
+    nbd_devices $q $g "$sfx" "$srv_cg"
+    [ -n "$sfx" ] && apart_undo "$wq_mask"
 }
 
-nbd_devices() { # queues group suffix server-pin
-    q=$1 g=$2 sfx=$3 srv_pin=$4
+# The cpusets and the workqueue mask of group nbd_apart; prints why it failed.
+apart_setup() {
+    if [ ! -f $CG/cgroup.controllers ]; then
+        mount -t cgroup2 none $CG 2>/dev/null || { echo "cannot mount cgroup2 on $CG"; return 1; }
+    fi
+    grep -qw cpuset $CG/cgroup.controllers || { echo "no cpuset controller"; return 1; }
+    echo +cpuset >$CG/cgroup.subtree_control 2>/dev/null || { echo "cannot enable cpuset"; return 1; }
+    mkdir -p $CG/bench_client $CG/bench_server
+    { echo 0 >$CG/bench_client/cpuset.cpus && echo 1 >$CG/bench_server/cpuset.cpus; } 2>/dev/null ||
+        { echo "cannot set the cpusets"; return 1; }
+    echo $$ >$CG/bench_client/cgroup.procs 2>/dev/null || { echo "cannot move the shell to vCPU 0"; return 1; }
+    echo 1 >/sys/devices/virtual/workqueue/cpumask 2>/dev/null ||
+        { echo "cannot restrict the unbound workqueues to vCPU 0"; return 1; }
+}
+
+apart_undo() { # saved workqueue cpumask
+    [ -f $CG/bench_client/cgroup.procs ] && echo $$ >$CG/cgroup.procs 2>/dev/null
+    [ -n "$1" ] && echo "$1" >/sys/devices/virtual/workqueue/cpumask 2>/dev/null
+    FIO_CPUS=""
+}
+
+# Runs a command in the cgroup DIR (empty: where this shell is).
+in_cgroup() { # dir command...
+    cg_dir=$1; shift
+    if [ -n "$cg_dir" ]; then
+        sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$cg_dir" "$@"
+    else
+        "$@"
+    fi
+}
+
+nbd_devices() { # queues group suffix server-cgroup
+    q=$1 g=$2 sfx=$3 srv_cg=$4
     why=$(nbd_missing)
     [ -z "$why" ] && [ ! -x /opt/bin/nbd-client ] && why="nbd-client missing from the initramfs"
     [ -z "$why" ] && ! qnbd_opts && why="qemu-nbd refused every cache/aio choice"
@@ -429,8 +475,7 @@ nbd_devices() { # queues group suffix server-pin
     if [ -z "$why" ]; then
         if [ "$NBD_SERVER" = nbdkit ]; then
             # nbdkit's file plugin: a pool of 16 threads per connection (-P: written when ready).
-            # shellcheck disable=SC2086
-            if $srv_pin /opt/bin/nbdkit -U $NBD_SOCK -e bench -P $W/srv.pid file $RAW >$W/srv.out 2>&1; then
+            if in_cgroup "$srv_cg" /opt/bin/nbdkit -U $NBD_SOCK -e bench -P $W/srv.pid file $RAW >$W/srv.out 2>&1; then
                 SERVER_PID=$(cat $W/srv.pid)
                 out "@@INFO cmd.nbd_server=nbdkit -U SOCK -e bench file RAW@@"
                 log "nbd server: nbdkit pid $SERVER_PID"
@@ -438,7 +483,7 @@ nbd_devices() { # queues group suffix server-pin
                 why="nbdkit server failed: $(tr '\n' ' ' <$W/srv.out)"
             fi
         # shellcheck disable=SC2086
-        elif $srv_pin /opt/bin/qemu-nbd --fork -f raw $QNBD_OPTS -k $NBD_SOCK -x bench --shared=16 \
+        elif in_cgroup "$srv_cg" /opt/bin/qemu-nbd --fork -f raw $QNBD_OPTS -k $NBD_SOCK -x bench --shared=16 \
             --pid-file=$W/srv.pid $RAW >$W/srv.out 2>&1; then
             SERVER_PID=$(cat $W/srv.pid)
             out "@@INFO cmd.nbd_server=qemu-nbd --fork -f raw $QNBD_OPTS -k SOCK -x bench --shared=16 RAW@@"

@@ -120,7 +120,8 @@ const KUBLK_PAIRS: &[(&str, &str, &str)] = &[
     ("loop", "ublk_loop_z", "kublk_loop_z"),
 ];
 
-/// Number of fio runs per boot (2 queue counts x jobs x devices of every group).
+/// Number of fio runs per boot, at most (2 queue counts x jobs x devices of every group; the
+/// nbd_apart group runs with one queue only).
 const RUNS_PER_BOOT: u64 = {
     let mut n = 0;
     let mut i = 0;
@@ -1502,9 +1503,9 @@ fn render_doc(all: &[KernelResults], notes: Option<&str>) -> String {
          vCPU of our queue thread decides much of a run (BENCHMARKS-HOWTO, \"One connection to \
          qemu-nbd: two regimes\").\n\
          - nbd_apart group (one queue; devices marked \"server apart\"): the same server and \
-         clients, but the server started under `taskset -c 1` and everything on the client side \
-         on vCPU 0: fio (`--cpus_allowed=0`), our daemons (started under `taskset -c 0`) and the \
-         kernel's unbound workqueues, where kernel nbd receives \
+         clients, but the server in a cgroup cpuset of vCPU 1 and everything on the client side \
+         in one of vCPU 0: fio, our daemons (and so the io_uring workers of both sides, which \
+         follow the cpuset) and the kernel's unbound workqueues, where kernel nbd receives \
          (`/sys/devices/virtual/workqueue/cpumask` set to 1 for the group). It stands for a \
          server on another machine: the client side has one CPU and the server one of its own. \
          Devices: nbd-client, ours and, where the kernel has it, ours with `-z`.\n",
