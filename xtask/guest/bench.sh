@@ -432,7 +432,7 @@ nbd_group() { # queues [apart]
     for v in nbd ublk_nbd ublk_nbd_t ublk_nbd_b ublk_nbd_z; do eval "DEV_$v$sfx='' PID_$v$sfx=''"; done
     SERVER_PID=""
     nbd_devices $q $g "$sfx" "$srv_cg"
-    [ -n "$sfx" ] && apart_undo "$wq_mask"
+    if [ -n "$sfx" ]; then apart_undo "$wq_mask"; fi
 }
 
 # The cpusets and the workqueue mask of group nbd_apart; prints why it failed.
