@@ -108,8 +108,22 @@ pub fn all() -> Vec<Test> {
     ]
 }
 
+/// Diffie-Hellman parameters for qemu's `tls-creds-x509` (`dh-params.pem`): the RFC 7919
+/// ffdhe2048 group. Without the file a qemu TLS server generates 2048-bit parameters at every
+/// start, which under emulation takes anywhere from a second to more than the tests' 20 s wait
+/// for the server to listen.
+const DH_PARAMS: &str = "-----BEGIN DH PARAMETERS-----
+MIIBCAKCAQEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD
+ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
+-----END DH PARAMETERS-----
+";
+
 /// A CA and a server certificate for `localhost` in nbdkit's layout (`ca-cert.pem`,
-/// `server-cert.pem`, `server-key.pem`), made with rcgen.
+/// `server-cert.pem`, `server-key.pem`), made with rcgen, and qemu's `dh-params.pem`.
 fn make_pki(dir: &Path) -> Result<()> {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
     fs::create_dir_all(dir)?;
@@ -132,6 +146,7 @@ fn make_pki(dir: &Path) -> Result<()> {
     fs::write(dir.join("ca-cert.pem"), ca_cert.pem())?;
     fs::write(dir.join("server-cert.pem"), cert.pem())?;
     fs::write(dir.join("server-key.pem"), key.serialize_pem())?;
+    fs::write(dir.join("dh-params.pem"), DH_PARAMS)?;
     Ok(())
 }
 
