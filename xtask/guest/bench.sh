@@ -409,9 +409,9 @@ qcow2_group() { # queues
 # With "apart" (one queue only), group nbd_apart: the server runs on vCPU 1 and everything on the
 # client side on vCPU 0, as with a server on another machine: the clients never share a CPU with
 # the server. Two cgroup cpusets hold the two sides (this shell, and so fio and our daemons, in
-# one; the server in the other), because io_uring's io-wq workers (qemu-nbd's file IO on tmpfs;
-# fio's IO to kernel nbd, whose queue may block) take their CPUs from the cpuset, not from the
-# affinity of the thread that starts them; and the kernel's unbound workqueues, where kernel nbd
+# one; the server in the other), because io_uring's io-wq workers (qemu-nbd's file IO on tmpfs
+# goes through one) take their CPUs from the cpuset, not from the affinity of the thread that
+# starts them; and the kernel's unbound workqueues, where kernel nbd
 # receives, are restricted to vCPU 0. Its devices are nbd_sa, ublk_nbd_sa and ublk_nbd_z_sa.
 CG=/sys/fs/cgroup
 nbd_group() { # queues [apart]
