@@ -6,8 +6,13 @@
 //! Per batch of requests the queue thread sends every new request with one `sendmsg` (headers
 //! from a small buffer, WRITE payloads straight from the requests' own buffers: no copy), and
 //! one `recv` is always posted on the socket; the replies it brings are parsed here, READ data
-//! copied into the requests' buffers (a large remainder is received straight into the request
-//! buffer instead) and the requests completed. The ublk commits, the socket operations and
+//! delivered and the requests completed. In user copy (the target's default where the kernel
+//! has it) the kernel copies READ data from the receive buffer straight into the request
+//! ([`QueueHandler::moves_data`]), and every receive takes all that has come: draining the
+//! socket at once frees the server's socket buffer soonest (a server blocked on a full one
+//! waits until most of it is read). In copy mode READ data is copied into the
+//! requests' buffers, and a large remainder is received straight into the request buffer
+//! instead. The ublk commits, the socket operations and
 //! the next fetches all go through the same `io_uring_enter`: no other thread, lock, channel
 //! or wake-up on the data path (the threaded [`Client`](super::client::Client) needs three
 //! threads and three copies per request).
@@ -43,7 +48,7 @@ use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use ublk_core::{Action, IoCtx, IoRequest, Op, QueueHandler, SendPart};
+use ublk_core::{Action, DataMode, IoCtx, IoRequest, Op, QueueHandler, SendPart};
 
 /// Event kinds in the top two bits of an operation's data; the rest is the connection's
 /// generation, so completions of a dead connection's operations are recognised.
@@ -231,8 +236,12 @@ impl RingQueue {
         }
         let fd = live.stream.as_fd();
         let gen = live.gen;
-        let big = self.session.big_reads() > 0;
-        let direct = (self.rpos == self.rbuf.len())
+        // In user copy the kernel copies READ data from the receive buffer straight into the
+        // request (`TagIo::put`), so receiving into the request's buffer saves no copy; and
+        // draining all that has come frees the server's socket buffer soonest.
+        let staged = ctx.mode() == DataMode::UserCopy;
+        let big = self.session.big_reads() > 0 && !staged;
+        let direct = (self.rpos == self.rbuf.len() && !staged)
             .then(|| self.session.direct(if big { 1 } else { DIRECT_MIN }))
             .flatten();
         let r = match direct {
@@ -245,7 +254,7 @@ impl RingQueue {
                     self.rbuf.reserve(RBUF);
                 }
                 let buf = std::mem::take(&mut self.rbuf);
-                let max = match self.session.header_recv_len() {
+                let max = match self.session.header_recv_len().filter(|_| !staged) {
                     // Only what comes before the data, which then goes straight to its
                     // request: none of it is copied in from here.
                     Some(n) => n.saturating_sub(self.rbuf.len()).max(1),
@@ -389,6 +398,11 @@ fn errno_text(res: i32) -> String {
 }
 
 impl QueueHandler for RingQueue {
+    /// In user copy, READ data goes from the receive buffer straight into the request.
+    fn moves_data(&mut self, req: &IoRequest) -> bool {
+        req.op == Op::Read
+    }
+
     fn handle_io(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest) -> Action {
         if self.dead {
             return Action::Done(-libc::EIO);

@@ -67,9 +67,10 @@ impl TagIo for IoCtx<'_> {
         IoCtx::complete(self, tag, res);
     }
 
-    /// In zero-copy mode the kernel copies `data` into the request's pages (user copy).
+    /// In zero-copy mode, and in user copy where the handler moves READ data, the kernel
+    /// copies `data` into the request's pages (user copy).
     fn put(&mut self, tag: u16, at: u32, data: &[u8]) -> bool {
-        if !self.zero_copy() {
+        if !self.zero_copy() && !self.handler_moves(tag) {
             return put_in(IoCtx::buf(self, tag), at, data);
         }
         match self.copy_read_data(tag, at, data) {
@@ -82,7 +83,7 @@ impl TagIo for IoCtx<'_> {
     }
 
     fn zero(&mut self, tag: u16, at: u32, len: u32) -> bool {
-        if !self.zero_copy() {
+        if !self.zero_copy() && !self.handler_moves(tag) {
             return zero_in(IoCtx::buf(self, tag), at, len);
         }
         let mut done = 0;

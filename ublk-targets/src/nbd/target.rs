@@ -288,6 +288,20 @@ impl NbdTarget {
 impl Target for NbdTarget {
     type Queue = NbdQueue;
 
+    /// User copy for the io_uring engine (copy mode where the kernel lacks it): the kernel
+    /// copies READ data from the receive buffer straight into the request, so the engine
+    /// drains each receive whole instead of receiving into the request's buffer piece by
+    /// piece, which frees the server's socket buffer sooner (measured: 128k reads on Linux
+    /// 6.12 with the server on a vCPU of its own, 0.90 → 0.96 of the kernel's nbd driver).
+    /// The threaded engine gains nothing from it: copy mode.
+    fn preferred_mode(&self) -> ublk_core::DataMode {
+        if self.engine() == Engine::Ring {
+            ublk_core::DataMode::UserCopy
+        } else {
+            ublk_core::DataMode::Copy
+        }
+    }
+
     /// Zero copy where the kernel's io_uring sends and receives on sockets from and into the
     /// request's registered pages ([`ublk_core::socket_io_on_fixed_buffers`]): the io_uring
     /// engine receives large READ payloads and sends large WRITE payloads that way; smaller
