@@ -496,6 +496,7 @@ nbd_devices() { # queues group suffix server-cgroup
         skip $g $q nbd$sfx "$why"
         skip $g $q ublk_nbd$sfx "$why"
         [ -z "$sfx" ] && skip $g $q ublk_nbd_t "$why"
+        [ -n "$sfx" ] && skip $g $q ublk_nbd_c$sfx "$why"
         [ -z "$sfx" ] && [ $BATCH = 1 ] && skip $g $q ublk_nbd_b "$why"
         [ $ZERO_COPY = 1 ] && skip $g $q ublk_nbd_z$sfx "$why"
         return 0
@@ -515,8 +516,15 @@ nbd_devices() { # queues group suffix server-cgroup
     else
         skip $g $q ublk_nbd$sfx "ublk add -t nbd failed"
     fi
-    # The threaded engine and -b only where the server shares the vCPUs (group nbd).
-    if [ -z "$sfx" ]; then
+    # Copy mode (the default is user copy where the kernel has it) only with the server apart;
+    # the threaded engine and -b only where the server shares the vCPUs (group nbd).
+    if [ -n "$sfx" ]; then
+        if ublk_add ublk_nbd_c$sfx -t nbd -q $q --copy --uri "nbd+unix:///bench?socket=$NBD_SOCK"; then
+            out "@@INFO cmd.ublk_nbd_c=ublk add -t nbd -q N --copy --uri nbd+unix:///bench?socket=SOCK@@"
+        else
+            skip $g $q ublk_nbd_c$sfx "ublk add -t nbd --copy failed"
+        fi
+    else
         if ublk_add ublk_nbd_t -t nbd -q $q --nbd-threads --uri "nbd+unix:///bench?socket=$NBD_SOCK"; then
             out "@@INFO cmd.ublk_nbd_t=ublk add -t nbd -q N --nbd-threads --uri nbd+unix:///bench?socket=SOCK@@"
         else
@@ -533,7 +541,7 @@ nbd_devices() { # queues group suffix server-cgroup
     fi
     for job in $JOBS; do
         if [ -n "$sfx" ]; then
-            rounds $g $q $job nbd$sfx ublk_nbd$sfx ublk_nbd_z$sfx
+            rounds $g $q $job nbd$sfx ublk_nbd$sfx ublk_nbd_c$sfx ublk_nbd_z$sfx
         else
             rounds $g $q $job nbd ublk_nbd ublk_nbd_t ublk_nbd_b ublk_nbd_z
         fi

@@ -98,6 +98,11 @@ const GROUPS: &[(&str, &[Device])] = &[
         &[
             ("nbd_sa", "nbd-client, server apart", None),
             ("ublk_nbd_sa", "ublk nbd, server apart", Some("nbd_sa")),
+            (
+                "ublk_nbd_c_sa",
+                "ublk nbd --copy, server apart",
+                Some("nbd_sa"),
+            ),
             ("ublk_nbd_z_sa", "ublk nbd -z, server apart", Some("nbd_sa")),
         ],
     ),
@@ -1492,7 +1497,7 @@ fn render_doc(all: &[KernelResults], notes: Option<&str>) -> String {
          threads per connection and always offers multi-conn), and its clients \
          connected to it at the same time, runs alternating: the kernel nbd driver, `{}` \
          (netlink), ours, `{}` (its io_uring engine: each queue thread drives its own \
-         connection), and ours with the threaded engine, `{}` (a writer and a reader thread \
+         connection; user copy where the kernel has it, else copy mode), and ours with the threaded engine, `{}` (a writer and a reader thread \
          per connection, as used for TLS) and, where the kernel has batch io commands (7.0+), \
          ours with `-b`, all connected at once. With N queues all have N connections (nbd-client -C \
          N; our target opens one connection per queue when the server offers multi-conn) and N \
@@ -1508,7 +1513,8 @@ fn render_doc(all: &[KernelResults], notes: Option<&str>) -> String {
          follow the cpuset) and the kernel's unbound workqueues, where kernel nbd receives \
          (`/sys/devices/virtual/workqueue/cpumask` set to 1 for the group). It stands for a \
          server on another machine: the client side has one CPU and the server one of its own. \
-         Devices: nbd-client, ours and, where the kernel has it, ours with `-z`.\n",
+         Devices: nbd-client, ours, ours in copy mode (`--copy`) and, where the kernel has \
+         it, ours with `-z`.\n",
         cmd(
             "cmd.nbd_server",
             "qemu-nbd --fork -f raw OPTIONS -k SOCK -x bench --shared=16 RAW"
