@@ -30,6 +30,9 @@ pub fn all() -> Vec<Test> {
         test("kernel_nbd_verify_unix_q1", 240, || {
             nbd_verify(false, 1, false, false, &[])
         }),
+        test("kernel_nbd_verify_copy_unix_q1", 240, || {
+            nbd_verify(false, 1, false, false, &["--copy"])
+        }),
         test("kernel_nbd_verify_tcp_q2_multiconn_sparse", 240, || {
             nbd_verify(true, 2, false, true, &[])
         }),
@@ -441,11 +444,12 @@ fn nbdkit_memory(queues: u32) -> Result<Outcome> {
 }
 
 /// A server without structured replies (nbdkit --no-sr): READ data follows a 16-byte header.
-/// fio verify, 4k random and 128k sequential (while only big READs are on the wire the engine
-/// receives each reply's header alone), in copy mode and, where the kernel has it, zero copy.
+/// fio verify, 4k random and 128k sequential, in the default mode (user copy), in copy mode
+/// (while only big READs are on the wire the engine receives each reply's header alone) and,
+/// where the kernel has it, zero copy.
 fn nbdkit_simple_replies() -> Result<Outcome> {
     let (_server, uri) = Nbdkit::start(&["--no-sr", "memory", "256M"])?;
-    let mut modes = vec![None];
+    let mut modes = vec![None, Some("--copy")];
     if nbd_zero_copy_supported()? {
         modes.push(Some("-z"));
     }
@@ -806,14 +810,22 @@ fn nbd_verify_with(
         wc == "write back",
         "write cache is {wc:?}: FLUSH would never reach the server"
     );
+    let flags = list_flags(d.id)?;
+    let has = |f: &str| flags.iter().any(|n| n == f);
     if more.contains(&"-z") {
         // Zero copy comes with user copy, for the bytes the client moves itself.
-        let flags = list_flags(d.id)?;
         ensure!(
-            ["AUTO_BUF_REG", "USER_COPY"]
-                .iter()
-                .all(|f| flags.iter().any(|n| n == f)),
+            has("AUTO_BUF_REG") && has("USER_COPY"),
             "a zero-copy device has flags {flags:?}"
+        );
+    } else if more.contains(&"--copy") || threads {
+        // Copy mode: asked for, or the threaded engine's default.
+        ensure!(!has("USER_COPY"), "a copy-mode device has flags {flags:?}");
+    } else {
+        // The io_uring engine's default where the kernel has it (6.5+): user copy.
+        ensure!(
+            has("USER_COPY"),
+            "the default nbd device has flags {flags:?}"
         );
     }
     let t = list_target(d.id)?;
