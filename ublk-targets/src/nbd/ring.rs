@@ -10,12 +10,11 @@
 //! has it) the kernel copies READ data from the receive buffer straight into the request
 //! ([`QueueHandler::moves_data`]), and every receive takes all that has come: draining the
 //! socket at once frees the server's socket buffer soonest (a server blocked on a full one
-//! waits until most of it is read). In copy mode READ data is copied into the
-//! requests' buffers, and a large remainder is received straight into the request buffer
-//! instead. The ublk commits, the socket operations and
-//! the next fetches all go through the same `io_uring_enter`: no other thread, lock, channel
-//! or wake-up on the data path (the threaded [`Client`](super::client::Client) needs three
-//! threads and three copies per request).
+//! waits until most of it is read). In copy mode READ data is copied into the requests'
+//! buffers, and a large remainder is received straight into the request buffer instead. The
+//! ublk commits, the socket operations and the next fetches all go through the same
+//! `io_uring_enter`: no other thread, lock, channel or wake-up on the data path (the threaded
+//! [`Client`](super::client::Client) needs three threads and three copies per request).
 //!
 //! In zero-copy mode (`ublk add -z`, where io_uring sends and receives on registered buffers:
 //! Linux 7.3) such a remainder is received straight into the request's pages, so a large READ

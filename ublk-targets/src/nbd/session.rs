@@ -56,8 +56,8 @@ fn zero_in(buf: &mut [u8], at: u32, len: u32) -> bool {
     }
 }
 
-/// Zeros for holes in zero-copy mode.
-static ZEROS: [u8; 4096] = [0; 4096];
+/// Zeros for holes where the kernel copies READ data in (user copy, zero copy).
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
 impl TagIo for IoCtx<'_> {
     fn buf(&mut self, tag: u16) -> &mut [u8] {

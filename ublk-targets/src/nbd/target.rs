@@ -291,9 +291,9 @@ impl Target for NbdTarget {
     /// User copy for the io_uring engine (copy mode where the kernel lacks it): the kernel
     /// copies READ data from the receive buffer straight into the request, so the engine
     /// drains each receive whole instead of receiving into the request's buffer piece by
-    /// piece, which frees the server's socket buffer sooner (measured: 128k reads on Linux
-    /// 6.12 with the server on a vCPU of its own, 0.90 → 0.96 of the kernel's nbd driver).
-    /// The threaded engine gains nothing from it: copy mode.
+    /// piece, which frees the server's socket buffer sooner (docs/BENCHMARKS-HOWTO.md, "128k
+    /// reads on 6.12: the server's socket buffer"). The threaded engine gains nothing from
+    /// it: copy mode.
     fn preferred_mode(&self) -> ublk_core::DataMode {
         if self.engine() == Engine::Ring {
             ublk_core::DataMode::UserCopy
@@ -432,6 +432,13 @@ pub enum NbdQueue {
 }
 
 impl QueueHandler for NbdQueue {
+    fn moves_data(&mut self, req: &IoRequest) -> bool {
+        match self {
+            NbdQueue::Ring(q) => q.moves_data(req),
+            NbdQueue::Threads(q) => q.moves_data(req),
+        }
+    }
+
     fn handle_io(&mut self, ctx: &mut IoCtx<'_>, req: &IoRequest) -> Action {
         match self {
             NbdQueue::Ring(q) => q.handle_io(ctx, req),
