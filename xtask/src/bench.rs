@@ -1497,8 +1497,9 @@ fn render_doc(all: &[KernelResults], notes: Option<&str>) -> String {
          threads per connection and always offers multi-conn), and its clients \
          connected to it at the same time, runs alternating: the kernel nbd driver, `{}` \
          (netlink), ours, `{}` (its io_uring engine: each queue thread drives its own \
-         connection; user copy where the kernel has it, else copy mode), and ours with the threaded engine, `{}` (a writer and a reader thread \
-         per connection, as used for TLS) and, where the kernel has batch io commands (7.0+), \
+         connection; user copy where the kernel has it, else copy mode), and ours with the \
+         threaded engine, `{}` (a writer and a reader thread per connection, as used for TLS) \
+         and, where the kernel has batch io commands (7.0+), \
          ours with `-b`, all connected at once. With N queues all have N connections (nbd-client -C \
          N; our target opens one connection per queue when the server offers multi-conn) and N \
          hardware queues of 128 requests. All devices have 512-byte logical blocks. \
