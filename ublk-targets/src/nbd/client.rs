@@ -27,7 +27,7 @@ use super::proto::TransmissionFlags as TF;
 use super::proto::{self, ChunkEvent, ChunkPlan, Coverage, Expect, Reply, RequestHeader};
 use super::uri::{NbdAddr, NbdUri};
 use std::collections::VecDeque;
-use std::io::{BufReader, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -242,7 +242,7 @@ impl Client {
         let (stream, info) = conn::open(&uri.addr, &uri.export, &opts.connect)?;
         check_servable(&info)?;
         opts.connect = opts.connect.same_format_as(&info);
-        Ok(Client::start(uri, opts, stream, info))
+        Client::start(uri, opts, stream, info)
     }
 
     /// Connects another connection to the same export; it must present the same properties
@@ -255,7 +255,7 @@ impl Client {
         opts.connect = opts.connect.for_uri(uri)?.same_format_as(expect);
         let (stream, info) = conn::open(&uri.addr, &uri.export, &opts.connect)?;
         expect.same_export(&info).map_err(NbdError::ExportChanged)?;
-        Ok(Client::start(uri, opts, stream, info))
+        Client::start(uri, opts, stream, info)
     }
 
     /// Runs the engine on a connection already negotiated (by [`conn::open`]).
@@ -264,11 +264,16 @@ impl Client {
         opts: ClientOptions,
         stream: Stream,
         info: ExportInfo,
-    ) -> Client {
+    ) -> Result<Client> {
         Client::start(uri, opts, stream, info)
     }
 
-    fn start(uri: &NbdUri, opts: ClientOptions, stream: Stream, info: ExportInfo) -> Client {
+    fn start(
+        uri: &NbdUri,
+        opts: ClientOptions,
+        stream: Stream,
+        info: ExportInfo,
+    ) -> Result<Client> {
         let inner = Arc::new(Inner {
             uri: uri.clone(),
             opts,
@@ -289,18 +294,30 @@ impl Client {
             }),
             cv: Condvar::new(),
         });
-        {
-            let mut st = inner.lock();
-            install(&inner, &mut st, stream);
-        }
+        install(&inner, &mut inner.lock(), stream)?;
         let i2 = inner.clone();
         let writer = std::thread::Builder::new()
             .name("nbd-writer".into())
-            .spawn(move || writer_main(&i2))
-            .expect("spawning the NBD writer thread");
-        Client {
-            inner,
-            writer: Some(writer),
+            .spawn(move || writer_main(&i2));
+        match writer {
+            Ok(w) => Ok(Client {
+                inner,
+                writer: Some(w),
+            }),
+            Err(e) => {
+                // The reader ends once its connection is shut down.
+                let mut st = inner.lock();
+                st.shutdown = true;
+                if let Some(s) = &st.stream {
+                    s.shutdown();
+                }
+                let reader = st.reader.take();
+                drop(st);
+                if let Some(r) = reader {
+                    let _ = r.join();
+                }
+                Err(NbdError::Io(e))
+            }
         }
     }
 
@@ -539,24 +556,38 @@ pub(crate) fn check_servable(info: &ExportInfo) -> Result<()> {
             info.size
         )));
     }
+    if info.block.max_payload < 4096 {
+        return Err(NbdError::ExportUnusable(format!(
+            "maximum payload {} is below one page",
+            info.block.max_payload
+        )));
+    }
     Ok(())
 }
 
-/// Makes `stream` the live connection and starts its reader.
-fn install(inner: &Arc<Inner>, st: &mut State, stream: Stream) {
-    st.conn_gen += 1;
-    let gen = st.conn_gen;
+/// Makes `stream` the live connection and starts its reader; if the reader cannot be started,
+/// the stream is shut down and nothing changes.
+fn install(inner: &Arc<Inner>, st: &mut State, stream: Stream) -> io::Result<()> {
+    let gen = st.conn_gen + 1;
     let stream = Arc::new(stream);
     let _ = stream.set_timeouts(None, inner.opts.request_timeout);
-    st.stream = Some(stream.clone());
-    st.live = Some(gen);
-    let i2 = inner.clone();
-    st.reader = Some(
-        std::thread::Builder::new()
-            .name("nbd-reader".into())
-            .spawn(move || reader_main(&i2, &stream, gen))
-            .expect("spawning the NBD reader thread"),
-    );
+    let (i2, s2) = (inner.clone(), stream.clone());
+    let reader = std::thread::Builder::new()
+        .name("nbd-reader".into())
+        .spawn(move || reader_main(&i2, &s2, gen));
+    match reader {
+        Ok(r) => {
+            st.conn_gen = gen;
+            st.stream = Some(stream);
+            st.live = Some(gen);
+            st.reader = Some(r);
+            Ok(())
+        }
+        Err(e) => {
+            stream.shutdown();
+            Err(e)
+        }
+    }
 }
 
 /// Declares connection `gen` dead (if it still is the live one).
@@ -777,7 +808,11 @@ impl Writer {
         let mut st = inner.lock();
         match r {
             Ok(s) if !st.shutdown => {
-                install(inner, &mut st, s);
+                if let Err(e) = install(inner, &mut st, s) {
+                    log::error!("nbd: cannot start the reader of the new connection: {e}");
+                    self.next_attempt = Instant::now() + self.backoff;
+                    return st;
+                }
                 st.reconnects += 1;
                 self.backoff = inner.opts.reconnect_delay;
                 log::info!(

@@ -11,7 +11,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// TCP keepalive: first probe after this much idle time.
 pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
@@ -160,6 +160,59 @@ impl Write for &Stream {
         Ok(())
     }
 }
+
+/// A stream whose reads and writes each take at most `each`, and all must end by `end`: the
+/// socket's timeouts are set before each, so that a server answering a byte at a time, each
+/// within the per-read timeout, cannot stretch a handshake without end.
+struct Deadline<'a> {
+    s: &'a Stream,
+    each: Duration,
+    end: Instant,
+}
+
+impl<'a> Deadline<'a> {
+    /// `s` with `opts.timeout` per read or write, all of them ending by `end`.
+    fn new(s: &'a Stream, opts: &ConnectOptions, end: Instant) -> Deadline<'a> {
+        Deadline {
+            s,
+            each: opts.timeout,
+            end,
+        }
+    }
+
+    fn arm(&self) -> io::Result<()> {
+        let left = self.end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        let t = left.min(self.each);
+        self.s.set_timeouts(Some(t), Some(t))
+    }
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.arm()?;
+        let mut s = self.s;
+        s.read(buf)
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.arm()?;
+        let mut s = self.s;
+        s.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Most `NBD_REP_INFO` replies accepted for one `NBD_OPT_GO` (there are four kinds).
+const MAX_INFO_REPLIES: usize = 64;
+/// Most exports accepted from `NBD_OPT_LIST`.
+const MAX_LISTED: usize = 4096;
 
 /// Negotiation choices.
 #[derive(Debug, Clone)]
@@ -431,8 +484,17 @@ fn negotiate_export<S: Read + Write>(
     let mut block = None;
     let mut description = None;
     let mut fallback = false;
+    let mut infos = 0;
     loop {
         let (r, p) = read_opt_reply(s, proto::OPT_GO)?;
+        if r.reply == proto::REP_INFO {
+            infos += 1;
+            if infos > MAX_INFO_REPLIES {
+                return Err(
+                    ProtoError::Mismatch("endless NBD_REP_INFO replies to NBD_OPT_GO").into(),
+                );
+            }
+        }
         match r.reply {
             proto::REP_ACK => break,
             proto::REP_INFO => match proto::decode_info(&p)? {
@@ -499,6 +561,9 @@ fn negotiate_export<S: Read + Write>(
 }
 
 /// Connects to `addr` and negotiates `export`; the stream is left without timeouts.
+///
+/// `opts.timeout` bounds the connect, each read and write of the handshake, and, twice over,
+/// the whole handshake.
 pub fn open(addr: &NbdAddr, export: &str, opts: &ConnectOptions) -> Result<(Stream, ExportInfo)> {
     let s = Stream::connect(addr, opts.timeout)?;
     s.set_timeouts(Some(opts.timeout), Some(opts.timeout))?;
@@ -516,16 +581,19 @@ pub fn open(addr: &NbdAddr, export: &str, opts: &ConnectOptions) -> Result<(Stre
         }
         e => e,
     };
-    let hflags = greet(&mut &s).map_err(timed_out)?;
+    // The whole handshake: twice the time of one read.
+    let end = Instant::now() + opts.timeout * 2;
+    let hflags = greet(&mut Deadline::new(&s, opts, end)).map_err(timed_out)?;
     let s = match &opts.tls {
         Some(tls) => start_tls(s, tls, addr)?,
         None => s,
     };
-    let info = match negotiate_export(&mut &s, hflags, export, opts) {
+    let info = match negotiate_export(&mut Deadline::new(&s, opts, end), hflags, export, opts) {
         Err(NbdError::Io(e)) if opts.tls.is_some() => return Err(tls_alert(&s, addr, e)),
         Err(e @ (NbdError::OptionRefused { .. } | NbdError::TlsRequired { .. })) => {
             // The session is still in option haggling: end it as the protocol asks, so that
             // the server does not log a client that vanished.
+            let _ = s.set_timeouts(Some(opts.timeout), Some(opts.timeout));
             abort_options(&mut &s);
             s.close_notify();
             return Err(e);
@@ -563,14 +631,15 @@ pub fn open(addr: &NbdAddr, export: &str, opts: &ConnectOptions) -> Result<(Stre
 /// Lists the server's exports (`NBD_OPT_LIST`), then ends the session (`NBD_OPT_ABORT`).
 pub fn list_exports(addr: &NbdAddr, opts: &ConnectOptions) -> Result<Vec<ExportEntry>> {
     let s = Stream::connect(addr, opts.timeout)?;
-    s.set_timeouts(Some(opts.timeout), Some(opts.timeout))?;
-    greet(&mut &s)?;
+    let end = Instant::now() + opts.timeout * 2;
+    greet(&mut Deadline::new(&s, opts, end))?;
     let s = match &opts.tls {
         Some(tls) => start_tls(s, tls, addr)?,
         None => s,
     };
+    let list = list_after_greeting(&mut Deadline::new(&s, opts, end))?;
     let mut s = &s;
-    let list = list_after_greeting(&mut s)?;
+    let _ = s.set_timeouts(Some(opts.timeout), Some(opts.timeout));
     abort_options(&mut s);
     s.close_notify();
     s.shutdown();
@@ -616,7 +685,7 @@ fn list_after_greeting<S: Read + Write>(s: &mut S) -> Result<Vec<ExportEntry>> {
         match r.reply {
             proto::REP_ACK => return Ok(out),
             proto::REP_SERVER => {
-                if out.len() >= 1 << 16 {
+                if out.len() >= MAX_LISTED {
                     return Err(ProtoError::Mismatch("too many exports listed").into());
                 }
                 let (name, description) = proto::decode_rep_server(&p)?;
@@ -649,6 +718,105 @@ mod tests {
         assert!(matches!(e, NbdError::HandshakeTimeout { .. }), "{e:?}");
         assert!(e.to_string().contains("127.0.0.1"), "{e}");
         drop(l);
+    }
+
+    /// A fake server on a loopback port: `serve` gets the accepted connection.
+    fn fake_server(
+        serve: impl FnOnce(std::net::TcpStream) + Send + 'static,
+    ) -> (NbdAddr, std::thread::JoinHandle<()>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = NbdAddr::Tcp {
+            host: "127.0.0.1".into(),
+            port: l.local_addr().unwrap().port(),
+        };
+        let t = std::thread::spawn(move || {
+            if let Ok((c, _)) = l.accept() {
+                serve(c);
+            }
+        });
+        (addr, t)
+    }
+
+    fn greeting() -> Vec<u8> {
+        let mut g = proto::NBDMAGIC.to_be_bytes().to_vec();
+        g.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+        g.extend_from_slice(&proto::FLAG_FIXED_NEWSTYLE.to_be_bytes());
+        g
+    }
+
+    /// A server that sends its greeting a byte at a time, each within the per-read timeout:
+    /// the handshake still ends with a timeout, at twice the per-read one.
+    #[test]
+    fn test_drip_feeding_server_is_a_handshake_timeout() {
+        let (addr, t) = fake_server(|mut c| {
+            for b in greeting().iter().cycle().take(200) {
+                if c.write_all(&[*b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let opts = ConnectOptions {
+            timeout: Duration::from_millis(300),
+            ..ConnectOptions::default()
+        };
+        let t0 = Instant::now();
+        let e = open(&addr, "", &opts).unwrap_err();
+        assert!(matches!(e, NbdError::HandshakeTimeout { .. }), "{e:?}");
+        assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+        t.join().unwrap();
+    }
+
+    /// A server that answers NBD_OPT_GO with NBD_REP_INFO replies and never ends them: the
+    /// client gives up with a protocol error (not a hang, not a memory blow-up).
+    #[test]
+    fn test_endless_info_replies_are_refused() {
+        let (addr, t) = fake_server(|mut c| {
+            let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+            if c.write_all(&greeting()).is_err() {
+                return;
+            }
+            let mut flags = [0u8; 4];
+            if c.read_exact(&mut flags).is_err() {
+                return;
+            }
+            loop {
+                let mut h = [0u8; 16];
+                if c.read_exact(&mut h).is_err() {
+                    return;
+                }
+                let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+                let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+                let mut data = vec![0u8; len as usize];
+                if c.read_exact(&mut data).is_err() {
+                    return;
+                }
+                let reply = |kind: u32, payload: &[u8]| {
+                    let mut r = proto::OPT_REPLY_MAGIC.to_be_bytes().to_vec();
+                    r.extend_from_slice(&opt.to_be_bytes());
+                    r.extend_from_slice(&kind.to_be_bytes());
+                    r.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+                    r.extend_from_slice(payload);
+                    r
+                };
+                if opt != proto::OPT_GO {
+                    if c.write_all(&reply(proto::REP_ERR_UNSUP, &[])).is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                // NBD_INFO_EXPORT: 1 MiB, no flags beyond HAS_FLAGS; forever.
+                let mut info = proto::INFO_EXPORT.to_be_bytes().to_vec();
+                info.extend_from_slice(&(1u64 << 20).to_be_bytes());
+                info.extend_from_slice(&1u16.to_be_bytes());
+                let r = reply(proto::REP_INFO, &info);
+                while c.write_all(&r).is_ok() {}
+                return;
+            }
+        });
+        let e = open(&addr, "", &ConnectOptions::default()).unwrap_err();
+        assert!(e.to_string().contains("NBD_REP_INFO"), "{e}");
+        t.join().unwrap();
     }
 
     #[test]

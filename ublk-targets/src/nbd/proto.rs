@@ -173,6 +173,8 @@ pub mod errno {
 pub const MAX_OPT_REPLY: u32 = 64 << 10;
 /// Largest error message in an error chunk (the spec caps strings at 4096 bytes).
 pub const MAX_ERROR_MSG: u64 = 4096;
+/// Longest string (export name, description) the spec allows.
+pub const MAX_STRING: usize = 4096;
 /// Largest payload of a non-data chunk (error chunks with their message).
 pub const MAX_SMALL_CHUNK: u64 = 14 + MAX_ERROR_MSG;
 /// Default maximum payload when the server does not advertise one (B7).
@@ -513,8 +515,16 @@ pub fn decode_rep_server(b: &[u8]) -> Result<(String, String), ProtoError> {
             len: n as u64,
         });
     }
+    // Strings are at most 4096 bytes (the spec's limit).
+    let desc = &b[4 + n..];
+    if n > MAX_STRING || desc.len() > MAX_STRING {
+        return Err(ProtoError::BadLength {
+            what: "NBD_REP_SERVER string",
+            len: n.max(desc.len()) as u64,
+        });
+    }
     let name = String::from_utf8_lossy(&b[4..4 + n]).into_owned();
-    let desc = String::from_utf8_lossy(&b[4 + n..]).into_owned();
+    let desc = String::from_utf8_lossy(desc).into_owned();
     Ok((name, desc))
 }
 

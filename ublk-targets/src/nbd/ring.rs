@@ -112,6 +112,10 @@ pub struct RingQueue {
     live: Option<Live>,
     next_gen: u32,
     reconnect: Option<Reconnect>,
+    /// The last dead connection's socket, shut down but open until the next one is installed:
+    /// operations on it queued but not yet submitted must not find its descriptor reused by
+    /// the reconnecting thread's new socket.
+    dead_stream: Option<Stream>,
     /// No reconnecting: everything fails.
     dead: bool,
     timer_armed: bool,
@@ -143,6 +147,7 @@ impl RingQueue {
             live: None,
             next_gen: 1,
             reconnect: None,
+            dead_stream: None,
             dead: false,
             timer_armed: false,
             rbuf: Vec::with_capacity(RBUF),
@@ -159,6 +164,7 @@ impl RingQueue {
     fn install(&mut self, stream: Stream) {
         let _ = stream.set_timeouts(None, None);
         self.kernel_tls = matches!(stream, Stream::KernelTls(_));
+        self.dead_stream = None;
         let gen = self.next_gen;
         self.next_gen = (self.next_gen + 1) & GEN_MASK;
         self.live = Some(Live {
@@ -290,6 +296,7 @@ impl RingQueue {
         let Some(live) = self.live.take() else { return };
         log::warn!("nbd: connection to {} lost: {why}", self.uri.addr);
         live.stream.shutdown();
+        self.dead_stream = Some(live.stream);
         self.rbuf.clear();
         self.rpos = 0;
         self.session.connection_lost();
@@ -299,6 +306,9 @@ impl RingQueue {
             return;
         }
         self.start_reconnect();
+        if self.dead {
+            self.session.fail_all(ctx);
+        }
     }
 
     fn start_reconnect(&mut self) {

@@ -156,7 +156,7 @@ impl NbdTarget {
                 client_opts.clone(),
                 first,
                 info.clone(),
-            ))];
+            )?)];
             for _ in 1..n {
                 conns.push(Arc::new(Client::connect_like(
                     &cfg.uri,
@@ -684,6 +684,21 @@ mod tests {
         let d = p.discard.unwrap();
         assert_eq!((d.max_discard_sectors, d.granularity), (0, 512));
         assert!(d.max_write_zeroes_sectors > 0);
+    }
+
+    /// An export whose maximum payload is under a page cannot take the kernel's requests:
+    /// refused when the device is added, not failing every IO later.
+    #[test]
+    fn test_tiny_max_payload_is_refused() {
+        for (max, ok) in [(256, false), (512, false), (4095, false), (4096, true)] {
+            let b = BlockSizes {
+                min: 1,
+                preferred: 1,
+                max_payload: max,
+            };
+            let t = target(TF::empty(), b);
+            assert_eq!(check_servable(&t.info).is_ok(), ok, "max payload {max}");
+        }
     }
 
     #[test]

@@ -123,6 +123,16 @@ fn test_rep_server_and_export_name_reply() {
     let mut p = 30u32.to_be_bytes().to_vec();
     p.extend_from_slice(b"abc");
     assert!(decode_rep_server(&p).is_err());
+    // Strings beyond the spec's 4096 bytes are refused, name or description.
+    let mut p = 4097u32.to_be_bytes().to_vec();
+    p.extend_from_slice(&[b'a'; 4097]);
+    assert!(decode_rep_server(&p).is_err());
+    let mut p = 1u32.to_be_bytes().to_vec();
+    p.extend_from_slice(&[b'a'; 4098]);
+    assert!(decode_rep_server(&p).is_err());
+    let mut p = 4096u32.to_be_bytes().to_vec();
+    p.extend_from_slice(&[b'a'; 8192]);
+    assert!(decode_rep_server(&p).is_ok());
     let mut p = 4096u64.to_be_bytes().to_vec();
     p.extend_from_slice(&3u16.to_be_bytes());
     let (s, f) = decode_export_name_reply(&p).unwrap();
