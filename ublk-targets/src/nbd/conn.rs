@@ -566,7 +566,6 @@ fn negotiate_export<S: Read + Write>(
 /// the whole handshake.
 pub fn open(addr: &NbdAddr, export: &str, opts: &ConnectOptions) -> Result<(Stream, ExportInfo)> {
     let s = Stream::connect(addr, opts.timeout)?;
-    s.set_timeouts(Some(opts.timeout), Some(opts.timeout))?;
     let timed_out = |e: NbdError| match e {
         NbdError::Io(io)
             if matches!(

@@ -171,10 +171,10 @@ pub mod errno {
 
 /// Largest option reply payload accepted (names and descriptions are ≤ 4 KiB each).
 pub const MAX_OPT_REPLY: u32 = 64 << 10;
-/// Largest error message in an error chunk (the spec caps strings at 4096 bytes).
-pub const MAX_ERROR_MSG: u64 = 4096;
-/// Longest string (export name, description) the spec allows.
+/// Longest string (export name, description, error message) the spec allows.
 pub const MAX_STRING: usize = 4096;
+/// Largest error message in an error chunk.
+pub const MAX_ERROR_MSG: u64 = MAX_STRING as u64;
 /// Largest payload of a non-data chunk (error chunks with their message).
 pub const MAX_SMALL_CHUNK: u64 = 14 + MAX_ERROR_MSG;
 /// Default maximum payload when the server does not advertise one (B7).
@@ -515,7 +515,7 @@ pub fn decode_rep_server(b: &[u8]) -> Result<(String, String), ProtoError> {
             len: n as u64,
         });
     }
-    // Strings are at most 4096 bytes (the spec's limit).
+    // Both strings are within the spec's limit.
     let desc = &b[4 + n..];
     if n > MAX_STRING || desc.len() > MAX_STRING {
         return Err(ProtoError::BadLength {
