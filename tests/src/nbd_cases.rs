@@ -91,6 +91,7 @@ pub fn all() -> Vec<Test> {
             nbdkit_memory(2)
         }),
         test("kernel_nbd_nbdkit_tls_q2", 300, nbdkit_tls),
+        test("kernel_nbd_vsock_q2_and_tls", 300, nbdkit_vsock),
         test("kernel_nbd_ktls_tcp_q2", 400, nbd_ktls),
         test(
             "kernel_nbd_nbdkit_simple_replies",
@@ -440,6 +441,70 @@ fn nbdkit_memory(queues: u32) -> Result<Outcome> {
     sh("umount", &[&mnt])?;
     e2fsck_clean(&d.bdev())?;
     ublk_del(d.id)?;
+    Ok(Outcome::Pass)
+}
+
+/// A VM socket (`AF_VSOCK`) through the guest's loopback transport (context id 1): nbdkit
+/// listens with `--vsock`; `nbd-list` describes the export; a 2-queue device (nbdkit offers
+/// multi-conn: one connection per queue, on the queue threads' io_uring) passes fio verify;
+/// then TLS over vsock, which stays in user space (kernel TLS needs TCP).
+fn nbdkit_vsock() -> Result<Outcome> {
+    let pki = workdir()?.join("pki");
+    make_pki(&pki)?;
+    let pki_s = pki.display().to_string();
+    let port = "10810";
+    let uri = format!("nbd+vsock://1:{port}/");
+    for tls in [false, true] {
+        let pidfile = workdir()?.join("nbdkit-vsock.pid");
+        let _ = fs::remove_file(&pidfile);
+        let certs = format!("--tls-certificates={pki_s}");
+        let mut args = vec!["--vsock", "-p", port, "-f", "-P"];
+        let pid_s = pidfile.display().to_string();
+        args.push(&pid_s);
+        if tls {
+            args.extend(["--tls=require", &certs]);
+        }
+        args.extend(["memory", "256M"]);
+        let child = Command::new(opt_bin("nbdkit"))
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("cannot start nbdkit --vsock")?;
+        let _server = Nbdkit { child };
+        // nbdkit writes its pid file once it listens.
+        wait_for_path(&pidfile, Duration::from_secs(20))?;
+
+        if !tls {
+            let list = ublk_ok(&["nbd-list", "--json", "--uri", &uri])?.stdout;
+            let v: serde_json::Value = serde_json::from_str(list.trim())
+                .with_context(|| format!("nbd-list --json: {list:?}"))?;
+            ensure!(
+                v[0]["size"] == 256 * MIB,
+                "nbd-list over vsock does not show the 256M export: {v}"
+            );
+            let d = ublk_add(&["-t", "nbd", "--uri", &uri, "-q", "2"])?;
+            check_engine(d.pid, false, 2)?;
+            let t = &list_target(d.id)?;
+            ensure!(
+                t["connections"] == 2 && t["server"] == format!("vsock:1:{port}"),
+                "expected 2 vsock connections: {t}"
+            );
+            fio_verify(&d.bdev(), 32, ("16M", "48M"), Duration::from_secs(180))?;
+            ublk_del(d.id)?;
+        } else {
+            let tls_uri = uri.replacen("nbd+vsock", "nbds+vsock", 1);
+            let d = ublk_add(&["-t", "nbd", "--uri", &tls_uri, "--tls-certs", &pki_s])?;
+            check_engine(d.pid, true, 1)?;
+            ensure!(
+                list_target(d.id)?["ktls"] == false,
+                "kernel TLS over a VM socket"
+            );
+            fio_verify(&d.bdev(), 16, ("4M", "8M"), Duration::from_secs(200))?;
+            ublk_del(d.id)?;
+        }
+    }
     Ok(Outcome::Pass)
 }
 

@@ -153,8 +153,10 @@ pub(crate) struct AddArgs {
     #[arg(short = 'd', long = "depth", default_value_t = 128)]
     pub(crate) depth: u16,
     /// Copy mode: the kernel copies data between the request's pages and the daemon's
-    /// buffers. The default, except for null, which moves no data and by default uses user copy
-    /// where the kernel has it (then nothing is copied at all).
+    /// buffers. The default, except for these, which use user copy where the kernel has it (and
+    /// the device is not --unprivileged): null, which then moves no data at all; loop and qcow2
+    /// on tmpfs, where the kernel copies straight between the request and the mapped file; nbd's
+    /// io_uring engine, where it copies READ data from the receive buffer into the request.
     #[arg(long)]
     #[serde(default)]
     pub(crate) copy: bool,
@@ -165,7 +167,8 @@ pub(crate) struct AddArgs {
     #[arg(short = 'u', long = "user-copy")]
     pub(crate) user_copy: bool,
     /// Zero copy: request pages are registered in the queue's io_uring and the target's IO
-    /// uses them directly (UBLK_F_AUTO_BUF_REG, Linux 6.16; null and loop targets).
+    /// uses them directly (UBLK_F_AUTO_BUF_REG, Linux 6.16; null and loop; nbd where the kernel
+    /// has io_uring receives into registered buffers, Linux 7.3).
     #[arg(short = 'z', long = "zero-copy")]
     pub(crate) zero_copy: bool,
     /// Batch io commands: requests arrive as arrays of tags and results go back many per
@@ -292,7 +295,8 @@ pub(crate) struct AddArgs {
 #[derive(Args, Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
 pub(crate) struct NbdServerArgs {
-    /// NBD server: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (nbd).
+    /// NBD server: nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH or
+    /// nbd+vsock://CID[:PORT]/EXPORT (a VM socket; CID 2 is the host), nbds... with TLS (nbd).
     #[arg(long)]
     pub(crate) uri: Option<String>,
     /// NBD server host (ublksrv spelling; nbd).
@@ -315,7 +319,7 @@ pub(crate) struct NbdServerArgs {
     #[arg(long = "tls-certs")]
     pub(crate) tls_certs: Option<PathBuf>,
     /// Name the server certificate must carry (nbd TLS; default: the host, or localhost for
-    /// Unix sockets). Implies --tls.
+    /// Unix and VM sockets). Implies --tls.
     #[arg(long = "tls-hostname")]
     pub(crate) tls_hostname: Option<String>,
 }

@@ -52,6 +52,8 @@ pub const GUEST_MODULES: &[&str] = &[
     "ctr",
     "aesni_intel",
     "chacha20poly1305",
+    // VM sockets to this machine (context id 1), for the nbd target's vsock transport.
+    "vsock_loopback",
 ];
 
 /// Modules loaded where the kernel has them as modules: what `gcm` and `chacha20poly1305` ask

@@ -38,6 +38,8 @@ pub enum Stream {
     Tcp(TcpStream),
     /// Unix domain socket.
     Unix(UnixStream),
+    /// VM socket (`AF_VSOCK`).
+    Vsock(socket2::Socket),
     /// A TLS session over one of the above, encrypted in user space.
     Tls(Box<TlsStream>),
     /// A TLS session over TCP that the kernel encrypts and decrypts (kTLS): plaintext for us.
@@ -78,6 +80,13 @@ impl Stream {
                 };
                 s.map(Stream::Unix).map_err(err)
             }
+            NbdAddr::Vsock { cid, port } => {
+                let s = socket2::Socket::new(socket2::Domain::VSOCK, socket2::Type::STREAM, None)
+                    .map_err(err)?;
+                s.connect_timeout(&socket2::SockAddr::vsock(*cid, *port), timeout)
+                    .map_err(err)?;
+                Ok(Stream::Vsock(s))
+            }
         }
     }
 
@@ -87,6 +96,7 @@ impl Stream {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::KernelTls(s) => Stream::KernelTls(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Vsock(s) => Stream::Vsock(s.try_clone()?),
             Stream::Tls(_) => return Err(io::ErrorKind::Unsupported.into()),
         })
     }
@@ -104,6 +114,7 @@ impl Stream {
         let _ = match self {
             Stream::Tcp(s) | Stream::KernelTls(s) => s.shutdown(Shutdown::Both),
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
+            Stream::Vsock(s) => s.shutdown(Shutdown::Both),
             Stream::Tls(t) => {
                 t.socket().shutdown();
                 Ok(())
@@ -122,6 +133,10 @@ impl Stream {
                 s.set_read_timeout(read)?;
                 s.set_write_timeout(write)
             }
+            Stream::Vsock(s) => {
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
+            }
             Stream::Tls(t) => t.socket().set_timeouts(read, write),
         }
     }
@@ -133,6 +148,7 @@ impl std::os::fd::AsFd for Stream {
         match self {
             Stream::Tcp(s) | Stream::KernelTls(s) => s.as_fd(),
             Stream::Unix(s) => s.as_fd(),
+            Stream::Vsock(s) => s.as_fd(),
             Stream::Tls(t) => t.socket().as_fd(),
         }
     }
@@ -143,6 +159,7 @@ impl Read for &Stream {
         match self {
             Stream::Tcp(s) | Stream::KernelTls(s) => (&*s).read(buf),
             Stream::Unix(s) => (&*s).read(buf),
+            Stream::Vsock(s) => (&*s).read(buf),
             Stream::Tls(t) => (&**t).read(buf),
         }
     }
@@ -153,6 +170,7 @@ impl Write for &Stream {
         match self {
             Stream::Tcp(s) | Stream::KernelTls(s) => (&*s).write(buf),
             Stream::Unix(s) => (&*s).write(buf),
+            Stream::Vsock(s) => (&*s).write(buf),
             Stream::Tls(t) => (&**t).write(buf),
         }
     }
@@ -717,6 +735,21 @@ mod tests {
         assert!(matches!(e, NbdError::HandshakeTimeout { .. }), "{e:?}");
         assert!(e.to_string().contains("127.0.0.1"), "{e}");
         drop(l);
+    }
+
+    /// A VM socket nobody listens on (or a machine without VM sockets): a connect error that
+    /// names the address, at once.
+    #[test]
+    fn test_vsock_without_listener_is_a_connect_error() {
+        let addr = NbdAddr::Vsock {
+            cid: 1,
+            port: 4_000_000_001,
+        };
+        let t = Instant::now();
+        let e = Stream::connect(&addr, Duration::from_secs(5)).unwrap_err();
+        assert!(matches!(e, NbdError::Connect { .. }), "{e:?}");
+        assert!(e.to_string().contains("vsock:1:4000000001"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
     }
 
     /// A fake server on a loopback port: `serve` gets the accepted connection.

@@ -1,7 +1,8 @@
 //! The NBD target: a network block device client serving a ublk device.
 //!
 //! * [`proto`]: the wire protocol, pure encode/decode (no IO), fuzz-tested.
-//! * [`uri`]: `nbd[s]://HOST[:PORT]/EXPORT` and `nbd[s]+unix:///EXPORT?socket=PATH`.
+//! * [`uri`]: `nbd[s]://HOST[:PORT]/EXPORT`, `nbd[s]+unix:///EXPORT?socket=PATH` and
+//!   `nbd[s]+vsock://CID[:PORT]/EXPORT`.
 //! * [`conn`]: connecting, negotiating (GO / EXPORT_NAME), listing exports.
 //! * [`tls`]: `NBD_OPT_STARTTLS` with rustls (X.509), a TLS stream for two threads, and the
 //!   hand-over of a session to the kernel (kTLS).

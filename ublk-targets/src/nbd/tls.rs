@@ -110,7 +110,7 @@ impl TlsConfig {
         let name = match (&params.hostname, addr) {
             (Some(h), _) => h.clone(),
             (None, NbdAddr::Tcp { host, .. }) => host.clone(),
-            (None, NbdAddr::Unix(_)) => "localhost".to_string(),
+            (None, NbdAddr::Unix(_) | NbdAddr::Vsock { .. }) => "localhost".to_string(),
         };
         let server_name =
             ServerName::try_from(name.clone()).map_err(|_| NbdError::TlsHostname(name))?;

@@ -1,5 +1,5 @@
-//! NBD URIs (`nbd://`, `nbd+unix://`, and with TLS `nbds://`, `nbds+unix://`), after the NBD
-//! project's `doc/uri.md`.
+//! NBD URIs (`nbd://`, `nbd+unix://`, `nbd+vsock://`, and with TLS `nbds://`, `nbds+unix://`,
+//! `nbds+vsock://`), after the NBD project's `doc/uri.md`.
 
 use super::error::NbdError;
 use super::proto::DEFAULT_PORT;
@@ -20,6 +20,13 @@ pub enum NbdAddr {
     },
     /// A Unix domain socket. A path starting with a NUL byte names an abstract socket.
     Unix(PathBuf),
+    /// A VM socket (`AF_VSOCK`): context id (2 is the host, 1 this machine) and port.
+    Vsock {
+        /// Context id.
+        cid: u32,
+        /// Port.
+        port: u32,
+    },
 }
 
 impl fmt::Display for NbdAddr {
@@ -28,6 +35,7 @@ impl fmt::Display for NbdAddr {
             NbdAddr::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
             NbdAddr::Tcp { host, port } => write!(f, "{host}:{port}"),
             NbdAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+            NbdAddr::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
         }
     }
 }
@@ -81,7 +89,8 @@ pub fn percent_decode(s: &str) -> Result<Vec<u8>, NbdError> {
 }
 
 impl NbdUri {
-    /// Parses `nbd[s]://HOST[:PORT][/EXPORT]` or `nbd[s]+unix:///[EXPORT]?socket=PATH`.
+    /// Parses `nbd[s]://HOST[:PORT][/EXPORT]`, `nbd[s]+unix:///[EXPORT]?socket=PATH` or
+    /// `nbd[s]+vsock://CID[:PORT][/EXPORT]`.
     /// With `nbds`, TLS (X.509) is required; the query may carry `tls-certificates=DIR`,
     /// `tls-hostname=NAME`, `tls-type=x509` and `tls-verify-peer=1`. Other TLS modes (PSK,
     /// anonymous, no peer verification) are refused.
@@ -89,14 +98,16 @@ impl NbdUri {
         let (scheme, rest) = uri
             .split_once("://")
             .ok_or_else(|| bad(format!("{uri:?} has no scheme")))?;
-        let (unix, tls) = match scheme.to_ascii_lowercase().as_str() {
-            "nbd" => (false, false),
-            "nbd+unix" => (true, false),
-            "nbds" => (false, true),
-            "nbds+unix" => (true, true),
-            "nbd+vsock" | "nbds+vsock" => return Err(bad("vsock transport is not supported")),
+        let (transport, tls) = match scheme.to_ascii_lowercase().as_str() {
+            "nbd" => (Transport::Tcp, false),
+            "nbd+unix" => (Transport::Unix, false),
+            "nbd+vsock" => (Transport::Vsock, false),
+            "nbds" => (Transport::Tcp, true),
+            "nbds+unix" => (Transport::Unix, true),
+            "nbds+vsock" => (Transport::Vsock, true),
             s => return Err(bad(format!("unknown scheme {s:?}"))),
         };
+        let unix = transport == Transport::Unix;
         if rest.contains('#') {
             return Err(bad("fragments are not allowed"));
         }
@@ -161,7 +172,22 @@ impl NbdUri {
 
         // userinfo is the TLS user name; meaningless without TLS.
         let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-        let addr = if unix {
+        let addr = if transport == Transport::Vsock {
+            let (cid, port) = match host_port.split_once(':') {
+                Some((c, p)) => (c, Some(p)),
+                None => (host_port, None),
+            };
+            let cid = cid.parse().map_err(|_| {
+                bad(format!(
+                    "bad vsock context id {cid:?} (a number, e.g. 2 for the host)"
+                ))
+            })?;
+            let port = match port {
+                None | Some("") => u32::from(DEFAULT_PORT),
+                Some(p) => p.parse().map_err(|_| bad(format!("bad port {p:?}")))?,
+            };
+            NbdAddr::Vsock { cid, port }
+        } else if unix {
             if !host_port.is_empty() {
                 return Err(bad("nbd+unix:// URIs must not name a host"));
             }
@@ -207,6 +233,13 @@ impl NbdUri {
             tls: tls.then_some(tls_params),
         })
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Tcp,
+    Unix,
+    Vsock,
 }
 
 impl std::str::FromStr for NbdUri {
@@ -268,6 +301,33 @@ mod tests {
     }
 
     #[test]
+    fn test_uri_vsock_forms() {
+        let u = NbdUri::parse("nbd+vsock://2/disk").unwrap();
+        assert_eq!(
+            u.addr,
+            NbdAddr::Vsock {
+                cid: 2,
+                port: 10809
+            }
+        );
+        assert_eq!(u.export, "disk");
+        assert_eq!(u.tls, None);
+        assert_eq!(u.addr.to_string(), "vsock:2:10809");
+        let u = NbdUri::parse("nbd+vsock://1:4000000000").unwrap();
+        assert_eq!(
+            u.addr,
+            NbdAddr::Vsock {
+                cid: 1,
+                port: 4_000_000_000
+            }
+        );
+        assert_eq!(u.export, "");
+        let u = NbdUri::parse("NBDS+VSOCK://3:99/x?tls-hostname=srv").unwrap();
+        assert_eq!(u.addr, NbdAddr::Vsock { cid: 3, port: 99 });
+        assert_eq!(u.tls.unwrap().hostname.as_deref(), Some("srv"));
+    }
+
+    #[test]
     fn test_uri_tls_forms() {
         assert_eq!(NbdUri::parse("nbd://h/x").unwrap().tls, None);
         let u = NbdUri::parse("nbds://h:99/x").unwrap();
@@ -292,7 +352,6 @@ mod tests {
             "nbds://h/x?tls-certificates=",
             "nbds://h/x?tls-hostname=",
             "nbds://h/x?tls-bogus=1",
-            "nbds+vsock://1/x",
         ] {
             assert!(
                 matches!(NbdUri::parse(bad), Err(NbdError::Uri(_))),
@@ -316,7 +375,12 @@ mod tests {
             "nbd://h/x?bogus=1",
             "nbd://[::1/x",
             "nbd://h/x#frag",
-            "nbd+vsock://1/x",
+            "nbd+vsock:///x",
+            "nbd+vsock://host/x",
+            "nbd+vsock://-1/x",
+            "nbd+vsock://4294967296/x",
+            "nbd+vsock://2:x/x",
+            "nbd+vsock://2/x?socket=/s",
         ] {
             assert!(
                 matches!(NbdUri::parse(bad), Err(NbdError::Uri(_))),
