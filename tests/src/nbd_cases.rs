@@ -378,19 +378,25 @@ impl Nbdkit {
     pub(crate) fn start(args: &[&str]) -> Result<(Nbdkit, String)> {
         let sock = Nbdkit::socket()?;
         let _ = fs::remove_file(&sock);
+        let sock_s = sock.display().to_string();
+        let mut full = vec!["-U", &sock_s];
+        full.extend_from_slice(args);
+        let server = Nbdkit::spawn(&full)?;
+        wait_for_path(&sock, Duration::from_secs(20))?;
+        Ok((server, format!("nbd+unix:///?socket={sock_s}")))
+    }
+
+    /// `nbdkit -f ARGS...`, without waiting for it to listen.
+    fn spawn(args: &[&str]) -> Result<Nbdkit> {
         let child = Command::new(opt_bin("nbdkit"))
-            .arg("-U")
-            .arg(&sock)
             .arg("-f")
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .context("cannot start nbdkit")?;
-        let server = Nbdkit { child };
-        wait_for_path(&sock, Duration::from_secs(20))?;
-        Ok((server, format!("nbd+unix:///?socket={}", sock.display())))
+            .with_context(|| format!("cannot start nbdkit {}", args.join(" ")))?;
+        Ok(Nbdkit { child })
     }
 }
 
@@ -458,21 +464,14 @@ fn nbdkit_vsock() -> Result<Outcome> {
         let pidfile = workdir()?.join("nbdkit-vsock.pid");
         let _ = fs::remove_file(&pidfile);
         let certs = format!("--tls-certificates={pki_s}");
-        let mut args = vec!["--vsock", "-p", port, "-f", "-P"];
+        let mut args = vec!["--vsock", "-p", port, "-P"];
         let pid_s = pidfile.display().to_string();
         args.push(&pid_s);
         if tls {
             args.extend(["--tls=require", &certs]);
         }
         args.extend(["memory", "256M"]);
-        let child = Command::new(opt_bin("nbdkit"))
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("cannot start nbdkit --vsock")?;
-        let _server = Nbdkit { child };
+        let _server = Nbdkit::spawn(&args)?;
         // nbdkit writes its pid file once it listens.
         wait_for_path(&pidfile, Duration::from_secs(20))?;
 

@@ -177,7 +177,7 @@ pub(crate) struct AddArgs {
     #[serde(default)]
     pub(crate) batch: bool,
     /// An unprivileged device (UBLK_F_UNPRIVILEGED_DEV): added and served without
-    /// CAP_SYS_ADMIN, its nodes handed to the caller by udev (see README); copy or -g only, no
+    /// CAP_SYS_ADMIN, its nodes handed to the caller by udev (see docs/USAGE.md); copy or -g only, no
     /// recovery.
     #[arg(long)]
     #[serde(default)]

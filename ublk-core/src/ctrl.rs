@@ -32,7 +32,7 @@ pub enum CtrlError {
     #[error("{CONTROL_PATH} not found: the ublk_drv kernel module is not loaded (try `modprobe ublk_drv`)")]
     NoControlDevice,
     /// Opening the control device was refused.
-    #[error("permission denied opening {CONTROL_PATH}: ublk devices need root (CAP_SYS_ADMIN), or, for unprivileged devices (`--unprivileged`), the udev rules that give users access (see README)")]
+    #[error("permission denied opening {CONTROL_PATH}: ublk devices need root (CAP_SYS_ADMIN), or, for unprivileged devices (`--unprivileged`), the udev rules that give users access (docs/USAGE.md, section Without root)")]
     PermissionDenied,
     /// Another error opening the control device or setting up its ring.
     #[error("failed to set up {CONTROL_PATH}")]

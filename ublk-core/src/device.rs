@@ -770,7 +770,7 @@ fn wait_char_dev_access(path: &str, timeout: Duration) -> Result<()> {
             Err(source) if source.kind() == io::ErrorKind::PermissionDenied => {
                 return Err(DeviceError::Config(format!(
                     "{path} did not become accessible within {timeout:?}: unprivileged \
-                     devices need the udev rule that gives the node to its owner (see README); \
+                     devices need the udev rule that gives the node to its owner (docs/USAGE.md, section Without root); \
                      without access the device cannot be deleted either: root can, with \
                      `ublk del`"
                 )))
