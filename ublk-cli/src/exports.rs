@@ -46,7 +46,7 @@ pub(crate) fn run(server: &NbdServerArgs, json: bool) -> Result<()> {
                 }) if listed.is_empty() => d.clone(),
                 _ => listed.clone(),
             };
-            export_json(name, &description, probed.map_err(|e| e.to_string()))
+            export_json(name, &description, probed.map_err(|e| with_causes(&e)))
         })
         .collect();
     if let (Some(why), [v]) = (single, &described[..]) {
@@ -79,6 +79,18 @@ fn flag_names(info: &ExportInfo) -> Vec<String> {
         .filter(|(n, _)| *n != "HAS_FLAGS")
         .map(|(n, _)| n.to_lowercase().replace('_', "-"))
         .collect()
+}
+
+/// `e` followed by its causes ("cannot connect to h:1: Connection refused").
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
 
 fn export_json(
