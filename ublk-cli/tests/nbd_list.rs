@@ -162,17 +162,23 @@ fn test_nbd_list_without_server_is_a_clear_error() {
 }
 
 /// A server that is not there: the error names the address and says why (the cause of the
-/// connect error, not just that it failed).
+/// connect error, not just that it failed), both when listing and when describing a named
+/// export.
 #[test]
 fn test_nbd_list_unreachable_server_says_why() {
     let dir = std::env::temp_dir().join(format!("ublk-nbd-list-none-{}", std::process::id()));
     let sock = dir.join("absent.sock");
-    let out = ublk(&["nbd-list", "--unix"], &sock);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains(&format!("cannot connect to unix:{}", sock.display())),
-        "{err}"
-    );
-    assert!(err.contains("No such file or directory"), "{err}");
+    for args in [
+        &["nbd-list", "--unix"][..],
+        &["nbd-list", "--export_name", "x", "--unix"],
+    ] {
+        let out = ublk(args, &sock);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains(&format!("cannot connect to unix:{}", sock.display())),
+            "{args:?}: {err}"
+        );
+        assert!(err.contains("No such file or directory"), "{args:?}: {err}");
+    }
 }
