@@ -107,7 +107,6 @@ impl NbdUri {
             "nbds+vsock" => (Transport::Vsock, true),
             s => return Err(bad(format!("unknown scheme {s:?}"))),
         };
-        let unix = transport == Transport::Unix;
         if rest.contains('#') {
             return Err(bad("fragments are not allowed"));
         }
@@ -134,7 +133,7 @@ impl NbdUri {
             }
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
             match k {
-                "socket" if unix => socket = Some(percent_decode(v)?),
+                "socket" if transport == Transport::Unix => socket = Some(percent_decode(v)?),
                 "socket" => return Err(bad("socket= is only valid with nbd+unix://")),
                 k if k.starts_with("tls-") && !tls => {
                     log::warn!("nbd: ignoring {k}= in a non-TLS URI");
@@ -172,60 +171,10 @@ impl NbdUri {
 
         // userinfo is the TLS user name; meaningless without TLS.
         let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-        let addr = if transport == Transport::Vsock {
-            let (cid, port) = match host_port.split_once(':') {
-                Some((c, p)) => (c, Some(p)),
-                None => (host_port, None),
-            };
-            let cid = cid.parse().map_err(|_| {
-                bad(format!(
-                    "bad vsock context id {cid:?} (a number, e.g. 2 for the host)"
-                ))
-            })?;
-            let port = match port {
-                None | Some("") => u32::from(DEFAULT_PORT),
-                Some(p) => p.parse().map_err(|_| bad(format!("bad port {p:?}")))?,
-            };
-            NbdAddr::Vsock { cid, port }
-        } else if unix {
-            if !host_port.is_empty() {
-                return Err(bad("nbd+unix:// URIs must not name a host"));
-            }
-            let s = socket.ok_or_else(|| bad("nbd+unix:// needs ?socket=PATH"))?;
-            if s.is_empty() {
-                return Err(bad("empty socket path"));
-            }
-            NbdAddr::Unix(PathBuf::from(OsString::from_vec(s)))
-        } else {
-            let (host, port) = if let Some(r) = host_port.strip_prefix('[') {
-                let (h, after) = r
-                    .split_once(']')
-                    .ok_or_else(|| bad("unterminated IPv6 address"))?;
-                let port = match after {
-                    "" => None,
-                    p => Some(
-                        p.strip_prefix(':')
-                            .ok_or_else(|| bad("junk after IPv6 address"))?,
-                    ),
-                };
-                (h.to_string(), port)
-            } else {
-                match host_port.rsplit_once(':') {
-                    Some((h, p)) => (h.to_string(), Some(p)),
-                    None => (host_port.to_string(), None),
-                }
-            };
-            let port = match port {
-                None | Some("") => DEFAULT_PORT,
-                Some(p) => p.parse().map_err(|_| bad(format!("bad port {p:?}")))?,
-            };
-            let host = if host.is_empty() {
-                "localhost".to_string()
-            } else {
-                String::from_utf8(percent_decode(&host)?)
-                    .map_err(|_| bad("host is not valid UTF-8"))?
-            };
-            NbdAddr::Tcp { host, port }
+        let addr = match transport {
+            Transport::Vsock => vsock_addr(host_port)?,
+            Transport::Unix => unix_addr(host_port, socket)?,
+            Transport::Tcp => tcp_addr(host_port)?,
         };
         Ok(NbdUri {
             addr,
@@ -233,6 +182,68 @@ impl NbdUri {
             tls: tls.then_some(tls_params),
         })
     }
+}
+
+/// `CID[:PORT]` of an `nbd+vsock://` URI.
+fn vsock_addr(host_port: &str) -> Result<NbdAddr, NbdError> {
+    let (cid, port) = match host_port.split_once(':') {
+        Some((c, p)) => (c, Some(p)),
+        None => (host_port, None),
+    };
+    let cid = cid.parse().map_err(|_| {
+        bad(format!(
+            "bad vsock context id {cid:?} (a number, e.g. 2 for the host)"
+        ))
+    })?;
+    let port = match port {
+        None | Some("") => u32::from(DEFAULT_PORT),
+        Some(p) => p.parse().map_err(|_| bad(format!("bad port {p:?}")))?,
+    };
+    Ok(NbdAddr::Vsock { cid, port })
+}
+
+/// The socket of an `nbd+unix://` URI (`?socket=PATH`, already decoded); no host allowed.
+fn unix_addr(host_port: &str, socket: Option<Vec<u8>>) -> Result<NbdAddr, NbdError> {
+    if !host_port.is_empty() {
+        return Err(bad("nbd+unix:// URIs must not name a host"));
+    }
+    let s = socket.ok_or_else(|| bad("nbd+unix:// needs ?socket=PATH"))?;
+    if s.is_empty() {
+        return Err(bad("empty socket path"));
+    }
+    Ok(NbdAddr::Unix(PathBuf::from(OsString::from_vec(s))))
+}
+
+/// `HOST[:PORT]` or `[IPv6][:PORT]` of an `nbd://` URI; the host defaults to localhost.
+fn tcp_addr(host_port: &str) -> Result<NbdAddr, NbdError> {
+    let (host, port) = if let Some(r) = host_port.strip_prefix('[') {
+        let (h, after) = r
+            .split_once(']')
+            .ok_or_else(|| bad("unterminated IPv6 address"))?;
+        let port = match after {
+            "" => None,
+            p => Some(
+                p.strip_prefix(':')
+                    .ok_or_else(|| bad("junk after IPv6 address"))?,
+            ),
+        };
+        (h.to_string(), port)
+    } else {
+        match host_port.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (host_port.to_string(), None),
+        }
+    };
+    let port = match port {
+        None | Some("") => DEFAULT_PORT,
+        Some(p) => p.parse().map_err(|_| bad(format!("bad port {p:?}")))?,
+    };
+    let host = if host.is_empty() {
+        "localhost".to_string()
+    } else {
+        String::from_utf8(percent_decode(&host)?).map_err(|_| bad("host is not valid UTF-8"))?
+    };
+    Ok(NbdAddr::Tcp { host, port })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
