@@ -1,5 +1,5 @@
-//! The NBD client against real servers (nbdkit, qemu-nbd) on Unix sockets, and against fake
-//! servers that misbehave. Tests needing a server binary print `SKIPPED: ...` and pass when it
+//! The NBD client against real servers (nbdkit, qemu-nbd, qemu-storage-daemon, nbd-server) on
+//! Unix sockets, and against fake servers that misbehave. Tests needing a server binary print `SKIPPED: ...` and pass when it
 //! is missing. Every test runs under a watchdog so a hang fails instead of blocking CI.
 #![allow(clippy::print_stderr)]
 
@@ -370,6 +370,57 @@ fn test_nbd_data_roundtrip_qemu_nbd_with_holes() {
         let (_, buf) = c.call(read(0, 65536));
         let file = std::fs::read(&img).unwrap();
         assert!(file[..65536] == buf[..]);
+    });
+}
+
+/// qemu-storage-daemon serving a qcow2 image: unallocated clusters read as zeros (hole
+/// chunks), data written lands in the image, which `qemu-img check` finds clean after the
+/// flush and whose content `qemu-img convert` gives back as read through the client.
+#[test]
+fn test_nbd_roundtrip_qemu_storage_daemon_qcow2() {
+    require_bin!("qemu-storage-daemon");
+    require_bin!("qemu-img");
+    with_timeout(120, || {
+        let dir = TempDir::new("qsd");
+        let img = dir.path("disk.qcow2");
+        let qemu_img = |args: &[&str]| {
+            let out = std::process::Command::new("qemu-img")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "qemu-img {args:?}: {out:?}");
+        };
+        let img_s = img.to_str().unwrap();
+        qemu_img(&["create", "-q", "-f", "qcow2", img_s, "16M"]);
+        let mut srv = Server::qemu_storage_daemon(&dir, &img, "qcow2");
+        let mut o = quick_opts();
+        o.sparse_reads = true;
+        let c = Client::connect(&srv.uri("disk"), o).unwrap();
+        assert_eq!(c.info().size, 16 * MIB);
+        assert!(c.info().structured && c.info().used_go);
+        let (res, buf) = c.call(ublk_targets::nbd::Request {
+            buf: vec![0xaa; MIB as usize],
+            ..read(MIB, MIB as u32)
+        });
+        assert_eq!(res, MIB as i32);
+        assert!(buf.iter().all(|&b| b == 0));
+        random_roundtrip(&c, 16 * MIB, 512, 512 << 10, 5);
+        assert_eq!(c.call(cmd(Cmd::Flush, 0, 0)).0, 0);
+        let mut seen = Vec::new();
+        for off in (0..16 * MIB).step_by(MIB as usize) {
+            let (res, buf) = c.call(read(off, MIB as u32));
+            assert_eq!(res, MIB as i32);
+            seen.extend_from_slice(&buf);
+        }
+        drop(c);
+        srv.kill();
+        qemu_img(&["check", "-q", img_s]);
+        let raw = dir.path("out.raw");
+        qemu_img(&["convert", "-O", "raw", img_s, raw.to_str().unwrap()]);
+        assert!(
+            std::fs::read(&raw).unwrap() == seen,
+            "image differs from what was read"
+        );
     });
 }
 

@@ -127,6 +127,24 @@ impl Server {
         Server::start(bin, &args, &sock)
     }
 
+    /// qemu-storage-daemon (QEMU's block layer as a standalone server) exporting `file`, in
+    /// `format` (raw, qcow2, ...), writable, as export `disk`.
+    pub fn qemu_storage_daemon(dir: &TempDir, file: &Path, format: &str) -> Server {
+        let sock = dir.path("qsd.sock");
+        let args = [
+            "--blockdev".to_string(),
+            format!("driver=file,node-name=file0,filename={}", file.display()),
+            "--blockdev".to_string(),
+            format!("driver={format},node-name=disk0,file=file0"),
+            "--nbd-server".to_string(),
+            format!("addr.type=unix,addr.path={}", sock.display()),
+            "--export".to_string(),
+            "type=nbd,id=exp0,node-name=disk0,name=disk,writable=on".to_string(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Server::start("qemu-storage-daemon", &args, &sock)
+    }
+
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
