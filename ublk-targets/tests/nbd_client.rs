@@ -1,6 +1,7 @@
 //! The NBD client against real servers (nbdkit, qemu-nbd, qemu-storage-daemon, nbd-server) on
-//! Unix sockets, and against fake servers that misbehave. Tests needing a server binary print `SKIPPED: ...` and pass when it
-//! is missing. Every test runs under a watchdog so a hang fails instead of blocking CI.
+//! Unix sockets, and against fake servers that misbehave. Tests needing a server binary print
+//! `SKIPPED: ...` and pass when it is missing. Every test runs under a watchdog so a hang fails
+//! instead of blocking CI.
 #![allow(clippy::print_stderr)]
 
 mod nbd_util;
