@@ -47,6 +47,7 @@ impl AddArgs {
         opt("-r", self.recovery.to_string());
         opt("-e", self.fail_io.to_string());
         opt("-i", self.reissue.to_string());
+        opt("--poll-us", self.poll_us.to_string());
         if let Some(f) = &self.file {
             opt("-f", f.display().to_string());
         }
@@ -621,6 +622,7 @@ fn serve_target<T: Target + 'static>(
         }
     };
     dev.set_batch_scheduling(!a.no_batch_sched);
+    dev.set_poll(std::time::Duration::from_micros(a.poll_us));
     let notify = std::env::var_os(NOTIFY_ENV).is_some();
     let mut saved = a.clone();
     saved.foreground = false;

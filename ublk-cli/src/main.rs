@@ -138,6 +138,10 @@ pub(crate) enum KtlsArg {
     Off,
 }
 
+fn default_poll_us() -> u64 {
+    ublk_core::DEFAULT_POLL.as_micros() as u64
+}
+
 #[derive(Args, Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct AddArgs {
     /// Target type.
@@ -254,6 +258,12 @@ pub(crate) struct AddArgs {
     /// batch of requests build up before the queue thread takes the CPU from the submitter).
     #[arg(long = "no-batch-sched")]
     pub(crate) no_batch_sched: bool,
+    /// Microseconds each queue thread polls for its next request before it sleeps (0: never).
+    /// Spares the submitting task the wake-up of the queue thread; a queue whose polls keep
+    /// finding nothing pauses polling, so an idle device costs no CPU.
+    #[arg(long = "poll-us", value_name = "US", default_value_t = default_poll_us())]
+    #[serde(default = "default_poll_us")]
+    pub(crate) poll_us: u64,
     #[command(flatten)]
     #[serde(flatten)]
     pub(crate) nbd: NbdServerArgs,

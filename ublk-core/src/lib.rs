@@ -30,7 +30,7 @@ pub mod target;
 
 pub use ctrl::{kernel_release, Ctrl, CtrlError, DevInfo, DevState};
 pub use device::{
-    Device, DeviceBuilder, DeviceError, Recovery, RunOptions, StopHandle, StopReason,
+    Device, DeviceBuilder, DeviceError, Recovery, RunOptions, StopHandle, StopReason, DEFAULT_POLL,
 };
 pub use filemap::FileMap;
 pub use flags::DeviceFlags;

@@ -45,7 +45,7 @@ use std::io::{self, Write};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use ublk_sys as sys;
 
 /// How request data moves between the kernel and the server.
@@ -177,6 +177,8 @@ pub(crate) struct QueueConfig {
     pub(crate) cdev: Arc<File>,
     /// Wakes the queue: cross-thread completions, or a forced quit.
     pub(crate) wake: QueueWaker,
+    /// How long the queue thread polls for work before it sleeps (zero: never).
+    pub(crate) poll: Duration,
 }
 
 /// Wakes a queue thread from another thread; [`QueueWaker::quit`] makes it exit at once,
@@ -1066,9 +1068,62 @@ struct Queue<H: QueueHandler> {
     done: Vec<(u16, i32)>,
     /// Per tag, in user-copy mode: how its request's data moves.
     paths: Vec<DataPath>,
+    /// Polling before sleeping (`None`: never).
+    poll: Option<IdlePoll>,
     /// When the kernel first aborted a tag (the device is stopping or quiescing).
     aborted_at: Option<std::time::Instant>,
 }
+
+/// The state of [`Queue::poll_for_work`]: a score of recent polls, up by one for a poll that
+/// found work and down by two for one that did not; at zero, polling pauses for
+/// `POLL_BACKOFF` waits. A queue whose polls mostly miss (or alternate, such as a send's
+/// completion caught and then a slow reply missed) soon stops polling.
+#[derive(Debug)]
+struct IdlePoll {
+    max: Duration,
+    score: u32,
+    /// Waits left without polling.
+    skip: u32,
+}
+
+impl IdlePoll {
+    fn new(max: Duration) -> Option<IdlePoll> {
+        (!max.is_zero()).then_some(IdlePoll {
+            max,
+            score: POLL_SCORE_START,
+            skip: 0,
+        })
+    }
+
+    /// Whether to poll before this wait.
+    fn begin(&mut self) -> bool {
+        if self.skip > 0 {
+            self.skip -= 1;
+            return false;
+        }
+        true
+    }
+
+    /// A poll ended, having `found` work or not.
+    fn end(&mut self, found: bool) {
+        if found {
+            self.score = (self.score + 1).min(POLL_SCORE_MAX);
+            return;
+        }
+        self.score = self.score.saturating_sub(2);
+        if self.score == 0 {
+            self.score = POLL_SCORE_START;
+            self.skip = POLL_BACKOFF;
+        }
+    }
+}
+
+/// The score polling starts (and restarts after a pause) with: two misses in a row pause it.
+const POLL_SCORE_START: u32 = 4;
+/// The highest score: after a run of hits, five misses in a row pause polling.
+const POLL_SCORE_MAX: u32 = 10;
+/// Waits without polling once the score reaches zero.
+const POLL_BACKOFF: u32 = 64;
 
 /// How long a queue whose device is going away waits for the kernel to abort its remaining
 /// tags before it exits anyway, once none of them has a request with the server (only
@@ -1093,7 +1148,8 @@ pub(crate) fn setup<T: Target>(
     builder
         .setup_coop_taskrun()
         .setup_single_issuer()
-        .setup_defer_taskrun();
+        .setup_defer_taskrun()
+        .setup_taskrun_flag();
     let ring = builder
         .build(entries)
         .or_else(|_| IoUring::new(entries))
@@ -1123,6 +1179,7 @@ pub(crate) fn setup<T: Target>(
         tx,
         wake: cfg.wake.clone(),
     };
+    let poll = cfg.poll;
     let mut queue = Queue {
         ring,
         batch,
@@ -1142,6 +1199,7 @@ pub(crate) fn setup<T: Target>(
         done: Vec::new(),
         paths,
         aborted_at: None,
+        poll: IdlePoll::new(poll),
     };
     if queue.batch.is_some() {
         queue
@@ -1345,6 +1403,7 @@ impl<H: QueueHandler> Queue<H> {
                     r => r,
                 }
             } else {
+                self.poll_for_work();
                 self.ring.submit_and_wait(1)
             };
             match waited {
@@ -1371,6 +1430,32 @@ impl<H: QueueHandler> Queue<H> {
         }
         log::debug!("queue {q}: all tags aborted, exiting");
         Ok(())
+    }
+
+    /// Before the thread sleeps: hands the kernel what is queued (commits, target IO), then
+    /// polls up to `cfg.poll` for a completion or for task work (a new request, a finished
+    /// operation), which the kernel flags in the ring (`IORING_SQ_TASKRUN`). Work that comes
+    /// meanwhile is taken without a sleep and a wake-up, and the kernel does not wake this
+    /// thread for it: the submitter is spared a cross-CPU wake-up. Polls that keep finding
+    /// nothing pause polling ([`IdlePoll`]), so an idle or slow queue, or one whose CPU the
+    /// task that feeds it wants, soon sleeps at once again.
+    fn poll_for_work(&mut self) {
+        let Some(p) = self.poll.as_mut() else { return };
+        // An error shows again at the wait that follows.
+        if !p.begin() || self.ring.submit().is_err() {
+            return;
+        }
+        let deadline = Instant::now() + p.max;
+        let found = loop {
+            if !self.ring.completion().is_empty() || self.ring.submission().taskrun() {
+                break true;
+            }
+            if Instant::now() >= deadline {
+                break false;
+            }
+            std::hint::spin_loop();
+        };
+        p.end(found);
     }
 
     fn on_cqe(&mut self, ud: u64, res: i32, flags: u32) {
@@ -1772,6 +1857,57 @@ fn probe_recv_fixed() -> io::Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_idle_poll_pauses_after_fruitless_polls() {
+        assert!(IdlePoll::new(Duration::ZERO).is_none());
+        let pauses = |p: &mut IdlePoll| {
+            let paused = !p.begin();
+            if paused {
+                for _ in 1..POLL_BACKOFF {
+                    assert!(!p.begin());
+                }
+                assert!(p.begin());
+            }
+            paused
+        };
+        let mut p = IdlePoll::new(Duration::from_micros(30)).unwrap();
+        // Polls that find work keep polling on, and make up for the odd miss.
+        for _ in 0..20 {
+            for _ in 0..3 {
+                assert!(p.begin());
+                p.end(true);
+            }
+            assert!(p.begin());
+            p.end(false);
+        }
+        // After a run of hits, five misses in a row pause polling for POLL_BACKOFF waits.
+        for _ in 0..2 {
+            assert!(p.begin());
+            p.end(true);
+        }
+        for _ in 0..4 {
+            assert!(p.begin());
+            p.end(false);
+        }
+        p.end(false);
+        assert!(pauses(&mut p));
+        // Then two misses in a row pause it again.
+        p.end(false);
+        assert!(p.begin());
+        p.end(false);
+        assert!(pauses(&mut p));
+        // Hits and misses in turn pause it too.
+        let mut waits = 0;
+        loop {
+            p.end(waits % 2 == 0);
+            waits += 1;
+            if pauses(&mut p) {
+                break;
+            }
+            assert!(waits < 20, "alternating hits and misses kept polling");
+        }
+    }
 
     #[test]
     fn test_send_part_skip() {
