@@ -216,6 +216,16 @@ impl Completion for Collect {
 
 /// Random writes (disjoint within a batch, up to 64 in flight), each batch read back in
 /// parallel and compared with a model; then a whole-device read.
+/// Reads a hole into a buffer primed with garbage: it must come back zero-filled.
+fn assert_hole_reads_zero(c: &Client, offset: u64, len: u32) {
+    let (res, buf) = c.call(ublk_targets::nbd::Request {
+        buf: vec![0xaa; len as usize],
+        ..read(offset, len)
+    });
+    assert_eq!(res, len as i32);
+    assert!(buf.iter().all(|&b| b == 0), "a hole did not read as zeros");
+}
+
 fn random_roundtrip(c: &Client, size: u64, align: u64, max_len: u64, seed: u64) {
     let mut rng = Rng(seed);
     let mut model = vec![0u8; size as usize];
@@ -359,13 +369,7 @@ fn test_nbd_data_roundtrip_qemu_nbd_with_holes() {
         let mut o = quick_opts();
         o.sparse_reads = true;
         let c = Client::connect(&srv.uri(""), o).unwrap();
-        // Prime the buffer of a read with garbage: holes must be zero-filled.
-        let (res, buf) = c.call(ublk_targets::nbd::Request {
-            buf: vec![0xaa; MIB as usize],
-            ..read(MIB, MIB as u32)
-        });
-        assert_eq!(res, MIB as i32);
-        assert!(buf.iter().all(|&b| b == 0));
+        assert_hole_reads_zero(&c, MIB, MIB as u32);
         random_roundtrip(&c, 16 * MIB, 512, 512 << 10, 4);
         // What we wrote is in the file.
         let (_, buf) = c.call(read(0, 65536));
@@ -399,12 +403,7 @@ fn test_nbd_roundtrip_qemu_storage_daemon_qcow2() {
         let c = Client::connect(&srv.uri("disk"), o).unwrap();
         assert_eq!(c.info().size, 16 * MIB);
         assert!(c.info().structured && c.info().used_go);
-        let (res, buf) = c.call(ublk_targets::nbd::Request {
-            buf: vec![0xaa; MIB as usize],
-            ..read(MIB, MIB as u32)
-        });
-        assert_eq!(res, MIB as i32);
-        assert!(buf.iter().all(|&b| b == 0));
+        assert_hole_reads_zero(&c, MIB, MIB as u32);
         random_roundtrip(&c, 16 * MIB, 512, 512 << 10, 5);
         assert_eq!(c.call(cmd(Cmd::Flush, 0, 0)).0, 0);
         let mut seen = Vec::new();
